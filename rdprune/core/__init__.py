@@ -1,0 +1,1 @@
+"""The pruning core: single-process, no ``torch.distributed``; everything else composes it."""
