@@ -53,7 +53,8 @@ def layer_flops(
     """Dense FLOPs per sample of each layer, counted by ``torch.utils.flop_counter``.
 
     Each layer is measured on the input it really receives in one forward pass of a single
-    sample, so declaration order, branches and concatenation do not matter.
+    sample, so declaration order, branches and concatenation do not matter. The dict is in
+    execution order (first call of each layer).
     """
     counts: dict[str, int] = {}
 
@@ -87,7 +88,7 @@ def describe_layers(
     input_shape: Sequence[int],
     skip: Iterable[str] = (),
 ) -> list[LayerInfo]:
-    """Prunable layers with weight counts and FLOPs, in declaration order."""
+    """Prunable layers with weight counts and FLOPs, in execution order."""
     layers = prunable_layers(model, skip)
     flops = layer_flops(model, layers, input_shape)
-    return [LayerInfo(n, m.weight.numel(), flops[n]) for n, m in layers.items()]
+    return [LayerInfo(n, layers[n].weight.numel(), f) for n, f in flops.items()]
