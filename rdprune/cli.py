@@ -1,0 +1,96 @@
+"""Command-line plumbing shared by rdprune's entry points: argument parsing and the error contract.
+
+Contract (DESIGN.md §4): exit 0 on success; a user error prints ``rdprune: error: <message>`` as
+one line on stderr and exits 2 without a traceback (``RDPRUNE_DEBUG=1`` shows it); Ctrl-C exits 130.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Callable, NoReturn, Sequence
+
+import rdprune
+from rdprune.config import SECTIONS
+from rdprune.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+_PACKAGE_DIR = Path(rdprune.__file__).resolve().parent
+
+
+def _raised_by_rdprune(err: BaseException) -> bool:
+    """Whether the innermost frame of the traceback is rdprune's own code.
+
+    The pruning core reports bad arguments with deliberate ValueErrors; a ValueError from deep
+    inside torch or numpy is a bug whose traceback the user should see.
+    """
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> NoReturn:
+    """Call ``main(argv)`` (default: ``sys.argv[1:]``) and exit with its return code, turning user
+    errors into one line on stderr and exit code 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = os.environ.get("RDPRUNE_DEBUG", "") not in ("", "0")
+    try:
+        code = main(args)
+    except ValueError as err:  # UserError is a ValueError
+        if debug or not (isinstance(err, UserError) or _raised_by_rdprune(err)):
+            raise
+        sys.stderr.write(f"rdprune: error: {_one_line(err)}\n")
+        sys.stderr.flush()
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.stderr.write("rdprune: interrupted\n")
+        sys.stderr.flush()
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(0 if code is None else int(code))
+
+
+def _sections_help() -> str:
+    lines = ["config sections and their keys (override any as section.key=value):"]
+    for name, cls in SECTIONS.items():
+        lines.append(f"  {name}: {', '.join(f.name for f in dataclasses.fields(cls))}")
+    lines += [
+        "",
+        "override values are YAML: prune.method=lamp finetune.steps=100 prune.skip=[conv1,fc]",
+        "run.resume=false model.checkpoint=null. The README's config reference explains each key.",
+        "Set RDPRUNE_DEBUG=1 to see the traceback of an error.",
+    ]
+    return "\n".join(lines)
+
+
+def build_run_parser(prog: str = "python -m rdprune.run") -> argparse.ArgumentParser:
+    """The parser of ``CONFIG [section.key=value ...]``; misuse prints the usage line and exits 2."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Prune a network layer-adaptively by rate-distortion optimisation, then fine-tune, "
+                    "as the YAML config says. The same command runs under torchrun.",
+        epilog=_sections_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", type=Path, help="YAML config file, e.g. configs/quickstart.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="dotted overrides applied after the file, in order")
+    parser.add_argument("--version", action="version", version=f"rdprune {rdprune.__version__}")
+    return parser
+
+
+def parse_run_args(argv: Sequence[str], prog: str = "python -m rdprune.run") -> tuple[Path, list[str]]:
+    """``argv`` (without the program name) -> (config path, overrides)."""
+    ns = build_run_parser(prog).parse_args(list(argv))
+    return ns.config, list(ns.overrides)
