@@ -36,12 +36,13 @@ _NUMBER_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class ConfigError(UserError):
-    """A config value is invalid; ``key`` (e.g. ``prune.levels``) says which, so the loader can
-    name the file or override it came from."""
+    """A config value is invalid; ``key`` (e.g. ``prune.levels``) and, for a conflict between
+    fields, ``related`` keys say which, so the loader can name the file or override they came from."""
 
-    def __init__(self, key: str, message: str) -> None:
+    def __init__(self, key: str, message: str, related: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.key = key
+        self.related = tuple(related)
 
 
 def _show(value: Any) -> str:
@@ -120,8 +121,9 @@ def _type_words(hint: Any) -> str:
 
 
 def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    by_lower = {c.lower(): c for c in candidates}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
 
 
 class _Section:
@@ -193,7 +195,8 @@ class ModelConfig(_Section):
                         "a model name such as 'resnet50' or an import path 'package.module:callable'")
         self._check("num_classes", self.num_classes is None or self.num_classes >= 1, "null or an integer >= 1")
         if self.checkpoint is not None and self.weights is not None:
-            raise ConfigError("model.weights", "model.checkpoint and model.weights are exclusive: set only one")
+            raise ConfigError("model.weights", "model.checkpoint and model.weights are exclusive: set only one",
+                              related=["model.checkpoint"])
 
 
 @dataclass(kw_only=True)
@@ -389,13 +392,15 @@ class Config:
     def validate(self) -> None:
         """Checks that span sections."""
         if self.data.name in DATASETS_NEEDING_ROOT and self.data.root is None:
-            raise ConfigError("data.root", f"data.root is required for data.name {self.data.name!r}")
+            raise ConfigError("data.root", f"data.root is required for data.name {self.data.name!r}",
+                              related=["data.name"])
         if self.data.backend == "dali" and self.data.name != "imagenet":
             raise ConfigError("data.backend",
-                              f"data.backend 'dali' needs data.name 'imagenet', got {self.data.name!r}")
+                              f"data.backend 'dali' needs data.name 'imagenet', got {self.data.name!r}",
+                              related=["data.name"])
         if self.distributed.zero_stage != 0 and self.distributed.engine != "deepspeed":
             raise ConfigError("distributed.zero_stage", f"distributed.zero_stage {self.distributed.zero_stage} "
-                              "needs distributed.engine 'deepspeed'")
+                              "needs distributed.engine 'deepspeed'", related=["distributed.engine"])
 
     @property
     def out_path(self) -> Path:
@@ -553,8 +558,9 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = (), lab
         sections = {name: SECTIONS[name](**values) for name, values in merged.items()}
         return Config(**sections)
     except ConfigError as err:
-        base = re.sub(r"\[\d+\]$", "", err.key)
-        raise UserError(f"{origin.get(base, label)}: {err}") from None
+        keys = [re.sub(r"\[\d+\]$", "", k) for k in (err.key, *err.related)]
+        source = next((origin[k] for k in keys if k in origin), label)
+        raise UserError(f"{source}: {err}") from None
 
 
 def _required_hint(key: str) -> str:
