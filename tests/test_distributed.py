@@ -1,0 +1,110 @@
+"""rdprune.distributed under real torchrun on CPU (gloo), and at world size 1 in this process."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rdprune import distributed as d
+from rdprune.errors import UserError
+
+SCRIPTS = Path(__file__).parent / "dist_scripts"
+
+
+def torchrun(script: str, nproc: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``dist_scripts/script`` on ``nproc`` local ranks under torchrun, one thread per rank."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(SCRIPTS / script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_world_of_one_without_launcher(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(var, raising=False)
+    info = d.init_distributed("cpu")
+    assert (info.rank, info.world_size, info.backend, info.device) == (0, 1, None, torch.device("cpu"))
+    assert d.broadcast_object("x") == "x" and d.gather_objects(3) == [3]
+    assert torch.equal(d.all_reduce_sum(torch.tensor([2.0])), torch.tensor([2.0]))
+    d.check_identical({"a": 1}, "anything")
+    d.check_same_config("abc")
+    model = torch.nn.Linear(2, 2)
+    assert d.wrap_ddp(model, info) is model
+    assert d.show_progress(info)
+    d.teardown()
+
+
+def test_slurm_batch_script_without_srun_is_one_process(monkeypatch):
+    # Inside sbatch but outside srun the allocation's task count must not be taken as the world.
+    for var in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert d.init_distributed("cpu").world_size == 1
+
+
+def test_slurm_step_environment_is_read():
+    env = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+           "SLURM_JOB_ID": "1234", "MASTER_ADDR": "10.0.0.7"}
+    rank, world, local, extra = d._launch_env(env)
+    assert (rank, world, local) == (5, 8, 1)
+    assert extra == {"MASTER_ADDR": "10.0.0.7", "MASTER_PORT": str(d.DEFAULT_MASTER_PORT + 1234)}
+    # torchrun's variables win when srun launches torchrun.
+    assert d._launch_env({**env, "RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2"})[:3] == (2, 4, 2)
+
+
+def test_bad_device_is_a_user_error():
+    with pytest.raises(UserError, match="device must be one of"):
+        d.init_distributed("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            d.init_distributed("cuda")
+
+
+def test_fingerprint_is_by_content():
+    a = {"w": torch.arange(6.0).view(2, 3).t(), "n": [1, "x"]}
+    b = {"n": [1, "x"], "w": torch.arange(6.0).view(2, 3).t().contiguous()}
+    assert d.fingerprint(a) == d.fingerprint(b)
+    assert d.fingerprint(a) != d.fingerprint({**a, "n": [1, "y"]})
+    assert d.fingerprint(torch.zeros(2)) != d.fingerprint(torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="cannot fingerprint"):
+        d.fingerprint(object())
+
+
+def test_rank_prefix_in_logs(capsys):
+    import logging
+
+    d.setup_logging(3)
+    logging.getLogger("rdprune.x").info("hidden on other ranks")
+    logging.getLogger("rdprune.x").warning("shown")
+    err = capsys.readouterr().err
+    assert "[rank 3]" in err and "shown" in err and "hidden" not in err
+    d.setup_logging(0)
+    logging.getLogger("rdprune.x").info("rank zero info")
+    err = capsys.readouterr().err
+    assert "rank zero info" in err and "[rank" not in err
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_collectives_under_torchrun(nproc):
+    out = torchrun("collectives.py", nproc, str(nproc))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert all(f"collectives ok on rank {r}" in out.stdout for r in range(nproc))
+
+
+def test_a_failing_rank_ends_the_job_and_every_rank_names_it():
+    out = torchrun("failing_rank.py", 3, "1", timeout=60)
+    assert out.returncode != 0
+    # The ranks left waiting in a barrier say who failed first and why, instead of hanging.
+    for r in (0, 2):
+        assert f"barrier on rank {r} stopped because rank 1 failed: RuntimeError: deliberate failure" in out.stderr, out.stderr
+
+
+def test_mismatched_configs_fail_on_every_rank():
+    out = torchrun("config_mismatch.py", 2, timeout=60)
+    assert out.returncode != 0
+    assert out.stderr.count("ranks disagree on the resolved config: rank 0 ") == 2, out.stderr
+    assert "launch every node with the same config and overrides" in out.stderr
