@@ -1,13 +1,13 @@
-# Sourced by the launch scripts: create .venv with rdprune and what the tests need, then activate it.
-# EXTRAS selects pip extras (default: test). Reinstalls only when pyproject.toml changed.
-: "${EXTRAS:=test}"
+# Sourced by the launch scripts: create .venv with rdprune (and the pip extras in EXTRAS), then
+# activate it. Reinstalls only when pyproject.toml or EXTRAS changed.
+: "${EXTRAS:=}"
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-stamp=".venv/.rdprune-installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
+stamp=".venv/.rdprune-installed-$(sha256sum pyproject.toml | cut -c1-16)-${EXTRAS//,/_}"
 if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[${EXTRAS}]"
+    .venv/bin/python -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
     touch "$stamp"
 fi
 source .venv/bin/activate

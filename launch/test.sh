@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run the whole test suite in the project's own environment (.venv), creating it if needed.
+# Create the environment if needed (with what the tests need), then run the test suite.
 # Usage: launch/test.sh [pytest args...]      e.g. launch/test.sh -m "not slow"
 set -euo pipefail
 cd "$(dirname "$0")/.."
+EXTRAS="${EXTRAS:-test}"
 source launch/env.sh
 exec python -m pytest "$@"

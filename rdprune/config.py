@@ -300,7 +300,7 @@ class PruneConfig(_Section):
 
 
 @dataclass(kw_only=True)
-class _TrainingConfig(_Section):
+class TrainingConfig(_Section):
     """Optimiser and schedule fields shared by pretraining and fine-tuning."""
 
     steps: int = 0
@@ -338,7 +338,7 @@ class _TrainingConfig(_Section):
 
 
 @dataclass(kw_only=True)
-class FinetuneConfig(_TrainingConfig):
+class FinetuneConfig(TrainingConfig):
     section: ClassVar[str] = "finetune"
 
     rewind: bool = False
@@ -346,7 +346,7 @@ class FinetuneConfig(_TrainingConfig):
 
 
 @dataclass(kw_only=True)
-class PretrainConfig(_TrainingConfig):
+class PretrainConfig(TrainingConfig):
     """Training from scratch, used only when the model has neither a checkpoint nor weights."""
 
     section: ClassVar[str] = "pretrain"

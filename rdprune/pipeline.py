@@ -1,0 +1,341 @@
+"""The iterative prune / fine-tune loop: composes the pruning core, the collectives and the engines.
+
+Iteration 0 evaluates the dense model. Iteration t prunes to the t-th target of the schedule
+(curves sharded across ranks, allocation on rank 0, masks broadcast and checked), fine-tunes with
+pruned weights held at zero, evaluates, and rank 0 records the iteration atomically. A rerun of the
+same command continues after the last recorded iteration and reuses cached curves.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from rdprune import distributed
+from rdprune.config import Config, TrainingConfig, config_hash, config_to_dict, save_config
+from rdprune.core.allocation import allocate
+from rdprune.core.baselines import baseline_amounts
+from rdprune.core.curves import synthetic_inputs
+from rdprune.core.grid import Curve
+from rdprune.core.layers import describe_layers, layer_flops, prunable_layers
+from rdprune.core.masks import (
+    MaskGuard,
+    apply_masks,
+    atomic_torch_save,
+    current_masks,
+    enforce_masks,
+    flops_remaining,
+    layer_sparsity,
+    pruned_state_dict,
+    save_masks,
+    total_sparsity,
+)
+from rdprune.data import DataBundle, build_data, calibration_inputs, infinite_batches, make_loader
+from rdprune.distributed import DistInfo
+from rdprune.errors import UserError
+from rdprune.models.registry import build_model
+from rdprune.plots import plot_accuracy, plot_curves, plot_layer_sparsity
+from rdprune.run_dir import RunLock, append_result, archive_previous, provenance, read_results, write_json
+from rdprune.sharded_curves import sharded_curves
+from rdprune.train import evaluate, make_optimizer, make_scheduler, rank_subset, train_steps
+
+log = logging.getLogger(__name__)
+
+RESUME_SECTIONS = ("model", "data", "calibration", "prune", "finetune", "pretrain")
+"""Config sections that must match for a rerun to continue an earlier run's directory."""
+
+
+@dataclass
+class Context:
+    """What every stage of the loop needs: config, ranks, data, the model and its prunable layers."""
+
+    cfg: Config
+    dist: DistInfo
+    out: Path
+    data: DataBundle
+    model: nn.Module
+    layers: dict[str, nn.Module]  # execution order, skipped layers excluded
+    flops: dict[str, int]
+    dense_weights: int  # weights of skipped layers (they stay dense)
+    dense_flops: int
+
+    @property
+    def show(self) -> bool:
+        return self.cfg.run.progress and self.dist.is_main
+
+
+def run(cfg: Config, dist: DistInfo) -> list[dict]:
+    """Run (or resume) the whole experiment; returns the rows of ``results.jsonl``."""
+    out = cfg.out_path
+    lock = RunLock(out) if dist.is_main else nullcontext()
+    with lock:
+        if dist.is_main:
+            _prepare_out_dir(cfg, out, dist)
+        distributed.barrier()
+        ctx = _build(cfg, dist, out)
+        rows = _resume_or_start(ctx)
+        for t, target in enumerate(cfg.prune.schedule(), 1):
+            if t < len(rows):
+                continue
+            rows.append(_iteration(ctx, t, target))
+        if dist.is_main:
+            _finish(ctx, rows)
+        distributed.barrier()
+    return rows
+
+
+def _prepare_out_dir(cfg: Config, out: Path, dist: DistInfo) -> None:
+    """Archive or check an earlier run, then write the resolved config and provenance."""
+    if not cfg.run.resume:
+        moved = archive_previous(out)
+        if moved:
+            log.info("run.resume=false: moved the earlier run to %s", moved)
+    elif read_results(out):
+        saved = out / "resume_key.json"
+        if saved.exists() and json.loads(saved.read_text()) != _resume_key(cfg):
+            raise UserError(
+                f"{out} holds a run of a different config; set run.resume=false to archive it "
+                "and start clean, or choose another run.out_dir"
+            )
+    save_config(cfg, out / "config.yaml")
+    write_json(out / "resume_key.json", _resume_key(cfg))
+    write_json(out / "provenance.json", provenance(config_hash(cfg), dist.world_size))
+
+
+def _resume_key(cfg: Config) -> dict:
+    resolved = config_to_dict(cfg)
+    return {s: resolved[s] for s in RESUME_SECTIONS}
+
+
+def _build(cfg: Config, dist: DistInfo, out: Path) -> Context:
+    torch.manual_seed(cfg.run.seed)
+    data = build_data(cfg.data.name, cfg.data.root, seed=cfg.run.seed)
+    model = build_model(
+        cfg.model.name,
+        cfg.model.num_classes or data.num_classes,
+        checkpoint=cfg.model.checkpoint,
+        weights=cfg.model.weights,
+        input_shape=data.input_shape,
+    ).to(dist.device)
+    infos = describe_layers(model, data.input_shape, skip=cfg.prune.skip)
+    everything = prunable_layers(model)
+    skipped = {n: m for n, m in everything.items() if n in set(cfg.prune.skip)}
+    skipped_flops = layer_flops(model, skipped, data.input_shape) if skipped else {}
+    return Context(
+        cfg=cfg,
+        dist=dist,
+        out=out,
+        data=data,
+        model=model,
+        layers={i.name: everything[i.name] for i in infos},
+        flops={i.name: i.flops for i in infos},
+        dense_weights=sum(m.weight.numel() for m in skipped.values()),
+        dense_flops=sum(skipped_flops.values()),
+    )
+
+
+def _resume_or_start(ctx: Context) -> list[dict]:
+    """Load the last completed iteration's weights, or pretrain/evaluate the dense model (iteration 0)."""
+    rows = distributed.broadcast_object(read_results(ctx.out) if ctx.dist.is_main else None)
+    if rows:
+        last = rows[-1]["iteration"]
+        path = ctx.out / "pretrained.pt" if last == 0 else ctx.out / "checkpoints" / "last.pt"
+        if path.exists() or last == 0:
+            if path.exists():
+                ctx.model.load_state_dict(torch.load(path, map_location=ctx.dist.device, weights_only=True)["model"])
+            log.info("resuming %s after iteration %d", ctx.out, last)
+            return rows
+        raise UserError(f"{ctx.out} records iteration {last} but {path} is missing; set run.resume=false to start clean")
+    start = time.perf_counter()
+    if ctx.cfg.model.checkpoint is None and ctx.cfg.model.weights is None:
+        _pretrain(ctx)
+    top1, loss = _evaluate(ctx)
+    row = _row(ctx, 0, 0.0, top1, top1, loss, time.perf_counter() - start)
+    if ctx.dist.is_main:
+        append_result(ctx.out, row)
+    log.info("dense model: top-1 %.2f %%, loss %.4f", top1, loss)
+    return [row]
+
+
+def _pretrain(ctx: Context) -> None:
+    """Train the dense model from scratch when no checkpoint or weights are given (saved for resume)."""
+    steps = ctx.cfg.pretrain.steps
+    if steps == 0:
+        raise UserError("no model.checkpoint or model.weights given and pretrain.steps is 0: give a checkpoint or pretraining steps")
+    log.info("pretraining %s for %d steps", ctx.cfg.model.name, steps)
+    _train(ctx, ctx.cfg.pretrain, steps, seed=ctx.cfg.run.seed, desc="pretrain")
+    if ctx.dist.is_main:
+        atomic_torch_save({"model": ctx.model.state_dict()}, ctx.out / "pretrained.pt")
+
+
+def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc: str, masks: dict | None = None) -> float:
+    """Train ``steps`` steps with the configured engine; masks, when given, hold pruned weights at zero."""
+    if steps == 0:
+        return float("nan")
+    cfg, dist = ctx.cfg, ctx.dist
+    per_rank = max(1, cfg.data.batch_size // dist.world_size)
+    loader = make_loader(ctx.data.train, per_rank, train=True, seed=seed, rank=dist.rank, world_size=dist.world_size, workers=cfg.data.workers)
+    torch.manual_seed(seed)
+    model = distributed.wrap_ddp(ctx.model, dist)
+    optimizer = make_optimizer(model.parameters(), section)
+    scheduler = make_scheduler(optimizer, section, steps)
+    keeper = MaskGuard(ctx.layers, masks, optimizer) if masks is not None else nullcontext()
+    with keeper:
+        return train_steps(
+            model, infinite_batches(loader), steps, optimizer, scheduler, dist.device,
+            label_smoothing=section.label_smoothing, desc=desc, progress=ctx.show,
+        )
+
+
+def _evaluate(ctx: Context) -> tuple[float, float]:
+    per_rank = max(1, ctx.cfg.data.eval_batch_size // ctx.dist.world_size)
+    loader = DataLoader(rank_subset(ctx.data.test, ctx.dist), batch_size=per_rank, num_workers=ctx.cfg.data.workers)
+    return evaluate(ctx.model, loader, ctx.dist, progress=ctx.show)
+
+
+def _row(ctx: Context, t: int, target: float, top1_pruned: float, top1: float, loss: float, seconds: float) -> dict:
+    sparsity = layer_sparsity(ctx.layers)
+    sizes = {n: m.weight.numel() for n, m in ctx.layers.items()}
+    return {
+        "iteration": t,
+        "method": ctx.cfg.prune.method,
+        "target_sparsity": round(target, 10),
+        "sparsity": total_sparsity(sizes, sparsity, dense=ctx.dense_weights),
+        "flops_remaining": flops_remaining(ctx.flops, sparsity, dense=ctx.dense_flops),
+        "top1_pruned": top1_pruned,
+        "top1": top1,
+        "loss": loss,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _iteration(ctx: Context, t: int, target: float) -> dict:
+    """Prune to ``target``, fine-tune, evaluate, record."""
+    cfg, dist = ctx.cfg, ctx.dist
+    start = time.perf_counter()
+    seed = cfg.run.seed * 1000 + t
+    torch.manual_seed(seed)
+    amounts = _amounts(ctx, t, target)
+    masks = apply_masks(ctx.model, amounts, ctx.layers)
+    distributed.check_identical({n: m.cpu() for n, m in masks.items()}, f"masks of iteration {t}")
+    top1_pruned, _ = _evaluate(ctx)
+    if cfg.finetune.rewind:
+        _rewind(ctx, masks)
+    train_loss = _train(ctx, cfg.finetune, cfg.finetune.steps, seed=seed, desc=f"finetune {t}", masks=masks)
+    enforce_masks(ctx.layers, masks)
+    top1, loss = _evaluate(ctx)
+    row = _row(ctx, t, target, top1_pruned, top1, loss, time.perf_counter() - start)
+    if dist.is_main:
+        write_json(ctx.out / "allocation" / f"iter_{t:02d}.json", {"target_sparsity": target, "amounts": layer_sparsity(ctx.layers)})
+        atomic_torch_save({"model": ctx.model.state_dict(), "masks": masks, "iteration": t}, ctx.out / "checkpoints" / "last.pt")
+        append_result(ctx.out, row)
+    distributed.barrier()
+    log.info(
+        "iteration %d: sparsity %.2f %% (target %.2f %%), top-1 %.2f %% after pruning, %.2f %% after fine-tuning (train loss %.4f)",
+        t, 100 * row["sparsity"], 100 * target, top1_pruned, top1, train_loss,
+    )
+    return row
+
+
+def _amounts(ctx: Context, t: int, target: float) -> dict[str, float]:
+    """Per-layer absolute amounts for this iteration, computed on rank 0 (curves on every rank) and broadcast."""
+    cfg = ctx.cfg
+    if cfg.prune.method != "rd":
+        amounts = baseline_amounts(cfg.prune.method, ctx.layers, target, dense_weights=ctx.dense_weights) if ctx.dist.is_main else None
+        return distributed.broadcast_object(amounts)
+    curves = _curves(ctx, t)
+    amounts = None
+    if ctx.dist.is_main:
+        amounts = allocate(
+            curves,
+            {n: m.weight.numel() for n, m in ctx.layers.items()},
+            target,
+            budget=cfg.prune.budget,
+            flops=ctx.flops,
+            current=layer_sparsity(ctx.layers),
+            dense_weights=ctx.dense_weights,
+            dense_flops=ctx.dense_flops,
+        )
+    return distributed.broadcast_object(amounts)
+
+
+def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
+    """RD curves of the current model, sharded over ranks and cached under curves/iter_t."""
+    cfg = ctx.cfg
+    cal = cfg.calibration
+    if cal.source == "synthetic":
+        inputs = synthetic_inputs(cal.size, ctx.data.input_shape, seed=cfg.run.seed)
+    else:
+        inputs = calibration_inputs(ctx.data.calibration_pool, cal.size, seed=cfg.run.seed)
+    threads = torch.get_num_threads()
+    if cfg.distributed.curve_threads:
+        torch.set_num_threads(cfg.distributed.curve_threads)
+    try:
+        curves = sharded_curves(
+            ctx.model,
+            inputs.to(ctx.dist.device),
+            cfg.prune.levels,
+            grid=cfg.prune.grid,
+            worst_case=cfg.prune.distortion == "worst_case",
+            skip=cfg.prune.skip,
+            batch_size=cal.batch_size,
+            cache_dir=ctx.out / "curves" / f"iter_{t:02d}",
+            dist=ctx.dist,
+            progress=ctx.show,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    if ctx.dist.is_main:
+        np.savez(
+            ctx.out / "curves" / f"iter_{t:02d}" / "curves.npz",
+            **{f"{n}/amounts": c.amounts for n, c in curves.items()},
+            **{f"{n}/distortion": c.distortion for n, c in curves.items()},
+        )
+    return curves
+
+
+def _rewind(ctx: Context, masks: dict[str, torch.Tensor]) -> None:
+    """Weight rewinding: reset surviving weights to the dense model's before fine-tuning."""
+    source = ctx.out / "pretrained.pt"
+    if source.exists():
+        dense = torch.load(source, map_location=ctx.dist.device, weights_only=True)["model"]
+    else:
+        dense = build_model(
+            ctx.cfg.model.name, ctx.cfg.model.num_classes or ctx.data.num_classes,
+            checkpoint=ctx.cfg.model.checkpoint, weights=ctx.cfg.model.weights, input_shape=ctx.data.input_shape,
+        ).state_dict()
+    ctx.model.load_state_dict(dense)
+    enforce_masks(ctx.layers, masks)
+
+
+def _finish(ctx: Context, rows: list[dict]) -> None:
+    """Final plain state_dict and masks, and the plots."""
+    masks = current_masks(ctx.layers)
+    atomic_torch_save(pruned_state_dict(ctx.model, masks), ctx.out / "final" / "model.pt")
+    save_masks(masks, ctx.out / "final" / "masks.pt")
+    order = list(ctx.layers)
+    name = f"{ctx.cfg.model.name} / {ctx.cfg.data.name} / {ctx.cfg.prune.method}"
+    allocations = [json.loads(p.read_text())["amounts"] for p in sorted((ctx.out / "allocation").glob("iter_*.json"))]
+    if allocations:
+        plot_layer_sparsity(allocations, order, ctx.out / "plots" / "layer_sparsity.png", f"per-layer sparsity: {name}")
+    plot_accuracy(
+        {
+            "after fine-tuning": [(r["sparsity"], r["top1"]) for r in rows],
+            "right after pruning": [(r["sparsity"], r["top1_pruned"]) for r in rows],
+        },
+        ctx.out / "plots" / "accuracy.png",
+        f"top-1 against sparsity: {name}",
+    )
+    last_curves = sorted((ctx.out / "curves").glob("iter_*/curves.npz"))
+    if last_curves:
+        with np.load(last_curves[-1]) as z:
+            curves = {n: Curve(z[f"{n}/amounts"], z[f"{n}/distortion"]) for n in order if f"{n}/amounts" in z}
+        plot_curves(curves, order, ctx.out / "plots" / "rd_curves.png", f"RD curves, {last_curves[-1].parent.name}: {name}")

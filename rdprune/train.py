@@ -1,0 +1,103 @@
+"""Step-based training and evaluation: the engine the pipeline calls for pretraining and fine-tuning.
+
+The model handed to :func:`train_steps` may be wrapped (DDP); masks are kept by a
+:class:`~rdprune.core.masks.MaskGuard` on the underlying layers, so pruned weights stay exactly zero.
+Evaluation reduces its sums across ranks through :mod:`rdprune.distributed`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from rdprune import distributed
+from rdprune.config import TrainingConfig
+from rdprune.distributed import DistInfo
+
+
+def make_optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov), Adam or AdamW, with weight decay, from a pretrain/finetune section."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be sgd, adam or adamw, got {cfg.optimizer!r}")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine to zero, a step decay (x0.1 at 50 % and 75 % of the steps), or constant."""
+    warm = min(cfg.warmup_steps, steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, steps - warm)
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.scheduler == "step":
+            return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    *,
+    label_smoothing: float = 0.0,
+    desc: str = "train",
+    progress: bool = True,
+) -> float:
+    """Run ``steps`` optimiser steps on ``batches``; return the mean training loss of this rank."""
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    model.train()
+    total = 0.0
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for _ in bar:
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = criterion(model(x), y)
+        if not torch.isfinite(loss):
+            raise ValueError(f"training loss became {loss.item()} ({desc}); lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return total / max(1, steps)
+
+
+def rank_subset(dataset: Dataset, dist: DistInfo) -> Dataset:
+    """Every ``world_size``-th sample from ``rank``: the ranks cover the set exactly once (no padding)."""
+    if dist.world_size == 1:
+        return dataset
+    return Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, dist: DistInfo, *, progress: bool = True) -> tuple[float, float]:
+    """Top-1 accuracy in percent and mean cross-entropy over the whole (rank-sharded) set."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for x, y in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
+        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+        logits = model(x)
+        sums[0] += float((logits.argmax(1) == y).sum())
+        sums[1] += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+        sums[2] += y.numel()
+    correct, loss, count = distributed.all_reduce_sum(sums).tolist()
+    if count == 0:
+        raise ValueError("the evaluation set is empty")
+    return 100.0 * correct / count, loss / count

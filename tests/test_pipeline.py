@@ -1,0 +1,190 @@
+"""The quickstart pipeline end to end on real mnist5k digits, resume after kills, and user errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rdprune.cli import run_cli
+from rdprune.core.layers import prunable_layers
+from rdprune.models.registry import build_model
+from rdprune.run import main
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+REDUCED = [
+    "pretrain.steps=60", "finetune.steps=8", "prune.levels=11", "prune.target_sparsity=0.9",
+    "calibration.size=64", "calibration.batch_size=32", "run.progress=false", "run.threads=1",
+]
+SCHEDULE = [0.5, 0.75, 0.875, 0.9]
+
+
+def _command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rdprune.run", str(QUICKSTART), f"run.out_dir={out}", *REDUCED, *extra]
+
+
+def _run(out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_command(out, *extra), capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("quick") / "run"
+    proc = _run(out)
+    assert "iter" in proc.stdout and "sparsity" in proc.stdout  # the end-of-run table
+    return out
+
+
+def test_results_sparsity_and_outputs(finished_run):
+    rows = _rows(finished_run)
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[0]["sparsity"] == 0 and rows[0]["flops_remaining"] == 1
+    for r, target in zip(rows[1:], SCHEDULE):
+        assert r["target_sparsity"] == pytest.approx(target)
+        assert abs(r["sparsity"] - target) <= 0.005
+        assert 0 < r["flops_remaining"] < 1 and 0 <= r["top1_pruned"] <= 100 and 0 <= r["top1"] <= 100
+        assert set(r) >= {"method", "loss", "seconds"}
+    assert rows[0]["top1"] > 60  # the pretrained dense CNN learned the real digits
+    for name in ("config.yaml", "provenance.json", "final/model.pt", "final/masks.pt", "plots/rd_curves.png",
+                 "plots/layer_sparsity.png", "plots/accuracy.png", "allocation/iter_04.json", "curves/iter_04/curves.npz"):
+        assert (finished_run / name).exists(), name
+    assert not list(finished_run.rglob("*.tmp"))
+
+
+def test_final_state_dict_loads_into_plain_model_with_zeros(finished_run):
+    state = torch.load(finished_run / "final" / "model.pt", weights_only=True)
+    masks = torch.load(finished_run / "final" / "masks.pt", weights_only=True)
+    model = build_model("small_cnn", 10)
+    model.load_state_dict(state)  # strict: the unmodified architecture
+    layers = prunable_layers(model)
+    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
+    total = sum(m.weight.numel() for m in layers.values())
+    assert abs(zeros / total - 0.9) <= 0.005
+    for name, m in layers.items():
+        assert torch.all(m.weight[~masks[name]] == 0)
+
+
+def _kill_when(out: Path, ready, extra=()) -> None:
+    proc = subprocess.Popen(_command(out, *extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_resume_after_kill_between_iterations_matches_uninterrupted(finished_run, tmp_path):
+    out = tmp_path / "run"
+    _kill_when(out, lambda: (out / "results.jsonl").exists() and len((out / "results.jsonl").read_text().splitlines()) >= 3)
+    assert len(_rows(out)) in (3, 4)
+    proc = _run(out)
+    assert "resuming" in proc.stderr
+    assert _comparable(_rows(out)) == _comparable(_rows(finished_run))
+
+
+@pytest.mark.slow
+def test_resume_after_kill_during_curve_estimation(finished_run, tmp_path):
+    out = tmp_path / "run"
+    cache = out / "curves" / "iter_02"
+    _kill_when(out, lambda: cache.exists() and any(p.suffix != ".tmp" for p in cache.iterdir()))
+    done = {p: p.stat().st_mtime_ns for p in cache.iterdir() if not p.name.startswith(".")}
+    assert done and not (out / "allocation" / "iter_02.json").exists()
+    _run(out)
+    # layers whose curves were finished before the kill were loaded, not recomputed
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())
+    assert _comparable(_rows(out)) == _comparable(_rows(finished_run))
+
+
+def test_resume_false_archives_and_starts_clean(finished_run, tmp_path):
+    out = tmp_path / "run"
+    _run(out, "prune.target_sparsity=0.5", "prune.method=glob")
+    first = _rows(out)
+    proc = _run(out, "prune.target_sparsity=0.5", "prune.method=glob", "run.resume=false")
+    assert _comparable(_rows(out)) == _comparable(first)
+    archived = list((out / "archive").glob("*/results.jsonl"))
+    assert len(archived) == 1 and archived[0].read_text().splitlines() == (out / "results.jsonl").read_text().splitlines()
+    assert proc.returncode == 0
+
+
+def _user_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err.strip()
+
+
+def _write(tmp_path: Path, text: str, name="cfg.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_bad_input_one_line_exit_2(capsys, tmp_path):
+    q = str(QUICKSTART)
+    out = f"run.out_dir={tmp_path / 'o'}"
+    assert "unknown key 'prune.metod' (did you mean 'prune.method'?)" in _user_error(capsys, [q, "prune.metod=rd", out])
+    assert "prune.target_sparsity must be" in _user_error(capsys, [q, "prune.target_sparsity=1.0", out])
+    assert "finetune.steps must be" in _user_error(capsys, [q, "finetune.steps=-1", out])
+    assert "expected an integer" in _user_error(capsys, [q, "prune.levels=abc", out])
+    err = _user_error(capsys, [q, "data.name=cifar10", f"data.root={tmp_path}", out])
+    assert "is not a CIFAR-10 folder: expected cifar-10-batches-py/" in err
+    assert "does not exist" in _user_error(capsys, [q, f"model.checkpoint={tmp_path / 'none.pt'}", out])
+    (tmp_path / "corrupt.pt").write_bytes(os.urandom(300))
+    assert "is not a readable PyTorch state_dict" in _user_error(capsys, [q, f"model.checkpoint={tmp_path / 'corrupt.pt'}", out])
+    torch.save(build_model("resnet20_cifar", 10).state_dict(), tmp_path / "other.pt")
+    assert "does not fit model small_cnn" in _user_error(capsys, [q, f"model.checkpoint={tmp_path / 'other.pt'}", out])
+    assert "unknown model 'nonet'" in _user_error(capsys, [q, "model.name=nonet", out])
+    assert "no_such_pkg" in _user_error(capsys, [q, "model.name=no_such_pkg.mod:build", out])
+    assert "no_such_cfg.yaml" in _user_error(capsys, [str(tmp_path / "no_such_cfg.yaml")])
+    assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+def test_output_directory_in_use(capsys, tmp_path):
+    from rdprune.run_dir import RunLock
+
+    with RunLock(tmp_path / "busy"):
+        err = _user_error(capsys, [str(QUICKSTART), f"run.out_dir={tmp_path / 'busy'}"])
+    assert "output directory" in err and "is in use by pid" in err
+
+
+def test_rerun_with_other_config_is_refused(finished_run, capsys):
+    before = (finished_run / "results.jsonl").read_text()
+    err = _user_error(capsys, [str(QUICKSTART), f"run.out_dir={finished_run}", *REDUCED, "prune.method=lamp"])
+    assert "holds a run of a different config" in err
+    assert (finished_run / "results.jsonl").read_text() == before
+
+
+def test_subprocess_user_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rdprune.run", str(QUICKSTART), "prune.method=rnd"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "prune.method" in proc.stderr and "lamp" in proc.stderr
+
+
+def test_every_shipped_config_names_its_command():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and ("rdprune" in first or "sbatch" in first), path
+        yaml.safe_load(path.read_text())
