@@ -294,8 +294,8 @@ def fingerprint(obj: object) -> str:
 
     def feed(x: object) -> None:
         if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(x, np.ndarray):
             a = np.ascontiguousarray(x)

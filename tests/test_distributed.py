@@ -108,3 +108,43 @@ def test_mismatched_configs_fail_on_every_rank():
     assert out.returncode != 0
     assert out.stderr.count("ranks disagree on the resolved config: rank 0 ") == 2, out.stderr
     assert "launch every node with the same config and overrides" in out.stderr
+
+
+def single_process_curves(grid: str, worst_case: bool) -> dict:
+    from dist_scripts.sharded_curves import setup
+    from rdprune.core.curves import estimate_curves
+
+    model, inputs = setup()
+    return estimate_curves(model, inputs, 11, grid=grid, worst_case=worst_case, batch_size=8, progress=False)
+
+
+@pytest.mark.parametrize("nproc, grid, worst_case", [(2, "relative", False), (3, "absolute", True)])
+def test_sharded_curves_equal_one_process(tmp_path, one_thread, nproc, grid, worst_case):
+    out = torchrun("sharded_curves.py", nproc, str(tmp_path / "curves.pt"), "-", grid, str(int(worst_case)))
+    assert out.returncode == 0, out.stdout + out.stderr
+    sharded = torch.load(tmp_path / "curves.pt", weights_only=True)
+    reference = single_process_curves(grid, worst_case)
+    assert list(sharded) == list(reference)
+    scale = max(float(abs(c.distortion).max()) for c in reference.values())
+    assert scale > 0
+    for name, curve in reference.items():
+        amounts, distortion = sharded[name]
+        assert torch.equal(amounts, torch.from_numpy(curve.amounts)), name
+        assert torch.allclose(distortion, torch.from_numpy(curve.distortion), rtol=0, atol=1e-6 * scale), name
+
+
+def test_restart_recomputes_only_missing_pieces(tmp_path):
+    cache = tmp_path / "cache"
+    args = (str(tmp_path / "curves.pt"), str(cache), "relative", "0")
+    assert torchrun("sharded_curves.py", 2, *args).returncode == 0
+    files = sorted(cache.glob("*.curve.pt"))
+    assert len(files) >= 5  # every layer, and at least one layer split between the ranks
+    first = torch.load(tmp_path / "curves.pt", weights_only=True)
+    lost = files[1]
+    lost.unlink()  # a piece in flight when the job died
+    kept = {f: f.stat().st_mtime_ns for f in files if f != lost}
+    out = torchrun("sharded_curves.py", 2, *args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert lost.exists() and {f: f.stat().st_mtime_ns for f in kept} == kept
+    again = torch.load(tmp_path / "curves.pt", weights_only=True)
+    assert all(torch.equal(first[n][1], again[n][1]) for n in first)

@@ -1,0 +1,123 @@
+"""Rate-distortion curves estimated by all ranks together: each rank its share of (layer, levels) pieces.
+
+Rank 0 plans the shards from the core's cost estimate (the FLOPs one level of a layer re-runs,
+times the levels that need a forward pass) and broadcasts the plan; every rank estimates its
+pieces with the single-process core; the pieces are gathered to rank 0 and joined. Each finished
+piece is cached in ``cache_dir`` (shared by the run directory), so a job restarted with the same
+world size recomputes only the pieces that were in flight.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from rdprune import distributed
+from rdprune.core.curves import curve_costs, estimate_curves, layer_amounts, merge_curve_pieces
+from rdprune.core.grid import Curve, Grid
+from rdprune.core.layers import prunable_layers
+from rdprune.core.masks import pruned_count
+from rdprune.distributed import DistInfo
+from rdprune.sharding import Piece, plan_shards
+
+log = logging.getLogger(__name__)
+
+
+def _free_prefix(module: nn.Module, levels: int, grid: Grid) -> tuple[int, int]:
+    """(levels that prune nothing new, all levels) of a layer: the first cost no forward pass."""
+    counts = [pruned_count(float(a), module.weight.numel()) for a in layer_amounts(module, levels, grid)]
+    zeros = int((module.weight == 0).sum())
+    return sum(1 for c in counts if c <= zeros), len(counts)
+
+
+def curve_work(
+    model: nn.Module, sample_shape: tuple[int, ...], levels: int, grid: Grid, skip: Iterable[str]
+) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[int, int]]]:
+    """(cost per paid level and number of paid levels, for layers with any; (free, all) levels of every layer).
+
+    A paid level prunes something new and needs a forward pass of the layer's suffix; the free
+    leading levels of an already sparse layer need none.
+    """
+    layers = prunable_layers(model, skip)
+    costs = curve_costs(model, sample_shape, levels, grid, skip=skip)
+    spans = {n: _free_prefix(m, levels, grid) for n, m in layers.items()}
+    paid = {}
+    for name, (flops, to_run) in costs.items():
+        free, total = spans[name]
+        if total > free:
+            # Distinct amounts can prune the same count in a small layer: spread the real runs evenly.
+            paid[name] = (flops * to_run / (total - free), total - free)
+    return paid, spans
+
+
+def plan_curve_shards(
+    model: nn.Module, sample_shape: tuple[int, ...], levels: int, grid: Grid, skip: Iterable[str], world_size: int
+) -> list[list[Piece]]:
+    """Pieces per rank, in indices of :func:`layer_amounts`, balanced by the forward work they need.
+
+    Only paid levels are shared out by cost; a layer's free leading levels ride along with the
+    piece that starts its paid ones, and a layer with no paid level at all goes whole to rank 0.
+    """
+    paid, spans = curve_work(model, sample_shape, levels, grid, skip)
+    plan = [
+        [Piece(p.layer, 0 if p.start == 0 else p.start + spans[p.layer][0], p.stop + spans[p.layer][0]) for p in shard]
+        for shard in plan_shards(paid, world_size)
+    ]
+    plan[0].extend(Piece(n, 0, total) for n, (free, total) in spans.items() if n not in paid)
+    return plan
+
+
+def sharded_curves(
+    model: nn.Module,
+    inputs: torch.Tensor | list[torch.Tensor],
+    levels: int,
+    *,
+    grid: Grid,
+    worst_case: bool,
+    skip: Iterable[str],
+    batch_size: int,
+    cache_dir: str | os.PathLike | None,
+    dist: DistInfo,
+    progress: bool,
+) -> dict[str, Curve] | None:
+    """Every prunable layer's curve on rank 0 (``None`` on the other ranks); equal to :func:`estimate_curves`.
+
+    Every rank must call it with the same model weights and calibration inputs (checked) and a
+    fixed thread count, so that its pieces are exactly what one process would compute.
+    """
+    skip = list(skip)
+    batches = list(inputs.split(batch_size)) if isinstance(inputs, torch.Tensor) else list(inputs)
+    distributed.check_identical([b.detach().cpu() for b in batches], "the calibration inputs")
+    distributed.check_identical(model.state_dict(), "the model weights before curve estimation")
+    plan = None
+    if dist.is_main:
+        plan = plan_curve_shards(model, tuple(batches[0].shape[1:]), levels, grid, skip, dist.world_size)
+    plan = distributed.broadcast_object(plan, src=0)
+    mine = plan[dist.rank]
+    log.info("curve estimation: %d pieces over %d ranks", sum(map(len, plan)), dist.world_size)
+    partial: dict[str, Curve] = {}
+    if mine:
+        partial = estimate_curves(
+            model, batches, levels, grid=grid, worst_case=worst_case, layers=[p.layer for p in mine], skip=skip,
+            level_ranges={p.layer: (p.start, p.stop) for p in mine}, batch_size=batch_size,
+            cache_dir=cache_dir, progress=progress,
+        )
+    gathered = distributed.gather_objects(partial, dst=0)
+    if gathered is None:
+        return None
+    return _join(gathered, list(prunable_layers(model, skip)))
+
+
+def _join(per_rank: list[Mapping[str, Curve]], order: list[str]) -> dict[str, Curve]:
+    """One curve per layer from the pieces of all ranks, in the model's layer order."""
+    pieces: dict[str, list[Curve]] = {}
+    for part in per_rank:
+        for name, curve in part.items():
+            pieces.setdefault(name, []).append(curve)
+    missing = [n for n in order if n not in pieces]
+    if missing:
+        raise RuntimeError(f"no rank returned a curve for layers {missing[:5]}")
+    return {n: merge_curve_pieces(pieces[n]) for n in order}
