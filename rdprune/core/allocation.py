@@ -1,0 +1,466 @@
+"""Exact per-layer allocation: pick one curve level per layer to minimise summed distortion under a budget.
+
+This is a multiple-choice knapsack on the level grid. :func:`allocate` solves it exactly and fast
+(Lagrangian bound, then an exact search over the few choices the bound leaves open);
+:func:`exact_dp_allocate` is the plain exact DP over surviving-weight counts that it is checked
+and benchmarked against.
+
+Conventions shared by both:
+
+* Each curve is first replaced by its running maximum over increasing amounts, so pruning more
+  never looks cheaper (a dipping worst-case curve cannot pull the result past the target).
+* Cost of a level = what the budget counts: surviving weights ``n - round(a*n)``, or the layer's
+  remaining FLOPs ``f * surviving / n``. Levels whose pruned count is below the layer's current
+  number of zeros (``round(current*n)``) are not allowed: no layer gets denser.
+* Several amounts can round to the same pruned count; of those only the smallest amount is a
+  candidate (it has the smallest distortion after the running max).
+* Ties. The objective is the float64 sum of the chosen distortions. Among optimal solutions the
+  one with the largest total cost (most weights, or FLOPs, kept) wins; remaining ties go to the
+  lexicographically smallest level indices in the order of ``curves`` (earlier layers less pruned).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
+
+import numpy as np
+
+from rdprune.core.grid import Curve
+
+Budget = Literal["weights", "flops"]
+
+_INT_LIMIT = 2**62  # total scaled cost must stay well inside int64
+_LIMIT_SHARES = (0.125, 0.5, 1.0)  # search limits between the LP bound (0) and the incumbent (1)
+_PARETO_FROM = 64  # below this many partial states, filtering costs more than it saves
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """A validated instance on a padded ``(layers, levels)`` grid.
+
+    ``valid[l, k]`` marks the levels that may be chosen; ``cost`` is integer (exactly the budget's
+    unit, possibly scaled), ``dist`` the running-max distortion; both are meaningless where not valid.
+    """
+
+    names: list[str]
+    amounts: list[np.ndarray]
+    cost: np.ndarray
+    dist: np.ndarray
+    valid: np.ndarray
+    budget: int
+
+
+def _check_scalars(target_sparsity: float, budget: str, dense_weights: int, dense_flops: int) -> None:
+    if not (isinstance(target_sparsity, (int, float)) and 0.0 <= target_sparsity < 1.0):
+        raise ValueError(f"target_sparsity must be a number in [0, 1), got {target_sparsity!r}")
+    if budget not in ("weights", "flops"):
+        raise ValueError(f"budget must be 'weights' or 'flops', got {budget!r}")
+    for name, value in (("dense_weights", dense_weights), ("dense_flops", dense_flops)):
+        if not (isinstance(value, (int, np.integer)) and value >= 0):
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+def _layer_ints(names: list[str], values: Mapping[str, int] | None, what: str) -> np.ndarray:
+    """``values[name]`` for every layer as positive ints, or a ValueError naming what is missing."""
+    values = values or {}
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise ValueError(f"{what} missing for layers {missing[:5]}; every curve needs its layer's {what} (a positive int)")
+    out = np.array([values[n] if isinstance(values[n], (int, np.integer)) else -1 for n in names], dtype=np.int64)
+    bad = [n for n, v in zip(names, out) if v <= 0]
+    if bad:
+        raise ValueError(f"{what} of layers {bad[:5]} must be positive ints, got {[values[n] for n in bad[:5]]}")
+    return out
+
+
+def _flops_scaling(sizes: np.ndarray, flops: np.ndarray) -> tuple[list[int], int] | None:
+    """Integer multipliers ``m_l`` with ``m_l / Q = f_l / n_l`` exactly (Q = common denominator).
+
+    Returns ``(m, Q)`` or ``None`` when exact scaled costs would not fit int64.
+    """
+    ratios = [Fraction(int(f), int(n)) for f, n in zip(flops, sizes)]
+    q = math.lcm(*(r.denominator for r in ratios))
+    if q * (int(flops.sum()) + 1) >= _INT_LIMIT:
+        return None
+    return [r.numerator * (q // r.denominator) for r in ratios], q
+
+
+def _prepare(
+    curves: Mapping[str, Curve],
+    sizes: Mapping[str, int],
+    target_sparsity: float,
+    budget: Budget,
+    flops: Mapping[str, int] | None,
+    current: Mapping[str, float] | None,
+    dense_weights: int,
+    dense_flops: int,
+) -> _Problem:
+    """Validate the inputs and turn them into integer costs, running-max distortions and allowed levels.
+
+    FLOPs costs are exact rationals ``f_l * surviving / n_l`` scaled by the common denominator Q of
+    all ``f_l / n_l`` (Q = 1 in practice: a layer's FLOPs are a multiple of its weight count). Only
+    if exact scaled costs would overflow int64, costs are rounded *up* to units of ``1/R`` FLOPs
+    (R a power of two as large as fits) and the budget down, so the budget still holds exactly and
+    the optimum is exact up to a budget shift of at most (number of layers)/R FLOPs.
+    """
+    _check_scalars(target_sparsity, budget, dense_weights, dense_flops)
+    names = list(curves)
+    if not names:
+        raise ValueError("no curves given; allocate needs at least one layer's curve")
+    n = _layer_ints(names, sizes, "sizes")
+    amounts = [np.asarray(curves[name].amounts, np.float64) for name in names]
+    dists = [np.asarray(curves[name].distortion, np.float64) for name in names]
+    lengths = np.array([a.size for a in amounts])
+    width = int(lengths.max())
+    if all(a.ndim == 1 and a.shape == d.shape for a, d in zip(amounts, dists)) and (lengths == width).all():
+        A, D = np.stack(amounts), np.stack(dists)
+    else:
+        A, D = np.ones((len(names), width)), np.zeros((len(names), width))
+        for i, (a, d) in enumerate(zip(amounts, dists)):
+            if a.ndim != 1 or a.shape != d.shape or a.size == 0:
+                raise ValueError(f"curve of layer {names[i]!r} needs equal-length 1-d amounts and distortions")
+            A[i, : a.size], D[i, : a.size], D[i, a.size :] = a, d, d[-1]
+    in_range = np.arange(width)[None, :] < lengths[:, None]
+    good = (np.diff(A, axis=1) > 0) | ~in_range[:, 1:]
+    bad = ~good.all(axis=1) | (A[:, 0] < 0) | (A[np.arange(len(names)), lengths - 1] > 1)
+    if bad.any():
+        raise ValueError(f"curves of layers {[names[i] for i in np.nonzero(bad)[0][:5]]} need strictly increasing amounts in [0, 1]")
+    if not np.isfinite(D).all():
+        bad = [nm for nm, row in zip(names, D) if not np.isfinite(row).all()]
+        raise ValueError(f"curves of layers {bad[:5]} contain NaN or inf distortions; distortions must be finite")
+    D = np.maximum.accumulate(D, axis=1)
+
+    pruned = np.floor(A * n[:, None] + 0.5).astype(np.int64)  # masks.pruned_count, vectorised
+    surv = n[:, None] - pruned
+    valid = in_range.copy()
+    if current:
+        zeros_now = np.zeros(len(names), dtype=np.int64)
+        for i, name in enumerate(names):
+            c = current.get(name, 0.0)
+            if not (isinstance(c, (int, float)) and math.isfinite(c) and 0.0 <= c <= 1.0):
+                raise ValueError(f"current sparsity of layer {name!r} must be a fraction in [0, 1], got {c!r}")
+            zeros_now[i] = math.floor(c * int(n[i]) + 0.5)
+        valid &= pruned >= zeros_now[:, None]
+        stuck = [nm for nm, row in zip(names, valid) if not row.any()]
+        if stuck:
+            raise ValueError(
+                f"layers {stuck[:5]} have no curve level at or above their current sparsity; "
+                "allowed: curves whose largest amount reaches the layer's current sparsity"
+            )
+    # Equal pruned counts: keep the first (smallest amount, smallest distortion after running max).
+    valid[:, 1:] &= ~(in_range[:, :-1] & (pruned[:, 1:] == pruned[:, :-1]))
+
+    if budget == "weights":
+        total = int(n.sum()) + int(dense_weights)
+        limit = math.floor((1.0 - target_sparsity) * total + 1e-9) - int(dense_weights)
+        cost, unit = surv, "surviving weights"
+    else:
+        f = _layer_ints(names, flops, "flops")
+        total_f = int(f.sum()) + int(dense_flops)
+        remaining = Fraction((1.0 - target_sparsity) * total_f) - int(dense_flops)
+        scaling = _flops_scaling(n, f)
+        if scaling is not None:
+            mult, q = scaling
+            cost = surv * np.array(mult, dtype=np.int64)[:, None]
+            limit = math.floor(remaining * q)
+        else:
+            r = 2 ** max(0, (_INT_LIMIT // (total_f + len(names))).bit_length() - 1)
+            cost = np.array(
+                [[-((-int(s) * int(fl) * r) // int(nl)) for s in row] for row, fl, nl in zip(surv, f, n)],
+                dtype=np.int64,
+            )
+            limit = math.floor(remaining * r)
+        unit = "remaining FLOPs (scaled)"
+    cheapest = int(np.where(valid, cost, np.iinfo(np.int64).max).min(axis=1).sum())
+    if cheapest > limit:
+        raise ValueError(
+            f"budget cannot be met: target_sparsity={target_sparsity} allows {limit} {unit} in the pruned layers "
+            f"but their most-pruned allowed levels keep {cheapest}; allowed: a lower target or curves reaching higher amounts"
+        )
+    return _Problem(names, amounts, cost, D, valid, int(limit))
+
+
+def _result(problem: _Problem, levels: np.ndarray) -> dict[str, float]:
+    return {name: float(a[k]) for name, a, k in zip(problem.names, problem.amounts, levels.tolist())}
+
+
+def allocate(
+    curves: Mapping[str, Curve],
+    sizes: Mapping[str, int],
+    target_sparsity: float,
+    *,
+    budget: Budget = "weights",
+    flops: Mapping[str, int] | None = None,
+    current: Mapping[str, float] | None = None,
+    dense_weights: int = 0,
+    dense_flops: int = 0,
+) -> dict[str, float]:
+    """Exact optimal per-layer amounts on the curves' level grids; returns ``{layer name: absolute amount}``.
+
+    ``sizes`` are the layers' weight counts. ``budget="weights"`` keeps at most
+    ``floor((1 - s) * (sum sizes + dense_weights) + 1e-9)`` weights in total, ``dense_weights``
+    counting skipped layers that stay dense; ``budget="flops"`` keeps the remaining FLOPs
+    ``sum_l flops_l * surviving_l / size_l + dense_flops`` at most ``(1 - s) * (sum flops + dense_flops)``.
+    ``current`` gives layers' current sparsity: no level below it is chosen. Curves, ties and
+    costs follow the module conventions. Raises ``ValueError`` for bad input or a budget no
+    allowed levels meet.
+
+    Why it is exact. For any multiplier ``lam >= 0`` and any feasible choice ``x``,
+    ``D(x) >= D(x) + lam * (C(x) - B) = LB + sum_l delta_l(x_l)`` with
+    ``LB = sum_l min_k (d_lk + lam c_lk) - lam B`` and reduced costs
+    ``delta_lk = d_lk + lam c_lk - min_k (d_lk + lam c_lk) >= 0``. Given any feasible incumbent of
+    value ``UB``, every solution that is optimal or tied satisfies ``sum_l delta_l(x_l) <= UB - LB``.
+    So levels with ``delta > UB - LB`` are discarded, and so is any partial choice whose reduced
+    costs already exceed the gap. ``lam`` is the LP-optimal multiplier (found greedily on the
+    convex hulls of the layers' (cost, distortion) points), the incumbent is the LP's greedy
+    rounding with the slack filled, and the gap is typically tiny, leaving few open choices. These
+    are searched exactly by a DP over layers that keeps only Pareto-optimal partial states
+    (cost, distortion): a state beaten in both by another (the other's distortion strictly lower,
+    or equal at equal cost) cannot start a better complete solution. A small float tolerance is
+    added to the gap so that rounding never discards an optimum.
+    """
+    p = _prepare(curves, sizes, target_sparsity, budget, flops, current, dense_weights, dense_flops)
+    return _result(p, _solve(p))
+
+
+def _solve(p: _Problem) -> np.ndarray:
+    """Chosen level index per layer (see :func:`allocate` for the method and its proof)."""
+    L, K = p.cost.shape
+    rows = np.arange(L)
+    least = np.argmax(p.valid, axis=1)  # least-pruned allowed level: most cost, least distortion
+    most = K - 1 - np.argmax(p.valid[:, ::-1], axis=1)
+    if int(p.cost[rows, least].sum()) <= p.budget:
+        return least
+    steps = _hull_steps(p, most)
+    levels = _incumbent(p, steps, most)
+    upper = 0.0
+    for layer, k in enumerate(levels.tolist()):
+        upper += float(p.dist[layer, k])
+    d = np.where(p.valid, p.dist, 0.0)
+    tol = 1e-9 * float(np.abs(d).max(axis=1).sum())
+    # Level k of layer l stays open only if d_lk plus the LP bound of all other layers with the
+    # budget that is left can still reach the incumbent.
+    # Bound of choosing level k for layer l: d_lk plus the LP bound of all other layers with the
+    # budget that is left. A level whose bound exceeds the incumbent cannot be optimal.
+    all_cost, all_dist = int(p.cost[rows, most].sum()), float(d[rows, most].sum())
+    others = steps.layer[None, :] != rows[:, None]
+    pieces = _lp_pieces(steps, others, all_cost - p.cost[rows, most], all_dist - d[rows, most])
+    bound = d + _lp_value(pieces, p.budget - p.cost)
+    everyone = np.ones((1, steps.layer.size), dtype=bool)
+    pieces = _lp_pieces(steps, everyone, np.array([all_cost]), np.array([all_dist]))
+    lower = float(_lp_value(pieces, np.array([[p.budget]]))[0, 0])
+    # Search below ever higher limits: a solution found within a limit is optimal (every solution
+    # at or below the limit is enumerated), and low limits leave far fewer open choices.
+    for share in _LIMIT_SHARES:
+        limit = lower + share * (upper - lower) + tol
+        open_ = p.valid & (bound <= limit)
+        if share == 1.0:
+            open_[rows, levels] = True  # the incumbent always qualifies; this guards rounding
+        found = _search(p, open_, steps, most, limit)
+        if found is not None:
+            return found
+    raise AssertionError("the incumbent satisfies the last limit")  # unreachable: see share == 1.0
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """Hull steps of all layers, in order of decreasing efficiency (distortion saved per unit cost).
+
+    Step ``i`` moves ``layer[i]`` up its convex hull to the less-pruned level ``to[i]``, adding
+    ``cost[i] > 0`` and saving ``saved[i] >= 0`` distortion. Taking steps in this order from the
+    most-pruned levels traces the LP relaxation's optimum as the budget grows (Sinha-Zoltners).
+    """
+
+    layer: np.ndarray
+    to: np.ndarray
+    cost: np.ndarray
+    saved: np.ndarray
+
+
+def _hull_steps(p: _Problem, most: np.ndarray) -> _Steps:
+    """The layers' lower convex hulls of (cost, distortion), as steps sorted by efficiency.
+
+    Level k beats every less-pruned level for multipliers ``lam >= lo_k`` and every more-pruned
+    one for ``lam <= hi_k`` (``lam`` prices a unit of cost), so it is a hull vertex iff
+    ``lo_k < hi_k``; the step onto vertex k's less-pruned neighbour has efficiency ``lo_k``.
+    """
+    L, K = p.cost.shape
+    V = p.valid
+    d = np.where(V, p.dist, 0.0)
+    c = p.cost.astype(np.float64)
+    pair = V[:, :, None] & V[:, None, :] & np.triu(np.ones((K, K), dtype=bool), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = (d[:, None, :] - d[:, :, None]) / (c[:, :, None] - c[:, None, :])  # [l, i, j]: lam where j ties i
+    lo = np.where(pair, slope, -np.inf).max(axis=1)
+    hi = np.where(pair, slope, np.inf).min(axis=2)
+    vertex = V & (lo < hi)
+    idx = np.where(vertex, np.arange(K), -1)
+    prev = np.maximum.accumulate(np.concatenate([np.full((L, 1), -1), idx[:, :-1]], axis=1), axis=1)
+    layer, level = np.nonzero(vertex & (prev >= 0))
+    to = prev[layer, level]
+    order = np.lexsort((layer, -lo[layer, level]))  # within a layer, lo grows with the level
+    layer, level, to = layer[order], level[order], to[order]
+    return _Steps(layer, to, p.cost[layer, to] - p.cost[layer, level], p.dist[layer, level] - p.dist[layer, to])
+
+
+def _incumbent(p: _Problem, steps: _Steps, most: np.ndarray) -> np.ndarray:
+    """A good feasible solution: hull steps in efficiency order while they fit, then any later that fit."""
+    levels = most.copy()
+    slack = p.budget - int(p.cost[np.arange(len(most)), most].sum())
+    crit = int(np.searchsorted(np.cumsum(steps.cost), slack, side="right"))
+    taken = slice(0, crit)
+    np.minimum.at(levels, steps.layer[taken], steps.to[taken])
+    slack -= int(steps.cost[taken].sum())
+    blocked = np.zeros(len(most), dtype=bool)
+    for layer, to, cost in zip(steps.layer[crit:].tolist(), steps.to[crit:].tolist(), steps.cost[crit:].tolist()):
+        if blocked[layer]:
+            continue
+        if cost <= slack:
+            slack -= cost
+            levels[layer] = to
+        else:
+            blocked[layer] = True  # a layer's later steps build on this one
+    return levels
+
+
+def _lp_pieces(steps: _Steps, mask: np.ndarray, base_cost: np.ndarray, base_dist: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Breakpoints (cost, LP optimum) of the LP relaxation of each layer set in the rows of ``mask``.
+
+    Row r's layers start at their most-pruned levels (``base_cost[r]``, ``base_dist[r]``) and take
+    their hull steps (``mask[r]`` selects them) in efficiency order, the last one fractionally.
+    """
+    x = np.cumsum(np.where(mask, steps.cost, 0), axis=1) + base_cost[:, None]
+    y = base_dist[:, None] - np.cumsum(np.where(mask, steps.saved, 0.0), axis=1)
+    x = np.concatenate([base_cost[:, None], x], axis=1).astype(np.float64)
+    y = np.concatenate([base_dist[:, None], y], axis=1)
+    return list(zip(x, y))
+
+
+def _lp_value(pieces: list[tuple[np.ndarray, np.ndarray]], budget: np.ndarray) -> np.ndarray:
+    """The LP optimum of each row's layer set at that row's budgets (inf where even the cheapest overruns)."""
+    out = np.empty(budget.shape)
+    for r, (x, y) in enumerate(pieces):
+        out[r] = np.interp(budget[r].astype(np.float64), x, y, left=np.inf)
+    return out
+
+
+def _pareto(keep: np.ndarray, cost: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """The candidates in ``keep`` (ascending) that no other one beats, still in ascending order.
+
+    Per cost only the least distortion stays (the earliest candidate, i.e. lexicographically
+    smallest, among equals); then a state goes if a cheaper one has strictly less distortion.
+    Dropping these is only a speed-up: a beaten state cannot start a better complete solution.
+    """
+    keep = keep[np.lexsort((keep, dist[keep], cost[keep]))]
+    kc, kd = cost[keep], dist[keep]
+    first = np.ones(keep.size, dtype=bool)
+    first[1:] = kc[1:] != kc[:-1]
+    keep, kd = keep[first], kd[first]
+    best_before = np.concatenate([[np.inf], np.minimum.accumulate(kd)[:-1]])
+    return np.sort(keep[kd <= best_before])
+
+
+def _search(p: _Problem, open_: np.ndarray, steps: _Steps, most: np.ndarray, limit: float) -> np.ndarray | None:
+    """Exact DP over the open choices: the best solution of distortion at most ``limit``, or ``None``.
+
+    A partial state (cost C, distortion D) survives only if D plus the LP bound of the layers still
+    to decide, at budget B - C, is at most ``limit``; many states are pruned further by Pareto
+    dominance. States stay in lexicographic order of their level tuples, so the tie rule needs
+    no extra bookkeeping.
+    """
+    L, _ = p.cost.shape
+    rows = np.arange(L)
+    n_open = open_.sum(axis=1)
+    if not n_open.all():
+        return None
+    free = np.nonzero(n_open > 1)[0]
+    fixed = n_open == 1
+    levels = np.argmax(open_, axis=1)  # free layers' entries are overwritten below
+    start_dist = 0.0
+    for layer in np.nonzero(fixed)[0].tolist():
+        start_dist += float(p.dist[layer, levels[layer]])
+    start_cost = int(p.cost[rows[fixed], levels[fixed]].sum())
+    if free.size == 0:
+        return levels if start_cost <= p.budget and start_dist <= limit else None
+    # Row t: the free layers after the t-th, whose LP bounds the states after deciding the t-th.
+    position = np.full(L, -1)
+    position[free] = np.arange(free.size)
+    later = position[steps.layer][None, :] > np.arange(free.size)[:, None]
+    later_cost = np.cumsum(p.cost[free, most[free]][::-1])[::-1]
+    later_dist = np.cumsum(p.dist[free, most[free]][::-1])[::-1]
+    base_cost = np.concatenate([later_cost[1:], [0]])
+    base_dist = np.concatenate([later_dist[1:], [0.0]])
+    pieces = _lp_pieces(steps, later, base_cost, base_dist)
+
+    cost = np.array([start_cost], dtype=np.int64)
+    dist = np.array([start_dist])
+    trail: list[tuple[np.ndarray, np.ndarray]] = []
+    for t, layer in enumerate(free.tolist()):
+        ks = np.nonzero(open_[layer])[0]
+        m = ks.size
+        cand_cost = (cost[:, None] + p.cost[layer, ks][None, :]).ravel()
+        cand_dist = (dist[:, None] + p.dist[layer, ks][None, :]).ravel()
+        x, y = pieces[t]
+        rest = np.interp((p.budget - cand_cost).astype(np.float64), x, y, left=np.inf)
+        keep = np.nonzero(cand_dist + rest <= limit)[0]
+        if keep.size > _PARETO_FROM:
+            keep = _pareto(keep, cand_cost, cand_dist)
+        cost, dist = cand_cost[keep], cand_dist[keep]
+        trail.append((keep // m, ks[keep % m]))
+        if keep.size == 0:
+            return None
+    winners = np.nonzero(dist == dist.min())[0]
+    state = int(winners[np.argmax(cost[winners])])  # the first of the dearest: lexicographically smallest
+    for layer, (parent, chosen) in zip(free[::-1].tolist(), trail[::-1]):
+        levels[layer] = chosen[state]
+        state = int(parent[state])
+    return levels
+
+
+def exact_dp_allocate(
+    curves: Mapping[str, Curve],
+    sizes: Mapping[str, int],
+    target_sparsity: float,
+    *,
+    budget: Literal["weights"] = "weights",
+    flops: Mapping[str, int] | None = None,
+    current: Mapping[str, float] | None = None,
+    dense_weights: int = 0,
+    dense_flops: int = 0,
+) -> dict[str, float]:
+    """Reference: the plain exact DP over the count of surviving weights (weights budget only).
+
+    ``best[b]`` is the least distortion of the layers so far keeping exactly ``b`` weights,
+    ``0 <= b <= budget``; each layer relaxes it once per level, vectorised over ``b``. Time and
+    memory grow with (layers x levels x budget), which is why :func:`allocate` exists. Same
+    conventions and validation as :func:`allocate`; ties go to the largest kept count.
+    """
+    if budget != "weights":
+        raise ValueError(f"exact_dp_allocate supports budget='weights' only, got {budget!r}")
+    p = _prepare(curves, sizes, target_sparsity, budget, flops, current, dense_weights, dense_flops)
+    width = p.budget + 1
+    best = np.full(width, np.inf)
+    best[0] = 0.0
+    choices = []
+    for layer in range(len(p.names)):
+        new = np.full(width, np.inf)
+        choice = np.zeros(width, dtype=np.int16)
+        for k in np.nonzero(p.valid[layer])[0].tolist():
+            c = int(p.cost[layer, k])
+            if c >= width:
+                continue
+            cand = best[: width - c] + p.dist[layer, k]
+            better = cand < new[c:]
+            new[c:][better] = cand[better]
+            choice[c:][better] = k
+        best = new
+        choices.append(choice)
+    b = width - 1 - int(np.argmin(best[::-1]))  # largest kept count among the least distortions
+    levels = np.zeros(len(p.names), dtype=np.int64)
+    for layer in range(len(p.names) - 1, -1, -1):
+        levels[layer] = choices[layer][b]
+        b -= int(p.cost[layer, levels[layer]])
+    return _result(p, levels)
