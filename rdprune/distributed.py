@@ -33,7 +33,7 @@ from rdprune.errors import UserError
 
 __all__ = [
     "DistInfo", "RankMismatchError", "PeerFailureError", "init_distributed", "teardown", "distributed_session", "barrier",
-    "broadcast_object", "gather_objects", "all_reduce_sum", "fingerprint", "check_identical",
+    "broadcast_object", "broadcast_tensors_", "gather_objects", "all_reduce_sum", "fingerprint", "check_identical",
     "check_same_config", "wrap_ddp", "setup_logging", "show_progress", "record",
 ]
 
@@ -252,6 +252,15 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     with _collective("broadcast"):
         dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_tensors_(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s values (e.g. BatchNorm statistics)."""
+    if not _active():
+        return
+    with _collective("broadcast"):
+        for t in tensors:
+            dist.broadcast(t.data, src=src)
 
 
 def gather_objects(obj: object, dst: int = 0) -> list | None:

@@ -148,3 +148,26 @@ def test_restart_recomputes_only_missing_pieces(tmp_path):
     assert lost.exists() and {f: f.stat().st_mtime_ns for f in kept} == kept
     again = torch.load(tmp_path / "curves.pt", weights_only=True)
     assert all(torch.equal(first[n][1], again[n][1]) for n in first)
+
+
+def test_deepspeed_settings_checked_before_any_work():
+    from rdprune.deepspeed_engine import deepspeed_config
+
+    cfg = deepspeed_config(2, "bf16", 64, 8)
+    assert cfg["train_micro_batch_size_per_gpu"] == 8 and cfg["zero_optimization"]["stage"] == 2
+    assert cfg["bf16"]["enabled"] and cfg["gradient_clipping"] == 0.0
+    with pytest.raises(UserError, match="zero_stage must be one of 0, 1, 2"):
+        deepspeed_config(3, "fp32", 64, 8)
+    with pytest.raises(UserError, match="precision must be one of fp32, bf16"):
+        deepspeed_config(1, "fp16", 64, 8)
+    with pytest.raises(UserError, match="multiple of the number of ranks"):
+        deepspeed_config(1, "fp32", 60, 8)
+
+
+@pytest.mark.slow  # the first DeepSpeed start on a machine compiles an op (~35 s); then ~13 s each
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "fp32"), (2, "fp32")])
+def test_deepspeed_keeps_zeros_and_ranks_equal(tmp_path, stage, precision):
+    pytest.importorskip("deepspeed")
+    out = torchrun("deepspeed_masks.py", 2, str(stage), precision, str(tmp_path / "ckpt"), timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert all(f"deepspeed zero {stage} {precision} ok on rank {r}" in out.stdout for r in (0, 1))

@@ -1,0 +1,156 @@
+"""Fine-tuning under DeepSpeed (ZeRO stage 0, 1 or 2; fp32 or bf16) with pruned weights held at zero.
+
+Under ZeRO-1/2, and under bf16, DeepSpeed keeps an fp32 master copy of each weight in the
+optimizer, split across ranks, and copies it back into the module after every step. Zeroing the
+module's weights alone would be undone by the next step, so after every step the masks are applied
+both to the module's weights and to this rank's fragment of the master copy; pruned weights'
+gradients are masked too, so optimizer state never builds up for them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from rdprune.core.masks import Masks, MaskGuard, enforce_masks
+from rdprune import distributed
+from rdprune.distributed import DistInfo
+from rdprune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ZERO_STAGES = (0, 1, 2)
+PRECISIONS = ("fp32", "bf16")
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise UserError("distributed.engine is 'deepspeed' but DeepSpeed is not installed; "
+                        "install it with DS_BUILD_OPS=0 pip install 'rdprune[deepspeed]', or use engine 'ddp'") from e
+    return deepspeed
+
+
+def deepspeed_config(zero_stage: int, precision: str, global_batch: int, world_size: int) -> dict:
+    """DeepSpeed's config dict for rdprune's settings: no gradient clipping, one micro-batch per step."""
+    if zero_stage not in ZERO_STAGES:
+        raise UserError(f"distributed.zero_stage must be one of {', '.join(map(str, ZERO_STAGES))} "
+                        f"(stage 3 shards weights, which pruning needs whole), got {zero_stage!r}")
+    if precision not in PRECISIONS:
+        raise UserError(f"distributed.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if global_batch < world_size or global_batch % world_size:
+        raise UserError(f"the batch size {global_batch} must be a multiple of the number of ranks {world_size} "
+                        "(each rank takes an equal share of every step)")
+    return {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": global_batch // world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        # rdprune's own SGD/Adam/AdamW: DeepSpeed has not certified them under ZeRO, but they work.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _mask_master_fragment(param: nn.Parameter, mask: torch.Tensor) -> None:
+    """Zero the masked entries of this rank's fragment of ``param``'s fp32 master copy, if it has one."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return
+    address = mapping.lp_fragment_address
+    keep = mask.flatten().narrow(0, address.start, address.numel)
+    fragment = mapping.get_hp_fragment()
+    fragment.mul_(keep.to(fragment.device, fragment.dtype))
+
+
+class DeepSpeedEngine:
+    """A model and optimizer inside ``deepspeed.initialize``; one call of :meth:`train_step` per batch.
+
+    ``layers`` and ``masks`` (optional) name the prunable layers of ``model`` and the weights that
+    must stay zero. Every rank constructs it, steps it and saves it together.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        info: DistInfo,
+        *,
+        zero_stage: int,
+        precision: str,
+        global_batch: int,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        layers: Mapping[str, nn.Module] | None = None,
+        masks: Masks | None = None,
+        label_smoothing: float = 0.0,
+    ):
+        config = deepspeed_config(zero_stage, precision, global_batch, info.world_size)
+        deepspeed = _import_deepspeed()
+        if precision == "bf16":
+            from deepspeed.accelerator import get_accelerator
+
+            if not get_accelerator().is_bf16_supported():
+                raise UserError(f"distributed.precision 'bf16' is not supported on {info.device}; use 'fp32'")
+        if (masks is None) != (layers is None):
+            raise ValueError("pass layers and masks together, or neither")
+        self.info = info
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.layers = dict(layers or {})
+        self.masks = {n: m.to(info.device) for n, m in (masks or {}).items()}
+        # Masks first, so the master copy DeepSpeed takes now starts with the zeros.
+        self._guard = MaskGuard(self.layers, self.masks) if self.masks else None
+        if info.is_main:
+            logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.engine, *_ = deepspeed.initialize(
+            model=model.to(info.device), optimizer=optimizer, lr_scheduler=scheduler, config=config,
+            dist_init_required=False,
+        )
+
+    @property
+    def module(self) -> nn.Module:
+        """The unwrapped model (its weights are the ones DeepSpeed trains)."""
+        return self.engine.module
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on this rank's micro-batch; the loss of that micro-batch."""
+        self.engine.train()
+        x = x.to(self.info.device, self.dtype if x.is_floating_point() else x.dtype)
+        loss = self.criterion(self.engine(x).float(), y.to(self.info.device))
+        if not torch.isfinite(loss):
+            raise ValueError(f"training loss became {loss.item()}; lower the learning rate")
+        self.engine.backward(loss)
+        self.engine.step()
+        self._enforce()
+        # DeepSpeed leaves buffers alone: rank 0's BatchNorm statistics win, as under DDP.
+        distributed.broadcast_tensors_(list(self.engine.module.buffers()))
+        return float(loss.item())
+
+    @torch.no_grad()
+    def _enforce(self) -> None:
+        enforce_masks(self.layers, self.masks)
+        for name, mask in self.masks.items():
+            _mask_master_fragment(self.layers[name].weight, mask)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """DeepSpeed's sharded checkpoint (model, optimizer, master copy); every rank must call it."""
+        self.engine.save_checkpoint(str(directory), tag="latest_step")
+
+    def load(self, directory: str | os.PathLike) -> None:
+        """Resume from :meth:`save`'s checkpoint; every rank must call it."""
+        path, _ = self.engine.load_checkpoint(str(directory), tag="latest_step")
+        if path is None:
+            raise UserError(f"no DeepSpeed checkpoint in {directory}; delete the directory to start afresh")
+        self._enforce()
+
+    def close(self) -> None:
+        """Remove the gradient hooks that keep pruned weights' gradients at zero."""
+        if self._guard is not None:
+            self._guard.remove()
