@@ -209,8 +209,9 @@ class DataConfig(_Section):
     root: Optional[str] = None
     """Dataset folder, required for cifar10 (the cifar-10-batches-py folder) and imagenet (the folder
     holding train/ and val/)."""
-    backend: Literal["torchvision", "dali"] = "torchvision"
-    """Input pipeline; dali only for imagenet."""
+    backend: Literal["torchvision", "dali", "auto"] = "torchvision"
+    """Input pipeline; dali (NVIDIA DALI, GPU decoding) only for imagenet; auto = dali for imagenet when
+    the run computes on CUDA and DALI is installed, else torchvision."""
     batch_size: int = 128
     """Global training batch size, split evenly across processes."""
     eval_batch_size: int = 256

@@ -17,13 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from rdprune import distributed
+from rdprune import distributed, feeding
 from rdprune.config import Config, TrainingConfig, config_hash, config_to_dict, save_config
 from rdprune.core.allocation import allocate
 from rdprune.core.baselines import baseline_amounts
-from rdprune.core.curves import synthetic_inputs
 from rdprune.core.grid import Curve
 from rdprune.core.layers import describe_layers, layer_flops, prunable_layers
 from rdprune.core.masks import (
@@ -38,14 +36,14 @@ from rdprune.core.masks import (
     save_masks,
     total_sparsity,
 )
-from rdprune.data import DataBundle, build_data, calibration_inputs, infinite_batches, make_loader
+from rdprune.data import DataBundle, build_data
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
 from rdprune.models.registry import build_model
 from rdprune.plots import plot_accuracy, plot_curves, plot_layer_sparsity
 from rdprune.run_dir import RunLock, append_result, archive_previous, provenance, read_results, write_json
 from rdprune.sharded_curves import sharded_curves
-from rdprune.train import evaluate, make_optimizer, make_scheduler, rank_subset, train_steps
+from rdprune.train import evaluate, make_optimizer, make_scheduler, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +178,8 @@ def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc
     """Train ``steps`` steps with the configured engine; masks, when given, hold pruned weights at zero."""
     if steps == 0:
         return float("nan")
-    cfg, dist = ctx.cfg, ctx.dist
-    per_rank = max(1, cfg.data.batch_size // dist.world_size)
-    loader = make_loader(ctx.data.train, per_rank, train=True, seed=seed, rank=dist.rank, world_size=dist.world_size, workers=cfg.data.workers)
+    dist = ctx.dist
+    batches = feeding.train_batches(ctx.cfg, ctx.data, dist, seed)
     torch.manual_seed(seed)
     model = distributed.wrap_ddp(ctx.model, dist)
     optimizer = make_optimizer(model.parameters(), section)
@@ -190,15 +187,13 @@ def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc
     keeper = MaskGuard(ctx.layers, masks, optimizer) if masks is not None else nullcontext()
     with keeper:
         return train_steps(
-            model, infinite_batches(loader), steps, optimizer, scheduler, dist.device,
+            model, batches, steps, optimizer, scheduler, dist.device,
             label_smoothing=section.label_smoothing, desc=desc, progress=ctx.show,
         )
 
 
 def _evaluate(ctx: Context) -> tuple[float, float]:
-    per_rank = max(1, ctx.cfg.data.eval_batch_size // ctx.dist.world_size)
-    loader = DataLoader(rank_subset(ctx.data.test, ctx.dist), batch_size=per_rank, num_workers=ctx.cfg.data.workers)
-    return evaluate(ctx.model, loader, ctx.dist, progress=ctx.show)
+    return evaluate(ctx.model, feeding.eval_batches(ctx.cfg, ctx.data, ctx.dist), ctx.dist, progress=ctx.show)
 
 
 def _row(ctx: Context, t: int, target: float, top1_pruned: float, top1: float, loss: float, seconds: float) -> dict:
@@ -270,11 +265,7 @@ def _amounts(ctx: Context, t: int, target: float) -> dict[str, float]:
 def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
     """RD curves of the current model, sharded over ranks and cached under curves/iter_t."""
     cfg = ctx.cfg
-    cal = cfg.calibration
-    if cal.source == "synthetic":
-        inputs = synthetic_inputs(cal.size, ctx.data.input_shape, seed=cfg.run.seed)
-    else:
-        inputs = calibration_inputs(ctx.data.calibration_pool, cal.size, seed=cfg.run.seed)
+    inputs = feeding.calibration(cfg, ctx.data)
     threads = torch.get_num_threads()
     if cfg.distributed.curve_threads:
         torch.set_num_threads(cfg.distributed.curve_threads)
@@ -286,7 +277,7 @@ def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
             grid=cfg.prune.grid,
             worst_case=cfg.prune.distortion == "worst_case",
             skip=cfg.prune.skip,
-            batch_size=cal.batch_size,
+            batch_size=cfg.calibration.batch_size,
             cache_dir=ctx.out / "curves" / f"iter_{t:02d}",
             dist=ctx.dist,
             progress=ctx.show,

@@ -7,11 +7,11 @@ Evaluation reduces its sums across ranks through :mod:`rdprune.distributed`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from rdprune import distributed
@@ -87,7 +87,7 @@ def rank_subset(dataset: Dataset, dist: DistInfo) -> Dataset:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, dist: DistInfo, *, progress: bool = True) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], dist: DistInfo, *, progress: bool = True) -> tuple[float, float]:
     """Top-1 accuracy in percent and mean cross-entropy over the whole (rank-sharded) set."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)

@@ -1,0 +1,56 @@
+"""How the loop gets its batches, whatever the data backend: training, evaluation, calibration.
+
+Every function yields or returns plain ``(x, y)`` tensors, so the loop never knows whether the
+torchvision or the DALI backend produced them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from rdprune.config import Config
+from rdprune.core.curves import synthetic_inputs
+from rdprune.data import DataBundle, calibration_inputs, dali, infinite_batches, make_loader
+from rdprune.distributed import DistInfo
+from rdprune.train import rank_subset
+
+
+def uses_dali(cfg: Config) -> bool:
+    """dali when asked for; auto picks it for ImageNet when the run computes on CUDA and DALI is installed."""
+    backend = cfg.data.backend
+    if backend == "auto":
+        on_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+        return cfg.data.name == "imagenet" and on_cuda and dali.dali_available()
+    return backend == "dali"
+
+
+def train_batches(cfg: Config, data: DataBundle, dist: DistInfo, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled training batches of this rank's share of the global batch."""
+    per_rank = max(1, cfg.data.batch_size // dist.world_size)
+    if uses_dali(cfg):
+        return dali.train_batches(dali.folder_samples(data.train), per_rank, dist.rank, dist.world_size,
+                                  dist.device, seed, threads=max(1, cfg.data.workers))
+    loader = make_loader(data.train, per_rank, train=True, seed=seed, rank=dist.rank, world_size=dist.world_size, workers=cfg.data.workers)
+    return infinite_batches(loader)
+
+
+def eval_batches(cfg: Config, data: DataBundle, dist: DistInfo) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the test set: the ranks together see every sample exactly once."""
+    per_rank = max(1, cfg.data.eval_batch_size // dist.world_size)
+    if uses_dali(cfg):
+        return dali.eval_batches(dali.folder_samples(data.test), per_rank, dist.rank, dist.world_size,
+                                 dist.device, threads=max(1, cfg.data.workers))
+    return DataLoader(rank_subset(data.test, dist), batch_size=per_rank, num_workers=cfg.data.workers)
+
+
+def calibration(cfg: Config, data: DataBundle) -> torch.Tensor:
+    """The calibration inputs, identical on every rank and in every run with the same seed."""
+    cal = cfg.calibration
+    if cal.source == "synthetic":
+        return synthetic_inputs(cal.size, data.input_shape, seed=cfg.run.seed)
+    if uses_dali(cfg):
+        return dali.calibration_images(dali.folder_samples(data.calibration_pool), cal.size, cfg.run.seed,
+                                       cal.batch_size, threads=max(1, cfg.data.workers))
+    return calibration_inputs(data.calibration_pool, cal.size, seed=cfg.run.seed)
