@@ -1,0 +1,387 @@
+"""Rate-distortion curves: the output distortion when one layer alone is pruned to each grid amount.
+
+For layer l and amount a_k, the ``round(a_k * n_l)`` smallest-magnitude weights of l are zeroed
+(zeros count among them), the network runs in eval mode on the calibration inputs X, and the
+output is compared with the unpruned output Y:
+
+- ``mse``: mean over samples and outputs of ``(Y - Ŷ)^2``;
+- ``worst_case``: max over samples of the per-sample mean of ``(Y - Ŷ)^2``.
+
+:func:`estimate_curves` gives the same values as the plain definition (:func:`plain_curves`) but
+re-runs only the part of the network downstream of the pruned layer (see
+:mod:`rdprune.core.suffix`), skips levels that prune nothing new, and keeps at most one
+calibration batch of intermediate values alive at a time.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rdprune.core.curve_cache import CurveCache, fingerprint_inputs
+from rdprune.core.grid import Curve, Grid, level_amounts
+from rdprune.core.layers import prunable_layers
+from rdprune.core.masks import magnitude_mask, magnitude_order, pruned_count
+from rdprune.core.suffix import SuffixPlan, TracedNetwork
+
+logger = logging.getLogger(__name__)
+
+
+def synthetic_inputs(n: int, input_shape: Sequence[int], seed: int = 0) -> torch.Tensor:
+    """``n`` samples of N(0, 1) noise shaped ``input_shape``: calibration for zero-data pruning."""
+    if n < 1:
+        raise ValueError(f"the number of synthetic inputs must be >= 1, got {n}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *input_shape, generator=generator)
+
+
+def layer_amounts(module: nn.Module, levels: int, grid: Grid = "relative") -> np.ndarray:
+    """The distinct absolute amounts evaluated for ``module`` now (what ``level_ranges`` indexes)."""
+    weight = module.weight
+    sparsity = int((weight == 0).sum()) / weight.numel()
+    return np.unique(np.clip(level_amounts(levels, grid, sparsity), 0.0, 1.0))
+
+
+def merge_curve_pieces(pieces: Iterable[Curve]) -> Curve:
+    """Join curves of one layer computed on disjoint level ranges into one curve."""
+    pieces = list(pieces)
+    if not pieces:
+        raise ValueError("no curve pieces to merge")
+    amounts = np.concatenate([p.amounts for p in pieces])
+    distortion = np.concatenate([p.distortion for p in pieces])
+    order = np.argsort(amounts, kind="stable")
+    amounts, distortion = amounts[order], distortion[order]
+    if np.any(np.diff(amounts) <= 0):
+        raise ValueError("curve pieces overlap: each amount must come from exactly one piece")
+    return Curve(amounts, distortion)
+
+
+def _as_batches(inputs: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batches = list(inputs.split(batch_size)) if isinstance(inputs, torch.Tensor) else list(inputs)
+    if not batches or not all(isinstance(b, torch.Tensor) and b.dim() >= 1 and len(b) > 0 for b in batches):
+        raise ValueError("calibration inputs must be a non-empty tensor or an iterable of non-empty tensors (one per batch)")
+    return batches
+
+
+def _select_layers(model: nn.Module, layers: Iterable[str] | None, skip: Iterable[str]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """All prunable layers (as trace leaves) and the requested subset, in declaration order."""
+    every = prunable_layers(model, skip)
+    if layers is None:
+        return every, every
+    wanted = list(layers)
+    unknown = sorted(set(wanted) - set(every))
+    if unknown:
+        raise ValueError(f"layers not among the prunable layers: {unknown[:5]}; prunable layers are: {list(every)[:8]} ...")
+    if not wanted:
+        raise ValueError("the list of layers to estimate curves for is empty")
+    return every, {n: m for n, m in every.items() if n in set(wanted)}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _evaluation(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd inside; every module's own train/eval flag restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _check_output(out: object, batch: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"curve estimation needs a model whose output is one tensor, got {type(out).__name__}")
+    if out.dim() < 1 or out.shape[0] != batch.shape[0]:
+        raise ValueError(f"the model output must have the batch as its first dimension, got shape {tuple(out.shape)} for {batch.shape[0]} samples")
+    if not torch.isfinite(out).all():
+        raise ValueError(f"the network output contains NaN or inf {what}; curves need finite outputs")
+    return out
+
+
+def _reference_outputs(model: nn.Module, batches: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    return [
+        _check_output(model(b.to(device)), b, f"on calibration batch {i} (unpruned model)")
+        for i, b in enumerate(batches)
+    ]
+
+
+def _batch_distortion(reference: torch.Tensor, out: torch.Tensor, worst_case: bool) -> float:
+    """Sum (mse) or max over samples (worst case) of this batch's squared error, in float64."""
+    err = (out.double() - reference.double()).pow_(2)
+    if worst_case:
+        return float(err.reshape(len(err), -1).mean(dim=1).max())
+    return float(err.sum())
+
+
+@dataclass(frozen=True)
+class _LayerPlan:
+    """The levels of one layer: amounts (this call's range) and their pruned counts."""
+
+    amounts: np.ndarray
+    counts: list[int]
+    zeros: int
+    level_range: tuple[int, int] | None
+
+    @property
+    def to_run(self) -> list[int]:
+        """Distinct counts that prune something new: only these need a forward pass."""
+        return sorted({c for c in self.counts if c > self.zeros})
+
+
+def _layer_plan(name: str, module: nn.Module, levels: int, grid: Grid, level_range: tuple[int, int] | None) -> _LayerPlan:
+    amounts = layer_amounts(module, levels, grid)
+    if level_range is not None:
+        start, stop = level_range
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= len(amounts)):
+            raise ValueError(f"level range of layer {name!r} must satisfy 0 <= start < stop <= {len(amounts)}, got {level_range}")
+        amounts = amounts[start:stop]
+    n = module.weight.numel()
+    return _LayerPlan(amounts, [pruned_count(float(a), n) for a in amounts], int((module.weight == 0).sum()), level_range)
+
+
+class _PlainRunner:
+    """Runs the whole model for every level: the fallback for models fx cannot trace."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def affects_output(self, module: nn.Module) -> bool:
+        return True
+
+    def prepare(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def run(self, module: nn.Module, state: torch.Tensor) -> object:
+        return self.model(state)
+
+
+class _SuffixRunner:
+    """Runs only the suffix of the pruned layer, from boundary values computed once per batch."""
+
+    def __init__(self, network: TracedNetwork):
+        self.network = network
+        self._plans: dict[nn.Module, SuffixPlan] = {}
+
+    def _plan(self, module: nn.Module) -> SuffixPlan:
+        if module not in self._plans:
+            self._plans.clear()  # one layer at a time: plans hold references into the graph only
+            self._plans[module] = self.network.plan(module)
+        return self._plans[module]
+
+    def affects_output(self, module: nn.Module) -> bool:
+        return bool(self._plan(module).suffix)
+
+    def prepare(self, module: nn.Module, x: torch.Tensor) -> dict:
+        return self.network.boundary_values(self._plan(module), x)
+
+    def run(self, module: nn.Module, state: dict) -> object:
+        return self.network.run_suffix(self._plan(module), state)
+
+
+def _make_runner(model: nn.Module, leaves: Iterable[nn.Module], first_batch: torch.Tensor, first_reference: torch.Tensor) -> _PlainRunner | _SuffixRunner:
+    """Trace the model and check the trace reproduces it; otherwise fall back to the plain loop."""
+    try:
+        network = TracedNetwork(model, leaves)
+        traced_out = network.run_all(first_batch)
+        same = isinstance(traced_out, torch.Tensor) and traced_out.shape == first_reference.shape and torch.allclose(
+            traced_out, first_reference, rtol=1e-5, atol=1e-6 * float(first_reference.abs().max())
+        )
+        if not same:
+            raise RuntimeError("the traced graph does not reproduce the model's output")
+    except Exception as exc:  # any tracing failure only costs speed, never correctness
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        logger.warning("model %s cannot be traced by torch.fx (%s); estimating curves with the plain loop", type(model).__name__, reason[:200])
+        return _PlainRunner(model)
+    return _SuffixRunner(network)
+
+
+@torch.no_grad()
+def _layer_distortions(
+    runner: _PlainRunner | _SuffixRunner,
+    name: str,
+    module: nn.Module,
+    counts: list[int],
+    batches: list[torch.Tensor],
+    references: list[torch.Tensor],
+    worst_case: bool,
+    device: torch.device,
+    bar: tqdm,
+) -> np.ndarray:
+    """Distortion at each of the increasing pruned ``counts`` of one layer, over all batches."""
+    totals = np.zeros(len(counts), np.float64)
+    if not counts:
+        return totals
+    if not runner.affects_output(module):
+        bar.update(len(counts) * len(batches))
+        return totals
+    weight = module.weight
+    original = weight.detach().clone()
+    order = magnitude_order(original)
+    work = original.flatten().clone()
+    try:
+        for x, reference in zip(batches, references):
+            state = runner.prepare(module, x.to(device))
+            work.copy_(original.flatten())
+            done = 0
+            for i, count in enumerate(counts):
+                # counts increase, so each level only zeroes the weights the previous one kept
+                work[order[done:count]] = 0
+                done = count
+                weight.copy_(work.view_as(weight))
+                value = _batch_distortion(reference, runner.run(module, state), worst_case)
+                if not np.isfinite(value):
+                    raise ValueError(f"pruning layer {name!r} to {count} zero weights makes the network output NaN or inf")
+                totals[i] = max(totals[i], value) if worst_case else totals[i] + value
+                bar.update(1)
+            del state
+    finally:
+        weight.copy_(original)
+    if not worst_case:
+        totals /= sum(r.numel() for r in references)
+    return totals
+
+
+def estimate_curves(
+    model: nn.Module,
+    inputs: torch.Tensor | Iterable[torch.Tensor],
+    levels: int = 101,
+    *,
+    grid: Grid = "relative",
+    worst_case: bool = False,
+    layers: Iterable[str] | None = None,
+    skip: Iterable[str] = (),
+    level_ranges: Mapping[str, tuple[int, int]] | None = None,
+    batch_size: int = 64,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Curve]:
+    """Rate-distortion curve of each prunable layer (``layers``: a subset, e.g. one rank's shard).
+
+    ``inputs`` is one tensor (split into ``batch_size`` batches) or a re-iterable of batches.
+    ``level_ranges`` maps a layer to ``(start, stop)`` indices into :func:`layer_amounts`; such a
+    layer gets a partial curve (join pieces with :func:`merge_curve_pieces`). With ``cache_dir``
+    each finished layer is written there at once and reused by a later call with identical
+    model, inputs and settings. Runs on the model's device; the model is left exactly as it was.
+    """
+    every, chosen = _select_layers(model, layers, skip)
+    level_ranges = dict(level_ranges or {})
+    unknown = sorted(set(level_ranges) - set(chosen))
+    if unknown:
+        raise ValueError(f"level_ranges names layers that are not being estimated: {unknown[:5]}")
+    batches = _as_batches(inputs, batch_size)
+    device = _model_device(model)
+    plans = {n: _layer_plan(n, m, levels, grid, level_ranges.get(n)) for n, m in chosen.items()}
+    cache = None
+    if cache_dir is not None:
+        settings = f"levels={levels}:grid={grid}:worst_case={bool(worst_case)}"
+        cache = CurveCache(cache_dir, fingerprint_inputs(model, batches), settings)
+    curves: dict[str, Curve] = {}
+    if cache is not None:
+        for n, plan in plans.items():
+            cached = cache.load(n, plan.level_range)
+            if cached is not None:
+                curves[n] = cached
+    pending = [n for n in chosen if n not in curves]
+    with _evaluation(model):
+        work = sum(len(plans[n].to_run) for n in pending) * len(batches)
+        references = _reference_outputs(model, batches, device) if work else []
+        runner = _make_runner(model, every.values(), batches[0].to(device), references[0]) if work else None
+        with tqdm(total=work, desc="rd curves", unit="fwd", disable=not progress) as bar:
+            for n in pending:
+                plan = plans[n]
+                counts = plan.to_run
+                values = dict(zip(counts, _layer_distortions(runner, n, chosen[n], counts, batches, references, worst_case, device, bar))) if counts else {}
+                curve = Curve(plan.amounts, np.array([values.get(c, 0.0) for c in plan.counts], np.float64))
+                if cache is not None:
+                    cache.save(n, plan.level_range, curve)
+                curves[n] = curve
+    return {n: curves[n] for n in chosen}
+
+
+def curve_costs(
+    model: nn.Module,
+    inputs: torch.Tensor | Sequence[int],
+    levels: int = 101,
+    grid: Grid = "relative",
+    layers: Iterable[str] | None = None,
+    skip: Iterable[str] = (),
+) -> dict[str, tuple[float, int]]:
+    """Per layer: (FLOPs that one level of it re-runs, levels still needing a forward pass).
+
+    ``inputs`` is a calibration batch or the shape of one sample (a batch of one is then used).
+    The FLOPs are those of the layer's suffix; for a model fx cannot trace, the whole network.
+    A sharder balances ranks by ``flops * levels``.
+    """
+    every, chosen = _select_layers(model, layers, skip)
+    device = _model_device(model)
+    x = inputs if isinstance(inputs, torch.Tensor) else torch.zeros(1, *inputs)
+    x = x.to(device)
+    with _evaluation(model):
+        reference = _check_output(model(x), x, "on the cost-estimation batch")
+        runner = _make_runner(model, every.values(), x, reference)
+        if isinstance(runner, _SuffixRunner):
+            node_flops = runner.network.node_flops(x)
+            suffix_flops = {n: sum(node_flops[v] for v in runner.network.plan(m).suffix) for n, m in chosen.items()}
+        else:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                model(x)
+            suffix_flops = {n: counter.get_total_flops() for n in chosen}
+    return {n: (float(suffix_flops[n]), len(_layer_plan(n, m, levels, grid, None).to_run)) for n, m in chosen.items()}
+
+
+@torch.no_grad()
+def plain_curves(
+    model: nn.Module,
+    inputs: torch.Tensor | Iterable[torch.Tensor],
+    levels: int = 101,
+    *,
+    grid: Grid = "relative",
+    worst_case: bool = False,
+    layers: Iterable[str] | None = None,
+    skip: Iterable[str] = (),
+    batch_size: int = 64,
+) -> dict[str, Curve]:
+    """The definition, run literally: for every layer and level, prune, run the whole model, compare.
+
+    The reference that :func:`estimate_curves` is tested and benchmarked against.
+    """
+    _, chosen = _select_layers(model, layers, skip)
+    batches = _as_batches(inputs, batch_size)
+    device = _model_device(model)
+    curves = {}
+    with _evaluation(model):
+        references = _reference_outputs(model, batches, device)
+        for name, module in chosen.items():
+            amounts = layer_amounts(module, levels, grid)
+            original = module.weight.detach().clone()
+            distortion = np.zeros(len(amounts), np.float64)
+            try:
+                for k, amount in enumerate(amounts):
+                    mask = magnitude_mask(original, pruned_count(float(amount), original.numel()))
+                    module.weight.copy_(original * mask)
+                    for x, reference in zip(batches, references):
+                        value = _batch_distortion(reference, model(x.to(device)), worst_case)
+                        distortion[k] = max(distortion[k], value) if worst_case else distortion[k] + value
+            finally:
+                module.weight.copy_(original)
+            if not worst_case:
+                distortion /= sum(r.numel() for r in references)
+            curves[name] = Curve(amounts, distortion)
+    return curves

@@ -1,0 +1,188 @@
+"""Re-run only the part of a traced network that one layer can affect (the layer's *suffix*).
+
+The network is traced once with ``torch.fx`` (prunable layers kept as opaque module calls). For a
+layer, the nodes downstream of it form its suffix; the values the suffix reads from outside
+(its *boundary*) are computed once per calibration batch by running only their ancestors (the
+*prefix*), and every pruning level then re-runs the suffix alone.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.fx.node import map_arg
+from torch.utils.flop_counter import FlopCounterMode
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps the given modules as ``call_module`` nodes even when they are user subclasses."""
+
+    def __init__(self, leaves: Iterable[nn.Module]):
+        super().__init__()
+        self._leaf_ids = {id(m) for m in leaves}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self._leaf_ids or super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass(frozen=True)
+class SuffixPlan:
+    """What to run for one layer: ``prefix`` computes ``boundary``; ``suffix`` recomputes the output.
+
+    ``suffix`` is empty when the layer cannot affect the output at all.
+    """
+
+    prefix: tuple[fx.Node, ...]
+    boundary: frozenset[fx.Node]
+    suffix: tuple[fx.Node, ...]
+    prefix_release: dict[fx.Node, tuple[fx.Node, ...]]
+    suffix_release: dict[fx.Node, tuple[fx.Node, ...]]
+
+
+def _release_after(nodes: tuple[fx.Node, ...], keep: Iterable[fx.Node]) -> dict[fx.Node, tuple[fx.Node, ...]]:
+    """For each node, the values that no later node of ``nodes`` reads, so they can be freed then."""
+    keep = set(keep)
+    last_use: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        for inp in node.all_input_nodes:
+            last_use[inp] = node
+    release: dict[fx.Node, list[fx.Node]] = {n: [] for n in nodes}
+    for value, user in last_use.items():
+        if value not in keep:
+            release[user].append(value)
+    return {n: tuple(v) for n, v in release.items()}
+
+
+class TracedNetwork:
+    """A model traced by ``torch.fx`` that can run any subset of its graph on given values.
+
+    Modules and parameters are looked up in the original model, so pruning a layer's weight in
+    place is seen by every run. Raises whatever ``torch.fx`` raises when the model cannot be traced.
+    """
+
+    def __init__(self, model: nn.Module, leaves: Iterable[nn.Module]):
+        before = set(vars(model))
+        self.model = model
+        self.graph = _LeafTracer(leaves).trace(model)
+        # fx stores tensor constants on the traced root; keep them here instead of in the user's model.
+        self._constants = {k: vars(model)[k] for k in set(vars(model)) - before}
+        for k in self._constants:
+            delattr(model, k)
+        self.nodes = tuple(self.graph.nodes)
+        self.placeholders = tuple(n for n in self.nodes if n.op == "placeholder")
+        self.output = next(n for n in self.nodes if n.op == "output")
+        self._position = {n: i for i, n in enumerate(self.nodes)}
+
+    def _attr(self, target: str) -> object:
+        if target in self._constants:
+            return self._constants[target]
+        obj: object = self.model
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def sources(self, module: nn.Module) -> list[fx.Node]:
+        """Nodes through which ``module``'s weight enters the graph: its calls, or direct weight reads."""
+        found = []
+        for node in self.nodes:
+            if node.op == "call_module" and self.model.get_submodule(node.target) is module:
+                found.append(node)
+            elif node.op == "get_attr" and self._attr(node.target) is module.weight:
+                found.append(node)
+        return found
+
+    def plan(self, module: nn.Module) -> SuffixPlan:
+        """Split the graph into what ``module`` can affect and what it cannot."""
+        downstream: set[fx.Node] = set()
+        stack = self.sources(module)
+        while stack:
+            node = stack.pop()
+            if node not in downstream:
+                downstream.add(node)
+                stack.extend(node.users)
+        if self.output not in downstream:
+            return SuffixPlan((), frozenset(), (), {}, {})
+        suffix = tuple(sorted(downstream, key=self._position.__getitem__))
+        boundary = {inp for n in suffix for inp in n.all_input_nodes if inp not in downstream}
+        needed: set[fx.Node] = set()
+        stack = list(boundary)
+        while stack:
+            node = stack.pop()
+            if node not in needed:
+                needed.add(node)
+                stack.extend(node.all_input_nodes)
+        prefix = tuple(sorted(needed, key=self._position.__getitem__))
+        return SuffixPlan(
+            prefix=prefix,
+            boundary=frozenset(boundary),
+            suffix=suffix,
+            prefix_release=_release_after(prefix, boundary),
+            suffix_release=_release_after(suffix, (self.output,)),
+        )
+
+    def _placeholder_values(self, x: torch.Tensor) -> dict[fx.Node, object]:
+        values: dict[fx.Node, object] = {}
+        for i, node in enumerate(self.placeholders):
+            if i == 0:
+                values[node] = x
+            elif node.args:
+                values[node] = node.args[0]
+            else:
+                raise ValueError(f"the model's forward needs argument {node.target!r} besides the input; curves feed one tensor")
+        return values
+
+    def _execute(self, node: fx.Node, env: dict[fx.Node, object]) -> object:
+        args = map_arg(node.args, env.__getitem__)
+        kwargs = map_arg(node.kwargs, env.__getitem__)
+        if node.op == "get_attr":
+            return self._attr(node.target)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            self_obj, *rest = args
+            return getattr(self_obj, node.target)(*rest, **kwargs)
+        if node.op == "call_module":
+            return self.model.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "output":
+            return args[0]
+        raise AssertionError(f"unexpected fx node op {node.op!r}")
+
+    def _run(self, nodes: tuple[fx.Node, ...], env: dict[fx.Node, object], release: dict[fx.Node, tuple[fx.Node, ...]]) -> None:
+        for node in nodes:
+            if node.op != "placeholder":
+                env[node] = self._execute(node, env)
+            for done in release[node]:
+                env.pop(done, None)
+
+    def boundary_values(self, plan: SuffixPlan, x: torch.Tensor) -> dict[fx.Node, object]:
+        """Run the prefix on input ``x``; keep only what the suffix reads."""
+        env = self._placeholder_values(x)
+        self._run(plan.prefix, env, plan.prefix_release)
+        return {n: env[n] for n in plan.boundary}
+
+    def run_suffix(self, plan: SuffixPlan, boundary: dict[fx.Node, object]) -> object:
+        """The network output recomputed from the boundary values with the current weights."""
+        env = dict(boundary)
+        self._run(plan.suffix, env, plan.suffix_release)
+        return env[self.output]
+
+    def run_all(self, x: torch.Tensor) -> object:
+        """The whole graph on ``x`` (to check that the trace reproduces the model)."""
+        env = self._placeholder_values(x)
+        self._run(self.nodes, env, _release_after(self.nodes, (self.output,)))
+        return env[self.output]
+
+    def node_flops(self, x: torch.Tensor) -> dict[fx.Node, int]:
+        """FLOPs of every node on input ``x``, counted by ``torch.utils.flop_counter``."""
+        env = self._placeholder_values(x)
+        flops: dict[fx.Node, int] = {}
+        for node in self.nodes:
+            if node.op == "placeholder":
+                flops[node] = 0
+                continue
+            with FlopCounterMode(display=False) as counter:
+                env[node] = self._execute(node, env)
+            flops[node] = int(counter.get_total_flops())
+        return flops

@@ -1,0 +1,1 @@
+"""Model definitions rdprune ships (CIFAR ResNets) and the registry that builds models by name."""

@@ -1,0 +1,294 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from rdprune.core.curves import (
+    curve_costs,
+    estimate_curves,
+    layer_amounts,
+    merge_curve_pieces,
+    plain_curves,
+    synthetic_inputs,
+)
+from rdprune.core.layers import prunable_layers
+from rdprune.core.masks import apply_masks
+from rdprune.models.cifar_resnet import resnet20, resnet32
+from tiny_models import Branchy, NoPrunable
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class SharedAndFlat(nn.Module):
+    """One conv used twice (weight sharing), a size-dependent view, a side branch that never reaches the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.unused = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        _ = self.unused(x)
+        x = self.conv(torch.tanh(self.conv(x)))
+        return self.fc(x.view(x.size(0), -1))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:
+            h = torch.relu(h)
+        return self.b(h)
+
+
+class TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x), x
+
+
+class NanOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x) * float("nan")
+
+
+def _model(cls, seed=0):
+    torch.manual_seed(seed)
+    model = cls()
+    for m in model.modules():  # non-trivial BatchNorm statistics, so eval mode matters
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _assert_close(fast, plain):
+    assert list(fast) == list(plain)
+    for name in plain:
+        np.testing.assert_array_equal(fast[name].amounts, plain[name].amounts)
+        scale = np.abs(plain[name].distortion).max()
+        assert np.abs(fast[name].distortion - plain[name].distortion).max() <= 1e-6 * scale, name
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
+
+
+def _assert_restored(model, snapshot):
+    state, modes = snapshot
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+    assert [m.training for m in model.modules()] == modes
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
+@pytest.mark.parametrize("grid", ["relative", "absolute"])
+@pytest.mark.parametrize("worst_case", [False, True], ids=["mse", "worst"])
+@pytest.mark.parametrize("cls,shape", [(Branchy, (3, 8, 8)), (SharedAndFlat, (3, 6, 6))], ids=["branchy", "shared"])
+def test_matches_plain_definition(cls, shape, worst_case, grid, pruned, caplog):
+    model = _model(cls)
+    if pruned:
+        apply_masks(model, {n: 0.2 + 0.15 * i for i, n in enumerate(prunable_layers(model))})
+    model.train()  # estimation must still use eval mode, and restore this afterwards
+    snapshot = _snapshot(model)
+    batches = [synthetic_inputs(5, shape, seed=s) for s in range(3)]  # multi-batch, uneven is fine too
+    fast = estimate_curves(model, batches, 9, grid=grid, worst_case=worst_case, progress=False)
+    _assert_restored(model, snapshot)
+    assert not caplog.records  # the traced fast path, no fallback
+    plain = plain_curves(model, batches, 9, grid=grid, worst_case=worst_case)
+    _assert_close(fast, plain)
+    assert all(c.distortion[0] == 0.0 for c in fast.values())
+    if cls is SharedAndFlat:
+        assert np.all(fast["unused"].distortion == 0.0)
+
+
+def test_tensor_input_is_split_into_batches():
+    model = _model(Branchy)
+    x = synthetic_inputs(11, (3, 8, 8))
+    _assert_close(estimate_curves(model, x, 5, batch_size=4, worst_case=True, progress=False), plain_curves(model, [x], 5, worst_case=True))
+    _assert_close(estimate_curves(model, x, 5, batch_size=4, progress=False), plain_curves(model, [x], 5))
+
+
+def test_relative_grid_spans_the_remaining_weights_and_full_layer_has_one_level():
+    model = _model(Branchy)
+    apply_masks(model, {"left": 0.5, "right": 1.0})
+    curves = estimate_curves(model, synthetic_inputs(4, (3, 8, 8)), 5, progress=False)
+    np.testing.assert_allclose(curves["left"].amounts, [0.5, 0.625, 0.75, 0.875, 1.0])
+    np.testing.assert_array_equal(curves["right"].amounts, [1.0])
+    np.testing.assert_array_equal(curves["right"].distortion, [0.0])
+    assert curves["left"].distortion[0] == 0.0 and curves["left"].distortion[-1] > 0
+
+
+def test_absolute_grid_levels_below_current_sparsity_are_zero_without_a_forward_pass():
+    model = _model(Branchy)
+    apply_masks(model, {"stem": 0.5})
+    calls = []
+    model.stem.register_forward_pre_hook(lambda m, a: calls.append(1))
+    batches = [synthetic_inputs(3, (3, 8, 8), seed=s) for s in range(3)]
+    curves = estimate_curves(model, batches, 11, grid="absolute", layers=["stem"], progress=False)
+    d = curves["stem"].distortion
+    assert np.all(d[:6] == 0.0) and np.all(d[6:] > 0)
+    # 5 levels above 50 % on 3 batches, plus at most one unpruned reference pass per batch and a trace check
+    assert len(calls) <= 5 * 3 + 3 + 1
+    _assert_close(curves, plain_curves(model, batches, 11, grid="absolute", layers=["stem"]))
+
+
+def test_untraceable_model_falls_back_with_a_warning_and_matches(caplog):
+    model = _model(Untraceable)
+    x = synthetic_inputs(8, (6,))
+    with caplog.at_level(logging.WARNING, logger="rdprune.core.curves"):
+        fast = estimate_curves(model, x, 6, batch_size=3, progress=False)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "traced" in warnings[0].getMessage() and "\n" not in warnings[0].getMessage()
+    _assert_close(fast, plain_curves(model, x, 6, batch_size=3))
+
+
+def test_level_range_pieces_merge_to_the_full_curve_and_layer_subset_is_a_restriction():
+    model = _model(Branchy)
+    apply_masks(model, {"right": 0.3})
+    x = synthetic_inputs(6, (3, 8, 8))
+    full = estimate_curves(model, x, 7, progress=False)
+    n = len(layer_amounts(model.right, 7))
+    pieces = [estimate_curves(model, x, 7, layers=["right"], level_ranges={"right": r}, progress=False)["right"] for r in [(4, n), (0, 2), (2, 4)]]
+    merged = merge_curve_pieces(pieces)
+    np.testing.assert_array_equal(merged.amounts, full["right"].amounts)
+    np.testing.assert_array_equal(merged.distortion, full["right"].distortion)
+    subset = estimate_curves(model, x, 7, layers=["depthwise", "stem"], progress=False)
+    assert list(subset) == ["stem", "depthwise"]  # declaration order
+    for name, curve in subset.items():
+        np.testing.assert_array_equal(curve.distortion, full[name].distortion)
+    with pytest.raises(ValueError, match="overlap"):
+        merge_curve_pieces([pieces[1], pieces[1]])
+    with pytest.raises(ValueError, match="level range"):
+        estimate_curves(model, x, 7, level_ranges={"right": (3, 3)}, progress=False)
+
+
+def test_cache_resumes_an_interrupted_run_and_ignores_a_changed_model(tmp_path):
+    model = _model(Branchy)
+    x = synthetic_inputs(6, (3, 8, 8))
+    layers = prunable_layers(model)  # declaration order: head, right, stem, left, depthwise
+    pruned_seen: list[str] = []
+
+    def watch(name):
+        def hook(module, args):
+            if bool((module.weight == 0).any()):
+                pruned_seen.append(name)
+        return hook
+
+    handles = [m.register_forward_pre_hook(watch(n)) for n, m in layers.items()]
+
+    def interrupt(module, args):
+        if bool((module.weight == 0).any()):
+            raise KeyboardInterrupt
+
+    stop = model.left.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        estimate_curves(model, x, 5, cache_dir=tmp_path, progress=False)
+    stop.remove()
+    assert model.left.weight.ne(0).all()  # restored even when interrupted
+    pruned_seen.clear()
+    resumed = estimate_curves(model, x, 5, cache_dir=tmp_path, progress=False)
+    assert set(pruned_seen) == {"left", "depthwise"}
+    _assert_close(resumed, plain_curves(model, x, 5))
+
+    pruned_seen.clear()
+    again = estimate_curves(model, x, 5, cache_dir=tmp_path, progress=False)
+    assert pruned_seen == []
+    assert all(np.array_equal(again[n].distortion, resumed[n].distortion) for n in layers)
+
+    with torch.no_grad():
+        model.stem.bias.add_(0.1)  # not even a prunable weight: the cache must still be stale
+    changed = estimate_curves(model, x, 5, cache_dir=tmp_path, progress=False)
+    assert set(pruned_seen) == set(layers)
+    _assert_close(changed, plain_curves(model, x, 5))
+    pruned_seen.clear()
+    estimate_curves(model, x, 5, cache_dir=tmp_path, worst_case=True, progress=False)
+    assert set(pruned_seen) == set(layers)
+    for h in handles:
+        h.remove()
+
+
+def test_deterministic_and_model_restored():
+    model = _model(Branchy)
+    snapshot = _snapshot(model)
+    x = synthetic_inputs(6, (3, 8, 8))
+    a = estimate_curves(model, x, 6, progress=False)
+    b = estimate_curves(model, x, 6, progress=False)
+    assert all(np.array_equal(a[n].distortion, b[n].distortion) for n in a)
+    _assert_restored(model, snapshot)
+    assert not hasattr(model, "_tensor_constant0")
+
+
+def test_bad_inputs_raise_value_error():
+    x = synthetic_inputs(4, (4,))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        estimate_curves(NanOut(), x, 3, progress=False)
+    with pytest.raises(ValueError, match="no prunable layer"):
+        estimate_curves(NoPrunable(), x, 3, progress=False)
+    with pytest.raises(ValueError, match="one tensor"):
+        estimate_curves(TupleOut(), x, 3, progress=False)
+    with pytest.raises(ValueError, match="not among the prunable"):
+        estimate_curves(_model(Branchy), synthetic_inputs(2, (3, 8, 8)), 3, layers=["nope"], progress=False)
+    with pytest.raises(ValueError, match="calibration inputs"):
+        estimate_curves(_model(Branchy), [], 3, progress=False)
+
+
+def test_curve_costs_count_only_the_suffix():
+    model = _model(Branchy)
+    apply_masks(model, {"left": 0.5})
+    costs = curve_costs(model, (3, 8, 8), 11, "absolute")
+    assert costs["head"] == (2 * 24 * 5, 10)  # the head re-runs alone
+    assert costs["left"][1] == 5
+    assert costs["stem"][0] > costs["left"][0] > costs["depthwise"][0] > costs["head"][0]
+
+
+def test_synthetic_inputs_are_seeded_normal_noise():
+    a = synthetic_inputs(500, (2, 3), seed=3)
+    assert a.shape == (500, 2, 3) and torch.equal(a, synthetic_inputs(500, (2, 3), seed=3))
+    assert abs(float(a.mean())) < 0.1 and abs(float(a.std()) - 1) < 0.1
+
+
+def test_cifar_resnets_have_the_papers_shape():
+    for build, n_layers in [(resnet20, 20), (resnet32, 32)]:
+        model = build()
+        assert len(prunable_layers(model)) == n_layers  # 6n+1 convs + fc; option-A shortcuts add none
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert sum(p.numel() for p in resnet20().parameters()) == 269_722  # 0.27 M in the paper
+
+
+def test_cifar_resnet20_subset_matches_plain():
+    model = _model(resnet20)
+    x = synthetic_inputs(4, (3, 32, 32))
+    names = ["conv1", "layer2.0.conv1", "layer3.2.conv2", "fc"]
+    _assert_close(estimate_curves(model, x, 4, grid="absolute", layers=names, progress=False),
+                  plain_curves(model, x, 4, grid="absolute", layers=names))
+
+
+def test_mobilenet_v2_subset_matches_plain(caplog):
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10)
+    x = synthetic_inputs(2, (3, 32, 32))
+    names = ["features.0.0", "features.4.conv.1.0", "features.17.conv.2", "classifier.1"]
+    fast = estimate_curves(model, x, 3, layers=names, progress=False)
+    assert not caplog.records
+    _assert_close(fast, plain_curves(model, x, 3, layers=names))
