@@ -1,0 +1,268 @@
+"""Build a network by name, optionally with torchvision's pretrained weights or a local checkpoint.
+
+Names are the registered builders (``MODEL_NAMES``) or ``package.module:callable`` for a user's own
+network. Every mistake a user can make here (unknown name, failing import, missing, corrupt or
+ill-fitting checkpoint, weights that cannot be downloaded) is a one-line ``UserError``.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torchvision
+from torch import nn
+
+from rdprune.errors import UserError
+from rdprune.models.cifar_resnet import resnet20, resnet32, resnet44, resnet56
+from rdprune.models.small_cnn import SmallCNN
+from rdprune.models.vgg_cifar import vgg16_cifar
+
+log = logging.getLogger(__name__)
+
+Builder = Callable[[int, "tuple[int, ...] | None"], nn.Module]
+_BUILDERS: dict[str, Builder] = {}
+TORCHVISION_MODELS: tuple[str, ...] = (
+    "resnet18", "resnet50", "vgg16_bn", "densenet121", "efficientnet_b0", "mobilenet_v2",
+)
+IMPORT_FORM = "package.module:callable"
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder(num_classes, input_shape)`` under ``name``."""
+    def decorate(builder: Builder) -> Builder:
+        _BUILDERS[name] = builder
+        return builder
+    return decorate
+
+
+@register("small_cnn")
+def _small_cnn(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
+    return SmallCNN(num_classes, input_shape or (1, 28, 28))
+
+
+@register("resnet20_cifar")
+def _resnet20(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
+    return resnet20(num_classes=num_classes)
+
+
+@register("resnet32_cifar")
+def _resnet32(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
+    return resnet32(num_classes=num_classes)
+
+
+@register("resnet44_cifar")
+def _resnet44(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
+    return resnet44(num_classes=num_classes)
+
+
+@register("resnet56_cifar")
+def _resnet56(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
+    return resnet56(num_classes=num_classes)
+
+
+@register("vgg16_cifar")
+def _vgg16(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
+    return vgg16_cifar(num_classes)
+
+
+def _torchvision_builder(name: str) -> Builder:
+    def build(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
+        return torchvision.models.get_model(name, num_classes=num_classes)
+    return build
+
+
+for _name in TORCHVISION_MODELS:
+    register(_name)(_torchvision_builder(_name))
+
+MODEL_NAMES: list[str] = list(_BUILDERS)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    checkpoint: str | None = None,
+    weights: str | None = None,
+    input_shape: Sequence[int] | None = None,
+) -> nn.Module:
+    """Build model ``name`` with ``num_classes`` outputs, in training mode, on the CPU.
+
+    ``weights`` ("DEFAULT" or an enum name such as "IMAGENET1K_V2") loads torchvision's pretrained
+    weights for a torchvision model with 1000 classes. ``checkpoint`` loads a local state_dict and
+    takes precedence over ``weights`` (which is then validated but not downloaded), so a user
+    without network can follow the download error's advice without editing ``weights`` too.
+    ``input_shape`` (C, H, W) sizes shape-dependent builders (small_cnn) and is checked with one
+    dry-run forward, so a model/data mismatch is reported here and not deep inside training.
+    """
+    shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
+    if weights is not None:
+        model = _pretrained_torchvision(name, num_classes, weights, download=checkpoint is None)
+    elif name in _BUILDERS:
+        model = _BUILDERS[name](num_classes, shape)
+    elif ":" in name:
+        model = _user_model(name, num_classes)
+    else:
+        raise UserError(
+            f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}, "
+            f"or give an import path '{IMPORT_FORM}'"
+        )
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, model_name=name)
+    if shape is not None:
+        _check_forward(model, name, num_classes, shape)
+    return model
+
+
+def load_callable(spec: str, what: str) -> Callable:
+    """Import ``package.module:callable`` named in config field ``what``; UserError if that fails."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"{what} {spec!r} is not an import path of the form '{IMPORT_FORM}'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any failure inside the user's module is the user's to fix
+        raise UserError(f"{what} {spec!r}: cannot import module {module_name!r} ({_one_line(exc)})") from exc
+    target = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise UserError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise UserError(f"{what} {spec!r}: {attr!r} is a {type(target).__name__}, not a callable")
+    return target
+
+
+def accepts_keyword(fn: Callable, keyword: str) -> bool:
+    """Whether ``fn`` can be called with ``keyword=...`` (explicitly or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: assume it does
+        return True
+    return any(p.name == keyword and p.kind != p.POSITIONAL_ONLY or p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _user_model(spec: str, num_classes: int) -> nn.Module:
+    factory = load_callable(spec, "model")
+    model = factory(num_classes=num_classes) if accepts_keyword(factory, "num_classes") else factory()
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _pretrained_torchvision(name: str, num_classes: int, weights: str, download: bool) -> nn.Module:
+    if name not in TORCHVISION_MODELS:
+        raise UserError(
+            f"model.weights is only for torchvision models ({', '.join(TORCHVISION_MODELS)}), "
+            f"not {name!r}; use model.checkpoint for a local state_dict"
+        )
+    if num_classes != 1000:
+        raise UserError(
+            f"torchvision weights {weights!r} for {name} have 1000 classes, but num_classes is "
+            f"{num_classes}; set num_classes to 1000 or drop model.weights"
+        )
+    enum = torchvision.models.get_model_weights(name)
+    allowed = ["DEFAULT"] + [w.name for w in enum]
+    if weights not in allowed:
+        raise UserError(f"unknown torchvision weights {weights!r} for {name}: choose one of {', '.join(allowed)}")
+    if not download:
+        log.info("model.checkpoint given: not downloading torchvision weights %r for %s", weights, name)
+        return torchvision.models.get_model(name, num_classes=num_classes)
+    url = enum[weights].url if weights != "DEFAULT" else enum.DEFAULT.url
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a broken partial file a RuntimeError
+        raise UserError(
+            f"cannot download torchvision weights {weights!r} for {name} ({_one_line(exc)}); "
+            f"download them elsewhere ({url}) and set model.checkpoint to the .pth file"
+        ) from exc
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, model_name: str | None = None) -> None:
+    """Load a state_dict file into ``model`` (CPU, ``weights_only=True``), or raise a one-line UserError.
+
+    Accepts a plain state_dict or a dict holding it under "state_dict" or "model", and strips the
+    "module." prefix that DistributedDataParallel adds.
+    """
+    path = os.fspath(path)
+    model_name = model_name or type(model).__name__
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file (UnpicklingError, RuntimeError, EOFError)
+        raise UserError(f"checkpoint {path} is not a readable PyTorch state_dict: {_one_line(exc)}") from exc
+    state = _unwrap_state_dict(loaded, path)
+    mismatch = _mismatch(model.state_dict(), state)
+    if mismatch:
+        raise UserError(f"checkpoint {path} does not fit model {model_name}: {mismatch}")
+    model.load_state_dict(state)
+
+
+def _unwrap_state_dict(loaded: object, path: str) -> dict[str, torch.Tensor]:
+    if isinstance(loaded, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(loaded.get(key), Mapping):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, Mapping):
+        raise UserError(
+            f"checkpoint {path} is not a readable PyTorch state_dict: it holds a "
+            f"{type(loaded).__name__}, not a dict of tensors"
+        )
+    for key, value in loaded.items():
+        if not isinstance(value, torch.Tensor):
+            raise UserError(
+                f"checkpoint {path} is not a readable PyTorch state_dict: entry {key!r} is a "
+                f"{type(value).__name__}, not a tensor"
+            )
+    if loaded and all(str(k).startswith("module.") for k in loaded):
+        return {k[len("module."):]: v for k, v in loaded.items()}
+    return dict(loaded)
+
+
+def _mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> str:
+    """Describe how ``found`` fails to fit ``expected``, or "" when it fits."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    if missing or unexpected:
+        parts = [_count_keys(missing, "missing"), _count_keys(unexpected, "unexpected")]
+        return ", ".join(p for p in parts if p)
+    for key, tensor in expected.items():
+        if found[key].shape != tensor.shape:
+            return (f"key {key} has shape {list(found[key].shape)} in the checkpoint, "
+                    f"{list(tensor.shape)} in the model")
+    return ""
+
+
+def _count_keys(keys: list[str], kind: str, shown: int = 5) -> str:
+    if not keys:
+        return ""
+    listed = ", ".join(keys[:shown]) + (", ..." if len(keys) > shown else "")
+    return f"{len(keys)} {kind} key{'s' if len(keys) != 1 else ''} ({listed})"
+
+
+def _check_forward(model: nn.Module, name: str, num_classes: int, shape: tuple[int, ...]) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *shape))
+    except Exception as exc:  # a shape error can surface as any exception type in user code
+        raise UserError(f"model {name} does not accept inputs of shape {list(shape)}: {_one_line(exc)}") from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(
+            f"model {name} returns {got} for one input of shape {list(shape)}; expected [1, {num_classes}] logits"
+        )
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """First line of an exception's message, shortened: UserErrors are one line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
