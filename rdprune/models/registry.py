@@ -142,7 +142,7 @@ def accepts_keyword(fn: Callable, keyword: str) -> bool:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # builtins without a signature: assume it does
         return True
-    return any(p.name == keyword and p.kind != p.POSITIONAL_ONLY or p.kind == p.VAR_KEYWORD for p in params)
+    return any((p.name == keyword and p.kind != p.POSITIONAL_ONLY) or p.kind == p.VAR_KEYWORD for p in params)
 
 
 def _user_model(spec: str, num_classes: int) -> nn.Module:
