@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
-from rdprune.data import (DATASET_NAMES, DataBundle, build_data, calibration_inputs, infinite_batches,
-                          make_loader, synthetic_inputs)
+from rdprune.core.curves import synthetic_inputs
+from rdprune.data import DATASET_NAMES, DataBundle, build_data, calibration_inputs, infinite_batches, make_loader
 from rdprune.data.mnist5k import load_mnist5k
 from rdprune.errors import UserError
 
@@ -68,9 +68,10 @@ def test_calibration_size_too_large(mnist):
 
 
 def test_synthetic_inputs_are_standard_normal_and_seeded():
-    x = synthetic_inputs((3, 8, 8), 256, seed=0)
+    x = synthetic_inputs(256, (3, 8, 8), seed=0)
     assert x.shape == (256, 3, 8, 8) and abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
-    assert torch.equal(x, synthetic_inputs((3, 8, 8), 256, seed=0))
+    assert torch.equal(x, synthetic_inputs(256, (3, 8, 8), seed=0))
+    assert not torch.equal(x, synthetic_inputs(256, (3, 8, 8), seed=1))
 
 
 class Indices(Dataset):

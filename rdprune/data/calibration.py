@@ -1,7 +1,8 @@
-"""Calibration inputs for curve estimation: N training images chosen by the seed, or synthetic noise."""
-from __future__ import annotations
+"""Calibration inputs for curve estimation: N training images chosen by the seed.
 
-from collections.abc import Sequence
+Zero-data calibration (N(0, 1) noise) is :func:`rdprune.core.curves.synthetic_inputs`.
+"""
+from __future__ import annotations
 
 import torch
 from torch.utils.data import Dataset
@@ -20,11 +21,3 @@ def calibration_inputs(pool: Dataset, size: int, seed: int) -> torch.Tensor:
                         f"choose a size from 1 to {available}")
     order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:size]
     return torch.stack([pool[i][0] for i in order.tolist()])
-
-
-def synthetic_inputs(input_shape: Sequence[int], size: int, seed: int) -> torch.Tensor:
-    """``size`` N(0, 1) inputs of ``input_shape``: zero-data calibration in normalised input space."""
-    if size < 1:
-        raise UserError(f"calibration.size must be at least 1, got {size}")
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(size, *input_shape, generator=generator)
