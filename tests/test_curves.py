@@ -54,6 +54,50 @@ class Untraceable(nn.Module):
         return self.b(h)
 
 
+class InPlaceReadLater(nn.Module):
+    """An in-place update whose effect the traced graph's edges do not show: not safe to split."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.add_(self.b(h))
+        return self.c(h)
+
+
+class InPlaceSuffix(nn.Module):
+    """Pruning b: its suffix updates its own input h in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.c(h.add_(self.b(h)))
+
+
+class InPlacePrefix(nn.Module):
+    """Pruning b: h, which b reads, is updated in place after b ran, outside b's suffix."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = self.b(h)
+        return self.c(y + torch.relu_(h))
+
+
 class TupleOut(nn.Module):
     def __init__(self):
         super().__init__()
@@ -161,6 +205,16 @@ def test_untraceable_model_falls_back_with_a_warning_and_matches(caplog):
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "traced" in warnings[0].getMessage() and "\n" not in warnings[0].getMessage()
     _assert_close(fast, plain_curves(model, x, 6, batch_size=3))
+
+
+@pytest.mark.parametrize("cls,message", [(InPlaceReadLater, "cannot be traced"), (InPlaceSuffix, "layer b"), (InPlacePrefix, "layer b")])
+def test_in_place_updates_fall_back_to_the_plain_loop(cls, message, caplog):
+    model = _model(cls)
+    x = synthetic_inputs(7, (6,))
+    with caplog.at_level(logging.WARNING, logger="rdprune.core.curves"):
+        fast = estimate_curves(model, x, 5, batch_size=3, worst_case=True, progress=False)
+    assert [message in r.getMessage() for r in caplog.records] == [True]
+    _assert_close(fast, plain_curves(model, x, 5, batch_size=3, worst_case=True))
 
 
 def test_level_range_pieces_merge_to_the_full_curve_and_layer_subset_is_a_restriction():
@@ -284,11 +338,14 @@ def test_cifar_resnet20_subset_matches_plain():
                   plain_curves(model, x, 4, grid="absolute", layers=names))
 
 
-def test_mobilenet_v2_subset_matches_plain(caplog):
+@pytest.mark.parametrize("arch,names", [
+    ("mobilenet_v2", ["features.0.0", "features.4.conv.1.0", "features.17.conv.2", "classifier.1"]),
+    ("resnet18", ["conv1", "layer2.0.conv2", "layer2.0.downsample.0", "fc"]),  # in-place ReLUs, residual adds
+])
+def test_torchvision_subset_matches_plain_without_fallback(arch, names, caplog):
     torch.manual_seed(0)
-    model = torchvision.models.mobilenet_v2(num_classes=10)
+    model = torchvision.models.get_model(arch, num_classes=10)
     x = synthetic_inputs(2, (3, 32, 32))
-    names = ["features.0.0", "features.4.conv.1.0", "features.17.conv.2", "classifier.1"]
     fast = estimate_curves(model, x, 3, layers=names, progress=False)
     assert not caplog.records
     _assert_close(fast, plain_curves(model, x, 3, layers=names))

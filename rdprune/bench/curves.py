@@ -74,33 +74,39 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def compare(model: nn.Module, inputs: torch.Tensor, levels: int, repeats: int, device: torch.device) -> bool:
-    """Time both estimators on ``model``; print the figures; True when values agree."""
+    """Time both estimators on ``model``; print the figures; True when values agree.
+
+    Wall time and process CPU time are both reported: other work on a shared machine inflates
+    wall time at random, CPU time much less.
+    """
     def timed(fn):
-        best, result = float("inf"), None
+        best_wall, best_cpu, result = float("inf"), float("inf"), None
         for _ in range(repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             result = fn()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - start)
-        return best, result, peak_memory_mb(device)
+            best_wall = min(best_wall, time.perf_counter() - wall)
+            best_cpu = min(best_cpu, time.process_time() - cpu)
+        return best_wall, best_cpu, result, peak_memory_mb(device)
 
-    fast_s, fast, fast_mem = timed(lambda: estimate_curves(model, inputs, levels, grid="absolute", progress=False))
-    plain_s, plain, plain_mem = timed(lambda: plain_curves(model, inputs, levels, grid="absolute"))
+    fast_s, fast_cpu, fast, fast_mem = timed(lambda: estimate_curves(model, inputs, levels, grid="absolute", progress=False))
+    plain_s, plain_cpu, plain, plain_mem = timed(lambda: plain_curves(model, inputs, levels, grid="absolute"))
     worst = 0.0
     for name, ref in plain.items():
         scale = float(np.abs(ref.distortion).max())
         diff = float(np.abs(fast[name].distortion - ref.distortion).max())
         worst = max(worst, diff / scale if scale > 0 else diff)
-    sizes = {n: m.weight.numel() for n, m in prunable_layers(model).items()}
-    zeros = sum(int((m.weight == 0).sum()) for m in prunable_layers(model).values())
-    print(f"  sparsity {zeros / sum(sizes.values()):.3f} over {len(sizes)} layers")
-    print(f"  estimate_curves {fast_s:8.2f} s   peak memory {fast_mem:8.1f} MB")
-    print(f"  plain_curves    {plain_s:8.2f} s   peak memory {plain_mem:8.1f} MB")
-    print(f"  speed-up        {plain_s / fast_s:8.2f} x")
+    layers = prunable_layers(model)
+    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
+    memory = "peak CUDA memory" if device.type == "cuda" else "peak RSS so far"
+    print(f"  sparsity {zeros / sum(m.weight.numel() for m in layers.values()):.3f} over {len(layers)} layers")
+    print(f"  estimate_curves {fast_s:8.2f} s wall {fast_cpu:8.2f} s CPU   {memory} {fast_mem:8.1f} MB")
+    print(f"  plain_curves    {plain_s:8.2f} s wall {plain_cpu:8.2f} s CPU   {memory} {plain_mem:8.1f} MB")
+    print(f"  speed-up        {plain_s / fast_s:8.2f} x wall {plain_cpu / fast_cpu:6.2f} x CPU")
     print(f"  max |difference| / max|D| over layers: {worst:.2e} (tolerance {TOLERANCE:.0e})")
     return worst <= TOLERANCE
 

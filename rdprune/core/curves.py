@@ -29,7 +29,7 @@ from rdprune.core.curve_cache import CurveCache, fingerprint_inputs
 from rdprune.core.grid import Curve, Grid, level_amounts
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import magnitude_mask, magnitude_order, pruned_count
-from rdprune.core.suffix import SuffixPlan, TracedNetwork
+from rdprune.core.suffix import SuffixPlan, TracedNetwork, UnsafeSuffix
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,31 @@ def _layer_distortions(
     device: torch.device,
     bar: tqdm,
 ) -> np.ndarray:
-    """Distortion at each of the increasing pruned ``counts`` of one layer, over all batches."""
+    """Distortion at each of the increasing pruned ``counts`` of one layer, over all batches.
+
+    A suffix that turns out unsafe to re-run (in-place updates of its inputs) is redone with the
+    whole model, so a surprise in the traced graph costs speed, never correctness.
+    """
+    progress_before = bar.n
+    try:
+        return _distortions_with(runner, name, module, counts, batches, references, worst_case, device, bar)
+    except UnsafeSuffix as exc:
+        logger.warning("layer %s: %s; using the plain loop for it", name, exc)
+        bar.n = progress_before
+        return _distortions_with(_PlainRunner(runner.network.model), name, module, counts, batches, references, worst_case, device, bar)
+
+
+def _distortions_with(
+    runner: _PlainRunner | _SuffixRunner,
+    name: str,
+    module: nn.Module,
+    counts: list[int],
+    batches: list[torch.Tensor],
+    references: list[torch.Tensor],
+    worst_case: bool,
+    device: torch.device,
+    bar: tqdm,
+) -> np.ndarray:
     totals = np.zeros(len(counts), np.float64)
     if not counts:
         return totals

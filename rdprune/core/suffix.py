@@ -7,6 +7,7 @@ layer, the nodes downstream of it form its suffix; the values the suffix reads f
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -14,6 +15,33 @@ import torch
 from torch import fx, nn
 from torch.fx.node import map_arg
 from torch.utils.flop_counter import FlopCounterMode
+
+
+class UnsafeSuffix(RuntimeError):
+    """Re-running this suffix would not reproduce the network (in-place updates of its inputs)."""
+
+
+def _version(value: object) -> int:
+    """In-place modification counter of a tensor (-1 for anything else, which cannot change)."""
+    return value._version if isinstance(value, torch.Tensor) else -1
+
+
+_INPLACE_FUNCTIONS = {
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.imatmul,
+}
+
+
+def _is_in_place(node: fx.Node, model: nn.Module) -> bool:
+    """Whether ``node`` modifies its first argument (the usual in-place spellings)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("_"))
+    if node.op == "call_module":
+        return getattr(model.get_submodule(node.target), "inplace", False) is True
+    return False
 
 
 class _LeafTracer(fx.Tracer):
@@ -74,6 +102,19 @@ class TracedNetwork:
         self.placeholders = tuple(n for n in self.nodes if n.op == "placeholder")
         self.output = next(n for n in self.nodes if n.op == "output")
         self._position = {n: i for i, n in enumerate(self.nodes)}
+        self._check_in_place()
+
+    def _check_in_place(self) -> None:
+        """The graph's edges miss in-place updates; refuse graphs where that changes what depends on what.
+
+        An in-place node is harmless when nothing reads its input after it (``relu(inplace=True)``
+        on a fresh value); otherwise later readers depend on it without an edge saying so.
+        """
+        for node in self.nodes:
+            if _is_in_place(node, self.model) and node.args and isinstance(node.args[0], fx.Node):
+                later = [u for u in node.args[0].users if self._position[u] > self._position[node]]
+                if later:
+                    raise ValueError(f"in-place {node.target} changes a value that {later[0].name} reads later")
 
     def _attr(self, target: str) -> object:
         if target in self._constants:
@@ -149,23 +190,46 @@ class TracedNetwork:
             return args[0]
         raise AssertionError(f"unexpected fx node op {node.op!r}")
 
-    def _run(self, nodes: tuple[fx.Node, ...], env: dict[fx.Node, object], release: dict[fx.Node, tuple[fx.Node, ...]]) -> None:
+    def _run(
+        self,
+        nodes: tuple[fx.Node, ...],
+        env: dict[fx.Node, object],
+        release: dict[fx.Node, tuple[fx.Node, ...]],
+        versions: dict[fx.Node, int] | None = None,
+    ) -> None:
         for node in nodes:
             if node.op != "placeholder":
                 env[node] = self._execute(node, env)
+            if versions is not None and node in versions:
+                versions[node] = _version(env[node])
             for done in release[node]:
                 env.pop(done, None)
 
     def boundary_values(self, plan: SuffixPlan, x: torch.Tensor) -> dict[fx.Node, object]:
-        """Run the prefix on input ``x``; keep only what the suffix reads."""
+        """Run the prefix on input ``x``; keep only what the suffix reads.
+
+        Raises :class:`UnsafeSuffix` when an in-place operation changed a boundary value after it
+        was computed: the suffix would then read something the original forward never showed it.
+        """
         env = self._placeholder_values(x)
-        self._run(plan.prefix, env, plan.prefix_release)
-        return {n: env[n] for n in plan.boundary}
+        produced = dict.fromkeys(plan.boundary, -1)
+        self._run(plan.prefix, env, plan.prefix_release, produced)
+        boundary = {n: env[n] for n in plan.boundary}
+        if any(_version(boundary[n]) != v for n, v in produced.items()):
+            raise UnsafeSuffix("an in-place operation modifies a value the suffix reads")
+        return boundary
 
     def run_suffix(self, plan: SuffixPlan, boundary: dict[fx.Node, object]) -> object:
-        """The network output recomputed from the boundary values with the current weights."""
+        """The network output recomputed from the boundary values with the current weights.
+
+        Raises :class:`UnsafeSuffix` when the suffix modified a boundary value in place, since
+        the next level would then start from altered values.
+        """
+        before = {n: _version(v) for n, v in boundary.items()}
         env = dict(boundary)
         self._run(plan.suffix, env, plan.suffix_release)
+        if any(_version(boundary[n]) != v for n, v in before.items()):
+            raise UnsafeSuffix("the suffix modifies one of its inputs in place")
         return env[self.output]
 
     def run_all(self, x: torch.Tensor) -> object:
