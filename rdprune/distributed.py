@@ -129,16 +129,25 @@ def _select_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: float = 600.0, *, single_group: bool = False) -> DistInfo:
     """Join the process group described by torchrun's or srun's environment (or none: world 1).
 
     NCCL on CUDA (after selecting the local GPU), gloo on CPU. ``timeout_s`` bounds every
-    collective, so a rank whose peer died fails instead of hanging.
+    collective, so a rank whose peer died fails instead of hanging. ``single_group`` gives a lone
+    process a group of its own (in-memory store), for engines such as DeepSpeed that need one.
     """
     launch = _launch_env(os.environ)
     if launch is None or launch[1] == 1:
         rank, world, local_rank = (0, 1, 0) if launch is None else launch[:3]
-        return DistInfo(rank, world, local_rank, _select_device(device, local_rank), None)
+        dev = _select_device(device, local_rank)
+        if not single_group:
+            return DistInfo(rank, world, local_rank, dev, None)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": str(local_rank)})
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        return DistInfo(0, 1, local_rank, dev, backend)
     rank, world, local_rank, extra = launch
     os.environ.update(extra)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank)})
@@ -158,10 +167,10 @@ def teardown() -> None:
 
 
 @contextmanager
-def distributed_session(device: str = "auto", timeout_s: float = 600.0) -> Iterator[DistInfo]:
+def distributed_session(device: str = "auto", timeout_s: float = 600.0, *, single_group: bool = False) -> Iterator[DistInfo]:
     """``init_distributed`` on entry, ``teardown`` on every exit; an error is announced to the peers first."""
     try:
-        yield init_distributed(device, timeout_s)
+        yield init_distributed(device, timeout_s, single_group=single_group)
     except BaseException as e:
         _announce_failure(e)
         raise

@@ -25,7 +25,7 @@ from rdprune.core.baselines import baseline_amounts
 from rdprune.core.grid import Curve
 from rdprune.core.layers import describe_layers, layer_flops, prunable_layers
 from rdprune.core.masks import (
-    MaskGuard,
+    Masks,
     apply_masks,
     atomic_torch_save,
     current_masks,
@@ -43,7 +43,7 @@ from rdprune.models.registry import build_model
 from rdprune.plots import plot_accuracy, plot_curves, plot_layer_sparsity
 from rdprune.run_dir import RunLock, append_result, archive_previous, provenance, read_results, write_json
 from rdprune.sharded_curves import sharded_curves
-from rdprune.train import evaluate, make_optimizer, make_scheduler, train_steps
+from rdprune.train import LocalEngine, evaluate, make_optimizer, make_scheduler, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -174,22 +174,29 @@ def _pretrain(ctx: Context) -> None:
         atomic_torch_save({"model": ctx.model.state_dict()}, ctx.out / "pretrained.pt")
 
 
-def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc: str, masks: dict | None = None) -> float:
+def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc: str, masks: Masks | None = None) -> float:
     """Train ``steps`` steps with the configured engine; masks, when given, hold pruned weights at zero."""
     if steps == 0:
         return float("nan")
-    dist = ctx.dist
-    batches = feeding.train_batches(ctx.cfg, ctx.data, dist, seed)
+    cfg, dist = ctx.cfg, ctx.dist
+    batches = feeding.train_batches(cfg, ctx.data, dist, seed)
     torch.manual_seed(seed)
-    model = distributed.wrap_ddp(ctx.model, dist)
-    optimizer = make_optimizer(model.parameters(), section)
+    optimizer = make_optimizer(ctx.model.parameters(), section)
     scheduler = make_scheduler(optimizer, section, steps)
-    keeper = MaskGuard(ctx.layers, masks, optimizer) if masks is not None else nullcontext()
-    with keeper:
-        return train_steps(
-            model, batches, steps, optimizer, scheduler, dist.device,
-            label_smoothing=section.label_smoothing, desc=desc, progress=ctx.show,
+    guarded = {"layers": ctx.layers, "masks": masks} if masks is not None else {}
+    if cfg.distributed.engine == "deepspeed":
+        from rdprune.deepspeed_engine import DeepSpeedEngine
+
+        engine = DeepSpeedEngine(
+            ctx.model, optimizer, dist, zero_stage=cfg.distributed.zero_stage, precision=cfg.distributed.precision,
+            global_batch=cfg.data.batch_size, scheduler=scheduler, label_smoothing=section.label_smoothing, **guarded,
         )
+    else:
+        engine = LocalEngine(ctx.model, optimizer, scheduler, dist, label_smoothing=section.label_smoothing, **guarded)
+    try:
+        return train_steps(engine, batches, steps, desc=desc, progress=ctx.show)
+    finally:
+        engine.close()
 
 
 def _evaluate(ctx: Context) -> tuple[float, float]:

@@ -25,7 +25,8 @@ def main(argv: list[str]) -> int:
     cfg = load_config(path, overrides)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    with distributed.distributed_session(cfg.run.device, cfg.distributed.timeout_s) as dist:
+    single_group = cfg.distributed.engine == "deepspeed"  # DeepSpeed needs a process group even alone
+    with distributed.distributed_session(cfg.run.device, cfg.distributed.timeout_s, single_group=single_group) as dist:
         distributed.setup_logging(dist.rank)
         distributed.check_same_config(config_hash(cfg))
         rows = run(cfg, dist)

@@ -1,13 +1,14 @@
 """Step-based training and evaluation: the engine the pipeline calls for pretraining and fine-tuning.
 
-The model handed to :func:`train_steps` may be wrapped (DDP); masks are kept by a
-:class:`~rdprune.core.masks.MaskGuard` on the underlying layers, so pruned weights stay exactly zero.
-Evaluation reduces its sums across ranks through :mod:`rdprune.distributed`.
+An engine (plain/DDP here, DeepSpeed in :mod:`rdprune.deepspeed_engine`) owns one optimiser step;
+:func:`train_steps` drives either. Evaluation reduces its sums across ranks through
+:mod:`rdprune.distributed`.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,7 +17,11 @@ from tqdm import tqdm
 
 from rdprune import distributed
 from rdprune.config import TrainingConfig
+from rdprune.core.masks import MaskGuard, Masks
 from rdprune.distributed import DistInfo
+
+if TYPE_CHECKING:
+    from rdprune.deepspeed_engine import DeepSpeedEngine
 
 
 def make_optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -47,35 +52,63 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, steps:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class LocalEngine:
+    """Training in this process, wrapped in DDP when there are several ranks.
+
+    Pruned weights stay exactly zero: a :class:`MaskGuard` masks their gradients and re-applies
+    the masks after every optimiser step. :class:`rdprune.deepspeed_engine.DeepSpeedEngine` is the
+    other engine; both offer ``train_step`` and ``close``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        dist: DistInfo,
+        *,
+        layers: Mapping[str, nn.Module] | None = None,
+        masks: Masks | None = None,
+        label_smoothing: float = 0.0,
+    ):
+        self.model = distributed.wrap_ddp(model, dist)
+        self.optimizer, self.scheduler, self.device = optimizer, scheduler, dist.device
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self._guard = MaskGuard(layers, masks, optimizer) if masks is not None else None
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimiser step on this rank's batch; its loss."""
+        self.model.train()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        loss = self.criterion(self.model(x), y)
+        if not torch.isfinite(loss):
+            raise ValueError(f"training loss became {loss.item()}; lower the learning rate")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
+    def close(self) -> None:
+        if self._guard is not None:
+            self._guard.remove()
+
+
 def train_steps(
-    model: nn.Module,
+    engine: LocalEngine | DeepSpeedEngine,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     steps: int,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    device: torch.device,
     *,
-    label_smoothing: float = 0.0,
     desc: str = "train",
     progress: bool = True,
 ) -> float:
-    """Run ``steps`` optimiser steps on ``batches``; return the mean training loss of this rank."""
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    model.train()
+    """Run ``steps`` engine steps on ``batches``; return this rank's mean training loss."""
     total = 0.0
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for _ in bar:
-        x, y = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = criterion(model(x), y)
-        if not torch.isfinite(loss):
-            raise ValueError(f"training loss became {loss.item()} ({desc}); lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total += loss.item()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        loss = engine.train_step(*next(batches))
+        total += loss
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
     return total / max(1, steps)
 
 
