@@ -236,22 +236,21 @@ def _solve(p: _Problem) -> np.ndarray:
         return least
     steps = _hull_steps(p, most)
     levels = _incumbent(p, steps, most)
-    upper = 0.0
-    for layer, k in enumerate(levels.tolist()):
-        upper += float(p.dist[layer, k])
     d = np.where(p.valid, p.dist, 0.0)
+    upper = float(d[rows, levels].sum())
     tol = 1e-9 * float(np.abs(d).max(axis=1).sum())
-    # Level k of layer l stays open only if d_lk plus the LP bound of all other layers with the
-    # budget that is left can still reach the incumbent.
     # Bound of choosing level k for layer l: d_lk plus the LP bound of all other layers with the
-    # budget that is left. A level whose bound exceeds the incumbent cannot be optimal.
+    # budget that is left. A level whose bound exceeds the incumbent cannot be optimal. Row L is
+    # all layers together: the LP bound of the whole problem.
     all_cost, all_dist = int(p.cost[rows, most].sum()), float(d[rows, most].sum())
-    others = steps.layer[None, :] != rows[:, None]
-    pieces = _lp_pieces(steps, others, all_cost - p.cost[rows, most], all_dist - d[rows, most])
-    bound = d + _lp_value(pieces, p.budget - p.cost)
-    everyone = np.ones((1, steps.layer.size), dtype=bool)
-    pieces = _lp_pieces(steps, everyone, np.array([all_cost]), np.array([all_dist]))
-    lower = float(_lp_value(pieces, np.array([[p.budget]]))[0, 0])
+    mask = np.ones((L + 1, steps.layer.size), dtype=bool)
+    mask[:L] = steps.layer[None, :] != rows[:, None]
+    base_cost = np.append(all_cost - p.cost[rows, most], all_cost)
+    base_dist = np.append(all_dist - d[rows, most], all_dist)
+    x, y = _lp_breakpoints(steps, mask, base_cost, base_dist)
+    queries = np.vstack([p.budget - p.cost, np.full((1, K), p.budget)])
+    lp = _lp_rows(x, y, queries)
+    bound, lower = d + lp[:L], float(lp[L, 0])
     # Search below ever higher limits: a solution found within a limit is optimal (every solution
     # at or below the limit is enumerated), and low limits leave far fewer open choices.
     for share in _LIMIT_SHARES:
@@ -326,24 +325,37 @@ def _incumbent(p: _Problem, steps: _Steps, most: np.ndarray) -> np.ndarray:
     return levels
 
 
-def _lp_pieces(steps: _Steps, mask: np.ndarray, base_cost: np.ndarray, base_dist: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+def _lp_breakpoints(steps: _Steps, mask: np.ndarray, base_cost: np.ndarray, base_dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Breakpoints (cost, LP optimum) of the LP relaxation of each layer set in the rows of ``mask``.
 
     Row r's layers start at their most-pruned levels (``base_cost[r]``, ``base_dist[r]``) and take
     their hull steps (``mask[r]`` selects them) in efficiency order, the last one fractionally.
+    Returns float arrays ``x`` (non-decreasing along each row) and ``y``, one column per step plus one.
     """
-    x = np.cumsum(np.where(mask, steps.cost, 0), axis=1) + base_cost[:, None]
-    y = base_dist[:, None] - np.cumsum(np.where(mask, steps.saved, 0.0), axis=1)
-    x = np.concatenate([base_cost[:, None], x], axis=1).astype(np.float64)
-    y = np.concatenate([base_dist[:, None], y], axis=1)
-    return list(zip(x, y))
+    R = mask.shape[0]
+    x = np.empty((R, mask.shape[1] + 1))
+    y = np.empty_like(x)
+    x[:, 0], y[:, 0] = base_cost, base_dist
+    np.cumsum(np.where(mask, steps.cost, 0), axis=1, out=x[:, 1:])
+    np.cumsum(np.where(mask, steps.saved, 0.0), axis=1, out=y[:, 1:])
+    x[:, 1:] += x[:, :1]
+    np.subtract(y[:, :1], y[:, 1:], out=y[:, 1:])
+    return x, y
 
 
-def _lp_value(pieces: list[tuple[np.ndarray, np.ndarray]], budget: np.ndarray) -> np.ndarray:
-    """The LP optimum of each row's layer set at that row's budgets (inf where even the cheapest overruns)."""
-    out = np.empty(budget.shape)
-    for r, (x, y) in enumerate(pieces):
-        out[r] = np.interp(budget[r].astype(np.float64), x, y, left=np.inf)
+def _lp_rows(x: np.ndarray, y: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    """Row r's LP optimum (breakpoints ``x[r]``, ``y[r]``) at each budget in ``budget[r]``, in one interpolation.
+
+    The rows are shifted apart along the cost axis so that one ``np.interp`` over the flattened
+    breakpoints serves them all; budgets are clipped into their row's range first (beyond the last
+    breakpoint the LP stays at its last value) and are inf where even the cheapest choice overruns.
+    """
+    first, last = x[:, :1], x[:, -1:]
+    span = float((last - first).max()) + 1.0
+    shift = np.arange(x.shape[0])[:, None] * span - first
+    out = np.interp((np.minimum(budget, last) + shift).ravel(), (x + shift).ravel(), y.ravel())
+    out = out.reshape(budget.shape)
+    out[budget < first] = np.inf
     return out
 
 
@@ -372,17 +384,16 @@ def _search(p: _Problem, open_: np.ndarray, steps: _Steps, most: np.ndarray, lim
     no extra bookkeeping.
     """
     L, _ = p.cost.shape
-    rows = np.arange(L)
     n_open = open_.sum(axis=1)
     if not n_open.all():
         return None
     free = np.nonzero(n_open > 1)[0]
-    fixed = n_open == 1
+    fixed = np.nonzero(n_open == 1)[0]
     levels = np.argmax(open_, axis=1)  # free layers' entries are overwritten below
     start_dist = 0.0
-    for layer in np.nonzero(fixed)[0].tolist():
-        start_dist += float(p.dist[layer, levels[layer]])
-    start_cost = int(p.cost[rows[fixed], levels[fixed]].sum())
+    for value in p.dist[fixed, levels[fixed]].tolist():
+        start_dist += value
+    start_cost = int(p.cost[fixed, levels[fixed]].sum())
     if free.size == 0:
         return levels if start_cost <= p.budget and start_dist <= limit else None
     # Row t: the free layers after the t-th, whose LP bounds the states after deciding the t-th.
@@ -391,32 +402,35 @@ def _search(p: _Problem, open_: np.ndarray, steps: _Steps, most: np.ndarray, lim
     later = position[steps.layer][None, :] > np.arange(free.size)[:, None]
     later_cost = np.cumsum(p.cost[free, most[free]][::-1])[::-1]
     later_dist = np.cumsum(p.dist[free, most[free]][::-1])[::-1]
-    base_cost = np.concatenate([later_cost[1:], [0]])
-    base_dist = np.concatenate([later_dist[1:], [0.0]])
-    pieces = _lp_pieces(steps, later, base_cost, base_dist)
+    xs, ys = _lp_breakpoints(steps, later, np.append(later_cost[1:], 0), np.append(later_dist[1:], 0.0))
+    choice_layer, choice_level = np.nonzero(open_[free])
+    choice_cost = p.cost[free[choice_layer], choice_level]
+    choice_dist = p.dist[free[choice_layer], choice_level]
+    ends = np.cumsum(n_open[free]).tolist()
+    pieces = list(zip([0, *ends[:-1]], ends))
+    options = [choice_level[a:b] for a, b in pieces]
+    option_cost = [choice_cost[a:b] for a, b in pieces]
+    option_dist = [choice_dist[a:b] for a, b in pieces]
 
     cost = np.array([start_cost], dtype=np.int64)
     dist = np.array([start_dist])
-    trail: list[tuple[np.ndarray, np.ndarray]] = []
-    for t, layer in enumerate(free.tolist()):
-        ks = np.nonzero(open_[layer])[0]
-        m = ks.size
-        cand_cost = (cost[:, None] + p.cost[layer, ks][None, :]).ravel()
-        cand_dist = (dist[:, None] + p.dist[layer, ks][None, :]).ravel()
-        x, y = pieces[t]
-        rest = np.interp((p.budget - cand_cost).astype(np.float64), x, y, left=np.inf)
-        keep = np.nonzero(cand_dist + rest <= limit)[0]
+    trail = []
+    for t in range(free.size):
+        cand_cost = (cost[:, None] + option_cost[t]).ravel()
+        cand_dist = (dist[:, None] + option_dist[t]).ravel()
+        rest = np.interp(p.budget - cand_cost, xs[t], ys[t], left=np.inf)
+        keep = np.flatnonzero(cand_dist + rest <= limit)
+        if keep.size == 0:
+            return None
         if keep.size > _PARETO_FROM:
             keep = _pareto(keep, cand_cost, cand_dist)
         cost, dist = cand_cost[keep], cand_dist[keep]
-        trail.append((keep // m, ks[keep % m]))
-        if keep.size == 0:
-            return None
+        trail.append(keep)
     winners = np.nonzero(dist == dist.min())[0]
     state = int(winners[np.argmax(cost[winners])])  # the first of the dearest: lexicographically smallest
-    for layer, (parent, chosen) in zip(free[::-1].tolist(), trail[::-1]):
-        levels[layer] = chosen[state]
-        state = int(parent[state])
+    for t in range(free.size - 1, -1, -1):
+        state, option = divmod(int(trail[t][state]), options[t].size)
+        levels[free[t]] = options[t][option]
     return levels
 
 
