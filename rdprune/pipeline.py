@@ -194,9 +194,13 @@ def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc
     else:
         engine = LocalEngine(ctx.model, optimizer, scheduler, dist, label_smoothing=section.label_smoothing, **guarded)
     try:
-        return train_steps(engine, batches, steps, desc=desc, progress=ctx.show)
+        loss = train_steps(engine, batches, steps, desc=desc, progress=ctx.show)
     finally:
         engine.close()
+    # DDP sends rank 0's buffers before each forward, so the last forward leaves every rank its own
+    # BatchNorm statistics: make rank 0's win, or the ranks' models differ from here on.
+    distributed.broadcast_tensors_(list(ctx.model.buffers()))
+    return loss
 
 
 def _evaluate(ctx: Context) -> tuple[float, float]:
