@@ -172,7 +172,11 @@ def distributed_session(device: str = "auto", timeout_s: float = 600.0, *, singl
     try:
         yield init_distributed(device, timeout_s, single_group=single_group)
     except BaseException as e:
-        _announce_failure(e)
+        first = _announce_failure(e)
+        # A collective outside this module (DDP's gradient all-reduce) broke because a peer failed first.
+        if isinstance(e, (RuntimeError, ConnectionError)) and not isinstance(e, PeerFailureError) and first \
+                and not first.startswith(f"rank {dist.get_rank()} "):
+            raise PeerFailureError(f"rank {dist.get_rank()} stopped because {first}") from e
         raise
     finally:
         teardown()
@@ -206,16 +210,20 @@ def _store():
         return None
 
 
-def _announce_failure(error: BaseException) -> None:
-    """Post "rank r: error" once per job (the first failure wins), unless this rank only saw a peer fail."""
+def _announce_failure(error: BaseException) -> str | None:
+    """Post "rank r: error" once per job (the first failure wins), unless this rank only saw a peer fail.
+
+    Returns the note that won (this rank's or an earlier one), or None when nothing was posted.
+    """
     store = _store()
     if store is None or isinstance(error, (PeerFailureError, KeyboardInterrupt, SystemExit)):
-        return
+        return None
     note = f"rank {dist.get_rank()} failed: {type(error).__name__}: {error}".splitlines()[0][:2000]
     try:
-        store.compare_set(FAILURE_KEY, "", note)
+        return store.compare_set(FAILURE_KEY, "", note).decode()
     except Exception:  # the store may be gone already; the failure itself is still raised
         log.debug("could not announce the failure to the other ranks", exc_info=True)
+        return None
 
 
 def _peer_failure() -> str | None:
