@@ -1,0 +1,227 @@
+"""The whole pipeline (``-m rdprune.run``) under real torchrun on CPU with gloo.
+
+Every run starts from one checkpoint pretrained once in a single process, with one thread per rank,
+so runs at different world sizes must agree: the curves within the core's tolerance, the
+allocation and masks exactly. The model is a small CNN with BatchNorm given as a user model
+(``dist_scripts.user_models``), so buffers that training updates travel through every stage.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+SCRIPTS = TESTS / "dist_scripts"
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+MODEL = "model.name=dist_scripts.user_models:batchnorm_cnn"
+COMMON = ["run.progress=false", "run.threads=1", "distributed.curve_threads=1", "distributed.timeout_s=120", MODEL]
+# One iteration (50 %) without fine-tuning: iteration 1 depends only on the checkpoint.
+FIRST_ITERATION = ["prune.target_sparsity=0.5", "finetune.steps=0", "prune.levels=11", "calibration.size=64",
+                   "calibration.batch_size=32"]
+# Two iterations with fine-tuning, and curve estimation long enough (a few seconds) to kill a rank in it.
+TWO_ITERATIONS = ["prune.target_sparsity=0.75", "finetune.steps=5", "prune.levels=101", "calibration.size=1024",
+                  "calibration.batch_size=256"]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def _torchrun(nproc: int, *target: str, max_restarts: int = 0) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            f"--max-restarts={max_restarts}", "--monitor-interval=0.5", *target]
+
+
+def _pipeline(out: Path, *overrides: str) -> list[str]:
+    return ["-m", "rdprune.run", QUICKSTART, f"run.out_dir={out}", *COMMON, *overrides]
+
+
+def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _rows(out: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _allocation(out: Path, t: int) -> dict:
+    return json.loads((out / "allocation" / f"iter_{t:02d}.json").read_text())
+
+
+def _masks(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["masks"] if path.name == "last.pt" else torch.load(path, weights_only=True)
+
+
+def _same_masks(a: dict, b: dict) -> bool:
+    return list(a) == list(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The BatchNorm CNN pretrained once, in one process."""
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    _ok(_run([sys.executable, *_pipeline(out, "pretrain.steps=40", "prune.method=glob", "prune.target_sparsity=0.5",
+                                         "finetune.steps=0")]))
+    return out / "pretrained.pt"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, checkpoint) -> Path:
+    """An uninterrupted two-iteration run on 2 ranks: what repeated and restarted runs must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    _ok(_run(_torchrun(2, *_pipeline(out, f"model.checkpoint={checkpoint}", *TWO_ITERATIONS))))
+    return out
+
+
+@pytest.mark.slow  # four pipeline runs, ~15 s each
+def test_first_iteration_equal_at_1_2_3_ranks(tmp_path, checkpoint):
+    one = tmp_path / "one"
+    _ok(_run([sys.executable, *_pipeline(one, f"model.checkpoint={checkpoint}", *FIRST_ITERATION)]))
+    with np.load(one / "curves" / "iter_01" / "curves.npz") as z:
+        curves = dict(z)
+    layers = sorted({k.split("/")[0] for k in curves})
+    assert len(layers) == 3
+    for nproc in (1, 2, 3):
+        out = tmp_path / f"ranks{nproc}"
+        _ok(_run(_torchrun(nproc, *_pipeline(out, f"model.checkpoint={checkpoint}", *FIRST_ITERATION))))
+        with np.load(out / "curves" / "iter_01" / "curves.npz") as z:
+            assert sorted(z) == sorted(curves)
+            for name in layers:
+                ref = curves[f"{name}/distortion"]
+                assert np.array_equal(z[f"{name}/amounts"], curves[f"{name}/amounts"]), (nproc, name)
+                scale = np.abs(ref).max()
+                assert scale > 0
+                assert np.abs(z[f"{name}/distortion"] - ref).max() <= 1e-6 * scale, (nproc, name)
+        assert _allocation(out, 1) == _allocation(one, 1), nproc
+        assert _same_masks(_masks(out / "checkpoints" / "last.pt"), _masks(one / "checkpoints" / "last.pt")), nproc
+        assert json.loads((out / "provenance.json").read_text())["world_size"] == nproc
+
+
+@pytest.mark.slow  # two pipeline runs on 2 ranks, ~25 s each
+def test_two_runs_at_equal_world_size_agree_at_every_iteration(tmp_path, checkpoint, reference):
+    out = tmp_path / "again"
+    _ok(_run(_torchrun(2, *_pipeline(out, f"model.checkpoint={checkpoint}", *TWO_ITERATIONS))))
+    rows = _rows(out)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert rows == _rows(reference)
+    for t in (1, 2):
+        assert _allocation(out, t) == _allocation(reference, t)
+    assert _same_masks(_masks(out / "final" / "masks.pt"), _masks(reference / "final" / "masks.pt"))
+    final, ref = (torch.load(p / "final" / "model.pt", weights_only=True) for p in (out, reference))
+    assert all(torch.equal(final[k], ref[k]) for k in ref)
+
+
+@pytest.mark.slow  # DDP ~15 s; DeepSpeed starts slowly (~60 s or more on a loaded 2-core machine)
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_finetuning_keeps_zeros_and_ranks_equal(tmp_path, engine):
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
+    overrides = [MODEL, "finetune.steps=4", "run.progress=false", f"run.out_dir={tmp_path / 'run'}",
+                 f"distributed.engine={engine}", "distributed.zero_stage=2"]
+    proc = _ok(_run(_torchrun(2, str(SCRIPTS / "finetune_masks.py"), QUICKSTART, *overrides), timeout=500))
+    assert all(f"{engine} fine-tuning ok on rank {r}" in proc.stdout for r in (0, 1)), proc.stdout
+
+
+def _worker_pids(agent: int) -> dict[int, int]:
+    """{rank: pid} of the worker processes torchrun's agent ``agent`` started, read from /proc."""
+    workers = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != agent:
+                continue
+            env = dict(v.split("=", 1) for v in (entry / "environ").read_bytes().decode().split("\0") if "=" in v)
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended meanwhile
+        if "RANK" in env:
+            workers[int(env["RANK"])] = int(entry.name)
+    return workers
+
+
+@pytest.mark.slow  # two pipeline runs on 2 ranks, one of them restarted
+def test_killed_rank_restarts_and_ends_like_an_uninterrupted_run(tmp_path, checkpoint, reference):
+    out = tmp_path / "elastic"
+    cache = out / "curves" / "iter_01"
+    cmd = _torchrun(2, *_pipeline(out, f"model.checkpoint={checkpoint}", *TWO_ITERATIONS), max_restarts=1)
+    log = open(tmp_path / "torchrun.log", "w+")
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (cache.is_dir() and any(cache.glob("*.curve.pt"))):
+            assert agent.poll() is None and time.monotonic() < deadline, "the run ended before any curve piece was cached"
+            time.sleep(0.02)
+        victim = _worker_pids(agent.pid)[1]
+        done = {p: p.stat().st_mtime_ns for p in cache.glob("*.curve.pt")}
+        assert not (out / "allocation" / "iter_01.json").exists(), "curve estimation ended before the kill"
+        os.kill(victim, signal.SIGKILL)
+        assert agent.wait(timeout=400) == 0, (tmp_path / "torchrun.log").read_text()[-5000:]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        log.close()
+    assert victim not in _worker_pids(agent.pid)
+    text = (tmp_path / "torchrun.log").read_text()
+    assert "resuming" in text, text[-3000:]  # the restarted workers continued the run directory
+    # Pieces cached before the kill were loaded, not recomputed; the rest are complete now.
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+    assert sorted(p.name for p in cache.glob("*.curve.pt")) == sorted(p.name for p in (reference / "curves" / "iter_01").glob("*.curve.pt"))
+    assert _rows(out) == _rows(reference)
+    for t in (1, 2):
+        assert _allocation(out, t) == _allocation(reference, t)
+    assert _same_masks(_masks(out / "final" / "masks.pt"), _masks(reference / "final" / "masks.pt"))
+    assert _same_masks(_masks(out / "checkpoints" / "last.pt"), _masks(reference / "checkpoints" / "last.pt"))
+
+
+def test_a_rank_that_raises_ends_the_job_and_is_named(tmp_path):
+    model = "model.name=dist_scripts.user_models:fails_on_rank_one"
+    proc = _run(_torchrun(2, *_pipeline(tmp_path / "run", model, "pretrain.steps=20")), timeout=180)
+    assert proc.returncode != 0
+    # Rank 0, left waiting in a collective, says which rank failed and why.
+    assert "stopped because rank 1 failed: RuntimeError: deliberate failure in the user's forward" in proc.stderr, proc.stderr[-5000:]
+    assert not (tmp_path / "run" / "pretrained.pt").exists()
+
+
+def test_mismatched_configs_fail_on_every_rank_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = _run(_torchrun(2, str(SCRIPTS / "run_per_rank.py"), QUICKSTART, f"run.out_dir={out}", *COMMON,
+                          "finetune.lr=0.0{rank}5"), timeout=180)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("rdprune: error: ")]
+    assert len(errors) == 2, proc.stderr[-5000:]
+    assert all("ranks disagree on the resolved config: rank 0 " in e and "launch every node with the same config" in e
+               for e in errors), errors
+    assert "Traceback" not in "\n".join(errors)
+    assert not (out / "results.jsonl").exists() and not (out / "config.yaml").exists()
+
+
+@pytest.mark.slow  # three ranks on a small machine, ~20-30 s
+def test_idle_ranks_join_every_collective(tmp_path, checkpoint):
+    # Only the head is pruned and its curve has two paid levels: the third rank gets no work.
+    out = tmp_path / "run"
+    overrides = [f"model.checkpoint={checkpoint}", "prune.skip=[features.0,features.4]", "prune.levels=3",
+                 "prune.target_sparsity=0.15", "finetune.steps=2", "calibration.size=32"]
+    proc = _ok(_run(_torchrun(3, *_pipeline(out, *overrides))))
+    assert "curve estimation: 2 pieces over 3 ranks" in proc.stderr, proc.stderr[-3000:]
+    rows = _rows(out)
+    assert [r["iteration"] for r in rows] == [0, 1] and rows[1]["sparsity"] >= 0.15 - 0.005
+    masks = _masks(out / "final" / "masks.pt")
+    assert float((~masks["head"]).float().mean()) == 0.5
