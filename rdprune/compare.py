@@ -1,0 +1,44 @@
+"""``python -m rdprune.compare CONFIG [section.key=value | sweep.key=value ...]``: compare pruning methods.
+
+Runs every method, variant and seed of the config's ``sweep:`` section from one pretrained
+checkpoint (see ``rdprune.sweep``), then writes comparison.md, comparison.csv and comparison.png
+into the output directory and prints the table. Rerunning the command resumes the sweep. The same
+command runs under ``torchrun``: every rank runs the same sequence of runs, rank 0 writes the tables.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from rdprune import distributed
+from rdprune.cli import parse_run_args, run_cli
+from rdprune.comparison import write_comparison
+from rdprune.sweep import load_sweep, plan_hash, run_sweep
+
+PROG = "python -m rdprune.compare"
+
+
+@distributed.record
+def main(argv: list[str]) -> int:
+    """Validate the whole sweep first, then run it, leaving the process group on every exit."""
+    path, overrides = parse_run_args(argv, prog=PROG)
+    plan = load_sweep(path, overrides)
+    base = plan.base
+    if base.run.threads:
+        torch.set_num_threads(base.run.threads)
+    title = f"{base.model.name} / {base.data.name}: top-1 against sparsity"
+    single_group = base.distributed.engine == "deepspeed"  # DeepSpeed needs a process group even alone
+    with distributed.distributed_session(base.run.device, base.distributed.timeout_s, single_group=single_group) as dist:
+        distributed.setup_logging(dist.rank)
+        distributed.check_same_config(plan_hash(plan))
+        results = run_sweep(plan, dist, on_progress=lambda r: write_comparison(plan.out, r, plan.seeds, title))
+        if dist.is_main:
+            table = write_comparison(plan.out, results, plan.seeds, title)
+            sys.stdout.write(table + "\n")
+            sys.stdout.write(f"comparison.md, comparison.csv and comparison.png in {plan.out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

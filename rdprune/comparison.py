@@ -1,0 +1,234 @@
+"""The comparison of a sweep: method x sparsity level, mean ± std over seeds, as Markdown, CSV and a plot.
+
+At every level the best mean is marked; a method whose mean differs from the best by no more than
+the spread across seeds (the larger of the two standard deviations) is marked as within that
+spread, not as a loss, and the best is then not reported as a clear win.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as ticker  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rdprune.plots import _save  # noqa: E402
+from rdprune.run_dir import atomic_write_text  # noqa: E402
+
+Results = Mapping[str, Mapping[int, Sequence[Mapping]]]
+"""``{entry: {seed: results.jsonl rows}}`` as ``rdprune.sweep.run_sweep`` returns it."""
+
+CLEAR_BEST = "best"
+TIED_BEST = "best, ≈ tie"
+WITHIN = "≈ best, within seed spread"
+BELOW = "below best"
+ONLY = "only entry"
+_LEVEL_DIGITS = 6  # schedule targets are rounded to 10 digits in results.jsonl; 6 groups them safely
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation over seeds (std is nan for a single seed)."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        arr = np.asarray(values, dtype=float)
+        std = float(arr.std(ddof=1)) if len(arr) > 1 else math.nan
+        return cls(float(arr.mean()), std, len(arr))
+
+    @property
+    def spread(self) -> float:
+        return 0.0 if math.isnan(self.std) else self.std
+
+    def text(self, digits: int = 2) -> str:
+        if math.isnan(self.std):
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class LevelRow:
+    """One method at one sparsity level of the schedule."""
+
+    level: float  # the schedule's target (weights or FLOPs, as prune.budget says)
+    entry: str
+    seeds: int
+    sparsity: Stat
+    top1: Stat  # after fine-tuning
+    top1_pruned: Stat  # right after pruning, before fine-tuning
+    flops_remaining: Stat
+    mark_top1: str = ""
+    gap_top1: float = math.nan  # points below the level's best mean
+    mark_pruned: str = ""
+    gap_pruned: float = math.nan
+
+
+def dense_top1(results: Results) -> Stat | None:
+    """Top-1 of the dense starting model (iteration 0), over every run (all start from one checkpoint)."""
+    values = [rows[0]["top1"] for runs in results.values() for rows in runs.values() if rows]
+    return Stat.of(values) if values else None
+
+
+def summarise(results: Results) -> list[LevelRow]:
+    """Rows sorted by level, then in the sweep's entry order, with best / within-spread marks."""
+    grouped: dict[tuple[float, str], list[Mapping]] = {}
+    for entry, runs in results.items():
+        for rows in runs.values():
+            for r in rows:
+                if r["iteration"] > 0:
+                    grouped.setdefault((round(r["target_sparsity"], _LEVEL_DIGITS), entry), []).append(r)
+    order = {entry: i for i, entry in enumerate(results)}
+    rows = [
+        LevelRow(
+            level=level,
+            entry=entry,
+            seeds=len(rs),
+            sparsity=Stat.of([r["sparsity"] for r in rs]),
+            top1=Stat.of([r["top1"] for r in rs]),
+            top1_pruned=Stat.of([r["top1_pruned"] for r in rs]),
+            flops_remaining=Stat.of([r["flops_remaining"] for r in rs]),
+        )
+        for (level, entry), rs in sorted(grouped.items(), key=lambda kv: (kv[0][0], order[kv[0][1]]))
+    ]
+    marked: list[LevelRow] = []
+    for level in sorted({r.level for r in rows}):
+        at_level = [r for r in rows if r.level == level]
+        top1 = _marks([r.top1 for r in at_level])
+        pruned = _marks([r.top1_pruned for r in at_level])
+        marked += [
+            dataclasses.replace(r, mark_top1=a[0], gap_top1=a[1], mark_pruned=b[0], gap_pruned=b[1])
+            for r, a, b in zip(at_level, top1, pruned)
+        ]
+    return marked
+
+
+def _marks(stats: Sequence[Stat]) -> list[tuple[str, float]]:
+    """Per method (mark, gap in points below the best mean): the best is a clear win only when
+    every other mean lies further below it than the seed spread of the pair."""
+    if len(stats) == 1:
+        return [(ONLY, 0.0)]
+    best = max(range(len(stats)), key=lambda i: stats[i].mean)
+    gaps = [stats[best].mean - s.mean for s in stats]
+    within = [i != best and gaps[i] <= max(stats[best].spread, stats[i].spread) for i in range(len(stats))]
+    marks = [WITHIN if within[i] else BELOW for i in range(len(stats))]
+    marks[best] = TIED_BEST if any(within) else CLEAR_BEST
+    return list(zip(marks, gaps))
+
+
+def _vs_best(mark: str, gap: float) -> str:
+    if mark in (CLEAR_BEST, TIED_BEST):
+        return f"**{mark}**"
+    if mark == WITHIN:
+        return f"≈ (-{gap:.2f}, within seed spread)"
+    if mark == BELOW:
+        return f"-{gap:.2f}"
+    return mark
+
+
+def markdown_table(rows: Sequence[LevelRow], dense: Stat | None = None, seeds: Sequence[int] = ()) -> str:
+    """The comparison as Markdown: a short legend, then one table row per (level, method)."""
+    lines = []
+    if dense is not None:
+        lines.append(f"Dense model (every run starts from it): top-1 {dense.text()} %.")
+    if len(seeds) == 1:
+        lines.append(f"One seed ({seeds[0]}): no spread across seeds is measured, so every gap counts.")
+    elif seeds:
+        lines.append(f"Mean ± sample std over seeds {', '.join(map(str, seeds))}. 'vs best': points below the "
+                     "level's best mean. A gap no larger than the seed spread (the larger std of the pair) is "
+                     f"marked '≈ … within seed spread' and the best is then '{TIED_BEST}', not a win.")
+    if lines:
+        lines.append("")
+    lines += [
+        "| level | method | weights pruned (%) | top-1 after fine-tuning (%) | vs best | "
+        "top-1 right after pruning (%) | vs best | FLOPs left (%) | seeds |",
+        "|---:|---|---:|---:|---|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        level = f"{100 * r.level:.2f} %"
+        lines.append(
+            f"| {level} | {r.entry} | {100 * r.sparsity.mean:.2f} | {r.top1.text()} | "
+            f"{_vs_best(r.mark_top1, r.gap_top1)} | {r.top1_pruned.text()} | "
+            f"{_vs_best(r.mark_pruned, r.gap_pruned)} | {100 * r.flops_remaining.mean:.2f} | {r.seeds} |"
+        )
+    return "\n".join(lines)
+
+
+CSV_COLUMNS = (
+    "level", "method", "seeds", "sparsity_mean", "top1_mean", "top1_std", "top1_gap", "top1_mark",
+    "top1_pruned_mean", "top1_pruned_std", "top1_pruned_gap", "top1_pruned_mark", "flops_remaining_mean",
+)
+
+
+def csv_table(rows: Sequence[LevelRow]) -> str:
+    """The comparison as CSV: fractions for level, sparsity and FLOPs; percent and points for top-1 and
+    gaps; an empty std for a single seed."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+
+    def number(x: float) -> str:
+        return "" if math.isnan(x) else f"{x:.6g}"
+
+    for r in rows:
+        writer.writerow([
+            f"{r.level:.6g}", r.entry, r.seeds, number(r.sparsity.mean),
+            number(r.top1.mean), number(r.top1.std), number(r.gap_top1), r.mark_top1,
+            number(r.top1_pruned.mean), number(r.top1_pruned.std), number(r.gap_pruned), r.mark_pruned,
+            number(r.flops_remaining.mean),
+        ])
+    return buffer.getvalue()
+
+
+def plot_comparison(rows: Sequence[LevelRow], dense: Stat | None, path: Path, title: str) -> None:
+    """Top-1 against weights remaining (log scale, densest left), every method on one axis per panel:
+    after fine-tuning and right after pruning; error bars are the std over seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    entries = list(dict.fromkeys(r.entry for r in rows))
+    markers = "osD^v<>ph*"
+    for ax, attr, panel in ((axes[0], "top1", "after fine-tuning"), (axes[1], "top1_pruned", "right after pruning")):
+        for i, entry in enumerate(entries):
+            mine = sorted((r for r in rows if r.entry == entry), key=lambda r: r.level)
+            x = [100 * (1 - r.sparsity.mean) for r in mine]
+            y = [getattr(r, attr).mean for r in mine]
+            err = [getattr(r, attr).spread for r in mine]
+            # Matplotlib cycles 10 colours: dashes tell the 11th entry on from the first ten.
+            ax.errorbar(x, y, yerr=err, marker=markers[i % len(markers)], ms=4, capsize=3, lw=1.2,
+                        ls="-" if i < 10 else "--", label=entry)
+        if dense is not None:  # a lone point: joining it to a one-shot run's level would invent a curve
+            ax.errorbar([100.0], [dense.mean], yerr=[dense.spread], marker="*", ms=10, color="black", ls="", label="dense")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.FixedLocator([100, 50, 25, 10, 5, 2, 1]))
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.invert_xaxis()
+        ax.set_xlabel("weights remaining (%, log scale)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(panel)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def write_comparison(out: Path, results: Results, seeds: Sequence[int], title: str) -> str:
+    """Write comparison.md, comparison.csv and comparison.png under ``out``; returns the Markdown."""
+    rows = summarise(results)
+    dense = dense_top1(results)
+    text = markdown_table(rows, dense, seeds)
+    atomic_write_text(out / "comparison.md", f"# {title}\n\n{text}\n")
+    atomic_write_text(out / "comparison.csv", csv_table(rows))
+    plot_comparison(rows, dense, out / "comparison.png", title)
+    return text

@@ -1,0 +1,301 @@
+"""A comparison sweep: methods, named variants and seeds, each an ordinary run directory.
+
+A sweep file is a normal run config plus a ``sweep:`` section. Every run starts from one pretrained
+checkpoint (``<out>/pretrained/``, or the config's own model.checkpoint / model.weights), so the
+seed of a run changes only fine-tuning data order and calibration sampling. Runs live in
+``<out>/runs/<entry>_seed<s>/``; a finished one is recognised from its files and not touched
+again, an interrupted one resumes inside itself through the pipeline.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import logging
+import re
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rdprune import distributed
+from rdprune.config import SECTIONS, Config, PruneConfig, config_from_dict, config_hash, config_to_dict
+from rdprune.distributed import DistInfo
+from rdprune.errors import UserError
+from rdprune.pipeline import RESUME_SECTIONS, run
+from rdprune.run_dir import read_results
+
+log = logging.getLogger(__name__)
+
+METHODS: tuple[str, ...] = typing.get_args(typing.get_type_hints(PruneConfig)["method"])
+SWEEP_KEYS = ("methods", "variants", "seeds")
+_ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# The sweep sets these itself; a variant changing them would break "same checkpoint, same data".
+_FIXED = {
+    "run.seed": "it is set by sweep.seeds",
+    "run.out_dir": "the sweep places every run under <out>/runs/",
+    "run.name": "the sweep names every run <entry>_seed<s>",
+    "run.resume": "it applies to the whole sweep",
+    "data.name": "every run must be scored on the same data",
+    "data.root": "every run must be scored on the same data",
+}
+_FIXED_SECTIONS = {
+    "model": "every run starts from the same pretrained checkpoint",
+    "pretrain": "pretraining happens once for the whole sweep",
+}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The parsed ``sweep:`` section: entries (method name or variant name -> dotted overrides) and seeds."""
+
+    entries: dict[str, dict[str, Any]]
+    seeds: list[int]
+    variants: frozenset[str]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One (entry, seed) run and its resolved config."""
+
+    entry: str
+    seed: int
+    cfg: Config
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """Everything a sweep will do, validated before any work starts."""
+
+    out: Path
+    base: Config
+    pretrain: Config | None  # None when the config brings its own checkpoint or weights
+    runs: list[PlannedRun] = field(default_factory=list)
+
+    @property
+    def entries(self) -> list[str]:
+        return list(dict.fromkeys(r.entry for r in self.runs))
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(dict.fromkeys(r.seed for r in self.runs))
+
+
+def _nearest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f"; allowed: {', '.join(options)}"
+
+
+def _read_file(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read: {err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections ({', '.join([*SECTIONS, 'sweep'])}) at the top level")
+    return data
+
+
+def _apply_sweep_overrides(sweep: dict, overrides: Sequence[str]) -> None:
+    """``sweep.key=value`` overrides (value as YAML) replace whole keys of the sweep section."""
+    for text in overrides:
+        dotted, _, raw = text.partition("=")
+        key = dotted.strip().removeprefix("sweep.")
+        if key not in SWEEP_KEYS:
+            raise UserError(f"override {text!r}: unknown key 'sweep.{key}'{_nearest(key, SWEEP_KEYS)}")
+        try:
+            sweep[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise UserError(f"override {text!r}: invalid YAML: {' '.join(str(err).split())}") from None
+
+
+def parse_sweep(section: Any, label: str) -> SweepSpec:
+    """Check the ``sweep:`` section strictly (keys, method names, variant names, seeds)."""
+    if not isinstance(section, dict):
+        raise UserError(f"{label}: section 'sweep' must be a mapping with keys {', '.join(SWEEP_KEYS)}")
+    for key in section:
+        if key not in SWEEP_KEYS:
+            raise UserError(f"{label}: unknown key 'sweep.{key}'{_nearest(str(key), SWEEP_KEYS)}")
+    methods = section.get("methods") or []
+    if not isinstance(methods, list):
+        raise UserError(f"{label}: sweep.methods must be a list of method names ({', '.join(METHODS)})")
+    entries: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"{label}: sweep.methods lists {m!r}, not a method{_nearest(str(m), METHODS)}")
+        if m in entries:
+            raise UserError(f"{label}: sweep.methods lists {m!r} more than once")
+        entries[m] = {"prune.method": m}
+    variants = section.get("variants") or {}
+    if not isinstance(variants, dict):
+        raise UserError(f"{label}: sweep.variants must be a mapping of name -> {{section.key: value, ...}}")
+    for name, overrides in variants.items():
+        where = f"sweep.variants.{name}"
+        if not isinstance(name, str) or not _ENTRY_NAME.match(name):
+            raise UserError(f"{label}: {where}: a variant name must be letters, digits, '_', '-' or '.', e.g. rd_oneshot")
+        if name in entries:
+            raise UserError(f"{label}: {where}: the name is already used by sweep.methods; pick another")
+        if not isinstance(overrides, dict) or not overrides:
+            raise UserError(f"{label}: {where} must be a non-empty mapping of section.key: value, e.g. {{prune.distortion: worst_case}}")
+        entries[name] = {str(k): v for k, v in overrides.items()}
+    if not entries:
+        raise UserError(f"{label}: the sweep lists no runs: give sweep.methods and/or sweep.variants")
+    seeds = section.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
+        raise UserError(f"{label}: sweep.seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"{label}: sweep.seeds lists a seed more than once: {seeds}")
+    return SweepSpec(entries, list(seeds), frozenset(variants))
+
+
+def _nest(overrides: Mapping[str, Any], where: str, label: str) -> dict[str, dict[str, Any]]:
+    """``{"prune.method": "rd"}`` -> ``{"prune": {"method": "rd"}}``, refusing keys the sweep owns."""
+    nested: dict[str, dict[str, Any]] = {}
+    for dotted, value in overrides.items():
+        section, dot, key = dotted.partition(".")
+        if not dot or not key or "." in key:
+            raise UserError(f"{label}: {where}: {dotted!r} is not a section.key name, e.g. prune.distortion")
+        if section in _FIXED_SECTIONS:
+            raise UserError(f"{label}: {where}: {dotted} cannot vary within a sweep: {_FIXED_SECTIONS[section]}")
+        if dotted in _FIXED:
+            raise UserError(f"{label}: {where}: {dotted} cannot vary within a sweep: {_FIXED[dotted]}")
+        nested.setdefault(section, {})[key] = value
+    return nested
+
+
+def _with(resolved: dict, changes: Mapping[str, Mapping[str, Any]]) -> dict:
+    data = copy.deepcopy(resolved)
+    for section, values in changes.items():
+        data.setdefault(section, {}).update(values)
+    return data
+
+
+def _identity(cfg: Config) -> str:
+    """The config without run.name/out_dir: two entries with equal identities would be the same runs."""
+    data = config_to_dict(cfg)
+    data["run"] = {k: v for k, v in data["run"].items() if k not in ("name", "out_dir")}
+    return json.dumps(data, sort_keys=True)
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepPlan:
+    """Read a sweep file, apply ``section.key=value`` (and ``sweep.key=value``) overrides, and build
+    and validate every run's Config before any work starts. Raises a one-line UserError."""
+    path = Path(path)
+    label = str(path)
+    data = _read_file(path)
+    sweep = data.pop("sweep", None)
+    if sweep is None:
+        raise UserError(f"{label}: no 'sweep' section; a comparison needs sweep.methods and/or sweep.variants and sweep.seeds")
+    if not isinstance(sweep, dict):
+        raise UserError(f"{label}: section 'sweep' must be a mapping with keys {', '.join(SWEEP_KEYS)}")
+    sweep = dict(sweep)
+    _apply_sweep_overrides(sweep, [o for o in overrides if o.strip().startswith("sweep.")])
+    spec = parse_sweep(sweep, label)
+    base = config_from_dict(data, [o for o in overrides if not o.strip().startswith("sweep.")], label=label)
+    resolved = config_to_dict(base)
+    out = base.out_path
+
+    pretrain = None
+    checkpoint = base.model.checkpoint
+    if checkpoint is None and base.model.weights is None:
+        pre = copy.deepcopy(resolved)
+        pre["run"].update(name="pretrained", out_dir=str(out / "pretrained"))
+        # Only model, data and pretrain shape the checkpoint: fixed pruning and fine-tuning sections
+        # let a sweep whose pruning or fine-tuning changed later still find (and reuse) it.
+        pre["calibration"] = {}
+        pre["finetune"] = {"steps": 0}
+        pre["prune"] = {"method": "unif", "target_sparsity": 0.0, "amount_per_iteration": 1.0}
+        pretrain = config_from_dict(pre, label=f"{label}: pretraining run")
+        # Absolute, so the runs' resume keys do not depend on how out_dir was spelled or on the cwd.
+        checkpoint = str((out / "pretrained" / "pretrained.pt").resolve())
+
+    runs: list[PlannedRun] = []
+    seen: dict[str, str] = {}
+    for entry, entry_overrides in spec.entries.items():
+        where = f"sweep.variants.{entry}" if entry in spec.variants else f"sweep.methods {entry!r}"
+        changes = _nest(entry_overrides, where, label)
+        for seed in spec.seeds:
+            name = f"{entry}_seed{seed}"
+            run_changes = _with(changes, {
+                "run": {"name": name, "out_dir": str(out / "runs" / name), "seed": seed},
+                "model": {"checkpoint": checkpoint},
+            })
+            cfg = config_from_dict(_with(resolved, run_changes), label=f"{label}: {where}")
+            runs.append(PlannedRun(entry, seed, cfg))
+        identity = _identity(runs[-1].cfg)
+        if identity in seen:
+            raise UserError(f"{label}: {where} resolves to the same runs as {seen[identity]}; drop one of them")
+        seen[identity] = where
+    # Seeds outermost: an unfinished sweep still holds every method at the first seeds.
+    runs.sort(key=lambda r: spec.seeds.index(r.seed))
+    return SweepPlan(out=out, base=base, pretrain=pretrain, runs=runs)
+
+
+def plan_hash(plan: SweepPlan) -> str:
+    """One hash over every run's resolved config, for checking that all ranks plan the same sweep."""
+    configs = [plan.pretrain] if plan.pretrain is not None else []
+    configs += [r.cfg for r in plan.runs]
+    return distributed.fingerprint([config_hash(c) for c in configs])
+
+
+def finished_rows(cfg: Config) -> list[dict] | None:
+    """The results of a completed run of exactly ``cfg`` (every scheduled iteration recorded, final
+    model and plots written, same resume key), or None when the run still has work to do."""
+    out = cfg.out_path
+    try:
+        rows = read_results(out)
+        key = json.loads((out / "resume_key.json").read_text())
+    except (OSError, ValueError):
+        return None
+    resolved = config_to_dict(cfg)
+    if key != {s: resolved[s] for s in RESUME_SECTIONS}:
+        return None
+    if [r.get("iteration") for r in rows] != list(range(len(cfg.prune.schedule()) + 1)):
+        return None
+    if not all((out / p).exists() for p in ("final/model.pt", "final/masks.pt", "plots/accuracy.png")):
+        return None
+    return rows
+
+
+def _run_or_reuse(cfg: Config, dist: DistInfo) -> tuple[list[dict], bool]:
+    """(rows, reused): a finished run is read back, untouched; anything else goes through the pipeline."""
+    done = finished_rows(cfg) if dist.is_main and cfg.run.resume else None
+    done = distributed.broadcast_object(done)
+    if done is not None:
+        return done, True
+    return run(cfg, dist), False
+
+
+def run_sweep(
+    plan: SweepPlan,
+    dist: DistInfo,
+    on_progress: Callable[[dict[str, dict[int, list[dict]]]], None] | None = None,
+) -> dict[str, dict[int, list[dict]]]:
+    """Pretrain once (unless a checkpoint is given), then every planned run in order.
+
+    Returns ``{entry: {seed: rows}}``; ``on_progress`` (rank 0 only) gets the results so far after
+    every run, so an unfinished sweep still leaves up-to-date tables.
+    """
+    if plan.pretrain is not None:
+        _, reused = _run_or_reuse(plan.pretrain, dist)
+        log.info("pretrained checkpoint %s (%s)", plan.pretrain.out_path / "pretrained.pt", "reused" if reused else "trained now")
+    results: dict[str, dict[int, list[dict]]] = {}
+    for i, planned in enumerate(plan.runs, 1):
+        log.info("sweep run %d/%d: %s, seed %d -> %s", i, len(plan.runs), planned.entry, planned.seed, planned.cfg.out_path)
+        rows, reused = _run_or_reuse(planned.cfg, dist)
+        if reused:
+            log.info("sweep run %d/%d: finished earlier, reusing its results", i, len(plan.runs))
+        results.setdefault(planned.entry, {})[planned.seed] = rows
+        if on_progress is not None and dist.is_main:
+            on_progress(results)
+    return results

@@ -1,0 +1,165 @@
+"""The comparison sweep: a reduced sweep end to end, resuming without redoing finished runs, and
+strict validation of the sweep section before any work starts."""
+import contextlib
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rdprune.cli import run_cli
+from rdprune.compare import main
+from rdprune.comparison import CLEAR_BEST, CSV_COLUMNS, TIED_BEST, Stat, _marks
+from rdprune.sweep import load_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "compare_quickstart.yaml"
+REDUCED = [
+    "pretrain.steps=40", "finetune.steps=5", "prune.levels=6", "prune.target_sparsity=0.75",
+    "calibration.size=32", "run.progress=false", "run.threads=1",
+    "sweep.methods=[rd, lamp]", "sweep.seeds=[0]", "sweep.variants={}",
+]
+LEVELS = ["0.5", "0.75"]
+# torchrun's error-file hook (rdprune.distributed.record) cannot install a fault handler on
+# pytest's captured stderr; harmless in process.
+pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
+
+
+def _compare(out: Path, *extra: str) -> int:
+    return main([str(CONFIG), f"run.out_dir={out}", *REDUCED, *extra])
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("compare") / "sweep"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert _compare(out) == 0
+    return out, stdout.getvalue()
+
+
+def test_reduced_sweep_writes_tables_and_plot(sweep):
+    out, printed = sweep
+    with open(out / "comparison.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [(r["level"], r["method"]) for r in rows] == [(lv, m) for lv in LEVELS for m in ("rd", "lamp")]
+    for r in rows:
+        assert r["seeds"] == "1" and r["top1_std"] == ""  # one seed: no spread to report
+        assert 0 <= float(r["top1_mean"]) <= 100 and 0 < float(r["flops_remaining_mean"]) <= 1
+        assert abs(float(r["sparsity_mean"]) - float(r["level"])) < 0.02
+    for level in LEVELS:
+        marks = [r["top1_mark"] for r in rows if r["level"] == level]
+        assert sum(m in (CLEAR_BEST, TIED_BEST) for m in marks) == 1
+
+    md = (out / "comparison.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert "top-1 after fine-tuning" in table[0] and "top-1 right after pruning" in table[0]
+    assert [line.split("|")[2].strip() for line in table[1:]] == ["rd", "lamp", "rd", "lamp"]
+    assert table[1] in printed  # the CLI prints the table at the end
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_run_starts_from_the_one_pretrained_checkpoint(sweep):
+    out, _ = sweep
+    checkpoint = str((out / "pretrained" / "pretrained.pt").resolve())
+    dense = set()
+    for name in ("rd_seed0", "lamp_seed0"):
+        cfg = yaml.safe_load((out / "runs" / name / "config.yaml").read_text())
+        assert cfg["model"]["checkpoint"] == checkpoint
+        assert not (out / "runs" / name / "pretrained.pt").exists()  # no run pretrains on its own
+        dense.add(json.loads((out / "runs" / name / "results.jsonl").read_text().splitlines()[0])["top1"])
+    assert len(dense) == 1
+
+
+def test_resume_redoes_only_unfinished_runs(sweep):
+    out, _ = sweep
+    finished = _mtimes(out / "runs" / "rd_seed0")
+    pretrained = _mtimes(out / "pretrained")
+    # An interruption inside lamp's last iteration: its row and final outputs are missing; the
+    # tables were never written.
+    lamp = out / "runs" / "lamp_seed0"
+    results = (lamp / "results.jsonl").read_text().splitlines()
+    (lamp / "results.jsonl").write_text("\n".join(results[:-1]) + "\n")
+    for p in (lamp / "final" / "model.pt", lamp / "final" / "masks.pt", out / "comparison.csv", out / "comparison.md"):
+        p.unlink()
+
+    assert _compare(out) == 0
+    assert _mtimes(out / "runs" / "rd_seed0") == finished
+    assert _mtimes(out / "pretrained") == pretrained
+    assert len((lamp / "results.jsonl").read_text().splitlines()) == len(results)
+    assert (lamp / "final" / "model.pt").exists()
+    assert (out / "comparison.csv").exists() and (out / "comparison.md").exists()
+
+
+def _error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, list(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("rdprune: error: ")
+    return err
+
+
+def _config_with(tmp_path: Path, sweep_section: dict) -> Path:
+    data = yaml.safe_load(CONFIG.read_text())
+    data["sweep"] = sweep_section
+    data["run"]["out_dir"] = str(tmp_path / "never")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("sweep_section, expected", [
+    ({"methds": ["rd"]}, "unknown key 'sweep.methds' (did you mean 'methods'?)"),
+    ({"methods": ["lamb"]}, "'lamb', not a method (did you mean 'lamp'?)"),
+    ({"methods": ["rd"], "seeds": [0, 0]}, "sweep.seeds lists a seed more than once"),
+    ({"methods": ["rd"], "seeds": [-1]}, "sweep.seeds must be a non-empty list of integers >= 0"),
+    ({"variants": {"x": {"prune.distorsion": "mse"}}}, "unknown key 'prune.distorsion' (did you mean 'prune.distortion'?)"),
+    ({"variants": {"x": {"prune.distortion": "l2"}}}, "sweep.variants.x: prune.distortion must be one of 'mse', 'worst_case'"),
+    ({"variants": {"x": {"model.checkpoint": "a.pt"}}}, "model.checkpoint cannot vary within a sweep"),
+    ({"variants": {"x": {"run.seed": 3}}}, "run.seed cannot vary within a sweep: it is set by sweep.seeds"),
+    ({"variants": {"a/b": {"prune.method": "rd"}}}, "a variant name must be"),
+    ({"methods": ["rd"], "variants": {"rd_mse": {"prune.distortion": "mse"}}},
+     "sweep.variants.rd_mse resolves to the same runs as sweep.methods 'rd'"),
+    ({"seeds": [0]}, "the sweep lists no runs"),
+])
+def test_bad_sweep_sections_exit_2_before_any_work(capsys, tmp_path, sweep_section, expected):
+    err = _error(capsys, str(_config_with(tmp_path, sweep_section)))
+    assert expected in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_bad_sweep_override_and_missing_section(capsys, tmp_path):
+    assert "unknown key 'sweep.seed' (did you mean 'seeds'?)" in _error(capsys, str(CONFIG), "sweep.seed=[1]")
+    assert "unknown key 'prune.metod'" in _error(capsys, str(CONFIG), "prune.metod=rd")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text((ROOT / "configs" / "quickstart.yaml").read_text())
+    assert "no 'sweep' section" in _error(capsys, str(plain))
+
+
+def test_the_shipped_sweep_plans_every_method_and_variant():
+    plan = load_sweep(CONFIG)
+    assert plan.entries[:6] == ["rd", "lamp", "glob", "unif", "unifplus", "erk"]
+    assert len(plan.seeds) >= 3 and plan.pretrain is not None
+    assert plan.runs[0].seed == plan.runs[len(plan.entries) - 1].seed  # seeds outermost
+    by_entry = {r.entry: r.cfg for r in plan.runs}
+    assert by_entry["rd"].prune.target_sparsity >= 0.98
+    assert by_entry["rd_worst_case"].prune.distortion == "worst_case"
+    assert by_entry["rd_zero_data"].calibration.source == "synthetic"
+    assert by_entry["rd_oneshot"].prune.schedule() == [by_entry["rd"].prune.target_sparsity]
+    assert len({r.cfg.model.checkpoint for r in plan.runs}) == 1
+
+
+def test_marks_call_differences_within_the_seed_spread_ties():
+    clear = _marks([Stat(90.0, 0.5, 3), Stat(88.0, 0.5, 3)])
+    assert [m for m, _ in clear] == [CLEAR_BEST, "below best"]
+    tie = _marks([Stat(90.0, 1.5, 3), Stat(89.0, 0.5, 3)])
+    assert [m for m, _ in tie] == [TIED_BEST, "≈ best, within seed spread"]
+    assert tie[1][1] == pytest.approx(1.0)
