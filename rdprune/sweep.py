@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from rdprune import distributed
-from rdprune.config import SECTIONS, Config, PruneConfig, config_from_dict, config_hash, config_to_dict
+from rdprune.config import Config, PruneConfig, _read_yaml, config_from_dict, config_hash, config_to_dict
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
 from rdprune.pipeline import RESUME_SECTIONS, run
@@ -87,22 +87,6 @@ class SweepPlan:
 def _nearest(word: str, options: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else f"; allowed: {', '.join(options)}"
-
-
-def _read_file(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read: {err}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of sections ({', '.join([*SECTIONS, 'sweep'])}) at the top level")
-    return data
 
 
 def _apply_sweep_overrides(sweep: dict, overrides: Sequence[str]) -> None:
@@ -192,7 +176,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepPlan:
     and validate every run's Config before any work starts. Raises a one-line UserError."""
     path = Path(path)
     label = str(path)
-    data = _read_file(path)
+    data = _read_yaml(path)  # the config's own strict reader: duplicate keys are errors too
     sweep = data.pop("sweep", None)
     if sweep is None:
         raise UserError(f"{label}: no 'sweep' section; a comparison needs sweep.methods and/or sweep.variants and sweep.seeds")

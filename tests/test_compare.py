@@ -4,6 +4,9 @@ import contextlib
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +166,22 @@ def test_marks_call_differences_within_the_seed_spread_ties():
     tie = _marks([Stat(90.0, 1.5, 3), Stat(89.0, 0.5, 3)])
     assert [m for m, _ in tie] == [TIED_BEST, "≈ best, within seed spread"]
     assert tie[1][1] == pytest.approx(1.0)
+
+
+@pytest.mark.slow  # two torchrun launches of a reduced sweep, ~30-60 s on 2 busy cores
+def test_sweep_under_torchrun_runs_every_run_on_both_ranks_and_resumes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rdprune.compare", str(CONFIG), f"run.out_dir={out}", *REDUCED]
+    first = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("| 75.00 % | rd |") == 1  # rank 0 alone prints the table
+    for name in ("rd_seed0", "lamp_seed0"):
+        assert json.loads((out / "runs" / name / "provenance.json").read_text())["world_size"] == 2
+    runs = _mtimes(out / "runs")
+    second = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert _mtimes(out / "runs") == runs
+    assert len(list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))) == 4
