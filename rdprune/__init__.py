@@ -1,2 +1,43 @@
-"""rdprune: layer-adaptive weight pruning by rate-distortion optimisation."""
+"""rdprune: layer-adaptive weight pruning by rate-distortion optimisation.
+
+The public API is the pruning core, a few calls::
+
+    layers = rdprune.prunable_layers(model)
+    curves = rdprune.estimate_curves(model, calibration_inputs, levels=101, worst_case=True)
+    amounts = rdprune.allocate(curves, {n: m.weight.numel() for n, m in layers.items()}, 0.5)
+    masks = rdprune.apply_masks(model, amounts)
+
+The command line (``python -m rdprune.run CONFIG``) composes the same calls with data, training and
+torchrun.
+"""
+from rdprune.core.allocation import allocate
+from rdprune.core.baselines import baseline_amounts
+from rdprune.core.curves import estimate_curves, synthetic_inputs
+from rdprune.core.grid import Curve
+from rdprune.core.layers import describe_layers, prunable_layers
+from rdprune.core.masks import (
+    MaskGuard,
+    apply_masks,
+    layer_sparsity,
+    load_masks,
+    pruned_state_dict,
+    save_masks,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "Curve",
+    "MaskGuard",
+    "allocate",
+    "apply_masks",
+    "baseline_amounts",
+    "describe_layers",
+    "estimate_curves",
+    "layer_sparsity",
+    "load_masks",
+    "prunable_layers",
+    "pruned_state_dict",
+    "save_masks",
+    "synthetic_inputs",
+]

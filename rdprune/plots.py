@@ -35,7 +35,8 @@ def plot_curves(curves: Mapping[str, Curve], order: Sequence[str], path: Path, t
     names = [n for n in order if n in curves]
     for i, name in enumerate(names):
         c = curves[name]
-        ax.plot(100 * c.amounts, np.maximum(c.distortion, 1e-12), color=cmap(i / max(1, len(names) - 1)), lw=1)
+        # zero distortion (levels that prune nothing new) has no place on a log axis
+        ax.plot(100 * c.amounts, np.where(c.distortion > 0, c.distortion, np.nan), color=cmap(i / max(1, len(names) - 1)), lw=1)
     ax.set_yscale("log")
     ax.set_xlabel("layer sparsity (%)")
     ax.set_ylabel("output distortion")
