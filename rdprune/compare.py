@@ -7,22 +7,39 @@ command runs under ``torchrun``: every rank runs the same sequence of runs, rank
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
 
 from rdprune import distributed
-from rdprune.cli import parse_run_args, run_cli
+from rdprune.cli import build_run_parser, run_cli
 from rdprune.comparison import write_comparison
 from rdprune.sweep import load_sweep, plan_hash, run_sweep
 
 PROG = "python -m rdprune.compare"
+SWEEP_HELP = """
+the config's sweep section (override its keys as sweep.key=value, e.g. sweep.seeds=[0]):
+  methods: [rd, lamp, ...]              one run per method (prune.method set to it)
+  variants: {name: {section.key: value}}  named override sets, e.g. rd_oneshot: {prune.amount_per_iteration: 1.0}
+  seeds: [0, 1, 2]                      fine-tuning data order and calibration sampling; never the checkpoint
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The run parser, described for the sweep."""
+    parser = build_run_parser(PROG)
+    parser.description = ("Compare pruning methods: run every method, variant and seed of the config's sweep "
+                          "section from one pretrained checkpoint, then write comparison.md, .csv and .png.")
+    parser.epilog = SWEEP_HELP + "\n" + parser.epilog
+    return parser
 
 
 @distributed.record
 def main(argv: list[str]) -> int:
     """Validate the whole sweep first, then run it, leaving the process group on every exit."""
-    path, overrides = parse_run_args(argv, prog=PROG)
+    ns = build_parser().parse_args(argv)
+    path, overrides = ns.config, list(ns.overrides)
     plan = load_sweep(path, overrides)
     base = plan.base
     if base.run.threads:
