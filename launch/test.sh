@@ -3,6 +3,6 @@
 # Usage: launch/test.sh [pytest args...]      e.g. launch/test.sh -m "not slow"
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${EXTRAS:-test,dali}"
+EXTRAS="${EXTRAS:-test,dali,deepspeed}"
 source launch/env.sh
 exec python -m pytest "$@"
