@@ -154,8 +154,12 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0, *, single_g
     dev = _select_device(device, local_rank)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+        # torchrun's agent keeps one store across restarts: without a prefix per attempt, restarted
+        # workers read the dead workers' gloo addresses (and failure notes) and wait for them.
+        store = dist.PrefixStore(f"rdprune/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     log.info("process group up: %d ranks, backend %s, device %s", world, backend, dev)
     return DistInfo(rank, world, local_rank, dev, backend)
 
