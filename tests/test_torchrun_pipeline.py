@@ -134,7 +134,7 @@ def test_finetuning_keeps_zeros_and_ranks_equal(tmp_path, engine):
     if engine == "deepspeed":
         pytest.importorskip("deepspeed")
     overrides = [MODEL, "finetune.steps=4", "run.progress=false", f"run.out_dir={tmp_path / 'run'}",
-                 f"distributed.engine={engine}", "distributed.zero_stage=2"]
+                 f"distributed.engine={engine}"] + (["distributed.zero_stage=2"] if engine == "deepspeed" else [])
     proc = _ok(_run(_torchrun(2, str(SCRIPTS / "finetune_masks.py"), QUICKSTART, *overrides), timeout=500))
     assert all(f"{engine} fine-tuning ok on rank {r}" in proc.stdout for r in (0, 1)), proc.stdout
 
@@ -173,7 +173,7 @@ def test_killed_rank_restarts_and_ends_like_an_uninterrupted_run(tmp_path, check
         done = {p: p.stat().st_mtime_ns for p in cache.glob("*.curve.pt")}
         assert not (out / "allocation" / "iter_01.json").exists(), "curve estimation ended before the kill"
         os.kill(victim, signal.SIGKILL)
-        assert agent.wait(timeout=400) == 0, (tmp_path / "torchrun.log").read_text()[-5000:]
+        assert agent.wait(timeout=240) == 0, (tmp_path / "torchrun.log").read_text()[-5000:]
     finally:
         if agent.poll() is None:
             agent.kill()

@@ -5,6 +5,10 @@ CIFAR ResNet-32 with seeded random weights (BatchNorm statistics set from noise,
 same process on (a) the dense model and (b) the model after five rounds of 20 % global magnitude
 pruning; it prints times, the speed-up, the largest difference relative to each layer's max|D|,
 and peak memory. Exit 1 when any value is out of tolerance.
+
+With ``--nproc N`` it instead times sharded curve estimation (:func:`rdprune.sharded_curves.sharded_curves`)
+on the same two models under ``torchrun`` with 1 and then N ranks on this machine, one thread per
+rank, and says whether the N-rank curves are identical to the 1-rank ones.
 """
 from __future__ import annotations
 
@@ -12,7 +16,11 @@ import argparse
 import os
 import platform
 import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,11 +126,82 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=1, help="time each estimator this many times, keep the best")
     parser.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="time sharded curve estimation under torchrun at 1 and NPROC ranks (CPU, one thread each)")
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)  # set for the ranks --nproc starts
     return parser
+
+
+def sharded_worker(args: argparse.Namespace) -> None:
+    """One rank of a ``--nproc`` launch: time sharded curves on both models; rank 0 saves curves and times."""
+    from rdprune import distributed
+    from rdprune.sharded_curves import sharded_curves
+
+    torch.set_num_threads(1)
+    with distributed.distributed_session("cpu") as info:
+        model = benchmark_model(args.seed)
+        inputs = synthetic_inputs(args.samples, (3, 32, 32), seed=args.seed + 1)
+        results = {}
+        for case in ("dense", "pruned"):
+            if case == "pruned":
+                for _ in range(5):
+                    global_magnitude_prune(model, 0.2)
+            distributed.barrier()
+            start = time.perf_counter()
+            curves = sharded_curves(model, inputs, args.levels, grid="absolute", worst_case=False, skip=(),
+                                    batch_size=args.samples, cache_dir=None, dist=info, progress=False)
+            distributed.barrier()
+            results[case] = (time.perf_counter() - start, curves)
+        if info.is_main:
+            torch.save({case: (seconds, {n: (torch.from_numpy(c.amounts), torch.from_numpy(c.distortion))
+                                         for n, c in curves.items()})
+                        for case, (seconds, curves) in results.items()}, args.worker_out)
+
+
+def launch_sharded(args: argparse.Namespace, nproc: int, out: Path) -> dict:
+    """Run :func:`sharded_worker` on ``nproc`` local ranks under torchrun; rank 0's saved results."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "rdprune.bench", "curves", "--levels", str(args.levels), "--samples", str(args.samples),
+           "--seed", str(args.seed), "--worker-out", str(out)]
+    subprocess.run(cmd, env=env, check=True)
+    return torch.load(out, weights_only=True)
+
+
+def compare_ranks(args: argparse.Namespace) -> int:
+    """Wall time of sharded curve estimation at 1 and ``--nproc`` ranks, and whether the curves are identical."""
+    if args.nproc < 2:
+        raise SystemExit(f"--nproc must be at least 2, got {args.nproc}")
+    print(f"hardware: {cpu_model()}; {os.cpu_count()} cores; torch {torch.__version__}; one thread per rank")
+    print(f"CIFAR ResNet-32, random weights, {args.samples} inputs of 3x32x32, absolute grid of {args.levels} levels, "
+          "sharded_curves under torchrun (gloo, CPU); time from the first barrier to the last, start-up excluded")
+    with tempfile.TemporaryDirectory() as tmp:
+        one = launch_sharded(args, 1, Path(tmp) / "one.pt")
+        many = launch_sharded(args, args.nproc, Path(tmp) / "many.pt")
+    identical = within = True
+    for case, label in (("dense", "(a) dense model"), ("pruned", "(b) after five rounds of 20 % global magnitude pruning")):
+        (t1, c1), (tn, cn) = one[case], many[case]
+        same = list(c1) == list(cn) and all(torch.equal(c1[n][0], cn[n][0]) and torch.equal(c1[n][1], cn[n][1]) for n in c1)
+        worst = max(float((c1[n][1] - cn[n][1]).abs().max() / max(float(c1[n][1].abs().max()), 1e-300)) for n in c1)
+        print(label)
+        print(f"  1 rank          {t1:8.2f} s wall")
+        print(f"  {args.nproc} ranks {' ' * (7 - len(str(args.nproc)))}{tn:8.2f} s wall   speed-up {t1 / tn:5.2f} x")
+        print(f"  curves identical: {'yes' if same else 'no'} (max |difference| / max|D| {worst:.2e})")
+        identical = identical and same
+        within = within and worst <= TOLERANCE
+    print(f"curves at 1 and {args.nproc} ranks: " + ("identical" if identical else
+          "within tolerance, not bit-identical" if within else "OUT OF TOLERANCE"))
+    return 0 if within else 1
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.worker_out is not None:
+        sharded_worker(args)
+        return 0
+    if args.nproc is not None:
+        return compare_ranks(args)
     device = torch.device(args.device)
     print(f"hardware: {cpu_model()}; {os.cpu_count()} cores; torch {torch.__version__} with {torch.get_num_threads()} threads")
     if device.type == "cuda":
