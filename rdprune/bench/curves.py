@@ -185,8 +185,8 @@ def compare_ranks(args: argparse.Namespace) -> int:
         same = list(c1) == list(cn) and all(torch.equal(c1[n][0], cn[n][0]) and torch.equal(c1[n][1], cn[n][1]) for n in c1)
         worst = max(float((c1[n][1] - cn[n][1]).abs().max() / max(float(c1[n][1].abs().max()), 1e-300)) for n in c1)
         print(label)
-        print(f"  1 rank          {t1:8.2f} s wall")
-        print(f"  {args.nproc} ranks {' ' * (7 - len(str(args.nproc)))}{tn:8.2f} s wall   speed-up {t1 / tn:5.2f} x")
+        print(f"  {'1 rank':<14}{t1:8.2f} s wall")
+        print(f"  {f'{args.nproc} ranks':<14}{tn:8.2f} s wall   speed-up {t1 / tn:5.2f} x")
         print(f"  curves identical: {'yes' if same else 'no'} (max |difference| / max|D| {worst:.2e})")
         identical = identical and same
         within = within and worst <= TOLERANCE
