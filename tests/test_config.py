@@ -17,9 +17,11 @@ from rdprune.config import (
     load_config, save_config,
 )
 from rdprune.errors import UserError
+from rdprune.sweep import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+RUN_CONFIGS = [p for p in SHIPPED if "sweep:" not in p.read_text()]  # the rest are compare sweeps
 
 MINIMAL = """\
 model:
@@ -60,9 +62,14 @@ def test_configs_folder_has_the_published_experiments():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_opens_with_its_command(path: Path):
-    cfg = load_config(path)
+    """Run configs load with load_config; sweep configs (a `sweep:` section) with the sweep loader."""
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# ") and "rdprune.run" in first and f"configs/{path.name}" in first
+    if "sweep:" in path.read_text():
+        cfg = load_sweep(path).base
+        assert first.startswith("# ") and "rdprune.compare" in first and f"configs/{path.name}" in first
+    else:
+        cfg = load_config(path)
+        assert first.startswith("# ") and "rdprune.run" in first and f"configs/{path.name}" in first
     schedule = cfg.prune.schedule()
     assert schedule[-1] == cfg.prune.target_sparsity
     assert schedule == sorted(schedule)
@@ -82,7 +89,7 @@ def test_shipped_settings_match_the_published_experiments():
 
 # --- round trip, hash, overrides ----------------------------------------------------------------
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_round_trip_through_yaml(path: Path, tmp_path: Path):
     cfg = load_config(path)
     dumped = tmp_path / "resolved.yaml"
