@@ -131,10 +131,11 @@ def _marks(stats: Sequence[Stat]) -> list[tuple[str, float]]:
 def _vs_best(mark: str, gap: float) -> str:
     if mark in (CLEAR_BEST, TIED_BEST):
         return f"**{mark}**"
+    points = f"-{gap:.2f}" if round(gap, 2) > 0 else "0.00"  # not "-0.00" for an exact tie
     if mark == WITHIN:
-        return f"≈ (-{gap:.2f}, within seed spread)"
+        return f"≈ ({points}, within seed spread)"
     if mark == BELOW:
-        return f"-{gap:.2f}"
+        return points
     return mark
 
 
