@@ -344,6 +344,13 @@ class FinetuneConfig(TrainingConfig):
 
     rewind: bool = False
     """Before fine-tuning, reset surviving weights to the pretrained (dense) weights: weight rewinding."""
+    checkpoint_every: int = 0
+    """Save the fine-tuning state every this many steps, so a killed run resumes mid-iteration
+    (DeepSpeed: its sharded checkpoint, written by every rank); 0 = only at iteration ends."""
+
+    def validate(self) -> None:
+        super().validate()
+        self._check("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0")
 
 
 @dataclass(kw_only=True)

@@ -8,17 +8,21 @@ gradients are masked too, so optimizer state never builds up for them.
 """
 from __future__ import annotations
 
+import json
 import logging
-import os
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from rdprune.core.masks import Masks, MaskGuard, enforce_masks
-from rdprune import distributed
+from rdprune import distributed, finetune_checkpoint
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
+from rdprune.run_dir import write_json
+from rdprune.train import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +143,36 @@ class DeepSpeedEngine:
         for name, mask in self.masks.items():
             _mask_master_fragment(self.layers[name].weight, mask)
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """DeepSpeed's sharded checkpoint (model, optimizer, master copy); every rank must call it."""
-        self.engine.save_checkpoint(str(directory), tag="latest_step")
+    def save(self, directory: Path, iteration: int, step: int) -> None:
+        """DeepSpeed's sharded checkpoint (model, optimizer and master copy, scheduler, every rank's random
+        state) under ``directory/deepspeed``, then rank 0's marker ``directory/finetune.json`` naming it.
 
-    def load(self, directory: str | os.PathLike) -> None:
-        """Resume from :meth:`save`'s checkpoint; every rank must call it."""
-        path, _ = self.engine.load_checkpoint(str(directory), tag="latest_step")
+        Every rank must call it: each writes its own shard of the optimizer state.
+        """
+        tag = finetune_checkpoint.deepspeed_tag(iteration, step)
+        rngs = distributed.gather_objects(rng_state(self.info.device))
+        # DeepSpeed writes the client state with the model, from rank 0: rank 0's list is the one kept.
+        self.engine.save_checkpoint(str(directory / finetune_checkpoint.DEEPSPEED_DIR), tag=tag,
+                                    client_state={"rng": rngs}, save_latest=False)
+        distributed.barrier()
+        if self.info.is_main:
+            write_json(directory / finetune_checkpoint.DEEPSPEED_MARKER, {
+                "engine": "deepspeed", "world_size": self.info.world_size, "iteration": iteration, "step": step, "tag": tag})
+            for old in (directory / finetune_checkpoint.DEEPSPEED_DIR).iterdir():
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
+
+    def load(self, directory: Path) -> int:
+        """Restore :meth:`save`'s checkpoint on every rank; the step it was saved after."""
+        marker = json.loads((directory / finetune_checkpoint.DEEPSPEED_MARKER).read_text())
+        path, client = self.engine.load_checkpoint(str(directory / finetune_checkpoint.DEEPSPEED_DIR), tag=marker["tag"])
         if path is None:
-            raise UserError(f"no DeepSpeed checkpoint in {directory}; delete the directory to start afresh")
+            raise UserError(f"{directory / finetune_checkpoint.DEEPSPEED_MARKER} names DeepSpeed checkpoint "
+                            f"{marker['tag']!r}, which cannot be read; delete both to restart this iteration's fine-tuning")
+        set_rng_state(client["rng"][self.info.rank], self.info.device)
         self._enforce()
+        return marker["step"]
 
     def close(self) -> None:
         """Remove the gradient hooks that keep pruned weights' gradients at zero."""

@@ -3,7 +3,8 @@
 Iteration 0 evaluates the dense model. Iteration t prunes to the t-th target of the schedule
 (curves sharded across ranks, allocation on rank 0, masks broadcast and checked), fine-tunes with
 pruned weights held at zero, evaluates, and rank 0 records the iteration atomically. A rerun of the
-same command continues after the last recorded iteration and reuses cached curves.
+same command continues after the last recorded iteration and reuses cached curves; with
+``finetune.checkpoint_every`` it also continues an interrupted fine-tuning from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rdprune import distributed, feeding
+from rdprune import distributed, feeding, finetune_checkpoint
 from rdprune.config import Config, TrainingConfig, config_hash, config_to_dict, save_config
 from rdprune.core.allocation import allocate
 from rdprune.core.baselines import baseline_amounts
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 RESUME_SECTIONS = ("model", "data", "calibration", "prune", "finetune", "pretrain")
 """Config sections that must match for a rerun to continue an earlier run's directory."""
+RESUME_FREE = {"finetune": ("checkpoint_every",)}
+"""Keys of those sections that do not change results: a rerun may change them."""
 
 
 @dataclass
@@ -98,19 +101,20 @@ def _prepare_out_dir(cfg: Config, out: Path, dist: DistInfo) -> None:
             log.info("run.resume=false: moved the earlier run to %s", moved)
     elif read_results(out):
         saved = out / "resume_key.json"
-        if saved.exists() and json.loads(saved.read_text()) != _resume_key(cfg):
+        if saved.exists() and json.loads(saved.read_text()) != resume_key(cfg):
             raise UserError(
                 f"{out} holds a run of a different config; set run.resume=false to archive it "
                 "and start clean, or choose another run.out_dir"
             )
     save_config(cfg, out / "config.yaml")
-    write_json(out / "resume_key.json", _resume_key(cfg))
+    write_json(out / "resume_key.json", resume_key(cfg))
     write_json(out / "provenance.json", provenance(config_hash(cfg), dist.world_size))
 
 
-def _resume_key(cfg: Config) -> dict:
+def resume_key(cfg: Config) -> dict:
+    """What a run directory's config must share with a rerun's for the rerun to continue it."""
     resolved = config_to_dict(cfg)
-    return {s: resolved[s] for s in RESUME_SECTIONS}
+    return {s: {k: v for k, v in resolved[s].items() if k not in RESUME_FREE.get(s, ())} for s in RESUME_SECTIONS}
 
 
 def _build(cfg: Config, dist: DistInfo, out: Path) -> Context:
@@ -174,8 +178,13 @@ def _pretrain(ctx: Context) -> None:
         atomic_torch_save({"model": ctx.model.state_dict()}, ctx.out / "pretrained.pt")
 
 
-def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc: str, masks: Masks | None = None) -> float:
-    """Train ``steps`` steps with the configured engine; masks, when given, hold pruned weights at zero."""
+def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc: str, masks: Masks | None = None,
+           iteration: int | None = None) -> float:
+    """Train ``steps`` steps with the configured engine; masks, when given, hold pruned weights at zero.
+
+    ``iteration`` (fine-tuning) continues from that iteration's mid-fine-tuning checkpoint, if
+    there is one, and writes one every ``finetune.checkpoint_every`` steps.
+    """
     if steps == 0:
         return float("nan")
     cfg, dist = ctx.cfg, ctx.dist
@@ -193,8 +202,17 @@ def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc
         )
     else:
         engine = LocalEngine(ctx.model, optimizer, scheduler, dist, label_smoothing=section.label_smoothing, **guarded)
+    checkpoints = ctx.out / "checkpoints"
     try:
-        loss = train_steps(engine, batches, steps, desc=desc, progress=ctx.show)
+        start = 0 if iteration is None else finetune_checkpoint.resume_step(checkpoints, iteration, cfg.distributed.engine, dist)
+        if start:
+            for _ in range(start):  # the same batches as before the interruption; this also replays augmentation
+                next(batches)
+            engine.load(checkpoints)  # after the replay: the saved random state is the one to continue with
+            log.info("iteration %d: resumed fine-tuning at step %d of %d", iteration, start, steps)
+        every = cfg.finetune.checkpoint_every if iteration is not None else 0
+        loss = train_steps(engine, batches, steps, start=start, every=every, desc=desc, progress=ctx.show,
+                           checkpoint=lambda step: engine.save(checkpoints, iteration, step))
     finally:
         engine.close()
     # DDP sends rank 0's buffers before each forward, so the last forward leaves every rank its own
@@ -235,7 +253,7 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
     top1_pruned, _ = _evaluate(ctx)
     if cfg.finetune.rewind:
         _rewind(ctx, masks)
-    train_loss = _train(ctx, cfg.finetune, cfg.finetune.steps, seed=seed, desc=f"finetune {t}", masks=masks)
+    train_loss = _train(ctx, cfg.finetune, cfg.finetune.steps, seed=seed, desc=f"finetune {t}", masks=masks, iteration=t)
     enforce_masks(ctx.layers, masks)
     top1, loss = _evaluate(ctx)
     row = _row(ctx, t, target, top1_pruned, top1, loss, time.perf_counter() - start)
@@ -243,6 +261,7 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
         write_json(ctx.out / "allocation" / f"iter_{t:02d}.json", {"target_sparsity": target, "amounts": layer_sparsity(ctx.layers)})
         atomic_torch_save({"model": ctx.model.state_dict(), "masks": masks, "iteration": t}, ctx.out / "checkpoints" / "last.pt")
         append_result(ctx.out, row)
+        finetune_checkpoint.remove(ctx.out / "checkpoints")  # only now: until recorded, it is the way back in
     distributed.barrier()
     log.info(
         "iteration %d: sparsity %.2f %% (target %.2f %%), top-1 %.2f %% after pruning, %.2f %% after fine-tuning (train loss %.4f)",

@@ -25,7 +25,7 @@ from rdprune import distributed
 from rdprune.config import Config, PruneConfig, _read_yaml, config_from_dict, config_hash, config_to_dict
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
-from rdprune.pipeline import RESUME_SECTIONS, run
+from rdprune.pipeline import resume_key, run
 from rdprune.run_dir import read_results
 
 log = logging.getLogger(__name__)
@@ -241,8 +241,7 @@ def finished_rows(cfg: Config) -> list[dict] | None:
         key = json.loads((out / "resume_key.json").read_text())
     except (OSError, ValueError):
         return None
-    resolved = config_to_dict(cfg)
-    if key != {s: resolved[s] for s in RESUME_SECTIONS}:
+    if key != resume_key(cfg):
         return None
     if [r.get("iteration") for r in rows] != list(range(len(cfg.prune.schedule()) + 1)):
         return None

@@ -7,7 +7,8 @@ An engine (plain/DDP here, DeepSpeed in :mod:`rdprune.deepspeed_engine`) owns on
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,8 +18,9 @@ from tqdm import tqdm
 
 from rdprune import distributed
 from rdprune.config import TrainingConfig
-from rdprune.core.masks import MaskGuard, Masks
+from rdprune.core.masks import MaskGuard, Masks, atomic_torch_save
 from rdprune.distributed import DistInfo
+from rdprune.finetune_checkpoint import LOCAL_FILE
 
 if TYPE_CHECKING:
     from rdprune.deepspeed_engine import DeepSpeedEngine
@@ -57,7 +59,7 @@ class LocalEngine:
 
     Pruned weights stay exactly zero: a :class:`MaskGuard` masks their gradients and re-applies
     the masks after every optimiser step. :class:`rdprune.deepspeed_engine.DeepSpeedEngine` is the
-    other engine; both offer ``train_step`` and ``close``.
+    other engine; both offer ``train_step``, ``save``, ``load`` and ``close``.
     """
 
     def __init__(
@@ -72,7 +74,7 @@ class LocalEngine:
         label_smoothing: float = 0.0,
     ):
         self.model = distributed.wrap_ddp(model, dist)
-        self.optimizer, self.scheduler, self.device = optimizer, scheduler, dist.device
+        self.optimizer, self.scheduler, self.device, self.rank = optimizer, scheduler, dist.device, dist.rank
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self._guard = MaskGuard(layers, masks, optimizer) if masks is not None else None
 
@@ -89,9 +91,51 @@ class LocalEngine:
         self.scheduler.step()
         return loss.item()
 
+    def save(self, directory: Path, iteration: int, step: int) -> None:
+        """The training state after ``step`` steps of ``iteration``, written by rank 0 to ``directory/finetune.pt``.
+
+        Every rank must call it: each rank's random state (dropout, augmentation) goes in too.
+        """
+        rngs = distributed.gather_objects(rng_state(self.device))
+        if rngs is not None:
+            atomic_torch_save({
+                "engine": "ddp", "world_size": len(rngs), "iteration": iteration, "step": step,
+                "model": _unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": rngs,
+            }, directory / LOCAL_FILE)
+        distributed.barrier()
+
+    def load(self, directory: Path) -> int:
+        """Restore :meth:`save`'s state on every rank; the step it was saved after."""
+        state = torch.load(directory / LOCAL_FILE, map_location="cpu", weights_only=True)
+        _unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][self.rank], self.device)
+        return state["step"]
+
     def close(self) -> None:
         if self._guard is not None:
             self._guard.remove()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's random state: the CPU generator's, and the device's on CUDA."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    """Restore :func:`rng_state`'s result."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def train_steps(
@@ -99,17 +143,27 @@ def train_steps(
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     steps: int,
     *,
+    start: int = 0,
+    every: int = 0,
+    checkpoint: Callable[[int], None] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> float:
-    """Run ``steps`` engine steps on ``batches``; return this rank's mean training loss."""
+    """Run engine steps ``start+1 .. steps`` on ``batches``; return this rank's mean training loss over them.
+
+    ``checkpoint(step)``, when given, is called after every ``every``-th step but the last
+    (the caller records the end of training itself).
+    """
     total = 0.0
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for _ in bar:
+    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress, leave=False, dynamic_ncols=True)
+    for step in bar:
         loss = engine.train_step(*next(batches))
         total += loss
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-    return total / max(1, steps)
+        done = step + 1
+        if checkpoint is not None and every and done % every == 0 and done < steps:
+            checkpoint(done)
+    return total / max(1, steps - start)
 
 
 def rank_subset(dataset: Dataset, dist: DistInfo) -> Dataset:

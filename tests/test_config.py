@@ -204,6 +204,8 @@ def test_sparsity_of_one_is_out_of_range(tmp_path: Path):
 def test_negative_steps_from_an_override(minimal: Path):
     assert error_of(minimal, ("finetune.steps=-3",)) == \
         "override 'finetune.steps=-3': finetune.steps must be an integer >= 0, got -3"
+    assert error_of(minimal, ("finetune.checkpoint_every=-1",)) == \
+        "override 'finetune.checkpoint_every=-1': finetune.checkpoint_every must be an integer >= 0, got -1"
 
 
 def test_bad_enum_lists_allowed_values(tmp_path: Path):

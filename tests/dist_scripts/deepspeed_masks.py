@@ -3,6 +3,7 @@
 Usage: deepspeed_masks.py ZERO_STAGE PRECISION CHECKPOINT_DIR
 """
 import sys
+from pathlib import Path
 
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
@@ -27,7 +28,7 @@ def check(engine: DeepSpeedEngine, masks: dict, what: str) -> None:
 
 @d.record
 def main() -> None:
-    stage, precision, ckpt = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    stage, precision, ckpt = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     torch.set_num_threads(1)
     with d.distributed_session("cpu", timeout_s=300) as info:
         torch.manual_seed(0)
@@ -44,10 +45,10 @@ def main() -> None:
             assert loss == loss
         assert any(not torch.equal(before[n], layers[n].weight.detach().float()) for n in layers), "nothing trained"
         check(engine, masks, "after training")
-        engine.save(ckpt)
+        engine.save(ckpt, 1, 3)
         trained = {k: v.clone() for k, v in engine.module.state_dict().items()}
         engine.train_step(torch.randn(4, 3, 8, 8, generator=generator), torch.randint(0, 5, (4,), generator=generator))
-        engine.load(ckpt)
+        assert engine.load(ckpt) == 3
         assert all(torch.equal(trained[k], v) for k, v in engine.module.state_dict().items()), "load did not restore"
         check(engine, masks, "after loading")
         engine.close()

@@ -1,0 +1,71 @@
+"""Mid-fine-tuning checkpoints: where each engine writes them, which one a rerun may resume from.
+
+The plain/DDP engine's rank 0 writes ``checkpoints/finetune.pt`` (model, optimizer, scheduler and
+every rank's random state). DeepSpeed's engine has every rank write DeepSpeed's own sharded
+checkpoint under ``checkpoints/deepspeed/<tag>``, then rank 0 writes ``checkpoints/finetune.json``
+naming the tag: the marker appears only once the checkpoint is whole. Both record the iteration,
+the step, the engine and the world size; a checkpoint that differs from the current fine-tuning in
+any of them is stale and is removed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from rdprune import distributed
+from rdprune.distributed import DistInfo
+
+log = logging.getLogger(__name__)
+
+LOCAL_FILE = "finetune.pt"
+DEEPSPEED_MARKER = "finetune.json"
+DEEPSPEED_DIR = "deepspeed"
+
+
+def deepspeed_tag(iteration: int, step: int) -> str:
+    """The name of one DeepSpeed checkpoint: a new one per save, so a kill mid-save spares the last whole one."""
+    return f"iter{iteration:02d}_step{step:07d}"
+
+
+def _present(directory: Path) -> list[dict]:
+    """What each checkpoint present records: engine, world_size, iteration, step."""
+    found = []
+    if (directory / LOCAL_FILE).exists():
+        # mmap: only the few plain entries are read, not the model and optimizer tensors.
+        state = torch.load(directory / LOCAL_FILE, map_location="cpu", weights_only=True, mmap=True)
+        found.append({k: state[k] for k in ("engine", "world_size", "iteration", "step")})
+    if (directory / DEEPSPEED_MARKER).exists():
+        found.append(json.loads((directory / DEEPSPEED_MARKER).read_text()))
+    return found
+
+
+def remove(directory: Path, engine: str | None = None) -> None:
+    """Delete ``engine``'s mid-fine-tuning checkpoint under ``directory`` (None: both; call on rank 0)."""
+    if engine in (None, "deepspeed"):
+        (directory / DEEPSPEED_MARKER).unlink(missing_ok=True)  # first: a marker never names a missing checkpoint
+        shutil.rmtree(directory / DEEPSPEED_DIR, ignore_errors=True)
+    if engine in (None, "ddp"):
+        (directory / LOCAL_FILE).unlink(missing_ok=True)
+
+
+def resume_step(directory: Path, iteration: int, engine: str, dist: DistInfo) -> int:
+    """The step to resume ``iteration``'s fine-tuning from (0 = from the start), the same on every rank.
+
+    Rank 0 decides: a checkpoint of this iteration, engine and world size is used; any other is
+    removed, so it cannot be taken for a later iteration's.
+    """
+    step = 0
+    if dist.is_main:
+        wanted = {"engine": engine, "world_size": dist.world_size, "iteration": iteration}
+        for found in _present(directory):
+            if {k: found.get(k) for k in wanted} == wanted:
+                step = found["step"]
+                continue
+            log.info("removing a fine-tuning checkpoint of another run state (%s, iteration %s, %s ranks)",
+                     found.get("engine"), found.get("iteration"), found.get("world_size"))
+            remove(directory, found.get("engine"))
+    return distributed.broadcast_object(step)
