@@ -126,10 +126,28 @@ def _run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     return proc
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, read from /proc (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) if entry.name.isdigit() else None
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+        if ppid is not None:
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
 def _kill_when_written(cmd: list[str], marker: Path, log: Path) -> None:
-    """Start ``cmd`` in its own process group and SIGKILL the whole group once ``marker`` exists."""
+    """Start ``cmd`` and SIGKILL it and every process it started once ``marker`` exists."""
     with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=sink, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 500
             while not marker.exists():
@@ -137,8 +155,11 @@ def _kill_when_written(cmd: list[str], marker: Path, log: Path) -> None:
                     "the run ended before it wrote a fine-tuning checkpoint:\n" + log.read_text()[-3000:]
                 time.sleep(0.02)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+            for pid in [proc.pid, *_descendants(proc.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             proc.wait()
 
 
