@@ -76,12 +76,12 @@ class Context:
 def run(cfg: Config, dist: DistInfo) -> list[dict]:
     """Run (or resume) the whole experiment; returns the rows of ``results.jsonl``."""
     out = cfg.out_path
+    ctx = _build(cfg, dist, out)  # data and model checks fail before anything is written
     lock = RunLock(out) if dist.is_main else nullcontext()
     with lock:
         if dist.is_main:
             _prepare_out_dir(cfg, out, dist)
         distributed.barrier()
-        ctx = _build(cfg, dist, out)
         rows = _resume_or_start(ctx)
         for t, target in enumerate(cfg.prune.schedule(), 1):
             if t < len(rows):
