@@ -159,7 +159,7 @@ class DeepSpeedEngine:
             write_json(directory / finetune_checkpoint.DEEPSPEED_MARKER, {
                 "engine": "deepspeed", "world_size": self.info.world_size, "iteration": iteration, "step": step, "tag": tag})
             for old in (directory / finetune_checkpoint.DEEPSPEED_DIR).iterdir():
-                if old.name != tag:
+                if old.is_dir() and old.name != tag:  # earlier saves: the marker no longer names them
                     shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
 
