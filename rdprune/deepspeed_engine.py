@@ -102,6 +102,9 @@ class DeepSpeedEngine:
 
             if not get_accelerator().is_bf16_supported():
                 raise UserError(f"distributed.precision 'bf16' is not supported on {info.device}; use 'fp32'")
+            if info.device.type == "cpu" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                raise UserError("distributed.precision 'bf16' with BatchNorm layers needs a GPU (DeepSpeed's bf16 "
+                                "batch norm has no CPU kernel); use 'fp32' on CPU")
         if (masks is None) != (layers is None):
             raise ValueError("pass layers and masks together, or neither")
         self.info = info
@@ -175,6 +178,21 @@ class DeepSpeedEngine:
         return marker["step"]
 
     def close(self) -> None:
-        """Remove the gradient hooks that keep pruned weights' gradients at zero."""
+        """Hand the module back in fp32 and remove the hooks that keep pruned gradients at zero.
+
+        Under bf16 the module holds bf16 copies; evaluation, curves and checkpoints expect fp32,
+        so the fp32 master weights (gathered from the ZeRO partitions on every rank) go back in.
+        """
+        if self.dtype != torch.float32:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            module = self.engine.module
+            masters = [safe_get_full_fp32_param(p) for p in module.parameters()]
+            module.float()
+            with torch.no_grad():
+                for param, master in zip(module.parameters(), masters):
+                    if master is not None:
+                        param.copy_(master.view_as(param))
+            self._enforce()
         if self._guard is not None:
             self._guard.remove()

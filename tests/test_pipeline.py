@@ -188,3 +188,16 @@ def test_every_shipped_config_names_its_command():
         first = path.read_text().splitlines()[0]
         assert first.startswith("# ") and ("rdprune" in first or "sbatch" in first), path
         yaml.safe_load(path.read_text())
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_hands_back_an_fp32_model_with_zeros(tmp_path):
+    out = tmp_path / "run"
+    _run(out, "distributed.engine=deepspeed", "distributed.precision=bf16", "prune.target_sparsity=0.5")
+    rows = _rows(out)
+    assert abs(rows[-1]["sparsity"] - 0.5) <= 0.005 and rows[0]["top1"] > 60
+    state = torch.load(out / "final" / "model.pt", weights_only=True)
+    masks = torch.load(out / "final" / "masks.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    for name, mask in masks.items():
+        assert torch.all(state[f"{name}.weight"][~mask] == 0)
