@@ -172,9 +172,14 @@ def teardown() -> None:
 
 @contextmanager
 def distributed_session(device: str = "auto", timeout_s: float = 600.0, *, single_group: bool = False) -> Iterator[DistInfo]:
-    """``init_distributed`` on entry, ``teardown`` on every exit; an error is announced to the peers first."""
+    """``init_distributed`` on entry, ``teardown`` on every exit; an error is announced to the peers first.
+
+    On success every rank waits for the others before leaving the group: a rank that tears down
+    while a peer still talks to it can make that peer abort at exit.
+    """
     try:
         yield init_distributed(device, timeout_s, single_group=single_group)
+        barrier()
     except BaseException as e:
         first = _announce_failure(e)
         # A collective outside this module (DDP's gradient all-reduce) broke because a peer failed first.
