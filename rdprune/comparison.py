@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker as ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rdprune.plots import _save  # noqa: E402
+from rdprune.plots import save_figure  # noqa: E402
 from rdprune.run_dir import atomic_write_text  # noqa: E402
 
 Results = Mapping[str, Mapping[int, Sequence[Mapping]]]
@@ -221,7 +221,7 @@ def plot_comparison(rows: Sequence[LevelRow], dense: Stat | None, path: Path, ti
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_comparison(out: Path, results: Results, seeds: Sequence[int], title: str) -> str:

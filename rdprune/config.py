@@ -452,7 +452,7 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"invalid YAML{where}: {problem}"
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     label = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -541,7 +541,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     Raises UserError with one line naming the file or override, the key and what is allowed.
     """
     path = Path(path)
-    return config_from_dict(_read_yaml(path), overrides, label=str(path))
+    return config_from_dict(read_yaml(path), overrides, label=str(path))
 
 
 def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = (), label: str = "config") -> Config:

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from rdprune.core.grid import Curve  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path) -> None:
     """Save a figure atomically and free it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -43,7 +43,7 @@ def plot_curves(curves: Mapping[str, Curve], order: Sequence[str], path: Path, t
     ax.set_title(title)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, max(1, len(names) - 1)))
     fig.colorbar(sm, ax=ax, label="layer (execution order)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_layer_sparsity(allocations: Sequence[Mapping[str, float]], order: Sequence[str], path: Path, title: str) -> None:
@@ -59,7 +59,7 @@ def plot_layer_sparsity(allocations: Sequence[Mapping[str, float]], order: Seque
     if len(order) <= 30:
         ax.set_xticks(x, order, rotation=90, fontsize=7)
     ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_accuracy(series: Mapping[str, Sequence[tuple[float, float]]], path: Path, title: str) -> None:
@@ -73,4 +73,4 @@ def plot_accuracy(series: Mapping[str, Sequence[tuple[float, float]]], path: Pat
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from rdprune import distributed
-from rdprune.config import Config, PruneConfig, _read_yaml, config_from_dict, config_hash, config_to_dict
+from rdprune.config import Config, PruneConfig, read_yaml, config_from_dict, config_hash, config_to_dict
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
 from rdprune.pipeline import resume_key, run
@@ -176,7 +176,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepPlan:
     and validate every run's Config before any work starts. Raises a one-line UserError."""
     path = Path(path)
     label = str(path)
-    data = _read_yaml(path)  # the config's own strict reader: duplicate keys are errors too
+    data = read_yaml(path)  # the config's own strict reader: duplicate keys are errors too
     sweep = data.pop("sweep", None)
     if sweep is None:
         raise UserError(f"{label}: no 'sweep' section; a comparison needs sweep.methods and/or sweep.variants and sweep.seeds")
