@@ -1,61 +1,6 @@
-"""``python -m rdprune.compare CONFIG [section.key=value | sweep.key=value ...]``: compare pruning methods.
-
-Runs every method, variant and seed of the config's ``sweep:`` section from one pretrained
-checkpoint (see ``rdprune.sweep``), then writes comparison.md, comparison.csv and comparison.png
-into the output directory and prints the table. Rerunning the command resumes the sweep. The same
-command runs under ``torchrun``: every rank runs the same sequence of runs, rank 0 writes the tables.
-"""
-from __future__ import annotations
-
-import argparse
-import sys
-
-import torch
-
-from rdprune import distributed
-from rdprune.cli import build_run_parser, run_cli
-from rdprune.comparison import write_comparison
-from rdprune.sweep import load_sweep, plan_hash, run_sweep
-
-PROG = "python -m rdprune.compare"
-SWEEP_HELP = """
-the config's sweep section (override its keys as sweep.key=value, e.g. sweep.seeds=[0]):
-  methods: [rd, lamp, ...]              one run per method (prune.method set to it)
-  variants: {name: {section.key: value}}  named override sets, e.g. rd_oneshot: {prune.amount_per_iteration: 1.0}
-  seeds: [0, 1, 2]                      fine-tuning data order and calibration sampling; never the checkpoint
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The run parser, described for the sweep."""
-    parser = build_run_parser(PROG)
-    parser.description = ("Compare pruning methods: run every method, variant and seed of the config's sweep "
-                          "section from one pretrained checkpoint, then write comparison.md, .csv and .png.")
-    parser.epilog = SWEEP_HELP + "\n" + parser.epilog
-    return parser
-
-
-@distributed.record
-def main(argv: list[str]) -> int:
-    """Validate the whole sweep first, then run it, leaving the process group on every exit."""
-    ns = build_parser().parse_args(argv)
-    path, overrides = ns.config, list(ns.overrides)
-    plan = load_sweep(path, overrides)
-    base = plan.base
-    if base.run.threads:
-        torch.set_num_threads(base.run.threads)
-    title = f"{base.model.name} / {base.data.name}: top-1 against sparsity"
-    single_group = base.distributed.engine == "deepspeed"  # DeepSpeed needs a process group even alone
-    with distributed.distributed_session(base.run.device, base.distributed.timeout_s, single_group=single_group) as dist:
-        distributed.setup_logging(dist.rank)
-        distributed.check_same_config(plan_hash(plan))
-        results = run_sweep(plan, dist, on_progress=lambda r: write_comparison(plan.out, r, plan.seeds, title))
-        if dist.is_main:
-            table = write_comparison(plan.out, results, plan.seeds, title)
-            sys.stdout.write(table + "\n")
-            sys.stdout.write(f"comparison.md, comparison.csv and comparison.png in {plan.out}\n")
-    return 0
-
+"""``python -m rdprune.compare CONFIG [overrides]``: compare pruning methods (:mod:`rdprune.cli.compare`)."""
+from rdprune.cli.common import run_cli
+from rdprune.cli.compare import main
 
 if __name__ == "__main__":
     run_cli(main)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rdprune.cli import run_cli
+from rdprune.cli.common import run_cli
 from rdprune.compare import main
-from rdprune.comparison import CLEAR_BEST, CSV_COLUMNS, TIED_BEST, Stat, _marks
-from rdprune.sweep import load_sweep
+from rdprune.sweep.tables import CLEAR_BEST, CSV_COLUMNS, TIED_BEST, Stat, _marks
+from rdprune.sweep.plan import load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "compare_quickstart.yaml"

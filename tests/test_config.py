@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rdprune.cli import parse_run_args, run_cli
+from rdprune.cli.common import parse_run_args, run_cli
 from rdprune.config import (
     Config, PruneConfig, config_from_dict, config_hash, config_reference, config_to_dict, config_to_yaml,
     load_config, save_config,
 )
 from rdprune.errors import UserError
-from rdprune.sweep import load_sweep
+from rdprune.sweep.plan import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
@@ -295,7 +295,7 @@ def test_reference_documents_every_key():
 
 CLI_SCRIPT = """\
 import sys
-from rdprune.cli import run_cli
+from rdprune.cli.common import run_cli
 from rdprune.errors import UserError
 
 def main(argv):

@@ -13,13 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from rdprune import finetune_checkpoint
+from rdprune.training import checkpoint as finetune_checkpoint
 from rdprune.config import FinetuneConfig, load_config
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import apply_masks
 from rdprune.distributed import DistInfo
-from rdprune.pipeline import resume_key
-from rdprune.train import LocalEngine, make_optimizer, make_scheduler, train_steps
+from rdprune.pipeline.loop import resume_key
+from rdprune.training.engine import train_steps
+from rdprune.training.local_engine import LocalEngine
+from rdprune.training.optim import make_optimizer, make_scheduler
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent

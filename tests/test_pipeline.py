@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from rdprune.cli import run_cli
+from rdprune.cli.common import run_cli
 from rdprune.core.layers import prunable_layers
 from rdprune.models.registry import build_model
 from rdprune.run import main
@@ -161,7 +161,7 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
 
 
 def test_output_directory_in_use(capsys, tmp_path):
-    from rdprune.run_dir import RunLock
+    from rdprune.pipeline.run_dir import RunLock
 
     with RunLock(tmp_path / "busy"):
         err = _user_error(capsys, [str(QUICKSTART), f"run.out_dir={tmp_path / 'busy'}"])

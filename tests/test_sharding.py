@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from rdprune.sharding import Piece, plan_shards, shard_balance, shard_costs
+from rdprune.distributed.sharding import Piece, plan_shards, shard_balance, shard_costs
 
 
 def resnet50_like() -> dict[str, tuple[float, int]]:

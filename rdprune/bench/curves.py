@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 def sharded_worker(args: argparse.Namespace) -> None:
     """One rank of a ``--nproc`` launch: time sharded curves on both models; rank 0 saves curves and times."""
     from rdprune import distributed
-    from rdprune.sharded_curves import sharded_curves
+    from rdprune.distributed.sharded_curves import sharded_curves
 
     torch.set_num_threads(1)
     with distributed.distributed_session("cpu") as info:

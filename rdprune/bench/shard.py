@@ -16,8 +16,8 @@ import time
 import torch
 from torchvision.models import resnet50
 
-from rdprune.sharded_curves import curve_work
-from rdprune.sharding import plan_shards, shard_balance
+from rdprune.distributed.sharded_curves import curve_work
+from rdprune.distributed.sharding import plan_shards, shard_balance
 
 GOAL = 1.10
 

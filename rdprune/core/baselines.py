@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 
-METHODS = ("unif", "unifplus", "glob", "lamp", "erk")
+BASELINES = ("lamp", "glob", "unif", "unifplus", "erk")
 
 
 def baseline_amounts(
@@ -25,8 +25,8 @@ def baseline_amounts(
     ``layers`` should be in execution order (``describe_layers`` gives it): ``unifplus`` keeps the
     first conv dense and the last layer at 20 % or more.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown baseline {method!r}; allowed: {', '.join(METHODS)}")
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; allowed: {', '.join(BASELINES)}")
     if not layers:
         raise ValueError("no prunable layer to allocate")
     return _BASELINES[method](layers, target_sparsity, dense_weights)

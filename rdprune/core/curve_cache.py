@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rdprune.core.grid import Curve
-from rdprune.core.masks import atomic_torch_save
+from rdprune.files import atomic_torch_save
 
 CACHE_FORMAT = 1
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rdprune.files import atomic_torch_save
+
 Masks = dict[str, torch.Tensor]
 """``{layer name: bool tensor shaped like the weight, True where the weight survives}``."""
 
@@ -122,20 +124,6 @@ def flops_remaining(flops: Mapping[str, int], sparsity: Mapping[str, float], den
     """Fraction of the prunable layers' dense FLOPs that remain (a layer's FLOPs scale with its density)."""
     total = sum(flops.values()) + dense
     return (sum(f * (1.0 - sparsity.get(n, 0.0)) for n, f in flops.items()) + dense) / total
-
-
-def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_masks(masks: Masks, path: str | os.PathLike) -> None:

@@ -11,7 +11,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from rdprune import distributed as d
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import apply_masks
-from rdprune.deepspeed_engine import DeepSpeedEngine
+from rdprune.training.deepspeed_engine import DeepSpeedEngine
 from tiny_models import Branchy
 
 

@@ -9,7 +9,8 @@ import sys
 import torch
 
 from rdprune import distributed as d
-from rdprune import pipeline
+from rdprune.pipeline import loop as pipeline
+from rdprune.pipeline.run_dir import RunLayout
 from rdprune.config import load_config
 from rdprune.core.masks import apply_masks
 
@@ -20,7 +21,7 @@ def main() -> None:
     torch.set_num_threads(1)
     single_group = cfg.distributed.engine == "deepspeed"
     with d.distributed_session("cpu", timeout_s=300, single_group=single_group) as info:
-        ctx = pipeline._build(cfg, info, cfg.out_path)
+        ctx = pipeline._build(cfg, info, RunLayout(cfg.out_path))
         masks = apply_masks(ctx.model, {n: 0.6 for n in ctx.layers}, ctx.layers)
         before = {n: m.weight.detach().clone() for n, m in ctx.layers.items()}
         pipeline._train(ctx, cfg.finetune, cfg.finetune.steps, seed=7, desc="finetune", masks=masks)

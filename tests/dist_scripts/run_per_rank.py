@@ -5,7 +5,7 @@ Mimics nodes launched with different overrides: ``run_per_rank.py CONFIG finetun
 import os
 import sys
 
-from rdprune.cli import run_cli
+from rdprune.cli.common import run_cli
 from rdprune.run import main
 
 if __name__ == "__main__":

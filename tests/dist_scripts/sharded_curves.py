@@ -7,7 +7,7 @@ import sys
 import torch
 
 from rdprune import distributed as d
-from rdprune.sharded_curves import sharded_curves
+from rdprune.distributed.sharded_curves import sharded_curves
 from tiny_models import Branchy
 
 

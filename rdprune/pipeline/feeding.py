@@ -8,13 +8,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from rdprune.config import Config
 from rdprune.core.curves import synthetic_inputs
 from rdprune.data import DataBundle, calibration_inputs, dali, infinite_batches, make_loader
 from rdprune.distributed import DistInfo
-from rdprune.train import rank_subset
 
 
 def uses_dali(cfg: Config) -> bool:
@@ -54,3 +53,10 @@ def calibration(cfg: Config, data: DataBundle) -> torch.Tensor:
         return dali.calibration_images(dali.folder_samples(data.calibration_pool), cal.size, cfg.run.seed,
                                        cal.batch_size, threads=max(1, cfg.data.workers))
     return calibration_inputs(data.calibration_pool, cal.size, seed=cfg.run.seed)
+
+
+def rank_subset(dataset: Dataset, dist: DistInfo) -> Dataset:
+    """Every ``world_size``-th sample from ``rank``: the ranks cover the set exactly once (no padding)."""
+    if dist.world_size == 1:
+        return dataset
+    return Subset(dataset, range(dist.rank, len(dataset), dist.world_size))

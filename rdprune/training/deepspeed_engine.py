@@ -8,8 +8,8 @@ gradients are masked too, so optimizer state never builds up for them.
 """
 from __future__ import annotations
 
-import json
 import gc
+import json
 import logging
 import shutil
 from collections.abc import Mapping
@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rdprune.core.masks import Masks, MaskGuard, enforce_masks
-from rdprune import distributed, finetune_checkpoint
+from rdprune import distributed
+from rdprune.core.masks import MaskGuard, Masks, enforce_masks
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
-from rdprune.run_dir import write_json
-from rdprune.train import rng_state, set_rng_state
+from rdprune.files import write_json
+from rdprune.training import checkpoint
+from rdprune.training.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -153,26 +154,26 @@ class DeepSpeedEngine:
 
         Every rank must call it: each writes its own shard of the optimizer state.
         """
-        tag = finetune_checkpoint.deepspeed_tag(iteration, step)
+        tag = checkpoint.deepspeed_tag(iteration, step)
         rngs = distributed.gather_objects(rng_state(self.info.device))
         # DeepSpeed writes the client state with the model, from rank 0: rank 0's list is the one kept.
-        self.engine.save_checkpoint(str(directory / finetune_checkpoint.DEEPSPEED_DIR), tag=tag,
+        self.engine.save_checkpoint(str(directory / checkpoint.DEEPSPEED_DIR), tag=tag,
                                     client_state={"rng": rngs}, save_latest=False)
         distributed.barrier()
         if self.info.is_main:
-            write_json(directory / finetune_checkpoint.DEEPSPEED_MARKER, {
+            write_json(directory / checkpoint.DEEPSPEED_MARKER, {
                 "engine": "deepspeed", "world_size": self.info.world_size, "iteration": iteration, "step": step, "tag": tag})
-            for old in (directory / finetune_checkpoint.DEEPSPEED_DIR).iterdir():
+            for old in (directory / checkpoint.DEEPSPEED_DIR).iterdir():
                 if old.is_dir() and old.name != tag:  # earlier saves: the marker no longer names them
                     shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
 
     def load(self, directory: Path) -> int:
         """Restore :meth:`save`'s checkpoint on every rank; the step it was saved after."""
-        marker = json.loads((directory / finetune_checkpoint.DEEPSPEED_MARKER).read_text())
-        path, client = self.engine.load_checkpoint(str(directory / finetune_checkpoint.DEEPSPEED_DIR), tag=marker["tag"])
+        marker = json.loads((directory / checkpoint.DEEPSPEED_MARKER).read_text())
+        path, client = self.engine.load_checkpoint(str(directory / checkpoint.DEEPSPEED_DIR), tag=marker["tag"])
         if path is None:
-            raise UserError(f"{directory / finetune_checkpoint.DEEPSPEED_MARKER} names DeepSpeed checkpoint "
+            raise UserError(f"{directory / checkpoint.DEEPSPEED_MARKER} names DeepSpeed checkpoint "
                             f"{marker['tag']!r}, which cannot be read; delete both to restart this iteration's fine-tuning")
         set_rng_state(client["rng"][self.info.rank], self.info.device)
         self._enforce()

@@ -22,15 +22,15 @@ from typing import Any
 import yaml
 
 from rdprune import distributed
-from rdprune.config import Config, PruneConfig, read_yaml, config_from_dict, config_hash, config_to_dict
+from rdprune.config import Config, config_from_dict, config_hash, config_to_dict, read_yaml
+from rdprune.config.schema import METHODS
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
-from rdprune.pipeline import resume_key, run
-from rdprune.run_dir import read_results
+from rdprune.pipeline.loop import resume_key, run
+from rdprune.pipeline.run_dir import read_results
 
 log = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = typing.get_args(typing.get_type_hints(PruneConfig)["method"])
 SWEEP_KEYS = ("methods", "variants", "seeds")
 _ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # The sweep sets these itself; a variant changing them would break "same checkpoint, same data".

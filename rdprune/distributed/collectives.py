@@ -34,7 +34,7 @@ from rdprune.errors import UserError
 __all__ = [
     "DistInfo", "RankMismatchError", "PeerFailureError", "init_distributed", "teardown", "distributed_session", "barrier",
     "broadcast_object", "broadcast_tensors_", "gather_objects", "all_reduce_sum", "fingerprint", "check_identical",
-    "check_same_config", "wrap_ddp", "setup_logging", "show_progress", "record",
+    "check_same_config", "wrap_ddp", "setup_logging", "record",
 ]
 
 log = logging.getLogger(__name__)
@@ -417,8 +417,3 @@ def setup_logging(rank: int) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.propagate = False
-
-
-def show_progress(info: DistInfo) -> bool:
-    """Whether this rank draws progress bars (rank 0 only, so the terminal shows one of each)."""
-    return info.rank == 0

@@ -1,129 +1,38 @@
-"""Run configuration: typed dataclasses loaded strictly from YAML, with dotted command-line overrides.
+"""The run configuration's schema: one typed dataclass per section, each field with a docstring.
 
-Every field carries a docstring (shown by ``config_reference``). ``load_config`` rejects unknown
-keys (naming the nearest valid one), wrong types and out-of-range values with a one-line
-``UserError`` that names the file or override, the key and what is allowed, before any work starts.
-Constructing the dataclasses directly in Python runs the same checks.
+The docstrings are the config reference (``config_reference``). Constructing a section checks
+types and ranges; ``Config`` checks what spans sections. Lists of choices (methods, datasets,
+devices, ZeRO stages, precisions) are imported from the modules that implement them.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
-import hashlib
 import inspect
-import json
 import math
-import os
 import re
-import tempfile
 import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Literal, Optional
 
-import yaml
+from rdprune.config.values import ConfigError, choices_text, coerce, did_you_mean, show_value
+from rdprune.core.allocation import Budget
+from rdprune.core.baselines import BASELINES
+from rdprune.core.grid import Grid
+from rdprune.data.registry import DATASET_NAMES
+from rdprune.distributed.collectives import DEVICES
+from rdprune.training.engine import ENGINES
+from rdprune.training.optim import OPTIMIZERS, SCHEDULERS
+from rdprune.training.deepspeed_engine import PRECISIONS, ZERO_STAGES
 
-from rdprune.errors import UserError
+METHODS = ("rd", *BASELINES)
+"""Every pruning method: rate-distortion allocation, then the baselines."""
 
-BUILTIN_DATASETS = ("mnist5k", "cifar10", "imagenet")
 DATASETS_NEEDING_ROOT = ("cifar10", "imagenet")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _REGISTRY_NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
-# PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; numbers fields accept that spelling.
-_NUMBER_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-class ConfigError(UserError):
-    """A config value is invalid; ``key`` (e.g. ``prune.levels``) and, for a conflict between
-    fields, ``related`` keys say which, so the loader can name the file or override they came from."""
-
-    def __init__(self, key: str, message: str, related: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.key = key
-        self.related = tuple(related)
-
-
-def _show(value: Any) -> str:
-    """A value as the user wrote it in YAML: strings quoted, true/false, null."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "a mapping"
-    return str(value)
-
-
-def _choices(options: Sequence[Any]) -> str:
-    return ", ".join(_show(o) for o in options)
-
-
-def _coerce(key: str, value: Any, hint: Any, nullable: bool = False) -> Any:
-    """Check ``value`` against the type ``hint`` and return it in canonical form (ints as floats
-    for float fields), or raise ConfigError. Booleans are never numbers."""
-    origin = typing.get_origin(hint)
-    if origin is Union:
-        if value is None:
-            return None
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _coerce(key, value, inner, nullable=True)
-    or_null = " or null" if nullable else ""
-
-    def wrong_type(expected: str) -> ConfigError:
-        return ConfigError(key, f"{key}: expected {expected}{or_null}, got {_show(value)}")
-
-    if value is None:
-        raise ConfigError(key, f"{key}: a value is required, got null")
-    if origin is Literal:
-        options = typing.get_args(hint)
-        if not any(type(value) is type(o) and value == o for o in options):
-            hint_text = _did_you_mean(value, [str(o) for o in options]) if isinstance(value, str) else ""
-            raise ConfigError(key, f"{key} must be one of {_choices(options)}, got {_show(value)}{hint_text}")
-        return value
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise wrong_type(f"a list of {_type_words(item)}s")
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise wrong_type("true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong_type("an integer")
-        return value
-    if hint is float:
-        if isinstance(value, str) and _NUMBER_TEXT.match(value.strip()):
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise wrong_type("a number")
-        if not math.isfinite(value):
-            raise wrong_type("a finite number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise wrong_type("a string")
-        if not value.strip():
-            raise ConfigError(key, f"{key} must not be empty")
-        return value
-    raise TypeError(f"unsupported config field type {hint!r} for {key}")
-
-
-def _type_words(hint: Any) -> str:
-    return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(hint, "value")
-
-
-def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
-    by_lower = {c.lower(): c for c in candidates}
-    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
-    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
 
 
 class _Section:
@@ -135,7 +44,7 @@ class _Section:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             key = f"{self.section}.{f.name}"
-            setattr(self, f.name, _coerce(key, getattr(self, f.name), hints[f.name]))
+            setattr(self, f.name, coerce(key, getattr(self, f.name), hints[f.name]))
         self.validate()
 
     def validate(self) -> None:
@@ -144,7 +53,7 @@ class _Section:
     def _check(self, name: str, ok: bool, allowed: str) -> None:
         if not ok:
             raise ConfigError(f"{self.section}.{name}",
-                              f"{self.section}.{name} must be {allowed}, got {_show(getattr(self, name))}")
+                              f"{self.section}.{name} must be {allowed}, got {show_value(getattr(self, name))}")
 
 
 @dataclass(kw_only=True)
@@ -157,7 +66,7 @@ class RunConfig(_Section):
     """Output directory (relative paths are taken from the current directory); null = runs/<name>."""
     seed: int = 0
     """Seed for weight init, data order and the calibration subset."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"
     """auto = cuda when available, else cpu."""
     resume: bool = True
     """Rerunning the same command continues after the last completed iteration; false starts clean."""
@@ -222,10 +131,10 @@ class DataConfig(_Section):
     def validate(self) -> None:
         if ":" in self.name:
             self._check("name", bool(_IMPORT_PATH.match(self.name)), "an import path 'package.module:callable'")
-        elif self.name not in BUILTIN_DATASETS:
-            raise ConfigError("data.name", f"data.name must be one of {_choices(BUILTIN_DATASETS)} or an import "
-                              f"path 'package.module:callable', got {_show(self.name)}"
-                              f"{_did_you_mean(self.name, BUILTIN_DATASETS)}")
+        elif self.name not in DATASET_NAMES:
+            raise ConfigError("data.name", f"data.name must be one of {choices_text(DATASET_NAMES)} or an import "
+                              f"path 'package.module:callable', got {show_value(self.name)}"
+                              f"{did_you_mean(self.name, DATASET_NAMES)}")
         self._check("batch_size", self.batch_size >= 1, "an integer >= 1")
         self._check("eval_batch_size", self.eval_batch_size >= 1, "an integer >= 1")
         self._check("workers", self.workers >= 0, "an integer >= 0")
@@ -256,7 +165,7 @@ _SCHEDULE_EPS = 1e-9
 class PruneConfig(_Section):
     section: ClassVar[str] = "prune"
 
-    method: Literal["rd", "lamp", "glob", "unif", "unifplus", "erk"] = "rd"
+    method: Literal[METHODS] = "rd"
     """rd = rate-distortion allocation; the others are the baselines (LAMP, global magnitude, uniform,
     uniform+ and ERK)."""
     target_sparsity: float
@@ -268,12 +177,12 @@ class PruneConfig(_Section):
     jumping to the target."""
     levels: int = 101
     """Number of amounts on each layer's rate-distortion curve, both ends included (rd only)."""
-    grid: Literal["relative", "absolute"] = "relative"
+    grid: Grid = "relative"
     """relative = levels span each layer's remaining weights; absolute = 0, 1/(levels-1), ..., 1 as
     published (rd only)."""
     distortion: Literal["mse", "worst_case"] = "mse"
     """Output distortion: mse averages over samples, worst_case takes the worst sample (rd only)."""
-    budget: Literal["weights", "flops"] = "weights"
+    budget: Budget = "weights"
     """What target_sparsity counts: surviving weights or remaining FLOPs."""
     skip: list[str] = field(default_factory=list)
     """Names of prunable layers (as in model.named_modules) to leave dense."""
@@ -306,7 +215,7 @@ class TrainingConfig(_Section):
 
     steps: int = 0
     """Optimiser steps (for finetune: per pruning iteration); 0 = none."""
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    optimizer: Literal[OPTIMIZERS] = "sgd"
     """Optimiser."""
     lr: float = 0.01
     """Peak learning rate (for the global batch)."""
@@ -316,7 +225,7 @@ class TrainingConfig(_Section):
     """Weight decay (decoupled for adamw)."""
     nesterov: bool = False
     """Nesterov momentum (sgd with momentum > 0 only)."""
-    scheduler: Literal["cosine", "step", "constant"] = "cosine"
+    scheduler: Literal[SCHEDULERS] = "cosine"
     """Learning-rate schedule after warmup: cosine to 0, step (x0.1 at 50 % and 75 % of the steps)
     or constant."""
     warmup_steps: int = 0
@@ -364,11 +273,11 @@ class PretrainConfig(TrainingConfig):
 class DistributedConfig(_Section):
     section: ClassVar[str] = "distributed"
 
-    engine: Literal["ddp", "deepspeed"] = "ddp"
+    engine: Literal[ENGINES] = "ddp"
     """Fine-tuning engine under torchrun (a single process is world size 1)."""
-    zero_stage: Literal[0, 1, 2] = 0
+    zero_stage: Literal[ZERO_STAGES] = 0
     """DeepSpeed ZeRO stage (deepspeed only)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal[PRECISIONS] = "fp32"
     """Training precision; curves and evaluation stay fp32."""
     timeout_s: int = 600
     """Timeout of collective operations, in seconds."""
@@ -421,191 +330,6 @@ SECTIONS: dict[str, type[_Section]] = {
 }
 
 
-def _field_types(section: type[_Section]) -> dict[str, Any]:
-    hints = typing.get_type_hints(section)
-    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
-
-
-def _required_keys() -> list[str]:
-    return [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys instead of keeping the last silently."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    mark = getattr(err, "problem_mark", None)
-    problem = " ".join(str(getattr(err, "problem", None) or err).split())
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"invalid YAML{where}: {problem}"
-
-
-def read_yaml(path: Path) -> dict:
-    label = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{label}: config file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{label}: is a directory, expected a YAML config file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{label}: not a UTF-8 text file") from None
-    except OSError as err:
-        raise UserError(f"{label}: cannot read: {err.strerror}") from None
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
-        raise UserError(f"{label}: {_yaml_problem(err)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{label}: expected a mapping of sections ({', '.join(SECTIONS)}) at the top level")
-    return data
-
-
-def _unknown_section(section: str) -> str:
-    suggestion = _did_you_mean(section, list(SECTIONS))
-    return f"unknown section {section!r}" + (suggestion or f"; sections are: {', '.join(SECTIONS)}")
-
-
-def _unknown_key(section: str, key: str) -> str:
-    """Suggest the nearest key of the same section, else the same key in another section."""
-    names = list(_field_types(SECTIONS[section]))
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    if not close:
-        close = [f"{other}.{key}" for other, cls in SECTIONS.items() if key in _field_types(cls)][:1]
-    else:
-        close = [f"{section}.{close[0]}"]
-    if close:
-        return f"unknown key '{section}.{key}' (did you mean {close[0]!r}?)"
-    return f"unknown key '{section}.{key}'; {section} has: {', '.join(names)}"
-
-
-def _check_structure(data: dict) -> None:
-    """Unknown sections and keys, and sections that are not mappings (raises ConfigError)."""
-    for section, values in data.items():
-        if section not in SECTIONS:
-            raise ConfigError(str(section), _unknown_section(str(section)))
-        if values is None:
-            continue
-        if not isinstance(values, dict):
-            raise ConfigError(section, f"section {section!r} must be a mapping of keys, got {_show(values)}")
-        names = list(_field_types(SECTIONS[section]))
-        for key in values:
-            if key not in names:
-                raise ConfigError(f"{section}.{key}", _unknown_key(section, str(key)))
-
-
-def _parse_override(text: str) -> tuple[str, str, Any]:
-    """'section.key=value' -> (section, key, value); value parsed as YAML, or kept as text for
-    string fields so that run.name=2024 stays a string."""
-    label = f"override {text!r}"
-    if "=" not in text:
-        raise UserError(f"{label}: expected section.key=value, e.g. prune.method=lamp")
-    dotted, raw = text.split("=", 1)
-    dotted = dotted.strip()
-    section, _, key = dotted.partition(".")
-    if section not in SECTIONS:
-        raise UserError(f"{label}: {_unknown_section(section)}")
-    types = _field_types(SECTIONS[section])
-    if not key:
-        raise UserError(f"{label}: {section!r} is a section; set its keys as {section}.<key>=value")
-    if key not in types:
-        raise UserError(f"{label}: {_unknown_key(section, key)}")
-    try:
-        value = yaml.load(raw, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
-        raise UserError(f"{label}: {_yaml_problem(err)}") from None
-    hint = types[key]
-    accepts_text = hint is str or hint == Optional[str]
-    if accepts_text and value is not None and not isinstance(value, str):
-        value = raw.strip()
-    return section, key, value
-
-
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config, apply ``section.key=value`` overrides in order and validate everything.
-
-    Raises UserError with one line naming the file or override, the key and what is allowed.
-    """
-    path = Path(path)
-    return config_from_dict(read_yaml(path), overrides, label=str(path))
-
-
-def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = (), label: str = "config") -> Config:
-    """Build a validated Config from YAML-like data (e.g. ``config_to_dict`` output or a stored
-    resolved config); ``label`` names the source in error messages."""
-    origin: dict[str, str] = {}
-    try:
-        _check_structure(data)
-    except ConfigError as err:
-        raise UserError(f"{label}: {err}") from None
-    merged: dict[str, dict] = {name: dict(data.get(name) or {}) for name in SECTIONS}
-    for text in overrides:
-        section, key, value = _parse_override(text)
-        merged[section][key] = value
-        origin[f"{section}.{key}"] = f"override {text!r}"
-
-    for key in _required_keys():
-        section, name = key.split(".")
-        if name not in merged[section]:
-            raise UserError(f"{label}: missing required key {key!r} ({_required_hint(key)})")
-    try:
-        sections = {name: SECTIONS[name](**values) for name, values in merged.items()}
-        return Config(**sections)
-    except ConfigError as err:
-        keys = [re.sub(r"\[\d+\]$", "", k) for k in (err.key, *err.related)]
-        source = next((origin[k] for k in keys if k in origin), label)
-        raise UserError(f"{source}: {err}") from None
-
-
-def _required_hint(key: str) -> str:
-    section, name = key.split(".")
-    doc = field_docs(SECTIONS[section]).get(name, "")
-    return doc.removeprefix("Required. ").split(". ")[0].rstrip(".")
-
-
-def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
-    """The resolved config as plain YAML-able data; ``config_from_dict`` of it gives an equal Config."""
-    return dataclasses.asdict(cfg)
-
-
-def config_to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML text that ``load_config`` reads back to an equal Config."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML atomically (temporary file, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(config_to_yaml(cfg))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def config_hash(cfg: Config) -> str:
-    """First 16 hex digits of the sha256 of the canonical resolved config (keys sorted, JSON)."""
-    canonical = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
-
-
 def field_docs(section: type) -> dict[str, str]:
     """Attribute docstrings of a section's fields (the string literal right after each field)."""
     docs: dict[str, str] = {}
@@ -629,9 +353,9 @@ def config_reference() -> str:
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             if f.default is not dataclasses.MISSING:
-                default = _show(f.default)
+                default = show_value(f.default)
             elif f.default_factory is not dataclasses.MISSING:
-                default = _show(f.default_factory())
+                default = show_value(f.default_factory())
             else:
                 default = "required"
             lines.append(f"| `{name}.{f.name}` | `{default}` | {docs.get(f.name, '')} |")

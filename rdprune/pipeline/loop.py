@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rdprune import distributed, feeding, finetune_checkpoint
+from rdprune import distributed
 from rdprune.config import Config, TrainingConfig, config_hash, config_to_dict, save_config
 from rdprune.core.allocation import allocate
 from rdprune.core.baselines import baseline_amounts
@@ -28,7 +28,6 @@ from rdprune.core.layers import describe_layers, layer_flops, prunable_layers
 from rdprune.core.masks import (
     Masks,
     apply_masks,
-    atomic_torch_save,
     current_masks,
     enforce_masks,
     flops_remaining,
@@ -40,11 +39,17 @@ from rdprune.core.masks import (
 from rdprune.data import DataBundle, build_data
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
+from rdprune.distributed.sharded_curves import sharded_curves
+from rdprune.files import atomic_torch_save, write_json
 from rdprune.models.registry import build_model
-from rdprune.plots import plot_accuracy, plot_curves, plot_layer_sparsity
-from rdprune.run_dir import RunLock, append_result, archive_previous, provenance, read_results, write_json
-from rdprune.sharded_curves import sharded_curves
-from rdprune.train import LocalEngine, evaluate, make_optimizer, make_scheduler, train_steps
+from rdprune.pipeline import feeding
+from rdprune.pipeline.plots import plot_accuracy, plot_curves, plot_layer_sparsity
+from rdprune.pipeline.run_dir import RunLayout, RunLock, append_result, archive_previous, provenance, read_results
+from rdprune.training import checkpoint
+from rdprune.training.engine import Engine, train_steps
+from rdprune.training.evaluation import evaluate
+from rdprune.training.local_engine import LocalEngine
+from rdprune.training.optim import make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ class Context:
 
     cfg: Config
     dist: DistInfo
-    out: Path
+    out: RunLayout
     data: DataBundle
     model: nn.Module
     layers: dict[str, nn.Module]  # execution order, skipped layers excluded
@@ -75,9 +80,10 @@ class Context:
 
 def run(cfg: Config, dist: DistInfo) -> list[dict]:
     """Run (or resume) the whole experiment; returns the rows of ``results.jsonl``."""
-    out = cfg.out_path
+    out = RunLayout(cfg.out_path)
+    out.check()
     ctx = _build(cfg, dist, out)  # data and model checks fail before anything is written
-    lock = RunLock(out) if dist.is_main else nullcontext()
+    lock = RunLock(out.root) if dist.is_main else nullcontext()
     with lock:
         if dist.is_main:
             _prepare_out_dir(cfg, out, dist)
@@ -93,22 +99,21 @@ def run(cfg: Config, dist: DistInfo) -> list[dict]:
     return rows
 
 
-def _prepare_out_dir(cfg: Config, out: Path, dist: DistInfo) -> None:
+def _prepare_out_dir(cfg: Config, out: RunLayout, dist: DistInfo) -> None:
     """Archive or check an earlier run, then write the resolved config and provenance."""
     if not cfg.run.resume:
-        moved = archive_previous(out)
+        moved = archive_previous(out.root)
         if moved:
             log.info("run.resume=false: moved the earlier run to %s", moved)
-    elif read_results(out):
-        saved = out / "resume_key.json"
-        if saved.exists() and json.loads(saved.read_text()) != resume_key(cfg):
+    elif read_results(out.root):
+        if out.resume_key.exists() and json.loads(out.resume_key.read_text()) != resume_key(cfg):
             raise UserError(
-                f"{out} holds a run of a different config; set run.resume=false to archive it "
+                f"{out.root} holds a run of a different config; set run.resume=false to archive it "
                 "and start clean, or choose another run.out_dir"
             )
-    save_config(cfg, out / "config.yaml")
-    write_json(out / "resume_key.json", resume_key(cfg))
-    write_json(out / "provenance.json", provenance(config_hash(cfg), dist.world_size))
+    save_config(cfg, out.config)
+    write_json(out.resume_key, resume_key(cfg))
+    write_json(out.provenance, provenance(config_hash(cfg), dist.world_size))
 
 
 def resume_key(cfg: Config) -> dict:
@@ -117,7 +122,7 @@ def resume_key(cfg: Config) -> dict:
     return {s: {k: v for k, v in resolved[s].items() if k not in RESUME_FREE.get(s, ())} for s in RESUME_SECTIONS}
 
 
-def _build(cfg: Config, dist: DistInfo, out: Path) -> Context:
+def _build(cfg: Config, dist: DistInfo, out: RunLayout) -> Context:
     torch.manual_seed(cfg.run.seed)
     data = build_data(cfg.data.name, cfg.data.root, seed=cfg.run.seed)
     model = build_model(
@@ -146,23 +151,23 @@ def _build(cfg: Config, dist: DistInfo, out: Path) -> Context:
 
 def _resume_or_start(ctx: Context) -> list[dict]:
     """Load the last completed iteration's weights, or pretrain/evaluate the dense model (iteration 0)."""
-    rows = distributed.broadcast_object(read_results(ctx.out) if ctx.dist.is_main else None)
+    rows = distributed.broadcast_object(read_results(ctx.out.root) if ctx.dist.is_main else None)
     if rows:
         last = rows[-1]["iteration"]
-        path = ctx.out / "pretrained.pt" if last == 0 else ctx.out / "checkpoints" / "last.pt"
+        path = ctx.out.pretrained if last == 0 else ctx.out.last_checkpoint
         if path.exists() or last == 0:
             if path.exists():
                 ctx.model.load_state_dict(torch.load(path, map_location=ctx.dist.device, weights_only=True)["model"])
-            log.info("resuming %s after iteration %d", ctx.out, last)
+            log.info("resuming %s after iteration %d", ctx.out.root, last)
             return rows
-        raise UserError(f"{ctx.out} records iteration {last} but {path} is missing; set run.resume=false to start clean")
+        raise UserError(f"{ctx.out.root} records iteration {last} but {path} is missing; set run.resume=false to start clean")
     start = time.perf_counter()
     if ctx.cfg.model.checkpoint is None and ctx.cfg.model.weights is None:
         _pretrain(ctx)
     top1, loss = _evaluate(ctx)
     row = _row(ctx, 0, 0.0, top1, top1, loss, time.perf_counter() - start)
     if ctx.dist.is_main:
-        append_result(ctx.out, row)
+        append_result(ctx.out.root, row)
     log.info("dense model: top-1 %.2f %%, loss %.4f", top1, loss)
     return [row]
 
@@ -175,7 +180,7 @@ def _pretrain(ctx: Context) -> None:
     log.info("pretraining %s for %d steps", ctx.cfg.model.name, steps)
     _train(ctx, ctx.cfg.pretrain, steps, seed=ctx.cfg.run.seed, desc="pretrain")
     if ctx.dist.is_main:
-        atomic_torch_save({"model": ctx.model.state_dict()}, ctx.out / "pretrained.pt")
+        atomic_torch_save({"model": ctx.model.state_dict()}, ctx.out.pretrained)
 
 
 def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc: str, masks: Masks | None = None,
@@ -193,8 +198,9 @@ def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc
     optimizer = make_optimizer(ctx.model.parameters(), section)
     scheduler = make_scheduler(optimizer, section, steps)
     guarded = {"layers": ctx.layers, "masks": masks} if masks is not None else {}
+    engine: Engine
     if cfg.distributed.engine == "deepspeed":
-        from rdprune.deepspeed_engine import DeepSpeedEngine
+        from rdprune.training.deepspeed_engine import DeepSpeedEngine
 
         engine = DeepSpeedEngine(
             ctx.model, optimizer, dist, zero_stage=cfg.distributed.zero_stage, precision=cfg.distributed.precision,
@@ -202,9 +208,9 @@ def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc
         )
     else:
         engine = LocalEngine(ctx.model, optimizer, scheduler, dist, label_smoothing=section.label_smoothing, **guarded)
-    checkpoints = ctx.out / "checkpoints"
+    checkpoints = ctx.out.checkpoints
     try:
-        start = 0 if iteration is None else finetune_checkpoint.resume_step(checkpoints, iteration, cfg.distributed.engine, dist)
+        start = 0 if iteration is None else checkpoint.resume_step(checkpoints, iteration, cfg.distributed.engine, dist)
         if start:
             for _ in range(start):  # the same batches as before the interruption; this also replays augmentation
                 next(batches)
@@ -258,10 +264,10 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
     top1, loss = _evaluate(ctx)
     row = _row(ctx, t, target, top1_pruned, top1, loss, time.perf_counter() - start)
     if dist.is_main:
-        write_json(ctx.out / "allocation" / f"iter_{t:02d}.json", {"target_sparsity": target, "amounts": layer_sparsity(ctx.layers)})
-        atomic_torch_save({"model": ctx.model.state_dict(), "masks": masks, "iteration": t}, ctx.out / "checkpoints" / "last.pt")
-        append_result(ctx.out, row)
-        finetune_checkpoint.remove(ctx.out / "checkpoints")  # only now: until recorded, it is the way back in
+        write_json(ctx.out.allocation(t), {"target_sparsity": target, "amounts": layer_sparsity(ctx.layers)})
+        atomic_torch_save({"model": ctx.model.state_dict(), "masks": masks, "iteration": t}, ctx.out.last_checkpoint)
+        append_result(ctx.out.root, row)
+        checkpoint.remove(ctx.out.checkpoints)  # only now: until recorded, it is the way back in
     distributed.barrier()
     log.info(
         "iteration %d: sparsity %.2f %% (target %.2f %%), top-1 %.2f %% after pruning, %.2f %% after fine-tuning (train loss %.4f)",
@@ -308,7 +314,7 @@ def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
             worst_case=cfg.prune.distortion == "worst_case",
             skip=cfg.prune.skip,
             batch_size=cfg.calibration.batch_size,
-            cache_dir=ctx.out / "curves" / f"iter_{t:02d}",
+            cache_dir=ctx.out.curve_cache(t),
             dist=ctx.dist,
             progress=ctx.show,
         )
@@ -316,7 +322,7 @@ def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
         torch.set_num_threads(threads)
     if ctx.dist.is_main:
         np.savez(
-            ctx.out / "curves" / f"iter_{t:02d}" / "curves.npz",
+            ctx.out.curves(t),
             **{f"{n}/amounts": c.amounts for n, c in curves.items()},
             **{f"{n}/distortion": c.distortion for n, c in curves.items()},
         )
@@ -325,7 +331,7 @@ def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
 
 def _rewind(ctx: Context, masks: dict[str, torch.Tensor]) -> None:
     """Weight rewinding: reset surviving weights to the dense model's before fine-tuning."""
-    source = ctx.out / "pretrained.pt"
+    source = ctx.out.pretrained
     if source.exists():
         dense = torch.load(source, map_location=ctx.dist.device, weights_only=True)["model"]
     else:
@@ -340,23 +346,23 @@ def _rewind(ctx: Context, masks: dict[str, torch.Tensor]) -> None:
 def _finish(ctx: Context, rows: list[dict]) -> None:
     """Final plain state_dict and masks, and the plots."""
     masks = current_masks(ctx.layers)
-    atomic_torch_save(pruned_state_dict(ctx.model, masks), ctx.out / "final" / "model.pt")
-    save_masks(masks, ctx.out / "final" / "masks.pt")
+    atomic_torch_save(pruned_state_dict(ctx.model, masks), ctx.out.final_model)
+    save_masks(masks, ctx.out.final_masks)
     order = list(ctx.layers)
     name = f"{ctx.cfg.model.name} / {ctx.cfg.data.name} / {ctx.cfg.prune.method}"
-    allocations = [json.loads(p.read_text())["amounts"] for p in sorted((ctx.out / "allocation").glob("iter_*.json"))]
+    allocations = [json.loads(p.read_text())["amounts"] for p in ctx.out.allocations()]
     if allocations:
-        plot_layer_sparsity(allocations, order, ctx.out / "plots" / "layer_sparsity.png", f"per-layer sparsity: {name}")
+        plot_layer_sparsity(allocations, order, ctx.out.plot("layer_sparsity"), f"per-layer sparsity: {name}")
     plot_accuracy(
         {
             "after fine-tuning": [(r["sparsity"], r["top1"]) for r in rows],
             "right after pruning": [(r["sparsity"], r["top1_pruned"]) for r in rows],
         },
-        ctx.out / "plots" / "accuracy.png",
+        ctx.out.plot("accuracy"),
         f"top-1 against sparsity: {name}",
     )
-    last_curves = sorted((ctx.out / "curves").glob("iter_*/curves.npz"))
+    last_curves = ctx.out.all_curves()
     if last_curves:
         with np.load(last_curves[-1]) as z:
             curves = {n: Curve(z[f"{n}/amounts"], z[f"{n}/distortion"]) for n in order if f"{n}/amounts" in z}
-        plot_curves(curves, order, ctx.out / "plots" / "rd_curves.png", f"RD curves, {last_curves[-1].parent.name}: {name}")
+        plot_curves(curves, order, ctx.out.plot("rd_curves"), f"RD curves, {last_curves[-1].parent.name}: {name}")

@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker as ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rdprune.plots import save_figure  # noqa: E402
-from rdprune.run_dir import atomic_write_text  # noqa: E402
+from rdprune.files import atomic_write_text  # noqa: E402
+from rdprune.pipeline.plots import save_figure  # noqa: E402
 
 Results = Mapping[str, Mapping[int, Sequence[Mapping]]]
 """``{entry: {seed: results.jsonl rows}}`` as ``rdprune.sweep.run_sweep`` returns it."""

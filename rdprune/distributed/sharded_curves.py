@@ -21,7 +21,7 @@ from rdprune.core.grid import Curve, Grid
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import pruned_count
 from rdprune.distributed import DistInfo
-from rdprune.sharding import Piece, plan_shards
+from rdprune.distributed.sharding import Piece, plan_shards
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,37 @@
+"""``python -m rdprune.run CONFIG [section.key=value ...]``: prune and fine-tune as the config says.
+
+The same command runs under ``torchrun``; a single process is a world of size 1.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+
+from rdprune import distributed
+from rdprune.cli.common import parse_run_args
+from rdprune.config import config_hash, load_config
+from rdprune.pipeline.loop import run
+from rdprune.pipeline.report import results_table
+
+log = logging.getLogger("rdprune")
+
+
+@distributed.record
+def main(argv: list[str]) -> int:
+    """Validate everything first, then build, run, and always leave the process group."""
+    path, overrides = parse_run_args(argv)
+    cfg = load_config(path, overrides)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    single_group = cfg.distributed.engine == "deepspeed"  # DeepSpeed needs a process group even alone
+    with distributed.distributed_session(cfg.run.device, cfg.distributed.timeout_s, single_group=single_group) as dist:
+        distributed.setup_logging(dist.rank)
+        distributed.check_same_config(config_hash(cfg))
+        rows = run(cfg, dist)
+        if dist.is_main:
+            sys.stdout.write(results_table(rows) + "\n")
+            sys.stdout.write(f"results, final model and plots in {cfg.out_path}\n")
+    return 0
+
