@@ -17,6 +17,8 @@ from rdprune.compare import main
 from rdprune.sweep.tables import CLEAR_BEST, CSV_COLUMNS, TIED_BEST, Stat, _marks
 from rdprune.sweep.plan import load_sweep
 
+from launch import clean_env, torchrun_command
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "compare_quickstart.yaml"
 REDUCED = [
@@ -169,12 +171,11 @@ def test_marks_call_differences_within_the_seed_spread_ties():
 
 
 @pytest.mark.slow  # two torchrun launches of a reduced sweep, ~30-60 s on 2 busy cores
+@pytest.mark.distributed
 def test_sweep_under_torchrun_runs_every_run_on_both_ranks_and_resumes(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
-    env["OMP_NUM_THREADS"] = "1"
+    env = clean_env()
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "rdprune.compare", str(CONFIG), f"run.out_dir={out}", *REDUCED]
+    cmd = torchrun_command(2, "-m", "rdprune.compare", str(CONFIG), f"run.out_dir={out}", *REDUCED)
     first = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("| 75.00 % | rd |") == 1  # rank 0 alone prints the table

@@ -19,6 +19,8 @@ pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip ins
 from rdprune.data import dali  # noqa: E402
 from rdprune.errors import UserError  # noqa: E402
 
+from launch import torchrun  # noqa: E402
+
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 REPO = Path(__file__).parent.parent
 CLASSES = ("ant", "bee", "cat")
@@ -68,13 +70,7 @@ def samples_of(root: Path) -> list[tuple[str, int]]:
     return dali.folder_samples(ImageFolder(str(root)))
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 300, extra_path: Path = REPO) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(extra_path), str(REPO), env.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
+@pytest.mark.distributed
 def test_two_ranks_shard_training_and_validation_exactly(folder, tmp_path):
     out = torchrun(2, str(SCRIPTS / "dali_shards.py"), str(folder), str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -165,9 +161,10 @@ E2E = ("model.name=dali_tiny:tiny", "data.name=imagenet", "data.backend=dali", "
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_prune_and_finetune_through_dali_under_torchrun(folder, tmp_path):
     out = torchrun(2, "-m", "rdprune.run", "configs/quickstart.yaml", *E2E, f"data.root={folder}",
-                   f"run.out_dir={tmp_path / 'run'}", extra_path=SCRIPTS)
+                   f"run.out_dir={tmp_path / 'run'}", paths=(SCRIPTS,))
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1] and rows[1]["target_sparsity"] == 0.5

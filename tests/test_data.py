@@ -8,7 +8,9 @@ from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
 from rdprune.core.curves import synthetic_inputs
-from rdprune.data import DATASET_NAMES, DataBundle, build_data, calibration_inputs, infinite_batches, make_loader
+from rdprune.distributed import DistInfo
+from rdprune.pipeline.feeding import rank_subset
+from rdprune.data import DATASET_NAMES, DataBundle, build_data, calibration_inputs, infinite_batches, train_loader
 from rdprune.data.mnist5k import load_mnist5k
 from rdprune.errors import UserError
 
@@ -85,26 +87,25 @@ class Indices(Dataset):
         return torch.tensor(i), 0
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_two_ranks_split_the_data(train):
+def test_two_ranks_split_the_training_data():
     seen = []
     for rank in (0, 1):
-        loader = make_loader(Indices(100), 10, train=train, seed=3, rank=rank, world_size=2)
+        loader = train_loader(Indices(100), 10, seed=3, rank=rank, world_size=2)
         seen.append([int(i) for x, _ in loader for i in x])
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(100))
-    assert (seen[0] != sorted(seen[0])) == train
+    assert seen[0] != sorted(seen[0])
 
 
 def test_evaluation_shards_cover_odd_sizes_exactly():
-    seen = [int(i) for rank in (0, 1)
-            for x, _ in make_loader(Indices(101), 8, train=False, seed=0, rank=rank, world_size=2) for i in x]
+    test_set = Indices(101)
+    seen = [int(test_set[i][0]) for rank in (0, 1) for i in rank_subset(test_set, DistInfo(rank=rank, world_size=2)).indices]
     assert sorted(seen) == list(range(101))
 
 
 def test_single_process_shuffle_is_seeded_and_changes_per_epoch():
     def first_epochs(seed):
-        stream = infinite_batches(make_loader(Indices(40), 8, train=True, seed=seed))
+        stream = infinite_batches(train_loader(Indices(40), 8, seed=seed))
         return [int(i) for _ in range(10) for i in next(stream)[0]]  # two epochs
 
     a = first_epochs(5)
@@ -114,7 +115,7 @@ def test_single_process_shuffle_is_seeded_and_changes_per_epoch():
 
 def test_batch_larger_than_the_data():
     with pytest.raises(UserError, match="batch size per rank"):
-        make_loader(Indices(10), 8, train=True, seed=0, world_size=2)
+        train_loader(Indices(10), 8, seed=0, world_size=2)
 
 
 def _write_cifar(folder, n_train=6, n_test=4):

@@ -11,16 +11,14 @@ from rdprune import distributed as d
 from rdprune.distributed import collectives
 from rdprune.errors import UserError
 
+from launch import torchrun
+
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 
 
-def torchrun(script: str, nproc: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_script(script: str, nproc: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``dist_scripts/script`` on ``nproc`` local ranks under torchrun, one thread per rank."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(SCRIPTS / script), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return torchrun(nproc, str(SCRIPTS / script), *args, timeout=timeout)
 
 
 def test_world_of_one_without_launcher(monkeypatch):
@@ -37,6 +35,7 @@ def test_world_of_one_without_launcher(monkeypatch):
     d.teardown()
 
 
+@pytest.mark.distributed
 def test_slurm_batch_script_without_srun_is_one_process(monkeypatch):
     # Inside sbatch but outside srun the allocation's task count must not be taken as the world.
     for var in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
@@ -89,22 +88,25 @@ def test_rank_prefix_in_logs(capsys):
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.distributed
 def test_collectives_under_torchrun(nproc):
-    out = torchrun("collectives.py", nproc, str(nproc))
+    out = run_script("collectives.py", nproc, str(nproc))
     assert out.returncode == 0, out.stdout + out.stderr
     assert all(f"collectives ok on rank {r}" in out.stdout for r in range(nproc))
 
 
+@pytest.mark.distributed
 def test_a_failing_rank_ends_the_job_and_every_rank_names_it():
-    out = torchrun("failing_rank.py", 3, "1", timeout=60)
+    out = run_script("failing_rank.py", 3, "1", timeout=60)
     assert out.returncode != 0
     # The ranks left waiting in a barrier say who failed first and why, instead of hanging.
     for r in (0, 2):
         assert f"barrier on rank {r} stopped because rank 1 failed: RuntimeError: deliberate failure" in out.stderr, out.stderr
 
 
+@pytest.mark.distributed
 def test_mismatched_configs_fail_on_every_rank():
-    out = torchrun("config_mismatch.py", 2, timeout=60)
+    out = run_script("config_mismatch.py", 2, timeout=60)
     assert out.returncode != 0
     assert out.stderr.count("ranks disagree on the resolved config: rank 0 ") == 2, out.stderr
     assert "launch every node with the same config and overrides" in out.stderr
@@ -119,8 +121,9 @@ def single_process_curves(grid: str, worst_case: bool) -> dict:
 
 
 @pytest.mark.parametrize("nproc, grid, worst_case", [(2, "relative", False), (3, "absolute", True)])
+@pytest.mark.distributed
 def test_sharded_curves_equal_one_process(tmp_path, one_thread, nproc, grid, worst_case):
-    out = torchrun("sharded_curves.py", nproc, str(tmp_path / "curves.pt"), "-", grid, str(int(worst_case)))
+    out = run_script("sharded_curves.py", nproc, str(tmp_path / "curves.pt"), "-", grid, str(int(worst_case)))
     assert out.returncode == 0, out.stdout + out.stderr
     sharded = torch.load(tmp_path / "curves.pt", weights_only=True)
     reference = single_process_curves(grid, worst_case)
@@ -133,17 +136,18 @@ def test_sharded_curves_equal_one_process(tmp_path, one_thread, nproc, grid, wor
         assert torch.allclose(distortion, torch.from_numpy(curve.distortion), rtol=0, atol=1e-6 * scale), name
 
 
+@pytest.mark.distributed
 def test_restart_recomputes_only_missing_pieces(tmp_path):
     cache = tmp_path / "cache"
     args = (str(tmp_path / "curves.pt"), str(cache), "relative", "0")
-    assert torchrun("sharded_curves.py", 2, *args).returncode == 0
+    assert run_script("sharded_curves.py", 2, *args).returncode == 0
     files = sorted(cache.glob("*.curve.pt"))
     assert len(files) >= 5  # every layer, and at least one layer split between the ranks
     first = torch.load(tmp_path / "curves.pt", weights_only=True)
     lost = files[1]
     lost.unlink()  # a piece in flight when the job died
     kept = {f: f.stat().st_mtime_ns for f in files if f != lost}
-    out = torchrun("sharded_curves.py", 2, *args)
+    out = run_script("sharded_curves.py", 2, *args)
     assert out.returncode == 0, out.stdout + out.stderr
     assert lost.exists() and {f: f.stat().st_mtime_ns for f in kept} == kept
     again = torch.load(tmp_path / "curves.pt", weights_only=True)
@@ -166,8 +170,9 @@ def test_deepspeed_settings_checked_before_any_work():
 
 @pytest.mark.slow  # the first DeepSpeed start on a machine compiles an op (~35 s); then ~13 s each
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "fp32"), (2, "fp32")])
+@pytest.mark.distributed
 def test_deepspeed_keeps_zeros_and_ranks_equal(tmp_path, stage, precision):
     pytest.importorskip("deepspeed")
-    out = torchrun("deepspeed_masks.py", 2, str(stage), precision, str(tmp_path / "ckpt"), timeout=300)
+    out = run_script("deepspeed_masks.py", 2, str(stage), precision, str(tmp_path / "ckpt"), timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert all(f"deepspeed zero {stage} {precision} ok on rank {r}" in out.stdout for r in (0, 1))

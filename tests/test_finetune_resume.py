@@ -23,6 +23,8 @@ from rdprune.training.engine import train_steps
 from rdprune.training.local_engine import LocalEngine
 from rdprune.training.optim import make_optimizer, make_scheduler
 
+from launch import clean_env, torchrun_command
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -115,15 +117,8 @@ def _rows(out: Path) -> list[dict]:
             for line in (out / "results.jsonl").read_text().splitlines()]
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")]))
-    return env
-
-
 def _run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -149,7 +144,7 @@ def _descendants(pid: int) -> list[int]:
 def _kill_when_written(cmd: list[str], marker: Path, log: Path) -> None:
     """Start ``cmd`` and SIGKILL it and every process it started once ``marker`` exists."""
     with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=sink, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 500
             while not marker.exists():
@@ -194,6 +189,7 @@ def test_killed_during_finetuning_resumes_at_the_checkpoint(tmp_path):
 
 @pytest.mark.slow  # DDP ~15 s a run; DeepSpeed starts slowly (a minute or more on a loaded 2-core machine)
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+@pytest.mark.distributed
 def test_torchrun_killed_during_finetuning_resumes_from_the_checkpoint(tmp_path, engine):
     if engine == "deepspeed":
         pytest.importorskip("deepspeed")
@@ -203,8 +199,7 @@ def test_torchrun_killed_during_finetuning_resumes_from_the_checkpoint(tmp_path,
     settings = ["distributed.engine=deepspeed", "distributed.zero_stage=2"] if engine == "deepspeed" else []
 
     def command(out, *extra):
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "--monitor-interval=0.5", "-m", "rdprune.run", QUICKSTART, f"run.out_dir={out}", *REDUCED,
+        return [*torchrun_command(2, "-m", "rdprune.run"), QUICKSTART, f"run.out_dir={out}", *REDUCED,
                 f"model.checkpoint={pretrained / 'pretrained.pt'}", *settings, "distributed.curve_threads=1",
                 "distributed.timeout_s=300", *extra]
 

@@ -66,6 +66,12 @@ def test_results_sparsity_and_outputs(finished_run):
                  "plots/layer_sparsity.png", "plots/accuracy.png", "allocation/iter_04.json", "curves/iter_04/curves.npz"):
         assert (finished_run / name).exists(), name
     assert not list(finished_run.rglob("*.tmp"))
+    # Colleagues can read the results as the user's umask allows (the runner's umask is 022 or stricter).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("results.jsonl", "config.yaml", "provenance.json", "final/model.pt", "plots/accuracy.png",
+                 "allocation/iter_04.json", "checkpoints/last.pt"):
+        assert (finished_run / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
 
 
 def test_final_state_dict_loads_into_plain_model_with_zeros(finished_run):
@@ -158,6 +164,15 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     assert "no_such_pkg" in _user_error(capsys, [q, "model.name=no_such_pkg.mod:build", out])
     assert "no_such_cfg.yaml" in _user_error(capsys, [str(tmp_path / "no_such_cfg.yaml")])
     assert not (tmp_path / "o").exists()  # bad input is caught before the output directory is touched
+
+
+def test_output_directory_that_is_a_file_is_one_line(capsys, tmp_path):
+    (tmp_path / "taken").write_text("someone's notes\n")
+    err = _user_error(capsys, [str(QUICKSTART), f"run.out_dir={tmp_path / 'taken'}"])
+    assert err == f"rdprune: error: run.out_dir is {tmp_path / 'taken'}, an existing file; choose a folder for run.out_dir"
+    err = _user_error(capsys, [str(QUICKSTART), f"run.out_dir={tmp_path / 'taken' / 'run'}"])
+    assert f"a folder of run.out_dir {tmp_path / 'taken' / 'run'} is {tmp_path / 'taken'}, an existing file" in err
+    assert (tmp_path / "taken").read_text() == "someone's notes\n"
 
 
 def test_output_directory_in_use(capsys, tmp_path):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from launch import clean_env
+
 REPO = Path(__file__).parent.parent
 SBATCH = REPO / "slurm" / "rdprune.sbatch"
 LOCAL = REPO / "slurm" / "local"
@@ -56,9 +58,7 @@ class Cluster:
             self.nodes = nodes
 
     def submit(self, out: Path, *sbatch_args: str, overrides=QUICK) -> str:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
-        env.update(OMP_NUM_THREADS="1", NPROC="2", RDPRUNE_PYTHON=sys.executable)
+        env = clean_env(NPROC="2", RDPRUNE_PYTHON=sys.executable)
         cmd = ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={out}/slurm-%j.out", *sbatch_args, str(SBATCH)]
         if overrides is not None:
             cmd += ["configs/quickstart.yaml", *overrides, f"run.out_dir={out}/run"]
@@ -117,6 +117,7 @@ def test_one_node_two_ranks(reference):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_sbatch_without_config_fails_with_exit_2(cluster, tmp_path):
     cluster.ensure(1)
     jid = cluster.submit(tmp_path, overrides=None)
@@ -125,6 +126,7 @@ def test_sbatch_without_config_fails_with_exit_2(cluster, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_requeue_resumes_and_gives_the_same_results(reference, cluster, tmp_path):
     cluster.ensure(1)
     jid = cluster.submit(tmp_path)
@@ -152,6 +154,7 @@ def test_requeue_resumes_and_gives_the_same_results(reference, cluster, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_emulated_nodes(cluster, tmp_path):
     cluster.ensure(2)
     jid = cluster.submit(tmp_path, "--nodes=2")

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from launch import clean_env, torchrun_command
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 SCRIPTS = TESTS / "dist_scripts"
@@ -31,24 +33,12 @@ TWO_ITERATIONS = ["prune.target_sparsity=0.75", "finetune.steps=5", "prune.level
                   "calibration.batch_size=256"]
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")]))
-    return env
-
-
-def _torchrun(nproc: int, *target: str, max_restarts: int = 0) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            f"--max-restarts={max_restarts}", "--monitor-interval=0.5", *target]
-
-
 def _pipeline(out: Path, *overrides: str) -> list[str]:
     return ["-m", "rdprune.run", QUICKSTART, f"run.out_dir={out}", *COMMON, *overrides]
 
 
 def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -86,11 +76,12 @@ def checkpoint(tmp_path_factory) -> Path:
 def reference(tmp_path_factory, checkpoint) -> Path:
     """An uninterrupted two-iteration run on 2 ranks: what repeated and restarted runs must reproduce."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    _ok(_run(_torchrun(2, *_pipeline(out, f"model.checkpoint={checkpoint}", *TWO_ITERATIONS))))
+    _ok(_run(torchrun_command(2, *_pipeline(out, f"model.checkpoint={checkpoint}", *TWO_ITERATIONS))))
     return out
 
 
 @pytest.mark.slow  # four pipeline runs, ~15 s each
+@pytest.mark.distributed
 def test_first_iteration_equal_at_1_2_3_ranks(tmp_path, checkpoint):
     one = tmp_path / "one"
     _ok(_run([sys.executable, *_pipeline(one, f"model.checkpoint={checkpoint}", *FIRST_ITERATION)]))
@@ -100,7 +91,7 @@ def test_first_iteration_equal_at_1_2_3_ranks(tmp_path, checkpoint):
     assert len(layers) == 3
     for nproc in (1, 2, 3):
         out = tmp_path / f"ranks{nproc}"
-        _ok(_run(_torchrun(nproc, *_pipeline(out, f"model.checkpoint={checkpoint}", *FIRST_ITERATION))))
+        _ok(_run(torchrun_command(nproc, *_pipeline(out, f"model.checkpoint={checkpoint}", *FIRST_ITERATION))))
         with np.load(out / "curves" / "iter_01" / "curves.npz") as z:
             assert sorted(z) == sorted(curves)
             for name in layers:
@@ -115,9 +106,10 @@ def test_first_iteration_equal_at_1_2_3_ranks(tmp_path, checkpoint):
 
 
 @pytest.mark.slow  # two pipeline runs on 2 ranks, ~25 s each
+@pytest.mark.distributed
 def test_two_runs_at_equal_world_size_agree_at_every_iteration(tmp_path, checkpoint, reference):
     out = tmp_path / "again"
-    _ok(_run(_torchrun(2, *_pipeline(out, f"model.checkpoint={checkpoint}", *TWO_ITERATIONS))))
+    _ok(_run(torchrun_command(2, *_pipeline(out, f"model.checkpoint={checkpoint}", *TWO_ITERATIONS))))
     rows = _rows(out)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert rows == _rows(reference)
@@ -130,12 +122,13 @@ def test_two_runs_at_equal_world_size_agree_at_every_iteration(tmp_path, checkpo
 
 @pytest.mark.slow  # DDP ~15 s; DeepSpeed starts slowly (~60 s or more on a loaded 2-core machine)
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+@pytest.mark.distributed
 def test_finetuning_keeps_zeros_and_ranks_equal(tmp_path, engine):
     if engine == "deepspeed":
         pytest.importorskip("deepspeed")
     overrides = [MODEL, "finetune.steps=4", "run.progress=false", f"run.out_dir={tmp_path / 'run'}",
                  f"distributed.engine={engine}"] + (["distributed.zero_stage=2"] if engine == "deepspeed" else [])
-    proc = _ok(_run(_torchrun(2, str(SCRIPTS / "finetune_masks.py"), QUICKSTART, *overrides), timeout=500))
+    proc = _ok(_run(torchrun_command(2, str(SCRIPTS / "finetune_masks.py"), QUICKSTART, *overrides), timeout=500))
     assert all(f"{engine} fine-tuning ok on rank {r}" in proc.stdout for r in (0, 1)), proc.stdout
 
 
@@ -158,12 +151,13 @@ def _worker_pids(agent: int) -> dict[int, int]:
 
 
 @pytest.mark.slow  # two pipeline runs on 2 ranks, one of them restarted
+@pytest.mark.distributed
 def test_killed_rank_restarts_and_ends_like_an_uninterrupted_run(tmp_path, checkpoint, reference):
     out = tmp_path / "elastic"
     cache = out / "curves" / "iter_01"
-    cmd = _torchrun(2, *_pipeline(out, f"model.checkpoint={checkpoint}", *TWO_ITERATIONS), max_restarts=1)
+    cmd = torchrun_command(2, *_pipeline(out, f"model.checkpoint={checkpoint}", *TWO_ITERATIONS), max_restarts=1)
     log = open(tmp_path / "torchrun.log", "w+")
-    agent = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while not (cache.is_dir() and any(cache.glob("*.curve.pt"))):
@@ -191,35 +185,49 @@ def test_killed_rank_restarts_and_ends_like_an_uninterrupted_run(tmp_path, check
     assert _same_masks(_masks(out / "checkpoints" / "last.pt"), _masks(reference / "checkpoints" / "last.pt"))
 
 
+@pytest.mark.distributed
 def test_a_rank_that_raises_ends_the_job_and_is_named(tmp_path):
     model = "model.name=dist_scripts.user_models:fails_on_rank_one"
-    proc = _run(_torchrun(2, *_pipeline(tmp_path / "run", model, "pretrain.steps=20")), timeout=180)
+    proc = _run(torchrun_command(2, *_pipeline(tmp_path / "run", model, "pretrain.steps=20")), timeout=180)
     assert proc.returncode != 0
     # Rank 0, left waiting in a collective, says which rank failed and why.
     assert "stopped because rank 1 failed: RuntimeError: deliberate failure in the user's forward" in proc.stderr, proc.stderr[-5000:]
     assert not (tmp_path / "run" / "pretrained.pt").exists()
 
 
+@pytest.mark.distributed
 def test_mismatched_configs_fail_on_every_rank_with_one_line(tmp_path):
     out = tmp_path / "run"
-    proc = _run(_torchrun(2, str(SCRIPTS / "run_per_rank.py"), QUICKSTART, f"run.out_dir={out}", *COMMON,
+    proc = _run(torchrun_command(2, str(SCRIPTS / "run_per_rank.py"), QUICKSTART, f"run.out_dir={out}", *COMMON,
                           "finetune.lr=0.0{rank}5"), timeout=180)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("rdprune: error: ")]
-    assert len(errors) == 2, proc.stderr[-5000:]
-    assert all("ranks disagree on the resolved config: rank 0 " in e and "launch every node with the same config" in e
-               for e in errors), errors
-    assert "Traceback" not in "\n".join(errors)
+    assert len(errors) == 1, proc.stderr[-5000:]  # both ranks hold the same message: one shows it
+    assert "ranks disagree on the resolved config: rank 0 " in errors[0] and "launch every node with the same config" in errors[0]
+    assert "UserError" not in proc.stderr  # no traceback in torchrun's summary: the workers wrote no error file
     assert not (out / "results.jsonl").exists() and not (out / "config.yaml").exists()
 
 
+@pytest.mark.distributed
+def test_a_bad_config_under_torchrun_is_one_line_from_one_rank(tmp_path):
+    proc = _run(torchrun_command(2, "-m", "rdprune.run", QUICKSTART, f"run.out_dir={tmp_path / 'run'}", *COMMON,
+                                 "prune.levels=1"), timeout=180)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("rdprune: error: ")]
+    assert errors == ["rdprune: error: override 'prune.levels=1': prune.levels must be an integer >= 2, got 1"], proc.stderr
+    assert "UserError" not in proc.stderr and "rdprune/config" not in proc.stderr, proc.stderr
+    assert "error_file: <N/A>" in proc.stderr  # torchrun's summary has no worker traceback to quote
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow  # three ranks on a small machine, ~20-30 s
+@pytest.mark.distributed
 def test_idle_ranks_join_every_collective(tmp_path, checkpoint):
     # Only the head is pruned and its curve has two paid levels: the third rank gets no work.
     out = tmp_path / "run"
     overrides = [f"model.checkpoint={checkpoint}", "prune.skip=[features.0,features.4]", "prune.levels=3",
                  "prune.target_sparsity=0.15", "finetune.steps=2", "calibration.size=32"]
-    proc = _ok(_run(_torchrun(3, *_pipeline(out, *overrides))))
+    proc = _ok(_run(torchrun_command(3, *_pipeline(out, *overrides))))
     assert "curve estimation: 2 pieces over 3 ranks" in proc.stderr, proc.stderr[-3000:]
     rows = _rows(out)
     assert [r["iteration"] for r in rows] == [0, 1] and rows[1]["sparsity"] >= 0.15 - 0.005

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 import rdprune
+from rdprune import distributed
 from rdprune.config import SECTIONS
 from rdprune.errors import UserError
 
@@ -39,21 +41,44 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def _user_error_exits(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int | None]:
+    """``main`` with user errors turned into one line on stderr and exit code 2.
+
+    Under torchrun every rank usually fails alike (the same config on every rank): the line is
+    shown once, by the rank that reports it first; a rank whose error differs shows its own. The
+    exit is a ``SystemExit``, so torchrun's error file holds no traceback for a user error.
+    """
+
+    @functools.wraps(main)
+    def checked(argv: list[str]) -> int | None:
+        try:
+            return main(argv)
+        except ValueError as err:  # UserError is a ValueError
+            if _debug() or not (isinstance(err, UserError) or _raised_by_rdprune(err)):
+                raise
+            if distributed.first_to_report(err):
+                sys.stderr.write(f"rdprune: error: {_one_line(err)}\n")
+                sys.stderr.flush()
+            raise SystemExit(EXIT_USER_ERROR) from None
+
+    return checked
+
+
+def _debug() -> bool:
+    return os.environ.get("RDPRUNE_DEBUG", "") not in ("", "0")
+
+
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> NoReturn:
-    """Call ``main(argv)`` (default: ``sys.argv[1:]``) and exit with its return code, turning user
-    errors into one line on stderr and exit code 2."""
+    """Call ``main(argv)`` (default: ``sys.argv[1:]``) and exit with its return code.
+
+    User errors become one line on stderr and exit code 2; other errors keep their traceback and
+    reach torchrun's error file (:func:`rdprune.distributed.record`); Ctrl-C exits 130.
+    """
     args = sys.argv[1:] if argv is None else list(argv)
-    debug = os.environ.get("RDPRUNE_DEBUG", "") not in ("", "0")
     try:
-        code = main(args)
-    except ValueError as err:  # UserError is a ValueError
-        if debug or not (isinstance(err, UserError) or _raised_by_rdprune(err)):
-            raise
-        sys.stderr.write(f"rdprune: error: {_one_line(err)}\n")
-        sys.stderr.flush()
-        sys.exit(EXIT_USER_ERROR)
+        code = distributed.record(_user_error_exits(main))(args)
     except KeyboardInterrupt:
-        if debug:
+        if _debug():
             raise
         sys.stderr.write("rdprune: interrupted\n")
         sys.stderr.flush()

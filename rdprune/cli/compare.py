@@ -35,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@distributed.record
 def main(argv: list[str]) -> int:
     """Validate the whole sweep first, then run it, leaving the process group on every exit."""
     ns = build_parser().parse_args(argv)

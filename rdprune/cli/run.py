@@ -18,7 +18,6 @@ from rdprune.pipeline.report import results_table
 log = logging.getLogger("rdprune")
 
 
-@distributed.record
 def main(argv: list[str]) -> int:
     """Validate everything first, then build, run, and always leave the process group."""
     path, overrides = parse_run_args(argv)

@@ -27,48 +27,27 @@ class SeededShuffle(Sampler[int]):
         return self.n
 
 
-class Shard(Sampler[int]):
-    """Indices ``rank, rank + world_size, ...`` in order, without padding.
+def train_loader(dataset: Dataset, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 workers: int = 0) -> DataLoader:
+    """A DataLoader of this rank's share of ``dataset`` for training, ``batch_size`` per rank.
 
-    For evaluation: unlike DistributedSampler (which pads with repeats), every sample is seen
-    exactly once across ranks, so summed correct counts give the exact top-1. Shard sizes differ
-    by at most one sample, so ranks may run one batch more or fewer.
-    """
-
-    def __init__(self, n: int, rank: int, world_size: int):
-        self.indices = range(rank, n, world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, rank: int = 0,
-                world_size: int = 1, workers: int = 0) -> DataLoader:
-    """A DataLoader of this rank's share of ``dataset`` in batches of ``batch_size`` (per rank).
-
-    Training: shuffled by ``seed`` (per epoch via ``set_epoch``; DistributedSampler with
-    ``drop_last`` when ``world_size > 1``), incomplete last batches dropped. Evaluation: in order,
-    each sample on exactly one rank, all batches kept. Worker augmentation seeds derive from
-    ``seed`` and ``rank``.
+    Shuffled by ``seed`` (per epoch via ``set_epoch``; DistributedSampler with ``drop_last`` when
+    ``world_size > 1``), incomplete last batches dropped. Worker augmentation seeds derive from
+    ``seed`` and ``rank``. (Evaluation shards the test set in order: ``pipeline.feeding``.)
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     per_rank = len(dataset) // world_size
-    if train and per_rank < batch_size:
+    if per_rank < batch_size:
         raise UserError(f"the batch size per rank ({batch_size}) exceeds the {per_rank} training samples "
                         f"each of {world_size} rank(s) gets; lower data.batch_size")
-    if train and world_size > 1:
+    if world_size > 1:
         sampler: Sampler[int] = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                                    seed=seed, drop_last=True)
-    elif train:
-        sampler = SeededShuffle(len(dataset), seed)
     else:
-        sampler = Shard(len(dataset), rank, world_size)
+        sampler = SeededShuffle(len(dataset), seed)
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=train, num_workers=workers,
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed * 1000 + rank),
     )

@@ -13,6 +13,7 @@ from rdprune.distributed.collectives import (
     check_same_config,
     distributed_session,
     fingerprint,
+    first_to_report,
     gather_objects,
     init_distributed,
     record,
@@ -23,6 +24,6 @@ from rdprune.distributed.collectives import (
 
 __all__ = [
     "DistInfo", "PeerFailureError", "RankMismatchError", "all_reduce_sum", "barrier", "broadcast_object",
-    "broadcast_tensors_", "check_identical", "check_same_config", "distributed_session", "fingerprint",
+    "broadcast_tensors_", "check_identical", "check_same_config", "distributed_session", "fingerprint", "first_to_report",
     "gather_objects", "init_distributed", "record", "setup_logging", "teardown", "wrap_ddp",
 ]

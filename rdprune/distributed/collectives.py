@@ -34,7 +34,7 @@ from rdprune.errors import UserError
 __all__ = [
     "DistInfo", "RankMismatchError", "PeerFailureError", "init_distributed", "teardown", "distributed_session", "barrier",
     "broadcast_object", "broadcast_tensors_", "gather_objects", "all_reduce_sum", "fingerprint", "check_identical",
-    "check_same_config", "wrap_ddp", "setup_logging", "record",
+    "check_same_config", "wrap_ddp", "setup_logging", "record", "first_to_report",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MASTER_PORT = 29500
 FAILURE_KEY = "rdprune/first_failure"
 PEER_FAILURE_WAIT_S = 5.0  # how long a broken collective waits for the failing rank's note
+AGENT_STORE_TIMEOUT_S = 10.0  # how long a worker without a process group tries to reach torchrun's store
 
 
 @dataclass(frozen=True)
@@ -155,13 +156,20 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0, *, single_g
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
-        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
-        # torchrun's agent keeps one store across restarts: without a prefix per attempt, restarted
-        # workers read the dead workers' gloo addresses (and failure notes) and wait for them.
-        store = dist.PrefixStore(f"rdprune/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        dist.init_process_group(backend=backend, store=_job_store(rank, world, timeout), rank=rank,
+                                world_size=world, timeout=timeout)
     log.info("process group up: %d ranks, backend %s, device %s", world, backend, dev)
     return DistInfo(rank, world, local_rank, dev, backend)
+
+
+def _job_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The job's key-value store (``MASTER_ADDR:MASTER_PORT``), under a prefix of this launch attempt.
+
+    torchrun's agent keeps one store across restarts: without a prefix per attempt, restarted
+    workers read the dead workers' gloo addresses (and failure notes) and wait for them.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    return dist.PrefixStore(f"rdprune/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown() -> None:
@@ -219,20 +227,53 @@ def _store():
         return None
 
 
-def _announce_failure(error: BaseException) -> str | None:
-    """Post "rank r: error" once per job (the first failure wins), unless this rank only saw a peer fail.
+def _agent_store():
+    """torchrun's agent store, reachable before this worker joins a process group; None elsewhere."""
+    launch = _launch_env(os.environ)
+    if launch is None or launch[1] == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # srun alone: rank 0 would host the store, and may be gone already
+    try:
+        return _job_store(launch[0], launch[1], datetime.timedelta(seconds=AGENT_STORE_TIMEOUT_S))
+    except Exception:
+        log.debug("torchrun's agent store is unreachable", exc_info=True)
+        return None
+
+
+def _failure_note(rank: int, error: BaseException) -> str:
+    return f"rank {rank} failed: {type(error).__name__}: {error}".splitlines()[0][:2000]
+
+
+def _announce_failure(error: BaseException, store=None) -> str | None:
+    """Post "rank r failed: error" once per job (the first failure wins), unless this rank only saw a peer fail.
 
     Returns the note that won (this rank's or an earlier one), or None when nothing was posted.
     """
-    store = _store()
+    store = store or _store()
     if store is None or isinstance(error, (PeerFailureError, KeyboardInterrupt, SystemExit)):
         return None
-    note = f"rank {dist.get_rank()} failed: {type(error).__name__}: {error}".splitlines()[0][:2000]
+    rank = dist.get_rank() if dist.is_initialized() else _launch_env(os.environ)[0]
     try:
-        return store.compare_set(FAILURE_KEY, "", note).decode()
+        return store.compare_set(FAILURE_KEY, "", _failure_note(rank, error)).decode()
     except Exception:  # the store may be gone already; the failure itself is still raised
         log.debug("could not announce the failure to the other ranks", exc_info=True)
         return None
+
+
+def first_to_report(error: BaseException) -> bool:
+    """Announce ``error`` to the other ranks; whether this rank should show it to the user.
+
+    A bad config or a missing folder fails every rank alike: the first rank to announce the error
+    shows it and the others, holding the same message, stay quiet. A rank whose error differs
+    from the first one shows its own. Before the process group exists the note goes through
+    torchrun's agent store; where no store can be reached, every rank shows its error.
+    """
+    store = _store() or _agent_store()
+    first = _announce_failure(error, store) if store is not None else None
+    if first is None:
+        return True
+    rank = dist.get_rank() if dist.is_initialized() else _launch_env(os.environ)[0]
+    mine = _failure_note(rank, error)
+    return first == mine or first.partition(" failed: ")[2] != mine.partition(" failed: ")[2]
 
 
 def _peer_failure() -> str | None:

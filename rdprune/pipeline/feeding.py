@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from rdprune.config import Config
 from rdprune.core.curves import synthetic_inputs
-from rdprune.data import DataBundle, calibration_inputs, dali, infinite_batches, make_loader
+from rdprune.data import DataBundle, calibration_inputs, dali, infinite_batches, train_loader
 from rdprune.distributed import DistInfo
 
 
@@ -31,7 +31,7 @@ def train_batches(cfg: Config, data: DataBundle, dist: DistInfo, seed: int) -> I
     if uses_dali(cfg):
         return dali.train_batches(dali.folder_samples(data.train), per_rank, dist.rank, dist.world_size,
                                   dist.device, seed, threads=max(1, cfg.data.workers))
-    loader = make_loader(data.train, per_rank, train=True, seed=seed, rank=dist.rank, world_size=dist.world_size, workers=cfg.data.workers)
+    loader = train_loader(data.train, per_rank, seed=seed, rank=dist.rank, world_size=dist.world_size, workers=cfg.data.workers)
     return infinite_batches(loader)
 
 
