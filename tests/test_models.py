@@ -27,6 +27,18 @@ def not_a_module(num_classes=3):
     return "model"
 
 
+def channel_aware_model(num_classes=3, in_channels=3):
+    return nn.Sequential(nn.Conv2d(in_channels, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, num_classes))
+
+
+def kwargs_forwarding_model(**kwargs):
+    return tiny_user_model(**kwargs)
+
+
+def first_conv(model):
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_registered_model_runs(name, one_thread):
     shape = NATURAL_SHAPES.get(name, (3, 64, 64))  # torchvision models at 64x64 to stay fast
@@ -83,8 +95,51 @@ def test_unknown_model_name_lists_the_choices():
 
 
 def test_wrong_input_shape_is_reported_at_build_time():
-    with pytest.raises(UserError, match=r"^model resnet20_cifar does not accept inputs of shape \[1, 28, 28\]: "):
-        build_model("resnet20_cifar", 10, input_shape=(1, 28, 28))
+    with pytest.raises(UserError, match=r"^model resnet20_cifar does not accept inputs of shape \[784\]: [^\n]+$"):
+        build_model("resnet20_cifar", 10, input_shape=(784,))
+
+
+@pytest.mark.parametrize("name", ["resnet20_cifar", "vgg16_cifar"])
+def test_cifar_models_take_grayscale_digits(name, one_thread):
+    model = build_model(name, 10, input_shape=(1, 28, 28))  # mnist5k's input shape
+    assert first_conv(model).in_channels == 1
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_registered_model_takes_the_inputs_channel_count(name, one_thread):
+    height = NATURAL_SHAPES.get(name, (3, 64, 64))[1]
+    shape = (4, height, height)  # e.g. multispectral images
+    model = build_model(name, 7, input_shape=shape)
+    assert first_conv(model).in_channels == 4
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, *shape)).shape == (2, 7)
+    # only the stem's weight changes shape: the state_dict keys (and so checkpoints) stay the same
+    rgb = build_model(name, 7, input_shape=(3, height, height)).state_dict()
+    changed = [k for k, v in model.state_dict().items() if rgb[k].shape != v.shape]
+    assert list(model.state_dict()) == list(rgb) and len(changed) == 1 and changed[0].endswith("weight")
+
+
+def test_pretrained_weights_refuse_other_channel_counts(monkeypatch):
+    def must_not_download(url, *args, **kwargs):
+        raise AssertionError("downloaded weights that cannot fit")
+
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", must_not_download)
+    with pytest.raises(UserError, match=(
+        r"^torchvision weights 'DEFAULT' for resnet18 take 3-channel \(RGB\) inputs, but the data has 1 channel "
+        r"\(input shape \[1, 28, 28\]\); drop model.weights to train resnet18 from scratch with a 1-channel stem$"
+    )):
+        build_model("resnet18", 1000, weights="DEFAULT", input_shape=(1, 28, 28))
+
+
+def test_user_model_gets_in_channels_only_when_it_names_it():
+    model = build_model("test_models:channel_aware_model", 5, input_shape=(6, 8, 8))
+    assert model[0].in_channels == 6 and model[3].out_features == 5
+    # a builder that forwards **kwargs gets num_classes but no in_channels it did not ask for
+    assert build_model("test_models:kwargs_forwarding_model", 5, input_shape=(1, 2, 2))[1].out_features == 5
 
 
 def test_checkpoint_round_trip_and_ddp_prefix(tmp_path, one_thread):

@@ -1,10 +1,12 @@
 """CIFAR ResNets (He et al. 2016, section 4.2): ResNet-20/32/44/56 with parameter-free shortcuts.
 
-A 3x3 stem conv with 16 channels, then three stages of ``n`` basic blocks with 16, 32 and 64
-channels (the first block of stages 2 and 3 halves the resolution), global average pooling and a
-linear classifier: ``6n + 2`` weighted layers. Shortcuts are identities; where the shape changes
-they subsample by 2 and pad the new channels with zeros ("option A"), so they add no weights.
+A 3x3 stem conv with 16 channels (from ``in_channels`` input channels, 3 for RGB), then three stages
+of ``n`` basic blocks with 16, 32 and 64 channels (the first block of stages 2 and 3 halves the
+resolution), global average pooling and a linear classifier: ``6n + 2`` weighted layers. Shortcuts
+are identities; where the shape changes they subsample by 2 and pad the new channels with zeros
+("option A"), so they add no weights.
 Prunable layers: ``6n + 1`` convolutions and the classifier (ResNet-32: 31 + 1 = 32).
+Global average pooling lets other image sizes through too, e.g. 1x28x28 digits with ``in_channels=1``.
 """
 from __future__ import annotations
 
@@ -44,11 +46,15 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet for 32x32 inputs with ``blocks_per_stage`` basic blocks in each of three stages."""
+    """ResNet for 32x32 inputs with ``blocks_per_stage`` basic blocks in each of three stages.
 
-    def __init__(self, blocks_per_stage: int, num_classes: int = 10):
+    ``in_channels`` is the input's channel count (3 for RGB, 1 for grayscale, more for multispectral
+    images); it changes only the stem conv's weight shape.
+    """
+
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         stages, in_channels = [], 16
         for channels, stride in ((16, 1), (32, 2), (64, 2)):
@@ -70,17 +76,17 @@ class CifarResNet(nn.Module):
         return self.fc(x)
 
 
-def resnet20(num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(3, num_classes)
+def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(3, num_classes, in_channels)
 
 
-def resnet32(num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(5, num_classes)
+def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(5, num_classes, in_channels)
 
 
-def resnet44(num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(7, num_classes)
+def resnet44(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(7, num_classes, in_channels)
 
 
-def resnet56(num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(9, num_classes)
+def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(9, num_classes, in_channels)

@@ -3,6 +3,11 @@
 Names are the registered builders (``MODEL_NAMES``) or ``package.module:callable`` for a user's own
 network. Every mistake a user can make here (unknown name, failing import, missing, corrupt or
 ill-fitting checkpoint, weights that cannot be downloaded) is a one-line ``UserError``.
+
+Models take the input's channel count from ``input_shape`` (C, H, W), as they take ``num_classes``:
+the CIFAR ResNets, VGG-16 and small_cnn build their first conv for C channels, torchvision models
+get a C-channel stem in place of their RGB one (but torchvision's pretrained weights need C = 3),
+and a user's callable receives ``in_channels=C`` when its signature names that parameter.
 """
 from __future__ import annotations
 
@@ -32,11 +37,20 @@ IMPORT_FORM = "package.module:callable"
 
 
 def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: register ``builder(num_classes, input_shape)`` under ``name``."""
+    """Decorator: register ``builder(num_classes, input_shape)`` under ``name``.
+
+    ``input_shape`` is (C, H, W) or None when unknown; builders take their channel count from it
+    (``input_channels(input_shape)``).
+    """
     def decorate(builder: Builder) -> Builder:
         _BUILDERS[name] = builder
         return builder
     return decorate
+
+
+def input_channels(input_shape: Sequence[int] | None) -> int:
+    """The channel count C of an image shape (C, H, W); 3 (RGB) when the shape is unknown or not an image's."""
+    return int(input_shape[0]) if input_shape is not None and len(input_shape) == 3 else 3
 
 
 @register("small_cnn")
@@ -46,33 +60,64 @@ def _small_cnn(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Modu
 
 @register("resnet20_cifar")
 def _resnet20(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
-    return resnet20(num_classes=num_classes)
+    return resnet20(num_classes=num_classes, in_channels=input_channels(input_shape))
 
 
 @register("resnet32_cifar")
 def _resnet32(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
-    return resnet32(num_classes=num_classes)
+    return resnet32(num_classes=num_classes, in_channels=input_channels(input_shape))
 
 
 @register("resnet44_cifar")
 def _resnet44(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
-    return resnet44(num_classes=num_classes)
+    return resnet44(num_classes=num_classes, in_channels=input_channels(input_shape))
 
 
 @register("resnet56_cifar")
 def _resnet56(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
-    return resnet56(num_classes=num_classes)
+    return resnet56(num_classes=num_classes, in_channels=input_channels(input_shape))
 
 
 @register("vgg16_cifar")
 def _vgg16(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
-    return vgg16_cifar(num_classes)
+    return vgg16_cifar(num_classes, in_channels=input_channels(input_shape))
+
+
+# Each torchvision model's first conv (the only one that sees the input's channels), and the
+# kaiming_normal_ mode torchvision initialises it with, so a replacement stem starts like the original.
+_TORCHVISION_STEMS: dict[str, tuple[str, str]] = {
+    "resnet18": ("conv1", "fan_out"),
+    "resnet50": ("conv1", "fan_out"),
+    "vgg16_bn": ("features.0", "fan_out"),
+    "densenet121": ("features.conv0", "fan_in"),
+    "efficientnet_b0": ("features.0.0", "fan_out"),
+    "mobilenet_v2": ("features.0.0", "fan_out"),
+}
 
 
 def _torchvision_builder(name: str) -> Builder:
     def build(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
-        return torchvision.models.get_model(name, num_classes=num_classes)
+        model = torchvision.models.get_model(name, num_classes=num_classes)
+        channels = input_channels(input_shape)
+        if channels != 3:
+            _replace_stem(model, name, channels)
+        return model
     return build
+
+
+def _replace_stem(model: nn.Module, name: str, channels: int) -> None:
+    """Swap torchvision model ``name``'s RGB stem conv for a freshly initialised ``channels``-input one."""
+    path, mode = _TORCHVISION_STEMS[name]
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    old = getattr(parent, attr)
+    assert isinstance(old, nn.Conv2d) and old.in_channels == 3 and old.groups == 1, f"{name} stem is {old}"
+    new = nn.Conv2d(channels, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
+                    dilation=old.dilation, bias=old.bias is not None, padding_mode=old.padding_mode)
+    nn.init.kaiming_normal_(new.weight, mode=mode, nonlinearity="relu")
+    if new.bias is not None:
+        nn.init.zeros_(new.bias)
+    setattr(parent, attr, new)
 
 
 for _name in TORCHVISION_MODELS:
@@ -95,16 +140,17 @@ def build_model(
     weights for a torchvision model with 1000 classes. ``checkpoint`` loads a local state_dict and
     takes precedence over ``weights`` (which is then validated but not downloaded), so a user
     without network can follow the download error's advice without editing ``weights`` too.
-    ``input_shape`` (C, H, W) sizes shape-dependent builders (small_cnn) and is checked with one
-    dry-run forward, so a model/data mismatch is reported here and not deep inside training.
+    ``input_shape`` (C, H, W) gives the models their input channel count C and sizes shape-dependent
+    builders (small_cnn); it is checked with one dry-run forward, so a model/data mismatch is reported
+    here and not deep inside training.
     """
     shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
     if weights is not None:
-        model = _pretrained_torchvision(name, num_classes, weights, download=checkpoint is None)
+        model = _pretrained_torchvision(name, num_classes, weights, download=checkpoint is None, input_shape=shape)
     elif name in _BUILDERS:
         model = _BUILDERS[name](num_classes, shape)
     elif ":" in name:
-        model = _user_model(name, num_classes)
+        model = _user_model(name, num_classes, shape)
     else:
         raise UserError(
             f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}, "
@@ -136,24 +182,36 @@ def load_callable(spec: str, what: str) -> Callable:
     return target
 
 
-def accepts_keyword(fn: Callable, keyword: str) -> bool:
-    """Whether ``fn`` can be called with ``keyword=...`` (explicitly or through ``**kwargs``)."""
+def accepts_keyword(fn: Callable, keyword: str, *, through_kwargs: bool = True) -> bool:
+    """Whether ``fn`` can be called with ``keyword=...`` (explicitly or, unless ``through_kwargs`` is
+    False, through ``**kwargs``)."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # builtins without a signature: assume it does
-        return True
-    return any((p.name == keyword and p.kind != p.POSITIONAL_ONLY) or p.kind == p.VAR_KEYWORD for p in params)
+        return through_kwargs
+    return any((p.name == keyword and p.kind != p.POSITIONAL_ONLY) or (through_kwargs and p.kind == p.VAR_KEYWORD)
+               for p in params)
 
 
-def _user_model(spec: str, num_classes: int) -> nn.Module:
+def _user_model(spec: str, num_classes: int, input_shape: tuple[int, ...] | None = None) -> nn.Module:
     factory = load_callable(spec, "model")
-    model = factory(num_classes=num_classes) if accepts_keyword(factory, "num_classes") else factory()
+    kwargs: dict[str, int] = {}
+    if accepts_keyword(factory, "num_classes"):
+        kwargs["num_classes"] = num_classes
+    # in_channels only where the signature names it: builders that forward **kwargs to a constructor
+    # (torchvision.models:resnet18, for one) would fail on a keyword they never asked for.
+    image = input_shape is not None and len(input_shape) == 3
+    if image and accepts_keyword(factory, "in_channels", through_kwargs=False):
+        kwargs["in_channels"] = input_channels(input_shape)
+    model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise UserError(f"model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-def _pretrained_torchvision(name: str, num_classes: int, weights: str, download: bool) -> nn.Module:
+def _pretrained_torchvision(
+    name: str, num_classes: int, weights: str, download: bool, input_shape: tuple[int, ...] | None = None
+) -> nn.Module:
     if name not in TORCHVISION_MODELS:
         raise UserError(
             f"model.weights is only for torchvision models ({', '.join(TORCHVISION_MODELS)}), "
@@ -163,6 +221,13 @@ def _pretrained_torchvision(name: str, num_classes: int, weights: str, download:
         raise UserError(
             f"torchvision weights {weights!r} for {name} have 1000 classes, but num_classes is "
             f"{num_classes}; set num_classes to 1000 or drop model.weights"
+        )
+    channels = input_channels(input_shape)
+    if channels != 3:
+        raise UserError(
+            f"torchvision weights {weights!r} for {name} take 3-channel (RGB) inputs, but the data has "
+            f"{channels} channel{'s' if channels != 1 else ''} (input shape {list(input_shape)}); "
+            f"drop model.weights to train {name} from scratch with a {channels}-channel stem"
         )
     enum = torchvision.models.get_model_weights(name)
     allowed = ["DEFAULT"] + [w.name for w in enum]
