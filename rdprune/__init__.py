@@ -7,12 +7,17 @@ The public API is the pruning core, a few calls::
     amounts = rdprune.allocate(curves, {n: m.weight.numel() for n, m in layers.items()}, 0.5)
     masks = rdprune.apply_masks(model, amounts)
 
+No layer is pruned past its floor (``rdprune.max_amounts(layers, min_density)``: one weight per
+output unit on average, and ``min_density`` of its weights): every curve's grid stops there, and
+``rdprune.baseline_amounts(method, layers, target, budget="flops", flops=...)`` respects it too.
+
 The command line (``python -m rdprune.run CONFIG``) composes the same calls with data, training and
 torchrun.
 """
 from rdprune.core.allocation import allocate
-from rdprune.core.baselines import baseline_amounts
+from rdprune.core.baselines import BASELINES, baseline_amounts
 from rdprune.core.curves import estimate_curves, synthetic_inputs
+from rdprune.core.floor import max_amounts, max_sparsity, min_kept
 from rdprune.core.grid import Curve
 from rdprune.core.layers import describe_layers, prunable_layers
 from rdprune.core.masks import (
@@ -27,6 +32,7 @@ from rdprune.core.masks import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BASELINES",
     "Curve",
     "MaskGuard",
     "allocate",
@@ -36,6 +42,9 @@ __all__ = [
     "estimate_curves",
     "layer_sparsity",
     "load_masks",
+    "max_amounts",
+    "max_sparsity",
+    "min_kept",
     "prunable_layers",
     "pruned_state_dict",
     "save_masks",

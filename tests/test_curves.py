@@ -1,4 +1,5 @@
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -177,7 +178,9 @@ def test_relative_grid_spans_the_remaining_weights_and_full_layer_has_one_level(
     model = _model(Branchy)
     apply_masks(model, {"left": 0.5, "right": 1.0})
     curves = estimate_curves(model, synthetic_inputs(4, (3, 8, 8)), 5, progress=False)
-    np.testing.assert_allclose(curves["left"].amounts, [0.5, 0.625, 0.75, 0.875, 1.0])
+    # left: 128 weights, 16 output units: its floor keeps 16 weights, so the grid tops out at 7/8;
+    # right, pruned whole before the floor existed, keeps its one level and is not made denser
+    np.testing.assert_allclose(curves["left"].amounts, [0.5, 0.59375, 0.6875, 0.78125, 0.875])
     np.testing.assert_array_equal(curves["right"].amounts, [1.0])
     np.testing.assert_array_equal(curves["right"].distortion, [0.0])
     assert curves["left"].distortion[0] == 0.0 and curves["left"].distortion[-1] > 0
@@ -312,7 +315,7 @@ def test_curve_costs_count_only_the_suffix():
     apply_masks(model, {"left": 0.5})
     costs = curve_costs(model, (3, 8, 8), 11, "absolute")
     assert costs["head"] == (2 * 24 * 5, 10)  # the head re-runs alone
-    assert costs["left"][1] == 5
+    assert costs["left"][1] == 4  # 0.6, 0.7, 0.8 and its floor 0.875 (16 of 128 weights kept)
     assert costs["stem"][0] > costs["left"][0] > costs["depthwise"][0] > costs["head"][0]
 
 
@@ -349,3 +352,74 @@ def test_torchvision_subset_matches_plain_without_fallback(arch, names, caplog):
     fast = estimate_curves(model, x, 3, layers=names, progress=False)
     assert not caplog.records
     _assert_close(fast, plain_curves(model, x, 3, layers=names))
+
+
+# --- The grid's top level is each layer's floor (issue 9, defect 4) --------------------------------
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_level_amounts_stop_at_the_floor():
+    from rdprune.core.grid import level_amounts
+
+    np.testing.assert_allclose(level_amounts(11, "absolute", 0.0, 0.875), [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.875])
+    np.testing.assert_allclose(level_amounts(5, "relative", 0.5, 0.875), [0.5, 0.59375, 0.6875, 0.78125, 0.875])
+    assert level_amounts(5, "relative", 0.2, 0.875)[-1] == 0.875
+    # a layer already sparser than its floor allows keeps its sparsity as its only (top) level
+    np.testing.assert_array_equal(level_amounts(5, "relative", 0.95, 0.875), [0.95])
+    np.testing.assert_allclose(level_amounts(11, "absolute", 0.95, 0.875), [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.95])
+    np.testing.assert_array_equal(level_amounts(3, "absolute", 0.0, 0.0), [0.0])  # fan-in 1: never pruned
+    np.testing.assert_allclose(level_amounts(3, "relative", 0.0), [0, 0.5, 1])  # no floor given: up to 1
+    with pytest.raises(ValueError, match=r"max_amount must be in \[0, 1\], got 1.5"):
+        level_amounts(3, "relative", 0.0, 1.5)
+
+
+@pytest.mark.parametrize("grid", ["absolute", "relative"])
+def test_coarse_one_shot_to_98_percent_never_prunes_a_layer_past_its_floor(grid):
+    from rdprune.core.allocation import allocate
+    from rdprune.core.floor import max_amounts
+
+    model = _model(SmallCNN)
+    layers = prunable_layers(model)
+    sizes = {n: m.weight.numel() for n, m in layers.items()}
+    x = synthetic_inputs(8, (3, 8, 8))
+    curves = estimate_curves(model, x, 11, grid=grid, worst_case=True, progress=False)
+    tops = max_amounts(layers)
+    assert tops == {"conv1": (432 - 16) / 432, "conv2": (4608 - 32) / 4608, "fc": (320 - 10) / 320}  # one weight per output unit
+    for n, c in curves.items():
+        assert c.amounts[-1] == tops[n] and np.all(c.amounts <= tops[n])
+    _assert_close(curves, plain_curves(model, x, 11, grid=grid, worst_case=True))
+    amounts = allocate(curves, sizes, 0.98)
+    assert all(amounts[n] <= tops[n] for n in layers)
+    apply_masks(model, amounts)
+    assert all(int((m.weight != 0).sum()) >= m.weight.shape[0] for m in layers.values())
+    assert sum(int((m.weight != 0).sum()) for m in layers.values()) <= 0.02 * sum(sizes.values())
+    # a raised floor tops every grid there, and a target it rules out is a clear error
+    raised = estimate_curves(_model(SmallCNN), x, 11, grid=grid, worst_case=True, progress=False, min_density=0.05)
+    assert {n: c.amounts[-1] for n, c in raised.items()} == {n: (s - math.ceil(0.05 * s)) / s for n, s in sizes.items()}
+    with pytest.raises(ValueError, match="budget cannot be met"):
+        allocate(raised, sizes, 0.98)
+
+
+def test_the_floor_is_part_of_the_cache_key(tmp_path):
+    model = _model(SmallCNN)
+    x = synthetic_inputs(6, (3, 8, 8))
+    first = estimate_curves(model, x, 5, cache_dir=tmp_path, progress=False)
+    raised = estimate_curves(model, x, 5, cache_dir=tmp_path, progress=False, min_density=0.2)
+    assert {n: c.amounts[-1] for n, c in raised.items()} == {"conv1": (432 - 87) / 432, "conv2": (4608 - 922) / 4608, "fc": 0.8}
+    _assert_close(raised, plain_curves(model, x, 5, min_density=0.2))
+    costs = curve_costs(model, (3, 8, 8), 5, "relative", min_density=0.2)
+    assert all(costs[n][1] == 4 for n in raised)
+    again = estimate_curves(model, x, 5, cache_dir=tmp_path, progress=False)
+    _assert_close(again, first)
+    with pytest.raises(ValueError, match=r"min_density must be a fraction in \[0, 1\)"):
+        estimate_curves(model, x, 5, progress=False, min_density=-0.1)

@@ -163,6 +163,11 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     assert "unknown model 'nonet'" in _user_error(capsys, [q, "model.name=nonet", out])
     assert "no_such_pkg" in _user_error(capsys, [q, "model.name=no_such_pkg.mod:build", out])
     assert "no_such_cfg.yaml" in _user_error(capsys, [str(tmp_path / "no_such_cfg.yaml")])
+    err = _user_error(capsys, [q, "prune.target_sparsity=0.999", out])
+    assert "prune.target_sparsity 0.999 is out of reach: with every layer keeping its floor" in err
+    assert "at most 0.997" in err  # small_cnn keeps one weight per output unit: 99.75 % at most
+    assert "out of reach" in _user_error(capsys, [q, "prune.target_sparsity=0.9", "prune.min_density=0.2", out])
+    assert "prune.min_density must be a number in [0, 1)" in _user_error(capsys, [q, "prune.min_density=1", out])
     assert not (tmp_path / "o").exists()  # bad input is caught before the output directory is touched
 
 

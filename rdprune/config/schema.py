@@ -150,11 +150,21 @@ class CalibrationConfig(_Section):
     size: int = 256
     """Number of calibration inputs (published: 1024 for CIFAR, 256 for ImageNet)."""
     batch_size: int = 64
-    """Batch size for the forward passes that measure the rate-distortion curves."""
+    """Batch size for the forward passes that measure the rate-distortion curves and re-estimate
+    BatchNorm statistics."""
+    bn_recalibration: bool = True
+    """After every pruning step (every method), before top-1 right after pruning and before
+    fine-tuning, re-estimate BatchNorm running statistics exactly: per-channel mean and variance
+    over bn_images training images, no labels, no augmentation. No effect on models without
+    BatchNorm; skipped for source synthetic (zero-data pruning)."""
+    bn_images: int = 1024
+    """Number of training images (the seeded un-augmented draw, as for size) for BatchNorm
+    recalibration; one forward pass when it is at most batch_size, else about half a pass per layer."""
 
     def validate(self) -> None:
         self._check("size", self.size >= 1, "an integer >= 1")
         self._check("batch_size", self.batch_size >= 1, "an integer >= 1")
+        self._check("bn_images", self.bn_images >= 1, "an integer >= 1 (set bn_recalibration: false to turn it off)")
 
 
 # Floating error in 1-(1-a)^t must not add an iteration (0.2 to 0.36 is two iterations).
@@ -186,12 +196,17 @@ class PruneConfig(_Section):
     """What target_sparsity counts: surviving weights or remaining FLOPs."""
     skip: list[str] = field(default_factory=list)
     """Names of prunable layers (as in model.named_modules) to leave dense."""
+    min_density: float = 0.0
+    """Least fraction of its weights every layer keeps, on top of the floor that always holds: one
+    weight per output unit on average (a Conv2d's out_channels, a Linear's out_features), so that
+    no layer is pruned whole. Every method respects it, and every curve's grid stops at it."""
 
     def validate(self) -> None:
         self._check("target_sparsity", 0.0 <= self.target_sparsity < 1.0, "a number in [0, 1)")
         self._check("amount_per_iteration", 0.0 < self.amount_per_iteration <= 1.0, "a number in (0, 1]")
         self._check("iterations", self.iterations is None or self.iterations >= 1, "null or an integer >= 1")
         self._check("levels", self.levels >= 2, "an integer >= 2")
+        self._check("min_density", 0.0 <= self.min_density < 1.0, "a number in [0, 1)")
         duplicates = sorted({s for s in self.skip if self.skip.count(s) > 1})
         if duplicates:
             raise ConfigError("prune.skip", f"prune.skip lists {duplicates[0]!r} more than once")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,10 +26,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rdprune.core.curve_cache import CurveCache, fingerprint_inputs
+from rdprune.core.floor import check_min_density, max_amount
 from rdprune.core.grid import Curve, Grid, level_amounts
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import magnitude_mask, magnitude_order, pruned_count
-from rdprune.core.suffix import SuffixPlan, TracedNetwork, UnsafeSuffix
+from rdprune.core.suffix import ForwardWalker, SuffixPlan, TracedNetwork, UnsafeSuffix
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,15 @@ def synthetic_inputs(n: int, input_shape: Sequence[int], seed: int = 0) -> torch
     return torch.randn(n, *input_shape, generator=generator)
 
 
-def layer_amounts(module: nn.Module, levels: int, grid: Grid = "relative") -> np.ndarray:
-    """The distinct absolute amounts evaluated for ``module`` now (what ``level_ranges`` indexes)."""
+def layer_amounts(module: nn.Module, levels: int, grid: Grid = "relative", min_density: float = 0.0) -> np.ndarray:
+    """The distinct absolute amounts evaluated for ``module`` now (what ``level_ranges`` indexes).
+
+    The top level is the layer's floor (:mod:`rdprune.core.floor`: one weight per output unit on
+    average, and ``min_density`` of its weights), or its current sparsity if that is higher.
+    """
     weight = module.weight
     sparsity = int((weight == 0).sum()) / weight.numel()
-    return np.unique(np.clip(level_amounts(levels, grid, sparsity), 0.0, 1.0))
+    return np.unique(np.clip(level_amounts(levels, grid, sparsity, max_amount(module, min_density)), 0.0, 1.0))
 
 
 def merge_curve_pieces(pieces: Iterable[Curve]) -> Curve:
@@ -143,8 +148,10 @@ class _LayerPlan:
         return sorted({c for c in self.counts if c > self.zeros})
 
 
-def _layer_plan(name: str, module: nn.Module, levels: int, grid: Grid, level_range: tuple[int, int] | None) -> _LayerPlan:
-    amounts = layer_amounts(module, levels, grid)
+def _layer_plan(
+    name: str, module: nn.Module, levels: int, grid: Grid, level_range: tuple[int, int] | None, min_density: float = 0.0
+) -> _LayerPlan:
+    amounts = layer_amounts(module, levels, grid, min_density)
     if level_range is not None:
         start, stop = level_range
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= len(amounts)):
@@ -163,31 +170,41 @@ class _PlainRunner:
     def affects_output(self, module: nn.Module) -> bool:
         return True
 
-    def prepare(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def start(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def prepare(self, module: nn.Module, session: torch.Tensor) -> torch.Tensor:
+        return session
 
     def run(self, module: nn.Module, state: torch.Tensor) -> object:
         return self.model(state)
 
 
 class _SuffixRunner:
-    """Runs only the suffix of the pruned layer, from boundary values computed once per batch."""
+    """Runs only the suffix of the pruned layer, from boundary values of the unpruned forward pass.
+
+    One :class:`~rdprune.core.suffix.ForwardWalker` per batch (:meth:`start`) walks that forward
+    pass once and serves every layer's boundary in turn (:meth:`prepare`).
+    """
 
     def __init__(self, network: TracedNetwork):
         self.network = network
+        self.model = network.model
         self._plans: dict[nn.Module, SuffixPlan] = {}
 
     def _plan(self, module: nn.Module) -> SuffixPlan:
-        if module not in self._plans:
-            self._plans.clear()  # one layer at a time: plans hold references into the graph only
+        if module not in self._plans:  # plans hold references into the graph only
             self._plans[module] = self.network.plan(module)
         return self._plans[module]
 
     def affects_output(self, module: nn.Module) -> bool:
         return bool(self._plan(module).suffix)
 
-    def prepare(self, module: nn.Module, x: torch.Tensor) -> dict:
-        return self.network.boundary_values(self._plan(module), x)
+    def start(self, x: torch.Tensor) -> ForwardWalker:
+        return self.network.walker(x)
+
+    def prepare(self, module: nn.Module, session: ForwardWalker) -> dict:
+        return self.network.boundary_from(session, self._plan(module))
 
     def run(self, module: nn.Module, state: dict) -> object:
         return self.network.run_suffix(self._plan(module), state)
@@ -210,74 +227,112 @@ def _make_runner(model: nn.Module, leaves: Iterable[nn.Module], first_batch: tor
     return _SuffixRunner(network)
 
 
-@torch.no_grad()
-def _layer_distortions(
+_CACHED_GROUP = 8
+"""With ``cache_dir`` and several calibration batches, layers are estimated this many at a time.
+
+Within a group every batch's unpruned forward pass is walked once for all its layers, so a layer
+is finished (and cached) only with the group's last batch; smaller groups lose less work to an
+interruption, larger ones repeat fewer prefixes. Without a cache, or with one batch (each layer
+then finishes in turn anyway), all layers form one group.
+"""
+
+
+def _level_values(
     runner: _PlainRunner | _SuffixRunner,
+    session: object,
     name: str,
     module: nn.Module,
     counts: list[int],
-    batches: list[torch.Tensor],
-    references: list[torch.Tensor],
+    reference: torch.Tensor,
     worst_case: bool,
-    device: torch.device,
     bar: tqdm,
 ) -> np.ndarray:
-    """Distortion at each of the increasing pruned ``counts`` of one layer, over all batches.
-
-    A suffix that turns out unsafe to re-run (in-place updates of its inputs) is redone with the
-    whole model, so a surprise in the traced graph costs speed, never correctness.
-    """
-    progress_before = bar.n
-    try:
-        return _distortions_with(runner, name, module, counts, batches, references, worst_case, device, bar)
-    except UnsafeSuffix as exc:
-        logger.warning("layer %s: %s; using the plain loop for it", name, exc)
-        bar.n = progress_before
-        return _distortions_with(_PlainRunner(runner.network.model), name, module, counts, batches, references, worst_case, device, bar)
-
-
-def _distortions_with(
-    runner: _PlainRunner | _SuffixRunner,
-    name: str,
-    module: nn.Module,
-    counts: list[int],
-    batches: list[torch.Tensor],
-    references: list[torch.Tensor],
-    worst_case: bool,
-    device: torch.device,
-    bar: tqdm,
-) -> np.ndarray:
-    totals = np.zeros(len(counts), np.float64)
-    if not counts:
-        return totals
-    if not runner.affects_output(module):
-        bar.update(len(counts) * len(batches))
-        return totals
+    """One batch's distortion at each of the increasing pruned ``counts`` of one layer."""
+    values = np.zeros(len(counts), np.float64)
     weight = module.weight
     original = weight.detach().clone()
-    order = magnitude_order(original)
+    order = magnitude_order(original)  # one sort serves every level
     work = original.flatten().clone()
     try:
-        for x, reference in zip(batches, references):
-            state = runner.prepare(module, x.to(device))
-            work.copy_(original.flatten())
-            done = 0
-            for i, count in enumerate(counts):
-                # counts increase, so each level only zeroes the weights the previous one kept
-                work[order[done:count]] = 0
-                done = count
-                weight.copy_(work.view_as(weight))
-                value = _batch_distortion(reference, runner.run(module, state), worst_case)
-                if not np.isfinite(value):
-                    raise ValueError(f"pruning layer {name!r} to {count} zero weights makes the network output NaN or inf")
-                totals[i] = max(totals[i], value) if worst_case else totals[i] + value
-                bar.update(1)
-            del state
+        state = runner.prepare(module, session)  # with the unpruned weights
+        done = 0
+        for i, count in enumerate(counts):
+            # counts increase, so each level only zeroes the weights the previous one kept
+            work[order[done:count]] = 0
+            done = count
+            weight.copy_(work.view_as(weight))
+            value = _batch_distortion(reference, runner.run(module, state), worst_case)
+            if not np.isfinite(value):
+                raise ValueError(f"pruning layer {name!r} to {count} zero weights makes the network output NaN or inf")
+            values[i] = value
+            bar.update(1)
+        del state
     finally:
         weight.copy_(original)
-    if not worst_case:
-        totals /= sum(r.numel() for r in references)
-    return totals
+    return values
+
+
+@torch.no_grad()
+def _group_distortions(
+    runner: _PlainRunner | _SuffixRunner,
+    layers: Sequence[tuple[str, nn.Module, list[int]]],
+    batches: list[torch.Tensor],
+    references: list[torch.Tensor],
+    worst_case: bool,
+    device: torch.device,
+    bar: tqdm,
+    finished: Callable[[str, np.ndarray], None],
+) -> None:
+    """Distortion at each of the increasing pruned counts of each ``(name, module, counts)``.
+
+    Batch by batch: a batch's unpruned forward pass is walked once and serves every layer's
+    boundary (layers in graph order share it; one out of order costs a fresh prefix). Each layer
+    is handed to ``finished(name, values)`` as soon as its last batch is done. A suffix that
+    turns out unsafe to re-run (in-place updates of its inputs) is redone afterwards with the
+    whole model, so a surprise in the traced graph costs speed, never correctness.
+    """
+    scale = sum(r.numel() for r in references)
+
+    def finish(name: str, totals: np.ndarray) -> None:
+        finished(name, totals if worst_case else totals / scale)
+
+    totals = {name: np.zeros(len(counts), np.float64) for name, _, counts in layers}
+    active = []
+    for name, module, counts in layers:
+        if counts and runner.affects_output(module):
+            active.append((name, module, counts))
+        else:
+            bar.update(len(counts) * len(batches))
+            finish(name, totals[name])
+
+    def add(name: str, values: np.ndarray) -> None:
+        totals[name] = np.maximum(totals[name], values) if worst_case else totals[name] + values
+
+    unsafe: list[tuple[str, nn.Module, list[int]]] = []
+    for b, (x, reference) in enumerate(zip(batches, references)):
+        x = x.to(device)
+        session = runner.start(x)
+        for layer in active:
+            name, module, counts = layer
+            if layer in unsafe:
+                continue
+            progress_before = bar.n
+            try:
+                add(name, _level_values(runner, session, name, module, counts, reference, worst_case, bar))
+            except UnsafeSuffix as exc:
+                logger.warning("layer %s: %s; using the plain loop for it", name, exc)
+                bar.n = progress_before - b * len(counts)
+                unsafe.append(layer)
+                session = runner.start(x)  # the walker's values may have been changed in place
+                continue
+            if b == len(batches) - 1:
+                finish(name, totals[name])
+    plain = _PlainRunner(runner.model)
+    for name, module, counts in unsafe:
+        totals[name][:] = 0.0
+        for x, reference in zip(batches, references):
+            add(name, _level_values(plain, x.to(device), name, module, counts, reference, worst_case, bar))
+        finish(name, totals[name])
 
 
 def estimate_curves(
@@ -293,15 +348,19 @@ def estimate_curves(
     batch_size: int = 64,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    min_density: float = 0.0,
 ) -> dict[str, Curve]:
     """Rate-distortion curve of each prunable layer (``layers``: a subset, e.g. one rank's shard).
 
     ``inputs`` is one tensor (split into ``batch_size`` batches) or a re-iterable of batches.
     ``level_ranges`` maps a layer to ``(start, stop)`` indices into :func:`layer_amounts`; such a
-    layer gets a partial curve (join pieces with :func:`merge_curve_pieces`). With ``cache_dir``
+    layer gets a partial curve (join pieces with :func:`merge_curve_pieces`). Each layer's grid
+    stops at its floor (one weight per output unit on average, and ``min_density`` of its
+    weights; see :mod:`rdprune.core.floor`), never at 1. With ``cache_dir``
     each finished layer is written there at once and reused by a later call with identical
     model, inputs and settings. Runs on the model's device; the model is left exactly as it was.
     """
+    min_density = check_min_density(min_density)
     every, chosen = _select_layers(model, layers, skip)
     level_ranges = dict(level_ranges or {})
     unknown = sorted(set(level_ranges) - set(chosen))
@@ -309,10 +368,12 @@ def estimate_curves(
         raise ValueError(f"level_ranges names layers that are not being estimated: {unknown[:5]}")
     batches = _as_batches(inputs, batch_size)
     device = _model_device(model)
-    plans = {n: _layer_plan(n, m, levels, grid, level_ranges.get(n)) for n, m in chosen.items()}
+    plans = {n: _layer_plan(n, m, levels, grid, level_ranges.get(n), min_density) for n, m in chosen.items()}
     cache = None
     if cache_dir is not None:
-        settings = f"levels={levels}:grid={grid}:worst_case={bool(worst_case)}"
+        # The floor rule is part of the grid: "floor=units" marks grids capped at one weight per
+        # output unit, so curves cached before the floor existed (top level 1) are not reused.
+        settings = f"levels={levels}:grid={grid}:worst_case={bool(worst_case)}:floor=units:min_density={min_density!r}"
         cache = CurveCache(cache_dir, fingerprint_inputs(model, batches), settings)
     curves: dict[str, Curve] = {}
     if cache is not None:
@@ -325,15 +386,22 @@ def estimate_curves(
         work = sum(len(plans[n].to_run) for n in pending) * len(batches)
         references = _reference_outputs(model, batches, device) if work else []
         runner = _make_runner(model, every.values(), batches[0].to(device), references[0]) if work else None
+
+        def finished(n: str, values: np.ndarray) -> None:
+            plan = plans[n]
+            by_count = dict(zip(plan.to_run, values))
+            curve = Curve(plan.amounts, np.array([by_count.get(c, 0.0) for c in plan.counts], np.float64))
+            if cache is not None:
+                cache.save(n, plan.level_range, curve)
+            curves[n] = curve
+
         with tqdm(total=work, desc="rd curves", unit="fwd", disable=not progress) as bar:
-            for n in pending:
-                plan = plans[n]
-                counts = plan.to_run
-                values = dict(zip(counts, _layer_distortions(runner, n, chosen[n], counts, batches, references, worst_case, device, bar))) if counts else {}
-                curve = Curve(plan.amounts, np.array([values.get(c, 0.0) for c in plan.counts], np.float64))
-                if cache is not None:
-                    cache.save(n, plan.level_range, curve)
-                curves[n] = curve
+            for n in [n for n in pending if not plans[n].to_run]:
+                finished(n, np.zeros(0))
+            todo = [(n, chosen[n], plans[n].to_run) for n in pending if plans[n].to_run]
+            group = _CACHED_GROUP if cache is not None and len(batches) > 1 else max(len(todo), 1)
+            for start in range(0, len(todo), group):
+                _group_distortions(runner, todo[start:start + group], batches, references, worst_case, device, bar, finished)
     return {n: curves[n] for n in chosen}
 
 
@@ -344,6 +412,7 @@ def curve_costs(
     grid: Grid = "relative",
     layers: Iterable[str] | None = None,
     skip: Iterable[str] = (),
+    min_density: float = 0.0,
 ) -> dict[str, tuple[float, int]]:
     """Per layer: (FLOPs that one level of it re-runs, levels still needing a forward pass).
 
@@ -367,7 +436,7 @@ def curve_costs(
             with FlopCounterMode(display=False) as counter:
                 model(x)
             suffix_flops = {n: counter.get_total_flops() for n in chosen}
-    return {n: (float(suffix_flops[n]), len(_layer_plan(n, m, levels, grid, None).to_run)) for n, m in chosen.items()}
+    return {n: (float(suffix_flops[n]), len(_layer_plan(n, m, levels, grid, None, min_density).to_run)) for n, m in chosen.items()}
 
 
 @torch.no_grad()
@@ -381,6 +450,7 @@ def plain_curves(
     layers: Iterable[str] | None = None,
     skip: Iterable[str] = (),
     batch_size: int = 64,
+    min_density: float = 0.0,
 ) -> dict[str, Curve]:
     """The definition, run literally: for every layer and level, prune, run the whole model, compare.
 
@@ -393,7 +463,7 @@ def plain_curves(
     with _evaluation(model):
         references = _reference_outputs(model, batches, device)
         for name, module in chosen.items():
-            amounts = layer_amounts(module, levels, grid)
+            amounts = layer_amounts(module, levels, grid, min_density)
             original = module.weight.detach().clone()
             distortion = np.zeros(len(amounts), np.float64)
             try:

@@ -32,26 +32,32 @@ class Curve:
         object.__setattr__(self, "distortion", d)
 
 
-def check_grid(amounts: np.ndarray) -> None:
-    """A user-supplied grid must be increasing and contain both 0 and 1."""
-    a = np.asarray(amounts, np.float64)
-    if a.ndim != 1 or a.size < 2 or a[0] != 0.0 or a[-1] != 1.0 or np.any(np.diff(a) <= 0):
-        raise ValueError(f"a level grid must be strictly increasing from 0 to 1 inclusive, got {a.tolist()[:6]}...")
-
-
-def level_amounts(levels: int, grid: Grid, current_sparsity: float) -> np.ndarray:
+def level_amounts(levels: int, grid: Grid, current_sparsity: float, max_amount: float = 1.0) -> np.ndarray:
     """Absolute amounts to evaluate for a layer that is ``current_sparsity`` sparse now.
 
-    ``absolute``: ``levels`` uniform amounts in [0, 1] (the published grid).
-    ``relative``: ``levels`` uniform amounts from the current sparsity to 1, so a layer that is
-    already 97 % sparse still has fine choices.
+    ``max_amount`` is the most the layer's floor allows (:func:`rdprune.core.floor.max_amount`);
+    the grid's top level is ``max(max_amount, current_sparsity)``, never more:
+
+    ``absolute``: the published levels (``levels`` uniform amounts in [0, 1]) that lie below
+    ``max_amount``, then the top level; with ``max_amount = 1`` exactly the published grid.
+    ``relative``: ``levels`` uniform amounts from the current sparsity to ``max_amount``, so a
+    layer that is already 97 % sparse still has fine choices. A layer already at or beyond its
+    floor gets the single level ``current_sparsity``.
     """
-    if not isinstance(levels, int) or levels < 2:
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValueError(f"levels must be an integer >= 2 (it includes amounts 0 and 1), got {levels!r}")
+    if not 0.0 <= current_sparsity <= 1.0:
+        raise ValueError(f"current sparsity must be in [0, 1], got {current_sparsity}")
+    if not 0.0 <= max_amount <= 1.0:
+        raise ValueError(f"max_amount must be in [0, 1], got {max_amount}")
+    top = max(float(max_amount), float(current_sparsity))
     if grid == "absolute":
-        return np.linspace(0.0, 1.0, levels)
+        published = np.linspace(0.0, 1.0, levels)
+        return np.append(published[published < max_amount], top)
     if grid == "relative":
-        if not 0.0 <= current_sparsity <= 1.0:
-            raise ValueError(f"current sparsity must be in [0, 1], got {current_sparsity}")
-        return current_sparsity + (1.0 - current_sparsity) * np.linspace(0.0, 1.0, levels)
+        if current_sparsity >= max_amount:
+            return np.array([float(current_sparsity)])
+        amounts = current_sparsity + (top - current_sparsity) * np.linspace(0.0, 1.0, levels)
+        amounts[-1] = top
+        return amounts
     raise ValueError(f"grid must be 'relative' or 'absolute', got {grid!r}")

@@ -2,8 +2,11 @@
 
 The network is traced once with ``torch.fx`` (prunable layers kept as opaque module calls). For a
 layer, the nodes downstream of it form its suffix; the values the suffix reads from outside
-(its *boundary*) are computed once per calibration batch by running only their ancestors (the
-*prefix*), and every pruning level then re-runs the suffix alone.
+(its *boundary*) come from the unpruned forward pass, and every pruning level then re-runs the
+suffix alone. Either the boundary is computed for one layer by running only its ancestors (the
+*prefix*, :meth:`TracedNetwork.boundary_values`), or one :class:`ForwardWalker` per calibration
+batch walks the unpruned forward pass once and serves the boundaries of many layers in graph
+order (:meth:`TracedNetwork.boundary_from`), so the prefixes cost one forward pass in all.
 """
 from __future__ import annotations
 
@@ -102,6 +105,8 @@ class TracedNetwork:
         self.placeholders = tuple(n for n in self.nodes if n.op == "placeholder")
         self.output = next(n for n in self.nodes if n.op == "output")
         self._position = {n: i for i, n in enumerate(self.nodes)}
+        # position of the last node reading each value (its own position when nothing reads it)
+        self._last_use = {n: max((self._position[u] for u in n.users), default=self._position[n]) for n in self.nodes}
         self._check_in_place()
 
     def _check_in_place(self) -> None:
@@ -219,13 +224,27 @@ class TracedNetwork:
             raise UnsafeSuffix("an in-place operation modifies a value the suffix reads")
         return boundary
 
-    def run_suffix(self, plan: SuffixPlan, boundary: dict[fx.Node, object]) -> object:
+    def walker(self, x: torch.Tensor) -> ForwardWalker:
+        """A walker over the unpruned forward pass on input ``x`` (see :meth:`boundary_from`)."""
+        return ForwardWalker(self, x)
+
+    def boundary_from(self, walker: ForwardWalker, plan: SuffixPlan) -> dict[fx.Node, object]:
+        """The boundary values of ``plan``, taken from ``walker``'s forward pass.
+
+        The walker advances to the last boundary node (restarting when an earlier value it needs
+        was already freed). The same in-place check as :meth:`boundary_values` applies: a value
+        changed in place since it was computed raises :class:`UnsafeSuffix`.
+        """
+        return walker.serve(plan)
+
+    def run_suffix(self, plan: SuffixPlan, boundary: dict[fx.Node, object], check: bool = True) -> object:
         """The network output recomputed from the boundary values with the current weights.
 
         Raises :class:`UnsafeSuffix` when the suffix modified a boundary value in place, since
-        the next level would then start from altered values.
+        the next level would then start from altered values (``check=False`` skips that guard,
+        for profiling it).
         """
-        before = {n: _version(v) for n, v in boundary.items()}
+        before = {n: _version(v) for n, v in boundary.items()} if check else {}
         env = dict(boundary)
         self._run(plan.suffix, env, plan.suffix_release)
         if any(_version(boundary[n]) != v for n, v in before.items()):
@@ -250,3 +269,65 @@ class TracedNetwork:
                 env[node] = self._execute(node, env)
             flops[node] = int(counter.get_total_flops())
         return flops
+
+
+class ForwardWalker:
+    """The unpruned forward pass of one calibration batch, run node by node on demand.
+
+    :meth:`serve` hands out one layer's boundary values, running the graph only as far as they
+    need. Layers served in graph order share one forward pass; memory holds what a plain forward
+    pass would hold at that point (values are freed once every node reading them has run), plus
+    the boundary being served. Weights must be the unpruned ones whenever the walker advances.
+    """
+
+    def __init__(self, network: TracedNetwork, x: torch.Tensor):
+        self.network = network
+        self._x = x
+        self._last_use = network._last_use
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        self.env: dict[fx.Node, object] = self.network._placeholder_values(self._x)
+        self.versions: dict[fx.Node, int] = {n: _version(v) for n, v in self.env.items()}
+        self.position = 0  # index of the next node to run
+
+    def restart(self) -> None:
+        """Forget everything computed (e.g. after a suffix changed a value in place)."""
+        self.restarts += 1
+        self._start()
+
+    def _free(self, keep: frozenset[fx.Node]) -> None:
+        done = self.position - 1
+        for node in [n for n in self.env if self._last_use[n] <= done and n not in keep]:
+            del self.env[node]
+            self.versions.pop(node, None)
+
+    def serve(self, plan: SuffixPlan) -> dict[fx.Node, object]:
+        """Boundary values of ``plan`` from the unpruned forward pass (see :meth:`TracedNetwork.boundary_from`)."""
+        position = self.network._position
+        if any(n not in self.env and position[n] < self.position for n in plan.boundary):
+            self.restart()  # served out of graph order: a value it needs is gone
+        keep = plan.boundary
+        self._free(keep)
+        target = max((position[n] for n in plan.boundary), default=-1)
+        nodes = self.network.nodes
+        while self.position <= target:
+            node = nodes[self.position]
+            self.position += 1
+            if node.op == "placeholder":
+                continue
+            self.env[node] = self.network._execute(node, self.env)
+            self.versions[node] = _version(self.env[node])
+            for inp in node.all_input_nodes:
+                if self._last_use[inp] <= self.position - 1 and inp not in keep and inp in self.env:
+                    del self.env[inp]
+                    self.versions.pop(inp, None)
+        for n in plan.boundary:
+            if n.op == "get_attr":  # a parameter or buffer, read afresh: restoring a pruned weight bumps its version
+                self.env[n] = self.network._attr(n.target)
+                self.versions[n] = _version(self.env[n])
+        boundary = {n: self.env[n] for n in plan.boundary}
+        if any(_version(v) != self.versions[n] for n, v in boundary.items()):
+            raise UnsafeSuffix("an in-place operation modifies a value the suffix reads")
+        return boundary

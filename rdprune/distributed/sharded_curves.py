@@ -26,15 +26,15 @@ from rdprune.distributed.sharding import Piece, plan_shards
 log = logging.getLogger(__name__)
 
 
-def _free_prefix(module: nn.Module, levels: int, grid: Grid) -> tuple[int, int]:
+def _free_prefix(module: nn.Module, levels: int, grid: Grid, min_density: float) -> tuple[int, int]:
     """(levels that prune nothing new, all levels) of a layer: the first cost no forward pass."""
-    counts = [pruned_count(float(a), module.weight.numel()) for a in layer_amounts(module, levels, grid)]
+    counts = [pruned_count(float(a), module.weight.numel()) for a in layer_amounts(module, levels, grid, min_density)]
     zeros = int((module.weight == 0).sum())
     return sum(1 for c in counts if c <= zeros), len(counts)
 
 
 def curve_work(
-    model: nn.Module, sample_shape: tuple[int, ...], levels: int, grid: Grid, skip: Iterable[str]
+    model: nn.Module, sample_shape: tuple[int, ...], levels: int, grid: Grid, skip: Iterable[str], min_density: float = 0.0
 ) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[int, int]]]:
     """(cost per paid level and number of paid levels, for layers with any; (free, all) levels of every layer).
 
@@ -42,8 +42,8 @@ def curve_work(
     leading levels of an already sparse layer need none.
     """
     layers = prunable_layers(model, skip)
-    costs = curve_costs(model, sample_shape, levels, grid, skip=skip)
-    spans = {n: _free_prefix(m, levels, grid) for n, m in layers.items()}
+    costs = curve_costs(model, sample_shape, levels, grid, skip=skip, min_density=min_density)
+    spans = {n: _free_prefix(m, levels, grid, min_density) for n, m in layers.items()}
     paid = {}
     for name, (flops, to_run) in costs.items():
         free, total = spans[name]
@@ -54,14 +54,15 @@ def curve_work(
 
 
 def plan_curve_shards(
-    model: nn.Module, sample_shape: tuple[int, ...], levels: int, grid: Grid, skip: Iterable[str], world_size: int
+    model: nn.Module, sample_shape: tuple[int, ...], levels: int, grid: Grid, skip: Iterable[str], world_size: int,
+    min_density: float = 0.0,
 ) -> list[list[Piece]]:
     """Pieces per rank, in indices of :func:`layer_amounts`, balanced by the forward work they need.
 
     Only paid levels are shared out by cost; a layer's free leading levels ride along with the
     piece that starts its paid ones, and a layer with no paid level at all goes whole to rank 0.
     """
-    paid, spans = curve_work(model, sample_shape, levels, grid, skip)
+    paid, spans = curve_work(model, sample_shape, levels, grid, skip, min_density)
     plan = [
         [Piece(p.layer, 0 if p.start == 0 else p.start + spans[p.layer][0], p.stop + spans[p.layer][0]) for p in shard]
         for shard in plan_shards(paid, world_size)
@@ -82,6 +83,7 @@ def sharded_curves(
     cache_dir: str | os.PathLike | None,
     dist: DistInfo,
     progress: bool,
+    min_density: float = 0.0,
 ) -> dict[str, Curve] | None:
     """Every prunable layer's curve on rank 0 (``None`` on the other ranks); equal to :func:`estimate_curves`.
 
@@ -94,7 +96,7 @@ def sharded_curves(
     distributed.check_identical(model.state_dict(), "the model weights before curve estimation")
     plan = None
     if dist.is_main:
-        plan = plan_curve_shards(model, tuple(batches[0].shape[1:]), levels, grid, skip, dist.world_size)
+        plan = plan_curve_shards(model, tuple(batches[0].shape[1:]), levels, grid, skip, dist.world_size, min_density)
     plan = distributed.broadcast_object(plan, src=0)
     mine = plan[dist.rank]
     log.info("curve estimation: %d pieces over %d ranks", sum(map(len, plan)), dist.world_size)
@@ -103,7 +105,7 @@ def sharded_curves(
         partial = estimate_curves(
             model, batches, levels, grid=grid, worst_case=worst_case, layers=[p.layer for p in mine], skip=skip,
             level_ranges={p.layer: (p.start, p.stop) for p in mine}, batch_size=batch_size,
-            cache_dir=cache_dir, progress=progress,
+            cache_dir=cache_dir, progress=progress, min_density=min_density,
         )
     gathered = distributed.gather_objects(partial, dst=0)
     if gathered is None:

@@ -23,6 +23,8 @@ from rdprune import distributed
 from rdprune.config import Config, TrainingConfig, config_hash, config_to_dict, save_config
 from rdprune.core.allocation import allocate
 from rdprune.core.baselines import baseline_amounts
+from rdprune.core.batchnorm import batchnorm_layers, recalibrate_batchnorm
+from rdprune.core.floor import max_sparsity
 from rdprune.core.grid import Curve
 from rdprune.core.layers import describe_layers, layer_flops, prunable_layers
 from rdprune.core.masks import (
@@ -72,6 +74,8 @@ class Context:
     flops: dict[str, int]
     dense_weights: int  # weights of skipped layers (they stay dense)
     dense_flops: int
+    recalibration_images: torch.Tensor | None = None  # loaded at the first recalibration
+    recalibration_skip_logged: bool = False
 
     @property
     def show(self) -> bool:
@@ -136,7 +140,7 @@ def _build(cfg: Config, dist: DistInfo, out: RunLayout) -> Context:
     everything = prunable_layers(model)
     skipped = {n: m for n, m in everything.items() if n in set(cfg.prune.skip)}
     skipped_flops = layer_flops(model, skipped, data.input_shape) if skipped else {}
-    return Context(
+    ctx = Context(
         cfg=cfg,
         dist=dist,
         out=out,
@@ -147,6 +151,22 @@ def _build(cfg: Config, dist: DistInfo, out: RunLayout) -> Context:
         dense_weights=sum(m.weight.numel() for m in skipped.values()),
         dense_flops=sum(skipped_flops.values()),
     )
+    _check_reachable(ctx)
+    return ctx
+
+
+def _check_reachable(ctx: Context) -> None:
+    """The final target against the layers' floors, before any work: not a failure at the last iteration."""
+    prune = ctx.cfg.prune
+    flops = {"flops": ctx.flops, "dense_flops": ctx.dense_flops} if prune.budget == "flops" else {}
+    reachable = max_sparsity(ctx.layers, prune.min_density, ctx.dense_weights, **flops)
+    if prune.target_sparsity > reachable:
+        counted = "FLOPs" if prune.budget == "flops" else "weights"
+        raise UserError(
+            f"prune.target_sparsity {prune.target_sparsity} is out of reach: with every layer keeping its floor "
+            f"(one weight per output unit, and prune.min_density {prune.min_density} of its weights) and "
+            f"prune.skip, at most {reachable:.6f} of the {counted} can go; lower the target or prune.min_density"
+        )
 
 
 def _resume_or_start(ctx: Context) -> list[dict]:
@@ -256,9 +276,11 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
     amounts = _amounts(ctx, t, target)
     masks = apply_masks(ctx.model, amounts, ctx.layers)
     distributed.check_identical({n: m.cpu() for n, m in masks.items()}, f"masks of iteration {t}")
+    _recalibrate(ctx)
     top1_pruned, _ = _evaluate(ctx)
     if cfg.finetune.rewind:
         _rewind(ctx, masks)
+        _recalibrate(ctx)
     train_loss = _train(ctx, cfg.finetune, cfg.finetune.steps, seed=seed, desc=f"finetune {t}", masks=masks, iteration=t)
     enforce_masks(ctx.layers, masks)
     top1, loss = _evaluate(ctx)
@@ -280,7 +302,12 @@ def _amounts(ctx: Context, t: int, target: float) -> dict[str, float]:
     """Per-layer absolute amounts for this iteration, computed on rank 0 (curves on every rank) and broadcast."""
     cfg = ctx.cfg
     if cfg.prune.method != "rd":
-        amounts = baseline_amounts(cfg.prune.method, ctx.layers, target, dense_weights=ctx.dense_weights) if ctx.dist.is_main else None
+        amounts = None
+        if ctx.dist.is_main:
+            amounts = baseline_amounts(
+                cfg.prune.method, ctx.layers, target, dense_weights=ctx.dense_weights, budget=cfg.prune.budget,
+                flops=ctx.flops, dense_flops=ctx.dense_flops, min_density=cfg.prune.min_density,
+            )
         return distributed.broadcast_object(amounts)
     curves = _curves(ctx, t)
     amounts = None
@@ -317,6 +344,7 @@ def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
             cache_dir=ctx.out.curve_cache(t),
             dist=ctx.dist,
             progress=ctx.show,
+            min_density=cfg.prune.min_density,
         )
     finally:
         torch.set_num_threads(threads)
@@ -327,6 +355,25 @@ def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
             **{f"{n}/distortion": c.distortion for n, c in curves.items()},
         )
     return curves
+
+
+def _recalibrate(ctx: Context) -> None:
+    """Re-estimate BatchNorm statistics of the pruned model on the same images on every rank."""
+    cal = ctx.cfg.calibration
+    if not cal.bn_recalibration:
+        return
+    skip_reason = ("the model has no BatchNorm layer" if not batchnorm_layers(ctx.model) else
+                   "zero-data pruning (calibration.source synthetic)" if cal.source == "synthetic" else None)
+    if skip_reason is not None:
+        if not ctx.recalibration_skip_logged:
+            log.info("BatchNorm statistics are not re-estimated after pruning: %s", skip_reason)
+            ctx.recalibration_skip_logged = True
+        return
+    if ctx.recalibration_images is None:
+        ctx.recalibration_images = feeding.recalibration(ctx.cfg, ctx.data).to(ctx.dist.device)
+    recalibrate_batchnorm(ctx.model, ctx.recalibration_images, batch_size=cal.batch_size)
+    # Same weights and images give the same statistics; GPU kernels need not be bitwise deterministic.
+    distributed.broadcast_tensors_(list(ctx.model.buffers()))
 
 
 def _rewind(ctx: Context, masks: dict[str, torch.Tensor]) -> None:
