@@ -107,13 +107,13 @@ def check_image_files(paths: Sequence[str], threads: int = 8) -> None:
                 raise UserError(f"data.backend 'dali': {path} {problem}; remove or replace it")
 
 
-def calibration_choice(count: int, size: int, seed: int) -> list[int]:
+def calibration_choice(count: int, size: int, seed: int, key: str = "calibration.size") -> list[int]:
     """Indices of the ``size`` calibration images among ``count``, drawn from ``seed`` (same on every rank).
 
     The same draw as the torchvision backend's, so both backends calibrate on the same images.
     """
     if size > count:
-        raise UserError(f"calibration.size {size} is larger than the {count} training images; "
+        raise UserError(f"{key} {size} is larger than the {count} training images; "
                         f"choose at most {count}")
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(count, generator=generator)[:size].tolist()
@@ -271,14 +271,15 @@ def train_batches(samples: Sequence[Sample], batch_size: int, rank: int, world_s
     return _batches(pipe, True, [p for p, _ in samples], threads)
 
 
-def calibration_images(samples: Sequence[Sample], size: int, seed: int, batch_size: int, threads: int) -> torch.Tensor:
+def calibration_images(samples: Sequence[Sample], size: int, seed: int, batch_size: int, threads: int,
+                       key: str = "calibration.size") -> torch.Tensor:
     """``size`` training images chosen by ``seed``, without augmentation, as one (size, 3, 224, 224) tensor.
 
     Decoded on the CPU in file order, so every rank gets bit-identical inputs (the curves, and
     with them the masks, must agree across ranks).
     """
     require_dali()
-    chosen = [samples[i] for i in calibration_choice(len(samples), size, seed)]
+    chosen = [samples[i] for i in calibration_choice(len(samples), size, seed, key)]
     paths = [p for p, _ in chosen]
     check_image_files(paths, threads)
     make = _eval_pipeline(chosen, 0, 1, gpu=False)

@@ -55,6 +55,16 @@ def calibration(cfg: Config, data: DataBundle) -> torch.Tensor:
     return calibration_inputs(data.calibration_pool, cal.size, seed=cfg.run.seed)
 
 
+def recalibration(cfg: Config, data: DataBundle) -> torch.Tensor:
+    """The images BatchNorm statistics are re-estimated on: ``bn_images`` of the same seeded draw as
+    the calibration inputs, un-augmented, identical on every rank."""
+    cal = cfg.calibration
+    if uses_dali(cfg):
+        return dali.calibration_images(dali.folder_samples(data.calibration_pool), cal.bn_images, cfg.run.seed,
+                                       cal.batch_size, threads=max(1, cfg.data.workers), key="calibration.bn_images")
+    return calibration_inputs(data.calibration_pool, cal.bn_images, seed=cfg.run.seed, key="calibration.bn_images")
+
+
 def rank_subset(dataset: Dataset, dist: DistInfo) -> Dataset:
     """Every ``world_size``-th sample from ``rank``: the ranks cover the set exactly once (no padding)."""
     if dist.world_size == 1:
