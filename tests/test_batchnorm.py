@@ -8,7 +8,7 @@ from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import apply_masks
 from rdprune.models.cifar_resnet import resnet20
 
-from launch import SCRIPTS, REPO, torchrun
+from launch import REPO, SCRIPTS, torchrun
 
 
 def _pruned_resnet(seed: int = 0) -> nn.Module:

@@ -4,9 +4,7 @@ import contextlib
 import csv
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +12,8 @@ import yaml
 
 from rdprune.cli.common import run_cli
 from rdprune.compare import main
-from rdprune.sweep.tables import CLEAR_BEST, CSV_COLUMNS, TIED_BEST, Stat, _marks
 from rdprune.sweep.plan import load_sweep
+from rdprune.sweep.tables import CLEAR_BEST, CSV_COLUMNS, TIED_BEST, Stat, _marks
 
 from launch import clean_env, torchrun_command
 

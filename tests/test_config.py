@@ -13,8 +13,14 @@ import yaml
 
 from rdprune.cli.common import parse_run_args, run_cli
 from rdprune.config import (
-    Config, PruneConfig, config_from_dict, config_hash, config_reference, config_to_dict, config_to_yaml,
-    load_config, save_config,
+    PruneConfig,
+    config_from_dict,
+    config_hash,
+    config_reference,
+    config_to_dict,
+    config_to_yaml,
+    load_config,
+    save_config,
 )
 from rdprune.errors import UserError
 from rdprune.sweep.plan import load_sweep

@@ -8,11 +8,11 @@ from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
 from rdprune.core.curves import synthetic_inputs
-from rdprune.distributed import DistInfo
-from rdprune.pipeline.feeding import rank_subset
 from rdprune.data import DATASET_NAMES, DataBundle, build_data, calibration_inputs, infinite_batches, train_loader
 from rdprune.data.mnist5k import load_mnist5k
+from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
+from rdprune.pipeline.feeding import rank_subset
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,5 @@
 """rdprune.distributed under real torchrun on CPU (gloo), and at world size 1 in this process."""
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -114,6 +112,7 @@ def test_mismatched_configs_fail_on_every_rank():
 
 def single_process_curves(grid: str, worst_case: bool) -> dict:
     from dist_scripts.sharded_curves import setup
+
     from rdprune.core.curves import estimate_curves
 
     model, inputs = setup()

@@ -13,12 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from rdprune.training import checkpoint as finetune_checkpoint
-from rdprune.config import FinetuneConfig, load_config
+from rdprune.config import FinetuneConfig
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import apply_masks
 from rdprune.distributed import DistInfo
-from rdprune.pipeline.loop import resume_key
+from rdprune.training import checkpoint as finetune_checkpoint
 from rdprune.training.engine import train_steps
 from rdprune.training.local_engine import LocalEngine
 from rdprune.training.optim import make_optimizer, make_scheduler

@@ -1,7 +1,6 @@
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 from rdprune.core.layers import describe_layers, layer_flops, prunable_layers
 from rdprune.core.masks import (
@@ -16,6 +15,7 @@ from rdprune.core.masks import (
     save_masks,
     total_sparsity,
 )
+
 from tiny_models import Branchy, NoPrunable
 
 
@@ -35,7 +35,8 @@ def test_flops_follow_execution_not_declaration():
     assert flops["head"] == 2 * 24 * 5
 
 
-@pytest.mark.parametrize("name,count", [("resnet50", 54), ("mobilenet_v2", 53), ("densenet121", 121), ("vgg16_bn", 16), ("efficientnet_b0", 82)])
+@pytest.mark.parametrize("name,count", [("resnet50", 54), ("mobilenet_v2", 53), ("densenet121", 121), ("vgg16_bn", 16),
+                                        ("efficientnet_b0", 82)])
 def test_torchvision_models(name, count):
     infos = describe_layers(torchvision.models.get_model(name), (3, 64, 64))
     assert len(infos) == count

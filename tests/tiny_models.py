@@ -18,8 +18,8 @@ class Branchy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn(self.stem(x)))
         r = torch.relu(self.right(x)) + x
-        l = self.depthwise(torch.relu(self.left(x)))
-        y = torch.cat([l, r], dim=1).mean(dim=(2, 3))
+        left = self.depthwise(torch.relu(self.left(x)))
+        y = torch.cat([left, r], dim=1).mean(dim=(2, 3))
         return self.head(y)
 
 

@@ -10,8 +10,9 @@ import dataclasses
 import functools
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import NoReturn
 
 import rdprune
 from rdprune import distributed

@@ -12,8 +12,9 @@ import hashlib
 import json
 import re
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import yaml
 

@@ -15,7 +15,7 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from rdprune.config.values import ConfigError, choices_text, coerce, did_you_mean, show_value
 from rdprune.core.allocation import Budget
@@ -23,9 +23,9 @@ from rdprune.core.baselines import BASELINES
 from rdprune.core.grid import Grid
 from rdprune.data.registry import DATASET_NAMES
 from rdprune.distributed.collectives import DEVICES
+from rdprune.training.deepspeed_engine import PRECISIONS, ZERO_STAGES
 from rdprune.training.engine import ENGINES
 from rdprune.training.optim import OPTIMIZERS, SCHEDULERS
-from rdprune.training.deepspeed_engine import PRECISIONS, ZERO_STAGES
 
 METHODS = ("rd", *BASELINES)
 """Every pruning method: rate-distortion allocation, then the baselines."""

@@ -8,7 +8,8 @@ import difflib
 import math
 import re
 import typing
-from typing import Any, Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Literal, Union
 
 from rdprune.errors import UserError
 

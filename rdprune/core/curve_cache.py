@@ -22,7 +22,7 @@ from rdprune.files import atomic_torch_save
 CACHE_FORMAT = 1
 
 
-def _hash_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
+def _hash_tensor(h: hashlib._Hash, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous().reshape(-1)
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.view(torch.uint8).numpy().tobytes())

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import nn

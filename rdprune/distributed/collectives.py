@@ -13,10 +13,10 @@ every collective carries the configured timeout, so no rank waits forever on a d
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import logging
 import os
-import functools
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping

@@ -13,7 +13,6 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,8 +39,8 @@ from rdprune.core.masks import (
 )
 from rdprune.data import DataBundle, build_data
 from rdprune.distributed import DistInfo
-from rdprune.errors import UserError
 from rdprune.distributed.sharded_curves import sharded_curves
+from rdprune.errors import UserError
 from rdprune.files import atomic_torch_save, write_json
 from rdprune.models.registry import build_model
 from rdprune.pipeline import feeding

@@ -1,8 +1,6 @@
 """PNG plots of a run: RD curves, per-layer sparsity per iteration, top-1 against sparsity."""
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 

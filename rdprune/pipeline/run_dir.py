@@ -11,16 +11,14 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import time
-from importlib import metadata
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import ClassVar
 
 from rdprune.errors import UserError
 from rdprune.files import atomic_write_text
-
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import difflib
 import json
 import logging
 import re
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

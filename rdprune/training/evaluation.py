@@ -12,7 +12,9 @@ from rdprune.distributed import DistInfo
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], dist: DistInfo, *, progress: bool = True) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], dist: DistInfo, *, progress: bool = True
+) -> tuple[float, float]:
     """Top-1 accuracy in percent and mean cross-entropy over the whole (rank-sharded) set."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)

@@ -16,7 +16,8 @@ SCHEDULERS = ("cosine", "step", "constant")
 def make_optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
     """SGD (momentum, optional Nesterov), Adam or AdamW, with weight decay, from a pretrain/finetune section."""
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":

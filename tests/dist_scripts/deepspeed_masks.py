@@ -12,6 +12,7 @@ from rdprune import distributed as d
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import apply_masks
 from rdprune.training.deepspeed_engine import DeepSpeedEngine
+
 from tiny_models import Branchy
 
 

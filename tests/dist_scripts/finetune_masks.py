@@ -9,10 +9,10 @@ import sys
 import torch
 
 from rdprune import distributed as d
-from rdprune.pipeline import loop as pipeline
-from rdprune.pipeline.run_dir import RunLayout
 from rdprune.config import load_config
 from rdprune.core.masks import apply_masks
+from rdprune.pipeline import loop as pipeline
+from rdprune.pipeline.run_dir import RunLayout
 
 
 @d.record

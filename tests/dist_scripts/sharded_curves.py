@@ -8,6 +8,7 @@ import torch
 
 from rdprune import distributed as d
 from rdprune.distributed.sharded_curves import sharded_curves
+
 from tiny_models import Branchy
 
 
