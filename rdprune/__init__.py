@@ -16,6 +16,7 @@ torchrun.
 """
 from rdprune.core.allocation import allocate
 from rdprune.core.baselines import BASELINES, baseline_amounts
+from rdprune.core.batchnorm import recalibrate_batchnorm
 from rdprune.core.curves import estimate_curves, synthetic_inputs
 from rdprune.core.floor import max_amounts, max_sparsity, min_kept
 from rdprune.core.grid import Curve
@@ -47,6 +48,7 @@ __all__ = [
     "min_kept",
     "prunable_layers",
     "pruned_state_dict",
+    "recalibrate_batchnorm",
     "save_masks",
     "synthetic_inputs",
 ]
