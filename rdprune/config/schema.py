@@ -192,6 +192,11 @@ class PruneConfig(_Section):
     published (rd only)."""
     distortion: Literal["mse", "worst_case"] = "mse"
     """Output distortion: mse averages over samples, worst_case takes the worst sample (rd only)."""
+    bn_aware_curves: bool = False
+    """rd only: measure each layer's distortion with BatchNorm statistics re-estimated on the
+    calibration inputs after pruning that layer (the network as it will be fine-tuned), instead of
+    with the stale statistics. Fast when calibration.batch_size >= calibration.size (one batch),
+    else measured by the plain definition (slow, warned)."""
     budget: Budget = "weights"
     """What target_sparsity counts: surviving weights or remaining FLOPs."""
     skip: list[str] = field(default_factory=list)

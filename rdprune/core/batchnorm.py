@@ -140,3 +140,30 @@ def _recalibrate_one(model: nn.Module, bn: _BatchNorm, batches: list[torch.Tenso
     finally:
         handle.remove()
     moments.store(bn)
+
+
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, every BatchNorm layer normalises with its input's own statistics.
+
+    Each layer's output is computed with the per-channel mean and unbiased variance of the input it
+    receives, as if :func:`recalibrate_batchnorm` had just been run on that very input, while the
+    running statistics stay untouched. When one forward pass sees the whole image set in one batch,
+    its output is exactly that of the network recalibrated on the set: the distortion of a pruned
+    network measured this way is the distortion of the network that will be fine-tuned and deployed.
+    Yields the names of the layers affected.
+    """
+    layers = batchnorm_layers(model)
+
+    def renormalise(bn: _BatchNorm, args: tuple[torch.Tensor, ...], _output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        dims = [d for d in range(x.dim()) if d != 1]
+        var, mean = torch.var_mean(x, dim=dims, correction=1)
+        return nn.functional.batch_norm(x, mean, var, bn.weight, bn.bias, training=False, eps=bn.eps)
+
+    handles = [bn.register_forward_hook(renormalise) for bn in layers.values()]
+    try:
+        yield list(layers)
+    finally:
+        for h in handles:
+            h.remove()

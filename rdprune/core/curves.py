@@ -7,6 +7,13 @@ output is compared with the unpruned output Y:
 - ``mse``: mean over samples and outputs of ``(Y - Ŷ)^2``;
 - ``worst_case``: max over samples of the per-sample mean of ``(Y - Ŷ)^2``.
 
+BatchNorm-aware curves (``bn_aware=True``) measure the network as it will run after pruning: for
+every (layer, level), the BatchNorm statistics are re-estimated exactly on the calibration inputs
+(:func:`rdprune.core.batchnorm.recalibrate_batchnorm`), and Y is the unpruned network's output
+after the same re-estimation, so the distortion at level 0 is exactly zero. When the calibration
+inputs form one batch this costs one renormalisation per BatchNorm layer per suffix pass
+(:func:`rdprune.core.batchnorm.batch_statistics`); otherwise the plain definition runs, with a warning.
+
 :func:`estimate_curves` gives the same values as the plain definition (:func:`plain_curves`) but
 re-runs only the part of the network downstream of the pruned layer (see
 :mod:`rdprune.core.suffix`), skips levels that prune nothing new, and keeps at most one
@@ -25,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rdprune.core.batchnorm import batch_statistics, batchnorm_layers, recalibrate_batchnorm
 from rdprune.core.curve_cache import CurveCache, fingerprint_inputs
 from rdprune.core.floor import check_min_density, max_amount
 from rdprune.core.grid import Curve, Grid, level_amounts
@@ -349,6 +357,7 @@ def estimate_curves(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     min_density: float = 0.0,
+    bn_aware: bool = False,
 ) -> dict[str, Curve]:
     """Rate-distortion curve of each prunable layer (``layers``: a subset, e.g. one rank's shard).
 
@@ -358,7 +367,10 @@ def estimate_curves(
     stops at its floor (one weight per output unit on average, and ``min_density`` of its
     weights; see :mod:`rdprune.core.floor`), never at 1. With ``cache_dir``
     each finished layer is written there at once and reused by a later call with identical
-    model, inputs and settings. Runs on the model's device; the model is left exactly as it was.
+    model, inputs and settings. ``bn_aware`` measures each pruned network with BatchNorm
+    statistics re-estimated on ``inputs`` (module notes); it needs ``inputs`` in one batch
+    (``batch_size`` >= their number) to be fast. Runs on the model's device; the model is left
+    exactly as it was.
     """
     min_density = check_min_density(min_density)
     every, chosen = _select_layers(model, layers, skip)
@@ -373,7 +385,8 @@ def estimate_curves(
     if cache_dir is not None:
         # The floor rule is part of the grid: "floor=units" marks grids capped at one weight per
         # output unit, so curves cached before the floor existed (top level 1) are not reused.
-        settings = f"levels={levels}:grid={grid}:worst_case={bool(worst_case)}:floor=units:min_density={min_density!r}"
+        settings = (f"levels={levels}:grid={grid}:worst_case={bool(worst_case)}:floor=units:min_density={min_density!r}"
+                    f":bn_aware={bool(bn_aware)}")
         cache = CurveCache(cache_dir, fingerprint_inputs(model, batches), settings)
     curves: dict[str, Curve] = {}
     if cache is not None:
@@ -382,7 +395,21 @@ def estimate_curves(
             if cached is not None:
                 curves[n] = cached
     pending = [n for n in chosen if n not in curves]
-    with _evaluation(model):
+    bn_aware = bn_aware and bool(batchnorm_layers(model))
+    if bn_aware and len(batches) > 1 and pending:
+        logger.warning(
+            "BatchNorm-aware curves: the %d calibration inputs span %d batches, so each level is measured by the "
+            "plain definition (re-estimating the statistics layer by layer); a batch_size of at least %d "
+            "measures them in one pass", sum(len(b) for b in batches), len(batches), sum(len(b) for b in batches),
+        )
+        for n in pending:
+            curve = _recalibrated_curve(model, chosen[n], plans[n], batches, worst_case, device)
+            if cache is not None:
+                cache.save(n, plans[n].level_range, curve)
+            curves[n] = curve
+        pending = []
+    renormalised = batch_statistics(model) if bn_aware else contextlib.nullcontext()
+    with _evaluation(model), renormalised:
         work = sum(len(plans[n].to_run) for n in pending) * len(batches)
         references = _reference_outputs(model, batches, device) if work else []
         runner = _make_runner(model, every.values(), batches[0].to(device), references[0]) if work else None
@@ -451,14 +478,21 @@ def plain_curves(
     skip: Iterable[str] = (),
     batch_size: int = 64,
     min_density: float = 0.0,
+    bn_aware: bool = False,
 ) -> dict[str, Curve]:
     """The definition, run literally: for every layer and level, prune, run the whole model, compare.
 
-    The reference that :func:`estimate_curves` is tested and benchmarked against.
+    With ``bn_aware``, every pruned network (and the unpruned reference) first has its BatchNorm
+    statistics re-estimated on ``inputs``. The reference that :func:`estimate_curves` is tested
+    and benchmarked against.
     """
     _, chosen = _select_layers(model, layers, skip)
     batches = _as_batches(inputs, batch_size)
     device = _model_device(model)
+    if bn_aware and batchnorm_layers(model):
+        return {name: _recalibrated_curve(model, module, _layer_plan(name, module, levels, grid, None, min_density),
+                                          batches, worst_case, device, every_level=True)
+                for name, module in chosen.items()}
     curves = {}
     with _evaluation(model):
         references = _reference_outputs(model, batches, device)
@@ -479,3 +513,39 @@ def plain_curves(
                 distortion /= sum(r.numel() for r in references)
             curves[name] = Curve(amounts, distortion)
     return curves
+
+
+@torch.no_grad()
+def _recalibrated_curve(
+    model: nn.Module, module: nn.Module, plan: _LayerPlan, batches: list[torch.Tensor], worst_case: bool,
+    device: torch.device, every_level: bool = False,
+) -> Curve:
+    """One layer's BatchNorm-aware curve by the definition: prune, re-estimate the statistics, run, compare.
+
+    Levels that prune nothing new are the unpruned network itself (distortion 0) and are run only
+    with ``every_level``. BatchNorm buffers and the weight are restored afterwards.
+    """
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    original = module.weight.detach().clone()
+    values = np.zeros(len(plan.counts), np.float64)
+    try:
+        with _evaluation(model):
+            recalibrate_batchnorm(model, batches)
+            references = _reference_outputs(model, batches, device)
+            for k, count in enumerate(plan.counts):
+                if count <= plan.zeros and not every_level:
+                    continue
+                module.weight.copy_(original * magnitude_mask(original, count))
+                recalibrate_batchnorm(model, batches)
+                for x, reference in zip(batches, references):
+                    value = _batch_distortion(reference, model(x.to(device)), worst_case)
+                    values[k] = max(values[k], value) if worst_case else values[k] + value
+                module.weight.copy_(original)
+    finally:
+        module.weight.copy_(original)
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+    if not worst_case:
+        values /= sum(r.numel() for r in references)
+    return Curve(plan.amounts, values)
+

@@ -84,6 +84,7 @@ def sharded_curves(
     dist: DistInfo,
     progress: bool,
     min_density: float = 0.0,
+    bn_aware: bool = False,
 ) -> dict[str, Curve] | None:
     """Every prunable layer's curve on rank 0 (``None`` on the other ranks); equal to :func:`estimate_curves`.
 
@@ -105,7 +106,7 @@ def sharded_curves(
         partial = estimate_curves(
             model, batches, levels, grid=grid, worst_case=worst_case, layers=[p.layer for p in mine], skip=skip,
             level_ranges={p.layer: (p.start, p.stop) for p in mine}, batch_size=batch_size,
-            cache_dir=cache_dir, progress=progress, min_density=min_density,
+            cache_dir=cache_dir, progress=progress, min_density=min_density, bn_aware=bn_aware,
         )
     gathered = distributed.gather_objects(partial, dst=0)
     if gathered is None:

@@ -344,6 +344,7 @@ def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
             dist=ctx.dist,
             progress=ctx.show,
             min_density=cfg.prune.min_density,
+            bn_aware=cfg.prune.bn_aware_curves,
         )
     finally:
         torch.set_num_threads(threads)
