@@ -160,6 +160,35 @@ def test_the_shipped_sweep_plans_every_method_and_variant():
     assert len({r.cfg.model.checkpoint for r in plan.runs}) == 1
 
 
+def test_one_shot_targets_share_the_dense_curves_and_fill_one_table(tmp_path):
+    out = tmp_path / "targets"
+    extra = ["sweep.targets=[0.5, 0.75]", "prune.amount_per_iteration=1.0", "prune.grid=absolute"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert _compare(out, *extra) == 0
+    plan = load_sweep(CONFIG, [f"run.out_dir={out}", *REDUCED, *extra])
+    assert [(r.entry, r.target) for r in plan.runs] == [("rd", 0.5), ("rd", 0.75), ("lamp", 0.5), ("lamp", 0.75)]
+    assert {r.cfg.calibration.curve_cache for r in plan.runs} == {str((out / "curve_cache").resolve())}
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "lamp_target50_seed0", "lamp_target75_seed0", "rd_target50_seed0", "rd_target75_seed0"]
+    # one pass of curve estimation served both targets: each layer's curve was cached once
+    assert len(list((out / "curve_cache").rglob("*.pt"))) == 5  # small_cnn's five prunable layers
+    with open(out / "comparison.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["level"], r["method"]) for r in rows] == [(lv, m) for lv in LEVELS for m in ("rd", "lamp")]
+    for level, target in zip(LEVELS, ("50", "75")):
+        row = json.loads((out / "runs" / f"rd_target{target}_seed0" / "results.jsonl").read_text().splitlines()[-1])
+        assert f"{row['target_sparsity']:g}" == level and row["iteration"] == 1  # one shot
+
+
+@pytest.mark.parametrize("targets, message", [
+    ("[]", "sweep.targets must be a non-empty list of distinct sparsities in (0, 1)"),
+    ("[0.5, 1.0]", "sweep.targets must be a non-empty list"),
+    ("[0.5, 0.5]", "sweep.targets must be a non-empty list"),
+])
+def test_bad_sweep_targets(capsys, targets, message):
+    assert message in _error(capsys, str(CONFIG), f"sweep.targets={targets}")
+
+
 def test_marks_call_differences_within_the_seed_spread_ties():
     clear = _marks([Stat(90.0, 0.5, 3), Stat(88.0, 0.5, 3)])
     assert [m for m, _ in clear] == [CLEAR_BEST, "below best"]

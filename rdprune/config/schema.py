@@ -160,6 +160,10 @@ class CalibrationConfig(_Section):
     bn_images: int = 1024
     """Number of training images (the seeded un-augmented draw, as for size) for BatchNorm
     recalibration; one forward pass when it is at most batch_size, else about half a pass per layer."""
+    curve_cache: Optional[str] = None
+    """A folder that caches curves across runs (keyed by the model's weights, the inputs and the
+    settings, so only identical work is reused); null = each run's own curves/ folder. A sweep
+    sets it to <out>/curve_cache."""
 
     def validate(self) -> None:
         self._check("size", self.size >= 1, "an integer >= 1")

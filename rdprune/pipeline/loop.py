@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 RESUME_SECTIONS = ("model", "data", "calibration", "prune", "finetune", "pretrain")
 """Config sections that must match for a rerun to continue an earlier run's directory."""
-RESUME_FREE = {"finetune": ("checkpoint_every",)}
+RESUME_FREE = {"finetune": ("checkpoint_every",), "calibration": ("curve_cache",)}
 """Keys of those sections that do not change results: a rerun may change them."""
 
 
@@ -340,7 +340,7 @@ def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
             worst_case=cfg.prune.distortion == "worst_case",
             skip=cfg.prune.skip,
             batch_size=cfg.calibration.batch_size,
-            cache_dir=ctx.out.curve_cache(t),
+            cache_dir=cfg.calibration.curve_cache or ctx.out.curve_cache(t),
             dist=ctx.dist,
             progress=ctx.show,
             min_density=cfg.prune.min_density,
@@ -349,6 +349,7 @@ def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
     finally:
         torch.set_num_threads(threads)
     if ctx.dist.is_main:
+        ctx.out.curves(t).parent.mkdir(parents=True, exist_ok=True)
         np.savez(
             ctx.out.curves(t),
             **{f"{n}/amounts": c.amounts for n, c in curves.items()},

@@ -30,13 +30,14 @@ from rdprune.pipeline.run_dir import read_results
 
 log = logging.getLogger(__name__)
 
-SWEEP_KEYS = ("methods", "variants", "seeds")
+SWEEP_KEYS = ("methods", "variants", "seeds", "targets")
 _ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # The sweep sets these itself; a variant changing them would break "same checkpoint, same data".
 _FIXED = {
     "run.seed": "it is set by sweep.seeds",
     "run.out_dir": "the sweep places every run under <out>/runs/",
     "run.name": "the sweep names every run <entry>_seed<s>",
+    "calibration.curve_cache": "the sweep shares one curve cache between its runs",
     "run.resume": "it applies to the whole sweep",
     "data.name": "every run must be scored on the same data",
     "data.root": "every run must be scored on the same data",
@@ -54,15 +55,17 @@ class SweepSpec:
     entries: dict[str, dict[str, Any]]
     seeds: list[int]
     variants: frozenset[str]
+    targets: list[float] | None = None  # one run per target (prune.target_sparsity), or the config's one
 
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One (entry, seed) run and its resolved config."""
+    """One (entry, seed[, target]) run and its resolved config."""
 
     entry: str
     seed: int
     cfg: Config
+    target: float | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,14 @@ def parse_sweep(section: Any, label: str) -> SweepSpec:
         raise UserError(f"{label}: sweep.seeds must be a non-empty list of integers >= 0, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise UserError(f"{label}: sweep.seeds lists a seed more than once: {seeds}")
-    return SweepSpec(entries, list(seeds), frozenset(variants))
+    targets = section.get("targets")
+    if targets is not None:
+        if (not isinstance(targets, list) or not targets or len(set(targets)) != len(targets)
+                or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1 for t in targets)):
+            raise UserError(f"{label}: sweep.targets must be a non-empty list of distinct sparsities in (0, 1), "
+                            f"e.g. [0.5, 0.7, 0.9], got {targets!r}")
+        targets = sorted(float(t) for t in targets)
+    return SweepSpec(entries, list(seeds), frozenset(variants), targets)
 
 
 def _nest(overrides: Mapping[str, Any], where: str, label: str) -> dict[str, dict[str, Any]]:
@@ -204,17 +214,25 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepPlan:
 
     runs: list[PlannedRun] = []
     seen: dict[str, str] = {}
+    # Curves are cached by model weights, inputs and settings: runs from one checkpoint with the same
+    # calibration (e.g. one-shot runs to several targets) measure their dense curves once.
+    shared = {"curve_cache": str((out / "curve_cache").resolve())}
     for entry, entry_overrides in spec.entries.items():
         where = f"sweep.variants.{entry}" if entry in spec.variants else f"sweep.methods {entry!r}"
         changes = _nest(entry_overrides, where, label)
+        if "target_sparsity" in changes.get("prune", {}) and spec.targets is not None:
+            raise UserError(f"{label}: {where}: prune.target_sparsity cannot vary within a sweep that lists sweep.targets")
         for seed in spec.seeds:
-            name = f"{entry}_seed{seed}"
-            run_changes = _with(changes, {
-                "run": {"name": name, "out_dir": str(out / "runs" / name), "seed": seed},
-                "model": {"checkpoint": checkpoint},
-            })
-            cfg = config_from_dict(_with(resolved, run_changes), label=f"{label}: {where}")
-            runs.append(PlannedRun(entry, seed, cfg))
+            for target in spec.targets or [None]:
+                name = f"{entry}_seed{seed}" if target is None else f"{entry}_target{100 * target:g}_seed{seed}"
+                run_changes = _with(changes, {
+                    "run": {"name": name, "out_dir": str(out / "runs" / name), "seed": seed},
+                    "model": {"checkpoint": checkpoint},
+                    "calibration": shared,
+                    **({"prune": {**changes.get("prune", {}), "target_sparsity": target}} if target is not None else {}),
+                })
+                cfg = config_from_dict(_with(resolved, run_changes), label=f"{label}: {where}")
+                runs.append(PlannedRun(entry, seed, cfg, target))
         identity = _identity(runs[-1].cfg)
         if identity in seen:
             raise UserError(f"{label}: {where} resolves to the same runs as {seen[identity]}; drop one of them")
@@ -265,8 +283,9 @@ def run_sweep(
 ) -> dict[str, dict[int, list[dict]]]:
     """Pretrain once (unless a checkpoint is given), then every planned run in order.
 
-    Returns ``{entry: {seed: rows}}``; ``on_progress`` (rank 0 only) gets the results so far after
-    every run, so an unfinished sweep still leaves up-to-date tables.
+    Returns ``{entry: {seed: rows}}`` (with ``sweep.targets``, the rows of every target's run,
+    the dense iteration 0 once); ``on_progress`` (rank 0 only) gets the results so far after every
+    run, so an unfinished sweep still leaves up-to-date tables.
     """
     if plan.pretrain is not None:
         _, reused = _run_or_reuse(plan.pretrain, dist)
@@ -277,7 +296,8 @@ def run_sweep(
         rows, reused = _run_or_reuse(planned.cfg, dist)
         if reused:
             log.info("sweep run %d/%d: finished earlier, reusing its results", i, len(plan.runs))
-        results.setdefault(planned.entry, {})[planned.seed] = rows
+        collected = results.setdefault(planned.entry, {}).setdefault(planned.seed, [])
+        collected.extend(rows if not collected else [r for r in rows if r["iteration"] > 0])
         if on_progress is not None and dist.is_main:
             on_progress(results)
     return results
