@@ -1,9 +1,9 @@
 """Exact per-layer allocation: pick one curve level per layer to minimise summed distortion under a budget.
 
 This is a multiple-choice knapsack on the level grid. :func:`allocate` solves it exactly and fast
-(Lagrangian bound, then an exact search over the few choices the bound leaves open);
-:func:`exact_dp_allocate` is the plain exact DP over surviving-weight counts that it is checked
-and benchmarked against.
+(Lagrangian bound, then an exact search over the few choices the bound leaves open, then an exact
+fill of the budget along distortion plateaus); :func:`exact_dp_allocate` is the plain exact DP over
+surviving-weight counts that it is checked and benchmarked against.
 
 Conventions shared by both:
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Literal
 
@@ -35,6 +35,10 @@ Budget = Literal["weights", "flops"]
 _INT_LIMIT = 2**62  # total scaled cost must stay well inside int64
 _LIMIT_SHARES = (0.125, 0.5, 1.0)  # search limits between the LP bound (0) and the incumbent (1)
 _PARETO_FROM = 64  # below this many partial states, filtering costs more than it saves
+# Caps of the exact tie fill: candidate intervals of one layer's step, and intervals kept over all
+# steps of a call; past either, the fill is greedy (see allocate's step 2).
+_FILL_STEP_LIMIT = 1_000_000
+_FILL_TOTAL_LIMIT = 50_000
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,24 @@ def _result(problem: _Problem, levels: np.ndarray) -> dict[str, float]:
     return {name: float(a[k]) for name, a, k in zip(problem.names, problem.amounts, levels.tolist())}
 
 
+@dataclass
+class SearchStats:
+    """How much work one :func:`allocate` call did, counted in states rather than seconds.
+
+    ``states``: partial solutions kept by the bound-pruned search over plateau choices, summed
+    over layers and search limits. ``peak``: the most candidate partial solutions built in one
+    step of that search (what its memory grows with). ``tie_intervals``: intervals of reachable
+    extra cost stored by the budget fill along plateaus, summed over layers and optimal signatures.
+    ``signatures``: optimal choices of plateaus (almost always 1).
+    """
+
+    states: int = 0
+    peak: int = 0
+    tie_intervals: int = 0
+    signatures: int = 0
+    greedy_fill: bool = False  # the tie fill gave up exactness of its secondary rule (see allocate)
+
+
 def allocate(
     curves: Mapping[str, Curve],
     sizes: Mapping[str, int],
@@ -208,32 +230,104 @@ def allocate(
     costs follow the module conventions. Raises ``ValueError`` for bad input or a budget no
     allowed levels meet.
 
-    Why it is exact. For any multiplier ``lam >= 0`` and any feasible choice ``x``,
-    ``D(x) >= D(x) + lam * (C(x) - B) = LB + sum_l delta_l(x_l)`` with
-    ``LB = sum_l min_k (d_lk + lam c_lk) - lam B`` and reduced costs
-    ``delta_lk = d_lk + lam c_lk - min_k (d_lk + lam c_lk) >= 0``. Given any feasible incumbent of
-    value ``UB``, every solution that is optimal or tied satisfies ``sum_l delta_l(x_l) <= UB - LB``.
-    So levels with ``delta > UB - LB`` are discarded, and so is any partial choice whose reduced
-    costs already exceed the gap. ``lam`` is the LP-optimal multiplier (found greedily on the
-    convex hulls of the layers' (cost, distortion) points), the incumbent is the LP's greedy
-    rounding with the slack filled, and the gap is typically tiny, leaving few open choices. These
-    are searched exactly by a DP over layers that keeps only Pareto-optimal partial states
-    (cost, distortion): a state beaten in both by another (the other's distortion strictly lower,
-    or equal at equal cost) cannot start a better complete solution. A small float tolerance is
-    added to the gap so that rounding never discards an optimum.
+    Method, and why it is exact. A *plateau* is a run of allowed levels of one layer with equal
+    (running-max) distortion; its *bottom* is its most pruned, cheapest level. Every solution has
+    the distortion of the solution that moves each layer to the bottom of its plateau, at no more
+    cost. So the search runs in two steps:
+
+    1. Plateau choice. The problem restricted to plateau bottoms (distortion strictly rising
+       along each layer) is solved for *all* its optimal solutions, the optimal signatures. For
+       any multiplier ``lam >= 0`` and any feasible choice ``x``,
+       ``D(x) >= D(x) + lam * (C(x) - B) = LB + sum_l delta_l(x_l)`` with
+       ``LB = sum_l min_k (d_lk + lam c_lk) - lam B`` and reduced costs
+       ``delta_lk = d_lk + lam c_lk - min_k (d_lk + lam c_lk) >= 0``. Given any feasible incumbent
+       of value ``UB``, every optimal solution satisfies ``sum_l delta_l(x_l) <= UB - LB``. So
+       levels with ``delta > UB - LB`` are discarded, and so is any partial choice whose reduced
+       costs already exceed the gap. ``lam`` is the LP-optimal multiplier (found greedily on the
+       convex hulls of the layers' (cost, distortion) points), the incumbent is the LP's greedy
+       rounding with the slack filled, and the gap is typically tiny, leaving few open choices.
+       These are searched exactly by a DP over layers that keeps only Pareto-optimal partial
+       states (cost, distortion): a state goes only if a state of no higher cost has strictly less
+       distortion (equal states are all kept, so no optimal signature is lost). A small float
+       tolerance is added to the gap so that rounding never discards an optimum.
+    2. Budget fill. The optimal solutions are exactly the level choices inside an optimal
+       signature's plateaus whose cost fits the budget. Per signature, with ``R`` the budget left
+       at the bottoms, an exact DP over the extra cost of moving up the plateaus (suffix sets of
+       reachable extra cost in ``[0, R]``, stored as integer intervals) gives the largest total
+       cost, and a greedy pass over the layers in order, each taking its least-pruned level from
+       which the rest can still reach exactly that cost, gives the lexicographically smallest
+       levels. ``R`` is small: moving any layer that is not on its least-distorted plateau up to the
+       next better plateau would lower the distortion, so it costs more than ``R``. Only when the
+       optimum keeps every layer on its least-distorted plateau (the target is met without leaving,
+       say, runs of zero distortion) is ``R`` unbounded; the fill is then a subset-sum over those
+       plateaus (NP-hard in general). Its intervals are capped: past the cap the fill is greedy in
+       layer order (each layer at its least-pruned tied level that fits). The distortion is still
+       the exact optimum and the budget is met; only the secondary rule, most weights kept among
+       the optimal solutions, may then be missed, by less than one level step of a layer.
     """
+    return _allocate_with_stats(
+        curves,
+        sizes,
+        target_sparsity,
+        budget=budget,
+        flops=flops,
+        current=current,
+        dense_weights=dense_weights,
+        dense_flops=dense_flops,
+    )[0]
+
+
+def _allocate_with_stats(
+    curves: Mapping[str, Curve],
+    sizes: Mapping[str, int],
+    target_sparsity: float,
+    *,
+    budget: Budget = "weights",
+    flops: Mapping[str, int] | None = None,
+    current: Mapping[str, float] | None = None,
+    dense_weights: int = 0,
+    dense_flops: int = 0,
+) -> tuple[dict[str, float], SearchStats]:
+    """:func:`allocate`, also returning the :class:`SearchStats` of the call (for tests and benchmarks)."""
     p = _prepare(curves, sizes, target_sparsity, budget, flops, current, dense_weights, dense_flops)
-    return _result(p, _solve(p))
+    stats = SearchStats()
+    return _result(p, _solve(p, stats)), stats
 
 
-def _solve(p: _Problem) -> np.ndarray:
+def _plateau_bottoms(p: _Problem) -> np.ndarray:
+    """Mask of the allowed levels that are the most pruned of their plateau (equal running-max distortion)."""
+    L, K = p.valid.shape
+    # The next allowed level after each level (K where none); a level is a bottom unless that one
+    # has the same distortion (the running max makes equal distortions contiguous).
+    allowed_at = np.where(p.valid, np.arange(K), K)
+    later = np.concatenate([allowed_at[:, 1:], np.full((L, 1), K)], axis=1)
+    following = np.minimum.accumulate(later[:, ::-1], axis=1)[:, ::-1]
+    next_dist = np.take_along_axis(np.concatenate([p.dist, np.full((L, 1), np.nan)], axis=1), following, axis=1)
+    return p.valid & (next_dist != p.dist)
+
+
+def _solve(p: _Problem, stats: SearchStats) -> np.ndarray:
     """Chosen level index per layer (see :func:`allocate` for the method and its proof)."""
-    L, K = p.cost.shape
-    rows = np.arange(L)
+    rows = np.arange(p.cost.shape[0])
     least = np.argmax(p.valid, axis=1)  # least-pruned allowed level: most cost, least distortion
-    most = K - 1 - np.argmax(p.valid[:, ::-1], axis=1)
     if int(p.cost[rows, least].sum()) <= p.budget:
         return least
+    signatures = _optimal_bottoms(replace(p, valid=_plateau_bottoms(p)), stats)
+    stats.signatures = len(signatures)
+    filled = [_fill_plateaus(p, sig, stats) for sig in signatures]
+    dearest = max(cost for cost, _ in filled)
+    candidates = np.array([levels for cost, levels in filled if cost == dearest])
+    return candidates[np.lexsort(candidates.T[::-1])[0]]
+
+
+def _optimal_bottoms(p: _Problem, stats: SearchStats) -> np.ndarray:
+    """All optimal solutions of ``p`` (rows of level indices); ``p`` has strictly rising distortion per layer."""
+    L, K = p.cost.shape
+    rows = np.arange(L)
+    least = np.argmax(p.valid, axis=1)
+    most = K - 1 - np.argmax(p.valid[:, ::-1], axis=1)
+    if int(p.cost[rows, least].sum()) <= p.budget:
+        return least[None, :]  # every other choice has strictly more distortion
     steps = _hull_steps(p, most)
     levels = _incumbent(p, steps, most)
     d = np.where(p.valid, p.dist, 0.0)
@@ -258,10 +352,79 @@ def _solve(p: _Problem) -> np.ndarray:
         open_ = p.valid & (bound <= limit)
         if share == 1.0:
             open_[rows, levels] = True  # the incumbent always qualifies; this guards rounding
-        found = _search(p, open_, steps, most, limit)
+        found = _search(p, open_, steps, most, limit, stats)
         if found is not None:
             return found
     raise AssertionError("the incumbent satisfies the last limit")  # unreachable: see share == 1.0
+
+
+def _fill_plateaus(p: _Problem, bottoms: np.ndarray, stats: SearchStats) -> tuple[int, np.ndarray]:
+    """Largest total cost within the budget on the plateaus of ``bottoms``, and its lexicographically smallest levels.
+
+    Extra cost of a level = its cost minus its plateau bottom's. Suffix sets (extra cost reachable
+    by the layers after each tied layer, within ``room``) are sorted disjoint integer intervals.
+    """
+    rows = np.arange(p.cost.shape[0])
+    base = p.cost[rows, bottoms]
+    room = p.budget - int(base.sum())
+    extra = p.cost - base[:, None]
+    option = p.valid & (p.dist == p.dist[rows, bottoms][:, None]) & (extra <= room)
+    tied = np.nonzero(option.sum(axis=1) > 1)[0].tolist()
+    after: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    lo = hi = np.zeros(1, dtype=np.int64)
+    for layer in reversed(tied):
+        after[layer] = lo, hi
+        if lo.size * int(option[layer].sum()) > _FILL_STEP_LIMIT or stats.tie_intervals > _FILL_TOTAL_LIMIT:
+            return _greedy_fill(p, bottoms, option, extra, tied, room, stats)
+        lo, hi = _sumset(lo, hi, extra[layer, option[layer]], room)
+        stats.tie_intervals += lo.size
+    reach = int(hi[-1])
+    levels = bottoms.copy()
+    left = reach
+    for layer in tied:
+        lo, hi = after[layer]
+        ks = np.nonzero(option[layer])[0]  # least pruned first: most extra cost first
+        need = left - extra[layer, ks]
+        i = np.searchsorted(lo, need, side="right") - 1
+        fits = (need >= 0) & (i >= 0) & (need <= hi[np.maximum(i, 0)])
+        k = ks[np.argmax(fits)]  # some level fits: ``left`` is reachable from here
+        levels[layer] = k
+        left -= int(extra[layer, k])
+    if left:
+        raise AssertionError("the budget fill lost track of its reachable cost")  # unreachable
+    return int(base.sum()) + reach, levels
+
+
+def _greedy_fill(
+    p: _Problem, bottoms: np.ndarray, option: np.ndarray, extra: np.ndarray, tied: list[int], room: int,
+    stats: SearchStats,
+) -> tuple[int, np.ndarray]:
+    """The budget fill when the exact one would be a large subset-sum: layers in order, each at its
+    least-pruned tied level that still fits. Same (optimal) distortion, within the budget; the
+    total cost is as large as this greedy order makes it, not necessarily the largest."""
+    stats.greedy_fill = True
+    levels = bottoms.copy()
+    left = room
+    for layer in tied:
+        ks = np.nonzero(option[layer] & (extra[layer] <= left))[0]
+        levels[layer] = ks[0]  # least pruned first; the bottom (extra 0) always fits
+        left -= int(extra[layer, ks[0]])
+    return p.budget - left, levels
+
+
+def _sumset(lo: np.ndarray, hi: np.ndarray, add: np.ndarray, room: int) -> tuple[np.ndarray, np.ndarray]:
+    """``{x + a : x in [lo_i, hi_i], a in add} ∩ [0, room]`` as sorted, disjoint, non-adjacent intervals."""
+    start = (lo[:, None] + add[None, :]).ravel()
+    end = np.minimum((hi[:, None] + add[None, :]).ravel(), room)
+    inside = start <= room
+    start, end = start[inside], end[inside]
+    order = np.argsort(start)
+    start, end = start[order], np.maximum.accumulate(end[order])
+    opens = np.ones(start.size, dtype=bool)
+    opens[1:] = start[1:] > end[:-1] + 1
+    first = np.nonzero(opens)[0]
+    last = np.append(first[1:], start.size) - 1
+    return start[first], end[last]
 
 
 @dataclass(frozen=True)
@@ -362,26 +525,25 @@ def _lp_rows(x: np.ndarray, y: np.ndarray, budget: np.ndarray) -> np.ndarray:
 def _pareto(keep: np.ndarray, cost: np.ndarray, dist: np.ndarray) -> np.ndarray:
     """The candidates in ``keep`` (ascending) that no other one beats, still in ascending order.
 
-    Per cost only the least distortion stays (the earliest candidate, i.e. lexicographically
-    smallest, among equals); then a state goes if a cheaper one has strictly less distortion.
-    Dropping these is only a speed-up: a beaten state cannot start a better complete solution.
+    A state goes if one of no higher cost has strictly less distortion: such a state cannot start
+    an optimal solution. States equal in both stay, since they may lie on different plateaus.
     """
-    keep = keep[np.lexsort((keep, dist[keep], cost[keep]))]
+    keep = keep[np.lexsort((dist[keep], cost[keep]))]
     kc, kd = cost[keep], dist[keep]
-    first = np.ones(keep.size, dtype=bool)
-    first[1:] = kc[1:] != kc[:-1]
-    keep, kd = keep[first], kd[first]
-    best_before = np.concatenate([[np.inf], np.minimum.accumulate(kd)[:-1]])
-    return np.sort(keep[kd <= best_before])
+    last = np.append(kc[1:] != kc[:-1], True)  # last state of each cost
+    group = np.concatenate([[0], np.cumsum(last[:-1])])
+    best = np.minimum.accumulate(kd)[np.nonzero(last)[0]][group]  # least distortion at no higher cost
+    return np.sort(keep[kd <= best])
 
 
-def _search(p: _Problem, open_: np.ndarray, steps: _Steps, most: np.ndarray, limit: float) -> np.ndarray | None:
-    """Exact DP over the open choices: the best solution of distortion at most ``limit``, or ``None``.
+def _search(
+    p: _Problem, open_: np.ndarray, steps: _Steps, most: np.ndarray, limit: float, stats: SearchStats
+) -> np.ndarray | None:
+    """Exact DP over the open choices: all optimal solutions of distortion at most ``limit`` (rows), or ``None``.
 
     A partial state (cost C, distortion D) survives only if D plus the LP bound of the layers still
     to decide, at budget B - C, is at most ``limit``; many states are pruned further by Pareto
-    dominance. States stay in lexicographic order of their level tuples, so the tie rule needs
-    no extra bookkeeping.
+    dominance.
     """
     L, _ = p.cost.shape
     n_open = open_.sum(axis=1)
@@ -395,7 +557,7 @@ def _search(p: _Problem, open_: np.ndarray, steps: _Steps, most: np.ndarray, lim
         start_dist += value
     start_cost = int(p.cost[fixed, levels[fixed]].sum())
     if free.size == 0:
-        return levels if start_cost <= p.budget and start_dist <= limit else None
+        return levels[None, :] if start_cost <= p.budget and start_dist <= limit else None
     # Row t: the free layers after the t-th, whose LP bounds the states after deciding the t-th.
     position = np.full(L, -1)
     position[free] = np.arange(free.size)
@@ -418,20 +580,22 @@ def _search(p: _Problem, open_: np.ndarray, steps: _Steps, most: np.ndarray, lim
     for t in range(free.size):
         cand_cost = (cost[:, None] + option_cost[t]).ravel()
         cand_dist = (dist[:, None] + option_dist[t]).ravel()
+        stats.peak = max(stats.peak, cand_cost.size)
         rest = np.interp(p.budget - cand_cost, xs[t], ys[t], left=np.inf)
         keep = np.flatnonzero(cand_dist + rest <= limit)
         if keep.size == 0:
             return None
         if keep.size > _PARETO_FROM:
             keep = _pareto(keep, cand_cost, cand_dist)
+        stats.states += keep.size
         cost, dist = cand_cost[keep], cand_dist[keep]
         trail.append(keep)
-    winners = np.nonzero(dist == dist.min())[0]
-    state = int(winners[np.argmax(cost[winners])])  # the first of the dearest: lexicographically smallest
+    state = np.nonzero(dist == dist.min())[0]
+    found = np.tile(levels, (state.size, 1))
     for t in range(free.size - 1, -1, -1):
-        state, option = divmod(int(trail[t][state]), options[t].size)
-        levels[free[t]] = options[t][option]
-    return levels
+        state, option = np.divmod(trail[t][state], options[t].size)
+        found[:, free[t]] = options[t][option]
+    return found
 
 
 def exact_dp_allocate(
@@ -439,22 +603,18 @@ def exact_dp_allocate(
     sizes: Mapping[str, int],
     target_sparsity: float,
     *,
-    budget: Literal["weights"] = "weights",
-    flops: Mapping[str, int] | None = None,
     current: Mapping[str, float] | None = None,
     dense_weights: int = 0,
-    dense_flops: int = 0,
 ) -> dict[str, float]:
-    """Reference: the plain exact DP over the count of surviving weights (weights budget only).
+    """Reference: the plain exact DP over the count of surviving weights (a weights budget).
 
     ``best[b]`` is the least distortion of the layers so far keeping exactly ``b`` weights,
     ``0 <= b <= budget``; each layer relaxes it once per level, vectorised over ``b``. Time and
     memory grow with (layers x levels x budget), which is why :func:`allocate` exists. Same
-    conventions and validation as :func:`allocate`; ties go to the largest kept count.
+    conventions, validation and meaning of ``current`` and ``dense_weights`` as
+    :func:`allocate` with ``budget="weights"``; ties go to the largest kept count.
     """
-    if budget != "weights":
-        raise ValueError(f"exact_dp_allocate supports budget='weights' only, got {budget!r}")
-    p = _prepare(curves, sizes, target_sparsity, budget, flops, current, dense_weights, dense_flops)
+    p = _prepare(curves, sizes, target_sparsity, "weights", None, current, dense_weights, 0)
     width = p.budget + 1
     best = np.full(width, np.inf)
     best[0] = 0.0
