@@ -8,7 +8,7 @@ import pytest
 
 from rdprune.bench.allocate import PLATEAU_KINDS, plateau_curves, resnet32_sizes, resnet50_layers, synthetic_curves
 from rdprune.core import allocation
-from rdprune.core.allocation import _allocate_with_stats, allocate, exact_dp_allocate
+from rdprune.core.allocation import allocate, allocate_with_stats, exact_dp_allocate
 from rdprune.core.grid import Curve
 from rdprune.core.masks import pruned_count
 
@@ -74,7 +74,7 @@ def _check_against_brute_force(curves, sizes, s, budget, flops, current):
         with pytest.raises(ValueError, match="budget cannot be met"):
             allocate(curves, sizes, s, **kwargs)
         return None
-    got, stats = _allocate_with_stats(curves, sizes, s, **kwargs)
+    got, stats = allocate_with_stats(curves, sizes, s, **kwargs)
     d, kept, fl = _score(curves, sizes, got, flops)
     used = kept if budget == "weights" else fl
     assert used <= limit
@@ -196,7 +196,7 @@ def test_plateau_choices_tied_in_distortion_and_cost_are_all_filled(pareto_from)
         "b": Curve(np.array([0.0, 0.3, 0.4, 0.45, 0.5, 0.6]), np.array([0.0, 1.0, 1.0, 1.0, 1.0, 2.0])),  # kept 100, 70, 60, 55, 50, 40
     }
     # a at 0.5 with b at 0.6, or a at 0.6 with b anywhere on its 0.3-0.5 plateau; b at 0.45 fits 95.
-    got, stats = _allocate_with_stats(curves, sizes, 0.525)
+    got, stats = allocate_with_stats(curves, sizes, 0.525)
     assert got == {"a": 0.6, "b": 0.45} and stats.signatures == 2
     assert _brute(curves, sizes, 0.525, "weights", None, None)[0][2] == got
 
@@ -231,7 +231,7 @@ def test_plateau_search_states_stay_bounded_at_resnet50_scale():
             curves = plateau_curves(sizes, 101, rng, kind)
             current = {n: float(rng.uniform(0.0, 0.4)) for n in names[::3]}
             for budget, target, now in itertools.product(("weights", "flops"), (0.5, 0.7, 0.9), (None, current)):
-                got, stats = _allocate_with_stats(curves, sizes, target, budget=budget, flops=flops, current=now)
+                got, stats = allocate_with_stats(curves, sizes, target, budget=budget, flops=flops, current=now)
                 _, kept, fl = _score(curves, sizes, got, flops)
                 assert (kept <= (1 - target) * sum(sizes.values())) if budget == "weights" else (fl <= (1 - target) * sum(flops.values()))
                 for key in worst:
@@ -342,7 +342,7 @@ def test_zero_runs_covering_the_target_stay_bounded(budget):
     for name in sizes:
         edge = rng.uniform(0.6, 0.95)
         curves[name] = Curve(amounts, np.where(amounts <= edge, 0.0, (amounts - edge) * rng.uniform(1, 5)))
-    got, stats = _allocate_with_stats(curves, sizes, 0.5, budget=budget, flops=flops)
+    got, stats = allocate_with_stats(curves, sizes, 0.5, budget=budget, flops=flops)
     distortion, kept, fl = _score(curves, sizes, got, flops)
     assert distortion == 0.0
     limit = (1 - 0.5) * (sum(flops.values()) if budget == "flops" else sum(sizes.values()))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdprune.core.allocation import _allocate_with_stats, _prepare, allocate, exact_dp_allocate
+from rdprune.core.allocation import allocate, allocate_with_stats, exact_dp_allocate
 from rdprune.core.grid import Curve
 
 RESNET32_TARGETS = (0.5, 0.7, 0.9)
@@ -175,15 +175,6 @@ def machine() -> str:
     )
 
 
-def _cost_used(
-    curves: dict[str, Curve], sizes: dict[str, int], target: float, budget: str, flops: dict[str, int], amounts: dict[str, float]
-) -> tuple[int, int]:
-    """Budget units used by a solution and the budget, as the solver counts them."""
-    p = _prepare(curves, sizes, target, budget, flops, None, 0, 0)
-    used = sum(int(p.cost[i, np.searchsorted(a, amounts[n])]) for i, (n, a) in enumerate(zip(p.names, p.amounts)))
-    return used, p.budget
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m rdprune.bench allocate", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic curves (default 0)")
@@ -225,14 +216,13 @@ def main(argv: list[str]) -> int:
         times = interleaved_times(runs, args.repeats)
         for kind, budget, target in cases:
             curves = families[kind]
-            amounts, stats = _allocate_with_stats(curves, sizes, target, budget=budget, flops=flops)
+            amounts, stats = allocate_with_stats(curves, sizes, target, budget=budget, flops=flops)
             peak = peak_memory(runs[kind, budget, target])
-            used, limit = _cost_used(curves, sizes, target, budget, flops, amounts)
             worst = max(worst, statistics.median(times[kind, budget, target]))
             print(
                 f"    {kind:9s} budget={budget:7s} target={target}: {spread(times[kind, budget, target])}, peak {peak / 2**20:5.1f} MiB, "
                 f"states {stats.states} (peak step {stats.peak}), tie intervals {stats.tie_intervals}, "
-                f"objective {objective(curves, amounts):.6g}, cost used {used} of {limit}"
+                f"objective {objective(curves, amounts):.6g}, cost used {stats.used} of {stats.budget}"
             )
     print(f"    slowest ResNet-50 case (median): {worst * 1e3:.1f} ms (goal < 1000 ms, < 200 MB)")
     return 0

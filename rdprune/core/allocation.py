@@ -207,6 +207,8 @@ class SearchStats:
     tie_intervals: int = 0
     signatures: int = 0
     greedy_fill: bool = False  # the tie fill gave up exactness of its secondary rule (see allocate)
+    used: int = 0  # budget units the solution uses, as the solver counts them (scaled FLOPs or weights)
+    budget: int = 0  # budget units allowed
 
 
 def allocate(
@@ -265,7 +267,7 @@ def allocate(
        the exact optimum and the budget is met; only the secondary rule, most weights kept among
        the optimal solutions, may then be missed, by less than one level step of a layer.
     """
-    return _allocate_with_stats(
+    return allocate_with_stats(
         curves,
         sizes,
         target_sparsity,
@@ -277,7 +279,7 @@ def allocate(
     )[0]
 
 
-def _allocate_with_stats(
+def allocate_with_stats(
     curves: Mapping[str, Curve],
     sizes: Mapping[str, int],
     target_sparsity: float,
@@ -291,7 +293,9 @@ def _allocate_with_stats(
     """:func:`allocate`, also returning the :class:`SearchStats` of the call (for tests and benchmarks)."""
     p = _prepare(curves, sizes, target_sparsity, budget, flops, current, dense_weights, dense_flops)
     stats = SearchStats()
-    return _result(p, _solve(p, stats)), stats
+    levels = _solve(p, stats)
+    stats.used, stats.budget = int(p.cost[np.arange(len(levels)), levels].sum()), p.budget
+    return _result(p, levels), stats
 
 
 def _plateau_bottoms(p: _Problem) -> np.ndarray:
