@@ -423,3 +423,107 @@ def test_the_floor_is_part_of_the_cache_key(tmp_path):
     _assert_close(again, first)
     with pytest.raises(ValueError, match=r"min_density must be a fraction in \[0, 1\)"):
         estimate_curves(model, x, 5, progress=False, min_density=-0.1)
+
+
+class AliasInSuffix(nn.Module):
+    """Pruning a: the ReLUs read values that others still read (the same tensor handed on by
+    Identity, a view), so neither may overwrite its argument; the sums may."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 3)
+        self.same = nn.Identity()
+
+    def forward(self, x):
+        h = self.a(x)
+        r = torch.relu(self.same(h))
+        v = torch.relu(h.view(-1, 6))
+        return self.c(self.b(r) + h + v)
+
+
+def test_suffix_reuses_buffers_only_where_nothing_else_reads_them(caplog):
+    from rdprune.core.suffix import TracedNetwork
+
+    model = _model(AliasInSuffix)
+    x = synthetic_inputs(5, (6,))
+    network = TracedNetwork(model, prunable_layers(model).values())
+    plan = network.plan(model.a)
+    kinds = sorted(kind for kind, _ in plan.reuse.values())
+    assert kinds == ["add", "add", "relu", "relu"]  # candidates by the graph; the tensors decide at run time
+    boundary = network.boundary_values(plan, x)
+    with torch.no_grad():
+        assert torch.equal(network.run_suffix(plan, boundary), model(x))
+    fast = estimate_curves(model, x, 6, grid="absolute", progress=False)
+    assert not caplog.records
+    _assert_close(fast, plain_curves(model, x, 6, grid="absolute"))
+    resnet = _model(resnet20)
+    network = TracedNetwork(resnet, prunable_layers(resnet).values())
+    plan = network.plan(resnet.layer1[0].conv1)
+    # per block: the first ReLU, the residual sum and the ReLU after it write into their argument
+    assert len(plan.reuse) == 3 * 9
+
+
+def test_forward_walker_serves_layers_in_graph_order_with_one_forward_pass():
+    from rdprune.core.suffix import TracedNetwork
+
+    model = _model(resnet20).eval()
+    layers = prunable_layers(model)
+    network = TracedNetwork(model, layers.values())
+    x = synthetic_inputs(3, (3, 32, 32))
+    calls = []
+    execute = network._execute
+    network._execute = lambda node, env: calls.append(node) or execute(node, env)
+    walker = network.walker(x)
+    with torch.no_grad():
+        for module in layers.values():
+            plan = network.plan(module)
+            served = network.boundary_from(walker, plan)
+            network._execute = execute
+            expected = network.boundary_values(plan, x)
+            network._execute = lambda node, env: calls.append(node) or execute(node, env)
+            assert served.keys() == expected.keys() and all(torch.equal(served[n], expected[n]) for n in served)
+    assert walker.restarts == 0 and len(calls) == len(set(calls))  # every node computed at most once
+    assert len(walker.env) <= 3  # what a forward pass holds at that point, not every value
+
+
+def test_cached_multi_batch_run_is_grouped_and_resumes_by_group(tmp_path, monkeypatch):
+    import rdprune.core.curves as curves_module
+
+    monkeypatch.setattr(curves_module, "_CACHED_GROUP", 4)
+    model = _model(resnet20)
+    layers = list(prunable_layers(model))
+    x = synthetic_inputs(6, (3, 8, 8))
+    target = dict(model.named_modules())[layers[5]]  # in the second group of four
+
+    def interrupt(module, args):
+        if bool((module.weight == 0).any()):
+            raise KeyboardInterrupt
+
+    stop = target.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        estimate_curves(model, x, 4, grid="absolute", batch_size=2, cache_dir=tmp_path, progress=False)
+    stop.remove()
+    assert len(list(tmp_path.glob("*.curve.pt"))) == 4  # the first group, finished with its last batch
+    resumed = estimate_curves(model, x, 4, grid="absolute", batch_size=2, cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.curve.pt"))) == len(layers)
+    _assert_close(resumed, plain_curves(model, x, 4, grid="absolute", batch_size=2))
+    worst = estimate_curves(model, x, 4, grid="absolute", batch_size=2, worst_case=True, progress=False)
+    _assert_close(worst, plain_curves(model, x, 4, grid="absolute", batch_size=2, worst_case=True))
+
+
+def test_bench_report_interleaves_the_sides_and_summarises_repetitions(tmp_path):
+    from rdprune.bench.report import git_commit, interleaved, machine_line, pair_ratios, spread
+
+    order = []
+    runs = interleaved({"fast": lambda: order.append("fast") or 1, "plain": lambda: order.append("plain") or 2}, 3)
+    assert order == ["fast", "plain", "plain", "fast", "fast", "plain"]
+    assert [t.result for t in runs["plain"]] == [2, 2, 2] and all(t.wall >= 0 and t.cpu >= 0 for t in runs["fast"])
+    s = spread([3.0, 1.0, 2.0])
+    assert (s.median, s.low, s.high, s.n) == (2.0, 1.0, 3.0, 3)
+    assert s.format("s") == "2.00 s [1.00-3.00]" and s.format("x") == "2.00x [1.00-3.00]"
+    assert pair_ratios([4.0, 9.0], [2.0, 3.0]) == [2.0, 3.0]
+    assert git_commit(tmp_path) is None  # outside a git checkout: no commit, no error
+    line = machine_line(threads=1)
+    assert "cores" in line and "1 thread;" in line and "commit" in line

@@ -3,19 +3,28 @@
 CIFAR ResNet-32 with seeded random weights (BatchNorm statistics set from noise, eval mode),
 64 calibration inputs of 3x32x32, the absolute grid with 11 levels. Both estimators run in the
 same process on (a) the dense model and (b) the model after five rounds of 20 % global magnitude
-pruning; it prints times, the speed-up, the largest difference relative to each layer's max|D|,
-and peak memory. Exit 1 when any value is out of tolerance.
+pruning (67 % sparse). Each side runs ``--repeats`` times (at least 3 for a figure worth quoting),
+interleaved (fast, plain, then plain, fast, ...); it prints each side's median wall and CPU time
+with min-max, the plain/fast ratio per repetition pair (median and min-max), the largest
+difference relative to each layer's max|D|, and the machine, thread count, torch version and
+commit. Exit 1 when any value is out of tolerance.
 
-With ``--nproc N`` it instead times sharded curve estimation (:func:`rdprune.sharded_curves.sharded_curves`)
-on the same two models under ``torchrun`` with 1 and then N ranks on this machine, one thread per
-rank, and says whether the N-rank curves are identical to the 1-rank ones.
+``--profile`` instead prints, per layer, where the fast estimator's time goes: the layer's
+suffix (share of the network's FLOPs and time), levels evaluated and free, time per evaluated
+level, the overheads (boundary values, mask building, in-place guard, distortion), and the
+bound that exact curves by suffix re-runs cannot beat (see :func:`profile`).
+
+With ``--nproc N`` it instead times sharded curve estimation
+(:func:`rdprune.distributed.sharded_curves.sharded_curves`) on the same two models under
+``torchrun`` with 1 and then N ranks on this machine, one thread per rank, interleaved over the
+repetitions, and says whether the N-rank curves are identical to the 1-rank ones.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,22 +35,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from rdprune.core.curves import estimate_curves, plain_curves, synthetic_inputs
+from rdprune.bench.report import interleaved, machine_line, pair_ratios, spread
+from rdprune.core.curves import _batch_distortion, _layer_plan, estimate_curves, plain_curves, synthetic_inputs
 from rdprune.core.layers import prunable_layers
+from rdprune.core.masks import magnitude_mask, magnitude_order
+from rdprune.core.suffix import TracedNetwork, _version
 from rdprune.models.cifar_resnet import resnet32
 
 TOLERANCE = 1e-6
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+MIN_QUOTABLE_REPEATS = 3
+CASES = ("dense", "pruned")
+CASE_LABELS = {"dense": "(a) dense model", "pruned": "(b) after five rounds of 20 % global magnitude pruning"}
 
 
 def benchmark_model(seed: int) -> nn.Module:
@@ -81,49 +85,263 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def compare(model: nn.Module, inputs: torch.Tensor, levels: int, repeats: int, device: torch.device) -> bool:
-    """Time both estimators on ``model``; print the figures; True when values agree.
+def case_model(case: str, seed: int, device: torch.device) -> nn.Module:
+    """The benchmark model of ``case``: dense, or after five rounds of 20 % global magnitude pruning."""
+    model = benchmark_model(seed)
+    if case == "pruned":
+        for _ in range(5):
+            global_magnitude_prune(model, 0.2)
+    return model.to(device)
 
-    Wall time and process CPU time are both reported: other work on a shared machine inflates
-    wall time at random, CPU time much less.
-    """
-    def timed(fn):
-        best_wall, best_cpu, result = float("inf"), float("inf"), None
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            wall, cpu = time.perf_counter(), time.process_time()
-            result = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best_wall = min(best_wall, time.perf_counter() - wall)
-            best_cpu = min(best_cpu, time.process_time() - cpu)
-        return best_wall, best_cpu, result, peak_memory_mb(device)
 
-    fast_s, fast_cpu, fast, fast_mem = timed(lambda: estimate_curves(model, inputs, levels, grid="absolute", progress=False))
-    plain_s, plain_cpu, plain, plain_mem = timed(lambda: plain_curves(model, inputs, levels, grid="absolute"))
+def _sync(device: torch.device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
+def _worst_difference(fast: dict, plain: dict) -> float:
+    """Largest |fast - plain| over levels, relative to each layer's max|D|, over all layers."""
     worst = 0.0
     for name, ref in plain.items():
         scale = float(np.abs(ref.distortion).max())
         diff = float(np.abs(fast[name].distortion - ref.distortion).max())
         worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst
+
+
+def compare(model: nn.Module, inputs: torch.Tensor, levels: int, repeats: int, device: torch.device) -> bool:
+    """Time both estimators on ``model``, interleaved; print medians, spreads and ratios; True when values agree.
+
+    Wall time and process CPU time are both reported: other work on a shared machine inflates
+    wall time at random, CPU time much less. The ratio is taken per repetition pair (the fast
+    and plain runs next to each other), so load that changes between pairs cancels.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sides = {
+        "estimate_curves": lambda: estimate_curves(model, inputs, levels, grid="absolute", progress=False),
+        "plain_curves": lambda: plain_curves(model, inputs, levels, grid="absolute"),
+    }
+    sync = _sync(device)
+
+    def progress(i: int, side: str, t) -> None:
+        print(f"    repetition {i + 1}: {side:<15} {t.wall:8.2f} s wall {t.cpu:8.2f} s CPU", flush=True)
+
+    runs = interleaved(sides, repeats, before=sync, after=sync, on_run=progress)
+    fast, plain = runs["estimate_curves"], runs["plain_curves"]
+    worst = max(_worst_difference(f.result, p.result) for f in fast for p in plain)
     layers = prunable_layers(model)
     zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
-    memory = "peak CUDA memory" if device.type == "cuda" else "peak RSS so far"
-    print(f"  sparsity {zeros / sum(m.weight.numel() for m in layers.values()):.3f} over {len(layers)} layers")
-    print(f"  estimate_curves {fast_s:8.2f} s wall {fast_cpu:8.2f} s CPU   {memory} {fast_mem:8.1f} MB")
-    print(f"  plain_curves    {plain_s:8.2f} s wall {plain_cpu:8.2f} s CPU   {memory} {plain_mem:8.1f} MB")
-    print(f"  speed-up        {plain_s / fast_s:8.2f} x wall {plain_cpu / fast_cpu:6.2f} x CPU")
-    print(f"  max |difference| / max|D| over layers: {worst:.2e} (tolerance {TOLERANCE:.0e})")
+    memory = "peak CUDA memory" if device.type == "cuda" else "peak RSS of the process"
+    print(f"  sparsity {zeros / sum(m.weight.numel() for m in layers.values()):.3f} over {len(layers)} layers; "
+          f"{repeats} interleaved repetitions per side: median [min-max]")
+    for label, runs_ in (("estimate_curves", fast), ("plain_curves", plain)):
+        print(f"  {label:<15} wall {spread([t.wall for t in runs_]).format('s'):>24}   "
+              f"CPU {spread([t.cpu for t in runs_]).format('s'):>24}")
+    wall = spread(pair_ratios([t.wall for t in plain], [t.wall for t in fast]))
+    cpu = spread(pair_ratios([t.cpu for t in plain], [t.cpu for t in fast]))
+    print(f"  plain / fast per pair  wall {wall.format('x'):>22}   CPU {cpu.format('x'):>22}")
+    exact = "bit-identical" if worst == 0 else f"{worst:.2e}"
+    print(f"  max |difference| / max|D| over layers and repetitions: {exact} (tolerance {TOLERANCE:.0e}); "
+          f"{memory} {peak_memory_mb(device):.0f} MB")
+    if repeats < MIN_QUOTABLE_REPEATS:
+        print(f"  (fewer than {MIN_QUOTABLE_REPEATS} repetitions: not a figure to quote)")
     return worst <= TOLERANCE
+
+
+def _median_time(fn, repeats: int, sync) -> float:
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def profile(model: nn.Module, inputs: torch.Tensor, levels: int, repeats: int, device: torch.device) -> dict:
+    """Where :func:`estimate_curves`' time goes on ``model``, layer by layer (one calibration batch).
+
+    Runs the fast estimator's steps (the same primitives, a timer around each) ``repeats`` times
+    and keeps each figure's median; a whole forward pass of the model is timed next to each
+    layer's steps, so the plain cost it is compared with saw the same load. Per layer: its sparsity; the levels evaluated (pruned count
+    above the current zeros) out of the grid's levels, the rest being free; its suffix's share of
+    the network's FLOPs and of its (traced, per-node) time; the time of one suffix re-run; the
+    overheads per layer: boundary values from the shared forward walk, the prefix re-run that a
+    per-layer boundary would cost instead, mask building (sort, clone, zeroing, weight copy), the
+    in-place guard, the distortion; the plain loop's cost for the layer (every grid level: mask,
+    whole forward pass); and ``bound`` = plain cost / (evaluated levels x suffix re-run).
+
+    An exact curve needs, at every evaluated level, the network output with the layer pruned:
+    pruning changes the layer's output at every position, so everything downstream of the layer
+    (its suffix) must be recomputed, and nothing else need be. ``sum(plain) / (sum(k x suffix) +
+    one forward pass)`` is then the most that re-running suffixes can gain over the plain loop.
+    """
+    model.eval()
+    layers = prunable_layers(model)
+    x = inputs.to(device)
+    sync = _sync(device)
+
+    def clock() -> float:
+        if sync:
+            sync()
+        return time.perf_counter()
+
+    network = TracedNetwork(model, layers.values())
+    _median_time(lambda: model(x), 1, sync)  # warm-up
+    node_times: dict = {}
+    for _ in range(repeats):
+        env = network._placeholder_values(x)
+        for node in network.nodes:
+            if node.op == "placeholder":
+                continue
+            start = clock()
+            env[node] = network._execute(node, env)
+            node_times.setdefault(node, []).append(clock() - start)
+        del env
+    node_time = {n: statistics.median(t) for n, t in node_times.items()}
+    traced = sum(node_time.values())
+    node_flops = network.node_flops(x[:1])
+    total_flops = sum(node_flops.values())
+    reference = model(x)
+
+    plans = {n: network.plan(m) for n, m in layers.items()}
+    grid = {n: _layer_plan(n, m, levels, "absolute", None) for n, m in layers.items()}
+    samples: dict[str, dict[str, list[float]]] = {n: {} for n in layers}
+
+    def note(name: str, key: str, seconds: float) -> None:
+        samples[name].setdefault(key, []).append(seconds)
+
+    for _ in range(repeats):
+        walker = network.walker(x)
+        for name, module in layers.items():
+            plan, counts = plans[name], grid[name].to_run
+            weight = module.weight
+            start = clock()
+            model(x)  # the plain loop's unit, timed next to this layer's steps so that load drift cancels
+            note(name, "forward", clock() - start)
+            start = clock()
+            boundary = network.boundary_from(walker, plan) if plan.suffix else {}
+            note(name, "boundary", clock() - start)
+            start = clock()
+            if plan.suffix:
+                network.boundary_values(plan, x)
+            note(name, "prefix", clock() - start)
+            start = clock()
+            original = weight.detach().clone()
+            order = magnitude_order(original)
+            work = original.flatten().clone()
+            mask = clock() - start
+            run = guard = distortion = 0.0
+            try:
+                done = 0
+                for count in counts:
+                    start = clock()
+                    work[order[done:count]] = 0
+                    done = count
+                    weight.copy_(work.view_as(weight))
+                    mask += clock() - start
+                    start = clock()
+                    versions = {n: _version(v) for n, v in boundary.items()}
+                    guard_before = clock() - start
+                    start = clock()
+                    out = network.run_suffix(plan, boundary, check=False) if plan.suffix else reference
+                    run += clock() - start
+                    start = clock()
+                    _ = any(_version(boundary[n]) != v for n, v in versions.items())
+                    guard += guard_before + clock() - start
+                    start = clock()
+                    _batch_distortion(reference, out, False)
+                    distortion += clock() - start
+            finally:
+                weight.copy_(original)
+            note(name, "mask", mask)
+            note(name, "run", run)
+            note(name, "guard", guard)
+            note(name, "distortion", distortion)
+        del walker, boundary
+    plain_mask = {}
+    for name, module in layers.items():
+        w = module.weight.detach()
+        plain_mask[name] = _median_time(lambda: w.mul(magnitude_mask(w, w.numel() // 2)), repeats, sync)
+
+    rows = []
+    for name in layers:
+        med = {k: statistics.median(v) for k, v in samples[name].items()}
+        plan, lp = plans[name], grid[name]
+        k, n_levels = len(lp.to_run), len(lp.amounts)
+        per_level = med["run"] / k if k else 0.0
+        plain = n_levels * (med["forward"] + plain_mask[name])
+        irreducible = med["run"]
+        rows.append({
+            "layer": name, "sparsity": lp.zeros / layers[name].weight.numel(), "evaluated": k, "levels": n_levels,
+            "suffix_flops": sum(node_flops[v] for v in plan.suffix) / total_flops,
+            "suffix_time": sum(node_time.get(v, 0.0) for v in plan.suffix) / traced,
+            "per_level": per_level, "boundary": med["boundary"], "prefix": med["prefix"], "mask": med["mask"],
+            "guard": med["guard"], "distortion": med["distortion"], "plain": plain, "irreducible": irreducible,
+        })
+    forward = statistics.median(t for n in layers for t in samples[n]["forward"])
+    return {"rows": rows, "forward": forward, "traced": traced}
+
+
+def print_profile(result: dict, levels: int) -> None:
+    rows, forward = result["rows"], result["forward"]
+    ms = 1e3
+    print(f"  one forward pass: model {forward:.3f} s, traced node by node {result['traced']:.3f} s; "
+          f"times in ms unless marked, medians over the repetitions")
+    print(f"  {'layer':<15}{'sparse':>7}{'eval/all':>9}{'sfx FLOP':>9}{'sfx time':>9}{'ms/level':>9}"
+          f"{'bndry':>7}{'prefix':>7}{'mask':>6}{'guard':>7}{'dist':>6}{'plain s':>8}{'k*sfx s':>8}{'bound':>7}")
+    for r in rows:
+        bound = f"{r['plain'] / r['irreducible']:6.1f}x" if r["irreducible"] > 0 else "    inf"
+        print(f"  {r['layer']:<15}{r['sparsity']:7.3f}{r['evaluated']:>5}/{r['levels']:<3}{r['suffix_flops']:9.3f}"
+              f"{r['suffix_time']:9.3f}{r['per_level'] * ms:9.1f}{r['boundary'] * ms:7.1f}{r['prefix'] * ms:7.1f}"
+              f"{r['mask'] * ms:6.1f}{r['guard'] * ms:7.3f}{r['distortion'] * ms:6.2f}{r['plain']:8.2f}"
+              f"{r['irreducible']:8.2f} {bound}")
+    plain = sum(r["plain"] for r in rows) + forward  # + the reference outputs
+    runs = sum(r["irreducible"] for r in rows)
+    over = {k: sum(r[k] for r in rows) for k in ("boundary", "prefix", "mask", "guard", "distortion")}
+    fixed = 2 * forward  # reference outputs and the check that the trace reproduces the model
+    fast = runs + over["boundary"] + over["mask"] + over["guard"] + over["distortion"] + fixed
+    print(f"  plain loop: {len(rows)} layers x {levels} levels x (mask + forward pass) + reference = {plain:.2f} s")
+    print(f"  fast, sum of its steps: suffix re-runs {runs:.2f} s + boundaries {over['boundary']:.2f} s + masks "
+          f"{over['mask']:.2f} s + in-place guard {over['guard']:.4f} s + distortion {over['distortion']:.2f} s + "
+          f"reference and trace check {fixed:.2f} s = {fast:.2f} s -> {plain / fast:.2f}x")
+    print(f"  (boundaries by a prefix re-run per layer instead of one shared forward walk: {over['prefix']:.2f} s "
+          f"-> {plain / (fast - over['boundary'] + over['prefix']):.2f}x)")
+    bound = plain / (runs + forward)
+    print(f"  bound for exact curves by suffix re-runs: plain / (sum of k x suffix + one forward) = "
+          f"{plain:.2f} / {runs + forward:.2f} = {bound:.2f}x; 4x would need the suffix re-runs to take "
+          f"{plain / 4 - forward:.2f} s")
+    flop_plain = sum(r["levels"] for r in rows) + 1
+    flop_fast = sum(r["evaluated"] * r["suffix_flops"] for r in rows) + 1
+    print(f"  the same bound in FLOPs (sum of levels x network / (sum of k x suffix FLOPs + one network)): "
+          f"{flop_plain / flop_fast:.2f}x; above it only through cheaper execution of the same FLOPs "
+          f"(e.g. the suffix's ReLUs and sums writing into their argument instead of fresh memory)")
+    stages: dict[str, list[dict]] = {}
+    for r in rows:
+        stages.setdefault(r["layer"].split(".")[0], []).append(r)
+    print("  by stage:  layers  mean sparsity  evaluated levels  share of k x suffix  plain / (k x suffix)")
+    for stage, rs in stages.items():
+        irr = sum(r["irreducible"] for r in rs)
+        print(f"  {stage:<10}{len(rs):>7}{statistics.mean(r['sparsity'] for r in rs):>15.3f}"
+              f"{sum(r['evaluated'] for r in rs):>18}{irr / runs:>21.3f}"
+              f"{(sum(r['plain'] for r in rs) / irr if irr else float('inf')):>21.2f}x")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rdprune.bench curves", description=__doc__.splitlines()[0])
     parser.add_argument("--levels", type=int, default=11, help="levels of the absolute grid (default 11)")
-    parser.add_argument("--samples", type=int, default=64, help="calibration inputs (default 64)")
-    parser.add_argument("--repeats", type=int, default=1, help="time each estimator this many times, keep the best")
+    parser.add_argument("--samples", type=int, default=64, help="calibration inputs (default 64, one batch)")
+    parser.add_argument("--repeats", type=int, default=MIN_QUOTABLE_REPEATS,
+                        help=f"repetitions of each side, interleaved (default {MIN_QUOTABLE_REPEATS}; "
+                             f"at least {MIN_QUOTABLE_REPEATS} for a figure to quote)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)} (default both)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print where the fast estimator's time goes, per layer, instead of timing both estimators")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nproc", type=int, default=None,
@@ -142,7 +360,7 @@ def sharded_worker(args: argparse.Namespace) -> None:
         model = benchmark_model(args.seed)
         inputs = synthetic_inputs(args.samples, (3, 32, 32), seed=args.seed + 1)
         results = {}
-        for case in ("dense", "pruned"):
+        for case in CASES:
             if case == "pruned":
                 for _ in range(5):
                     global_magnitude_prune(model, 0.2)
@@ -170,26 +388,39 @@ def launch_sharded(args: argparse.Namespace, nproc: int, out: Path) -> dict:
 
 
 def compare_ranks(args: argparse.Namespace) -> int:
-    """Wall time of sharded curve estimation at 1 and ``--nproc`` ranks, and whether the curves are identical."""
+    """Wall time of sharded curve estimation at 1 and ``--nproc`` ranks, interleaved over the
+    repetitions, and whether the curves are identical."""
     if args.nproc < 2:
         raise SystemExit(f"--nproc must be at least 2, got {args.nproc}")
-    print(f"hardware: {cpu_model()}; {os.cpu_count()} cores; torch {torch.__version__}; one thread per rank")
+    print(machine_line(threads=1))
     print(f"CIFAR ResNet-32, random weights, {args.samples} inputs of 3x32x32, absolute grid of {args.levels} levels, "
-          "sharded_curves under torchrun (gloo, CPU); time from the first barrier to the last, start-up excluded")
+          "sharded_curves under torchrun (gloo, CPU, one thread per rank); time from the first barrier to the last, "
+          "start-up excluded; "
+          f"{args.repeats} interleaved repetitions of each launch: median [min-max]")
+    launches = {1: [], args.nproc: []}
     with tempfile.TemporaryDirectory() as tmp:
-        one = launch_sharded(args, 1, Path(tmp) / "one.pt")
-        many = launch_sharded(args, args.nproc, Path(tmp) / "many.pt")
+        for i in range(args.repeats):
+            for world in ((1, args.nproc) if i % 2 == 0 else (args.nproc, 1)):
+                launches[world].append(launch_sharded(args, world, Path(tmp) / f"{world}-{i}.pt"))
     identical = within = True
-    for case, label in (("dense", "(a) dense model"), ("pruned", "(b) after five rounds of 20 % global magnitude pruning")):
-        (t1, c1), (tn, cn) = one[case], many[case]
-        same = list(c1) == list(cn) and all(torch.equal(c1[n][0], cn[n][0]) and torch.equal(c1[n][1], cn[n][1]) for n in c1)
-        worst = max(float((c1[n][1] - cn[n][1]).abs().max() / max(float(c1[n][1].abs().max()), 1e-300)) for n in c1)
-        print(label)
-        print(f"  {'1 rank':<14}{t1:8.2f} s wall")
-        print(f"  {f'{args.nproc} ranks':<14}{tn:8.2f} s wall   speed-up {t1 / tn:5.2f} x")
-        print(f"  curves identical: {'yes' if same else 'no'} (max |difference| / max|D| {worst:.2e})")
+    for case in CASES:
+        ones, manys = [r[case] for r in launches[1]], [r[case] for r in launches[args.nproc]]
+        c1 = ones[0][1]
+        same = all(list(c1) == list(cn) and all(torch.equal(c1[n][0], cn[n][0]) and torch.equal(c1[n][1], cn[n][1]) for n in c1)
+                   for _, cn in ones + manys)
+        worst = max(float((c1[n][1] - cn[n][1]).abs().max() / max(float(c1[n][1].abs().max()), 1e-300))
+                    for _, cn in manys for n in c1)
+        t1, tn = [t for t, _ in ones], [t for t, _ in manys]
+        print(CASE_LABELS[case])
+        print(f"  {'1 rank':<14} wall {spread(t1).format('s'):>24}")
+        print(f"  {f'{args.nproc} ranks':<14} wall {spread(tn).format('s'):>24}   speed-up per pair "
+              f"{spread(pair_ratios(t1, tn)).format('x')}")
+        print(f"  curves identical across ranks and repetitions: {'yes' if same else 'no'} "
+              f"(max |difference| / max|D| {worst:.2e})")
         identical = identical and same
         within = within and worst <= TOLERANCE
+    if args.repeats < MIN_QUOTABLE_REPEATS:
+        print(f"(fewer than {MIN_QUOTABLE_REPEATS} repetitions: not figures to quote)")
     print(f"curves at 1 and {args.nproc} ranks: " + ("identical" if identical else
           "within tolerance, not bit-identical" if within else "OUT OF TOLERANCE"))
     return 0 if within else 1
@@ -200,20 +431,29 @@ def main(argv: list[str]) -> int:
     if args.worker_out is not None:
         sharded_worker(args)
         return 0
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
     if args.nproc is not None:
         return compare_ranks(args)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not cases or any(c not in CASES for c in cases):
+        raise SystemExit(f"--cases must name some of {','.join(CASES)}, got {args.cases!r}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"hardware: {cpu_model()}; {os.cpu_count()} cores; torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(machine_line())
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}")
-    model = benchmark_model(args.seed).to(device)
     inputs = synthetic_inputs(args.samples, (3, 32, 32), seed=args.seed + 1)
     print(f"CIFAR ResNet-32, random weights, {args.samples} inputs of 3x32x32, absolute grid of {args.levels} levels")
-    print("(a) dense model")
-    ok = compare(model, inputs, args.levels, args.repeats, device)
-    for _ in range(5):
-        global_magnitude_prune(model, 0.2)
-    print("(b) after five rounds of 20 % global magnitude pruning")
-    ok = compare(model, inputs, args.levels, args.repeats, device) and ok
-    print("values within tolerance" if ok else "VALUES OUT OF TOLERANCE")
+    ok = True
+    for case in cases:
+        model = case_model(case, args.seed, device)
+        print(CASE_LABELS[case])
+        if args.profile:
+            print_profile(profile(model, inputs, args.levels, args.repeats, device), args.levels)
+        else:
+            ok = compare(model, inputs, args.levels, args.repeats, device) and ok
+    if not args.profile:
+        print("values within tolerance" if ok else "VALUES OUT OF TOLERANCE")
     return 0 if ok else 1

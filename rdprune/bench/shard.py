@@ -16,6 +16,7 @@ import time
 import torch
 from torchvision.models import resnet50
 
+from rdprune.bench.report import machine_line
 from rdprune.distributed.sharded_curves import curve_work
 from rdprune.distributed.sharding import plan_shards, shard_balance
 
@@ -38,6 +39,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
     args = parser.parse_args(argv)
 
+    print(machine_line() + " (the balances below are a deterministic cost model; only the time varies)")
     torch.manual_seed(0)
     model = resnet50().eval()
     start = time.perf_counter()

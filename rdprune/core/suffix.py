@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_arg
 from torch.utils.flop_counter import FlopCounterMode
@@ -70,6 +71,60 @@ class SuffixPlan:
     suffix: tuple[fx.Node, ...]
     prefix_release: dict[fx.Node, tuple[fx.Node, ...]]
     suffix_release: dict[fx.Node, tuple[fx.Node, ...]]
+    reuse: dict[fx.Node, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    """Suffix nodes that may write their result into an argument's buffer (see :func:`_reuse_slots`)."""
+
+
+_RELU = {torch.relu, F.relu}
+_ADD = {operator.add, torch.add}
+
+
+def _in_place_twin(node: fx.Node, model: nn.Module) -> tuple[str, tuple[int, ...]] | None:
+    """``("relu", (0,))`` or ``("add", (0, 1))`` when ``node`` is an out-of-place ReLU or sum with
+    an exact in-place twin (``relu_``, ``add_``: the same values, bit for bit), with the
+    positions of the arguments whose buffer could take the result; None otherwise."""
+    args, kwargs = node.args, dict(node.kwargs)
+    if node.op == "call_function" and node.target in _RELU and len(args) == 1 and kwargs in ({}, {"inplace": False}):
+        return "relu", (0,)
+    if node.op == "call_method" and node.target == "relu" and len(args) == 1 and not kwargs:
+        return "relu", (0,)
+    if node.op == "call_module" and len(args) == 1 and not kwargs:
+        module = model.get_submodule(node.target)
+        if type(module) is nn.ReLU and not module.inplace:
+            return "relu", (0,)
+    if node.op == "call_function" and node.target in _ADD and len(args) == 2 and not kwargs:
+        return "add", (0, 1)
+    if node.op == "call_method" and node.target == "add" and len(args) == 2 and not kwargs:
+        return "add", (0, 1)
+    return None
+
+
+def _reuse_slots(suffix: tuple[fx.Node, ...], model: nn.Module) -> dict[fx.Node, tuple[str, tuple[int, ...]]]:
+    """Suffix nodes that may overwrite an argument instead of allocating their result.
+
+    An argument qualifies when the suffix itself computed it (a module, function or method call)
+    and this node is its only reader, so nothing can see the old values afterwards. What the
+    graph cannot show (aliasing: a value that is a view of, or the same tensor as, a boundary
+    value, a parameter or another live value) is checked on the tensors at run time
+    (:meth:`TracedNetwork._execute_reusing`). Saves an allocation, and on machines where fresh
+    memory costs page faults much of the time of the elementwise ops, at no change in the values.
+    """
+    inside = set(suffix)
+    slots = {}
+    for node in suffix:
+        twin = _in_place_twin(node, model)
+        if twin is None:
+            continue
+        kind, positions = twin
+        ok = tuple(i for i in positions if isinstance(node.args[i], fx.Node) and node.args[i] in inside
+                   and node.args[i].op in ("call_module", "call_function", "call_method") and len(node.args[i].users) == 1)
+        if ok:
+            slots[node] = (kind, ok)
+    return slots
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def _release_after(nodes: tuple[fx.Node, ...], keep: Iterable[fx.Node]) -> dict[fx.Node, tuple[fx.Node, ...]]:
@@ -105,8 +160,6 @@ class TracedNetwork:
         self.placeholders = tuple(n for n in self.nodes if n.op == "placeholder")
         self.output = next(n for n in self.nodes if n.op == "output")
         self._position = {n: i for i, n in enumerate(self.nodes)}
-        # position of the last node reading each value (its own position when nothing reads it)
-        self._last_use = {n: max((self._position[u] for u in n.users), default=self._position[n]) for n in self.nodes}
         self._check_in_place()
 
     def _check_in_place(self) -> None:
@@ -166,6 +219,7 @@ class TracedNetwork:
             suffix=suffix,
             prefix_release=_release_after(prefix, boundary),
             suffix_release=_release_after(suffix, (self.output,)),
+            reuse=_reuse_slots(suffix, self.model),
         )
 
     def _placeholder_values(self, x: torch.Tensor) -> dict[fx.Node, object]:
@@ -195,16 +249,54 @@ class TracedNetwork:
             return args[0]
         raise AssertionError(f"unexpected fx node op {node.op!r}")
 
+    def _protected_storages(self) -> set[int]:
+        """Storages of the model's parameters, buffers and traced constants: never overwritten."""
+        tensors = [*self.model.parameters(), *self.model.buffers(), *self._constants.values()]
+        return {_storage(t) for t in tensors if isinstance(t, torch.Tensor)}
+
+    def _execute_reusing(self, node: fx.Node, env: dict[fx.Node, object], slot: tuple[str, tuple[int, ...]],
+                         protected: set[int]) -> object | None:
+        """``node``'s value computed in place into one of its arguments (see :func:`_reuse_slots`),
+        or None when no argument's tensor may be overwritten."""
+        kind, positions = slot
+        args = [env[a] if isinstance(a, fx.Node) else a for a in node.args]
+        for i in positions:
+            a = args[i]
+            if type(a) is not torch.Tensor or a._base is not None or a.layout != torch.strided or a.requires_grad:
+                continue
+            where = _storage(a)
+            # any other live value on the same storage (the same tensor handed on, a view, a
+            # detached copy) may still be read
+            if where in protected or any(isinstance(v, torch.Tensor) and _storage(v) == where
+                                         for n, v in env.items() if n is not node.args[i]):
+                continue
+            if kind == "relu":
+                return torch.relu_(a)
+            other = args[1 - i]
+            if isinstance(other, bool) or not isinstance(other, (torch.Tensor, int, float)):
+                continue
+            if torch.result_type(a, other) != a.dtype:
+                continue
+            if isinstance(other, torch.Tensor) and (other.device != a.device or torch.broadcast_shapes(a.shape, other.shape) != a.shape):
+                continue
+            return a.add_(other)  # a + other == other + a, bit for bit
+        return None
+
     def _run(
         self,
         nodes: tuple[fx.Node, ...],
         env: dict[fx.Node, object],
         release: dict[fx.Node, tuple[fx.Node, ...]],
         versions: dict[fx.Node, int] | None = None,
+        reuse: dict[fx.Node, tuple[str, tuple[int, ...]]] | None = None,
+        protected: set[int] | None = None,
     ) -> None:
         for node in nodes:
             if node.op != "placeholder":
-                env[node] = self._execute(node, env)
+                value = None
+                if reuse and node in reuse:
+                    value = self._execute_reusing(node, env, reuse[node], protected)
+                env[node] = self._execute(node, env) if value is None else value
             if versions is not None and node in versions:
                 versions[node] = _version(env[node])
             for done in release[node]:
@@ -231,8 +323,8 @@ class TracedNetwork:
     def boundary_from(self, walker: ForwardWalker, plan: SuffixPlan) -> dict[fx.Node, object]:
         """The boundary values of ``plan``, taken from ``walker``'s forward pass.
 
-        The walker advances to the last boundary node (restarting when an earlier value it needs
-        was already freed). The same in-place check as :meth:`boundary_values` applies: a value
+        The walker computes what the boundary needs and is not computed yet (restarting when a
+        value it needs was already freed). The same in-place check as :meth:`boundary_values` applies: a value
         changed in place since it was computed raises :class:`UnsafeSuffix`.
         """
         return walker.serve(plan)
@@ -246,7 +338,11 @@ class TracedNetwork:
         """
         before = {n: _version(v) for n, v in boundary.items()} if check else {}
         env = dict(boundary)
-        self._run(plan.suffix, env, plan.suffix_release)
+        protected = None
+        if plan.reuse:
+            protected = self._protected_storages()
+            protected.update(_storage(v) for v in boundary.values() if isinstance(v, torch.Tensor))
+        self._run(plan.suffix, env, plan.suffix_release, reuse=plan.reuse, protected=protected)
         if any(_version(boundary[n]) != v for n, v in before.items()):
             raise UnsafeSuffix("the suffix modifies one of its inputs in place")
         return env[self.output]
@@ -272,57 +368,55 @@ class TracedNetwork:
 
 
 class ForwardWalker:
-    """The unpruned forward pass of one calibration batch, run node by node on demand.
+    """The unpruned forward pass of one calibration batch, computed on demand.
 
-    :meth:`serve` hands out one layer's boundary values, running the graph only as far as they
-    need. Layers served in graph order share one forward pass; memory holds what a plain forward
-    pass would hold at that point (values are freed once every node reading them has run), plus
-    the boundary being served. Weights must be the unpruned ones whenever the walker advances.
+    :meth:`serve` hands out one layer's boundary values, computing only the nodes they depend on
+    that are not computed yet. Layers served in graph order thus share one forward pass. A value
+    is freed once every node reading it has been computed (unless it is part of the boundary
+    being served), so memory holds about what a forward pass holds at that point. A boundary value
+    that was already freed (layers served out of order) makes the walker start afresh. Weights
+    must be the unpruned ones whenever it computes.
     """
 
     def __init__(self, network: TracedNetwork, x: torch.Tensor):
         self.network = network
         self._x = x
-        self._last_use = network._last_use
         self.restarts = 0
         self._start()
 
     def _start(self) -> None:
         self.env: dict[fx.Node, object] = self.network._placeholder_values(self._x)
         self.versions: dict[fx.Node, int] = {n: _version(v) for n, v in self.env.items()}
-        self.position = 0  # index of the next node to run
+        self.computed: set[fx.Node] = set(self.env)
+        self._unread = {n: len(n.users) for n in self.network.nodes}  # readers not computed yet
 
     def restart(self) -> None:
         """Forget everything computed (e.g. after a suffix changed a value in place)."""
         self.restarts += 1
         self._start()
 
-    def _free(self, keep: frozenset[fx.Node]) -> None:
-        done = self.position - 1
-        for node in [n for n in self.env if self._last_use[n] <= done and n not in keep]:
-            del self.env[node]
-            self.versions.pop(node, None)
-
     def serve(self, plan: SuffixPlan) -> dict[fx.Node, object]:
         """Boundary values of ``plan`` from the unpruned forward pass (see :meth:`TracedNetwork.boundary_from`)."""
-        position = self.network._position
-        if any(n not in self.env and position[n] < self.position for n in plan.boundary):
+        if any(n in self.computed and n not in self.env for n in plan.boundary):
             self.restart()  # served out of graph order: a value it needs is gone
         keep = plan.boundary
-        self._free(keep)
-        target = max((position[n] for n in plan.boundary), default=-1)
-        nodes = self.network.nodes
-        while self.position <= target:
-            node = nodes[self.position]
-            self.position += 1
-            if node.op == "placeholder":
-                continue
+        for node in [n for n in self.env if self._unread[n] == 0 and n not in keep]:
+            del self.env[node]
+        needed: set[fx.Node] = set()
+        stack = [n for n in plan.boundary if n not in self.computed]
+        while stack:
+            node = stack.pop()
+            if node not in needed and node not in self.computed:
+                needed.add(node)
+                stack.extend(node.all_input_nodes)
+        for node in sorted(needed, key=self.network._position.__getitem__):
             self.env[node] = self.network._execute(node, self.env)
             self.versions[node] = _version(self.env[node])
+            self.computed.add(node)
             for inp in node.all_input_nodes:
-                if self._last_use[inp] <= self.position - 1 and inp not in keep and inp in self.env:
+                self._unread[inp] -= 1
+                if self._unread[inp] == 0 and inp not in keep:
                     del self.env[inp]
-                    self.versions.pop(inp, None)
         for n in plan.boundary:
             if n.op == "get_attr":  # a parameter or buffer, read afresh: restoring a pruned weight bumps its version
                 self.env[n] = self.network._attr(n.target)
