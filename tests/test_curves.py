@@ -18,6 +18,7 @@ from rdprune.core.curves import (
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import apply_masks
 from rdprune.models.cifar_resnet import resnet20, resnet32
+
 from tiny_models import Branchy, NoPrunable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -226,7 +227,8 @@ def test_level_range_pieces_merge_to_the_full_curve_and_layer_subset_is_a_restri
     x = synthetic_inputs(6, (3, 8, 8))
     full = estimate_curves(model, x, 7, progress=False)
     n = len(layer_amounts(model.right, 7))
-    pieces = [estimate_curves(model, x, 7, layers=["right"], level_ranges={"right": r}, progress=False)["right"] for r in [(4, n), (0, 2), (2, 4)]]
+    pieces = [estimate_curves(model, x, 7, layers=["right"], level_ranges={"right": r}, progress=False)["right"]
+              for r in [(4, n), (0, 2), (2, 4)]]
     merged = merge_curve_pieces(pieces)
     np.testing.assert_array_equal(merged.amounts, full["right"].amounts)
     np.testing.assert_array_equal(merged.distortion, full["right"].distortion)

@@ -85,7 +85,9 @@ def _as_batches(inputs: torch.Tensor | Iterable[torch.Tensor], batch_size: int) 
     return batches
 
 
-def _select_layers(model: nn.Module, layers: Iterable[str] | None, skip: Iterable[str]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+def _select_layers(
+    model: nn.Module, layers: Iterable[str] | None, skip: Iterable[str]
+) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """All prunable layers (as trace leaves) and the requested subset, in declaration order."""
     every = prunable_layers(model, skip)
     if layers is None:
@@ -120,7 +122,8 @@ def _check_output(out: object, batch: torch.Tensor, what: str) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"curve estimation needs a model whose output is one tensor, got {type(out).__name__}")
     if out.dim() < 1 or out.shape[0] != batch.shape[0]:
-        raise ValueError(f"the model output must have the batch as its first dimension, got shape {tuple(out.shape)} for {batch.shape[0]} samples")
+        raise ValueError(f"the model output must have the batch as its first dimension, got shape {tuple(out.shape)} "
+                         f"for {batch.shape[0]} samples")
     if not torch.isfinite(out).all():
         raise ValueError(f"the network output contains NaN or inf {what}; curves need finite outputs")
     return out
@@ -218,7 +221,9 @@ class _SuffixRunner:
         return self.network.run_suffix(self._plan(module), state)
 
 
-def _make_runner(model: nn.Module, leaves: Iterable[nn.Module], first_batch: torch.Tensor, first_reference: torch.Tensor) -> _PlainRunner | _SuffixRunner:
+def _make_runner(
+    model: nn.Module, leaves: Iterable[nn.Module], first_batch: torch.Tensor, first_reference: torch.Tensor
+) -> _PlainRunner | _SuffixRunner:
     """Trace the model and check the trace reproduces it; otherwise fall back to the plain loop."""
     try:
         network = TracedNetwork(model, leaves)
@@ -230,7 +235,8 @@ def _make_runner(model: nn.Module, leaves: Iterable[nn.Module], first_batch: tor
             raise RuntimeError("the traced graph does not reproduce the model's output")
     except Exception as exc:  # any tracing failure only costs speed, never correctness
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        logger.warning("model %s cannot be traced by torch.fx (%s); estimating curves with the plain loop", type(model).__name__, reason[:200])
+        logger.warning("model %s cannot be traced by torch.fx (%s); estimating curves with the plain loop",
+                       type(model).__name__, reason[:200])
         return _PlainRunner(model)
     return _SuffixRunner(network)
 
