@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from rdprune.bench.report import interleaved, machine_line, pair_ratios, spread
-from rdprune.core.curves import _batch_distortion, _layer_plan, estimate_curves, plain_curves, synthetic_inputs
+from rdprune.core.curves import batch_distortion, estimate_curves, layer_plan, plain_curves, synthetic_inputs
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import magnitude_mask, magnitude_order
-from rdprune.core.suffix import TracedNetwork, _version
+from rdprune.core.suffix import TracedNetwork, tensor_version
 from rdprune.models.cifar_resnet import resnet32
 
 TOLERANCE = 1e-6
@@ -209,7 +209,7 @@ def profile(model: nn.Module, inputs: torch.Tensor, levels: int, repeats: int, d
     reference = model(x)
 
     plans = {n: network.plan(m) for n, m in layers.items()}
-    grid = {n: _layer_plan(n, m, levels, "absolute", None) for n, m in layers.items()}
+    grid = {n: layer_plan(n, m, levels, "absolute", None) for n, m in layers.items()}
     samples: dict[str, dict[str, list[float]]] = {n: {} for n in layers}
 
     def note(name: str, key: str, seconds: float) -> None:
@@ -245,16 +245,16 @@ def profile(model: nn.Module, inputs: torch.Tensor, levels: int, repeats: int, d
                     weight.copy_(work.view_as(weight))
                     mask += clock() - start
                     start = clock()
-                    versions = {n: _version(v) for n, v in boundary.items()}
+                    versions = {n: tensor_version(v) for n, v in boundary.items()}
                     guard_before = clock() - start
                     start = clock()
                     out = network.run_suffix(plan, boundary, check=False) if plan.suffix else reference
                     run += clock() - start
                     start = clock()
-                    _ = any(_version(boundary[n]) != v for n, v in versions.items())
+                    _ = any(tensor_version(boundary[n]) != v for n, v in versions.items())
                     guard += guard_before + clock() - start
                     start = clock()
-                    _batch_distortion(reference, out, False)
+                    batch_distortion(reference, out, False)
                     distortion += clock() - start
             finally:
                 weight.copy_(original)

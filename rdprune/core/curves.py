@@ -136,7 +136,7 @@ def _reference_outputs(model: nn.Module, batches: list[torch.Tensor], device: to
     ]
 
 
-def _batch_distortion(reference: torch.Tensor, out: torch.Tensor, worst_case: bool) -> float:
+def batch_distortion(reference: torch.Tensor, out: torch.Tensor, worst_case: bool) -> float:
     """Sum (mse) or max over samples (worst case) of this batch's squared error, in float64."""
     err = (out.double() - reference.double()).pow_(2)
     if worst_case:
@@ -145,7 +145,7 @@ def _batch_distortion(reference: torch.Tensor, out: torch.Tensor, worst_case: bo
 
 
 @dataclass(frozen=True)
-class _LayerPlan:
+class LayerPlan:
     """The levels of one layer: amounts (this call's range) and their pruned counts."""
 
     amounts: np.ndarray
@@ -159,9 +159,9 @@ class _LayerPlan:
         return sorted({c for c in self.counts if c > self.zeros})
 
 
-def _layer_plan(
+def layer_plan(
     name: str, module: nn.Module, levels: int, grid: Grid, level_range: tuple[int, int] | None, min_density: float = 0.0
-) -> _LayerPlan:
+) -> LayerPlan:
     amounts = layer_amounts(module, levels, grid, min_density)
     if level_range is not None:
         start, stop = level_range
@@ -169,7 +169,7 @@ def _layer_plan(
             raise ValueError(f"level range of layer {name!r} must satisfy 0 <= start < stop <= {len(amounts)}, got {level_range}")
         amounts = amounts[start:stop]
     n = module.weight.numel()
-    return _LayerPlan(amounts, [pruned_count(float(a), n) for a in amounts], int((module.weight == 0).sum()), level_range)
+    return LayerPlan(amounts, [pruned_count(float(a), n) for a in amounts], int((module.weight == 0).sum()), level_range)
 
 
 class _PlainRunner:
@@ -275,7 +275,7 @@ def _level_values(
             work[order[done:count]] = 0
             done = count
             weight.copy_(work.view_as(weight))
-            value = _batch_distortion(reference, runner.run(module, state), worst_case)
+            value = batch_distortion(reference, runner.run(module, state), worst_case)
             if not np.isfinite(value):
                 raise ValueError(f"pruning layer {name!r} to {count} zero weights makes the network output NaN or inf")
             values[i] = value
@@ -386,7 +386,7 @@ def estimate_curves(
         raise ValueError(f"level_ranges names layers that are not being estimated: {unknown[:5]}")
     batches = _as_batches(inputs, batch_size)
     device = _model_device(model)
-    plans = {n: _layer_plan(n, m, levels, grid, level_ranges.get(n), min_density) for n, m in chosen.items()}
+    plans = {n: layer_plan(n, m, levels, grid, level_ranges.get(n), min_density) for n, m in chosen.items()}
     cache = None
     if cache_dir is not None:
         # The floor rule is part of the grid: "floor=units" marks grids capped at one weight per
@@ -469,7 +469,7 @@ def curve_costs(
             with FlopCounterMode(display=False) as counter:
                 model(x)
             suffix_flops = {n: counter.get_total_flops() for n in chosen}
-    return {n: (float(suffix_flops[n]), len(_layer_plan(n, m, levels, grid, None, min_density).to_run)) for n, m in chosen.items()}
+    return {n: (float(suffix_flops[n]), len(layer_plan(n, m, levels, grid, None, min_density).to_run)) for n, m in chosen.items()}
 
 
 @torch.no_grad()
@@ -496,7 +496,7 @@ def plain_curves(
     batches = _as_batches(inputs, batch_size)
     device = _model_device(model)
     if bn_aware and batchnorm_layers(model):
-        return {name: _recalibrated_curve(model, module, _layer_plan(name, module, levels, grid, None, min_density),
+        return {name: _recalibrated_curve(model, module, layer_plan(name, module, levels, grid, None, min_density),
                                           batches, worst_case, device, every_level=True)
                 for name, module in chosen.items()}
     curves = {}
@@ -511,7 +511,7 @@ def plain_curves(
                     mask = magnitude_mask(original, pruned_count(float(amount), original.numel()))
                     module.weight.copy_(original * mask)
                     for x, reference in zip(batches, references):
-                        value = _batch_distortion(reference, model(x.to(device)), worst_case)
+                        value = batch_distortion(reference, model(x.to(device)), worst_case)
                         distortion[k] = max(distortion[k], value) if worst_case else distortion[k] + value
             finally:
                 module.weight.copy_(original)
@@ -523,7 +523,7 @@ def plain_curves(
 
 @torch.no_grad()
 def _recalibrated_curve(
-    model: nn.Module, module: nn.Module, plan: _LayerPlan, batches: list[torch.Tensor], worst_case: bool,
+    model: nn.Module, module: nn.Module, plan: LayerPlan, batches: list[torch.Tensor], worst_case: bool,
     device: torch.device, every_level: bool = False,
 ) -> Curve:
     """One layer's BatchNorm-aware curve by the definition: prune, re-estimate the statistics, run, compare.
@@ -544,7 +544,7 @@ def _recalibrated_curve(
                 module.weight.copy_(original * magnitude_mask(original, count))
                 recalibrate_batchnorm(model, batches)
                 for x, reference in zip(batches, references):
-                    value = _batch_distortion(reference, model(x.to(device)), worst_case)
+                    value = batch_distortion(reference, model(x.to(device)), worst_case)
                     values[k] = max(values[k], value) if worst_case else values[k] + value
                 module.weight.copy_(original)
     finally:

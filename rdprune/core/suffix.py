@@ -25,7 +25,7 @@ class UnsafeSuffix(RuntimeError):
     """Re-running this suffix would not reproduce the network (in-place updates of its inputs)."""
 
 
-def _version(value: object) -> int:
+def tensor_version(value: object) -> int:
     """In-place modification counter of a tensor (-1 for anything else, which cannot change)."""
     return value._version if isinstance(value, torch.Tensor) else -1
 
@@ -298,7 +298,7 @@ class TracedNetwork:
                     value = self._execute_reusing(node, env, reuse[node], protected)
                 env[node] = self._execute(node, env) if value is None else value
             if versions is not None and node in versions:
-                versions[node] = _version(env[node])
+                versions[node] = tensor_version(env[node])
             for done in release[node]:
                 env.pop(done, None)
 
@@ -312,7 +312,7 @@ class TracedNetwork:
         produced = dict.fromkeys(plan.boundary, -1)
         self._run(plan.prefix, env, plan.prefix_release, produced)
         boundary = {n: env[n] for n in plan.boundary}
-        if any(_version(boundary[n]) != v for n, v in produced.items()):
+        if any(tensor_version(boundary[n]) != v for n, v in produced.items()):
             raise UnsafeSuffix("an in-place operation modifies a value the suffix reads")
         return boundary
 
@@ -336,14 +336,14 @@ class TracedNetwork:
         the next level would then start from altered values (``check=False`` skips that guard,
         for profiling it).
         """
-        before = {n: _version(v) for n, v in boundary.items()} if check else {}
+        before = {n: tensor_version(v) for n, v in boundary.items()} if check else {}
         env = dict(boundary)
         protected = None
         if plan.reuse:
             protected = self._protected_storages()
             protected.update(_storage(v) for v in boundary.values() if isinstance(v, torch.Tensor))
         self._run(plan.suffix, env, plan.suffix_release, reuse=plan.reuse, protected=protected)
-        if any(_version(boundary[n]) != v for n, v in before.items()):
+        if any(tensor_version(boundary[n]) != v for n, v in before.items()):
             raise UnsafeSuffix("the suffix modifies one of its inputs in place")
         return env[self.output]
 
@@ -386,7 +386,7 @@ class ForwardWalker:
 
     def _start(self) -> None:
         self.env: dict[fx.Node, object] = self.network._placeholder_values(self._x)
-        self.versions: dict[fx.Node, int] = {n: _version(v) for n, v in self.env.items()}
+        self.versions: dict[fx.Node, int] = {n: tensor_version(v) for n, v in self.env.items()}
         self.computed: set[fx.Node] = set(self.env)
         self._unread = {n: len(n.users) for n in self.network.nodes}  # readers not computed yet
 
@@ -411,7 +411,7 @@ class ForwardWalker:
                 stack.extend(node.all_input_nodes)
         for node in sorted(needed, key=self.network._position.__getitem__):
             self.env[node] = self.network._execute(node, self.env)
-            self.versions[node] = _version(self.env[node])
+            self.versions[node] = tensor_version(self.env[node])
             self.computed.add(node)
             for inp in node.all_input_nodes:
                 self._unread[inp] -= 1
@@ -420,8 +420,8 @@ class ForwardWalker:
         for n in plan.boundary:
             if n.op == "get_attr":  # a parameter or buffer, read afresh: restoring a pruned weight bumps its version
                 self.env[n] = self.network._attr(n.target)
-                self.versions[n] = _version(self.env[n])
+                self.versions[n] = tensor_version(self.env[n])
         boundary = {n: self.env[n] for n in plan.boundary}
-        if any(_version(v) != self.versions[n] for n, v in boundary.items()):
+        if any(tensor_version(v) != self.versions[n] for n, v in boundary.items()):
             raise UnsafeSuffix("an in-place operation modifies a value the suffix reads")
         return boundary
