@@ -168,6 +168,9 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     assert "at most 0.997" in err  # small_cnn keeps one weight per output unit: 99.75 % at most
     assert "out of reach" in _user_error(capsys, [q, "prune.target_sparsity=0.9", "prune.min_density=0.2", out])
     assert "prune.min_density must be a number in [0, 1)" in _user_error(capsys, [q, "prune.min_density=1", out])
+    err = _user_error(capsys, [q, "model.name=resnet20_cifar", "calibration.bn_images=100000", out])
+    assert "calibration.bn_images is 100000, but the training set has 4000 images; choose at most 4000" in err
+    assert "calibration.bn_images must be an integer >= 1" in _user_error(capsys, [q, "calibration.bn_images=0", out])
     assert not (tmp_path / "o").exists()  # bad input is caught before the output directory is touched
 
 

@@ -151,7 +151,19 @@ def _build(cfg: Config, dist: DistInfo, out: RunLayout) -> Context:
         dense_flops=sum(skipped_flops.values()),
     )
     _check_reachable(ctx)
+    _check_recalibration(ctx)
     return ctx
+
+
+def _check_recalibration(ctx: Context) -> None:
+    """Enough training images for BatchNorm recalibration, checked before any work."""
+    cal = ctx.cfg.calibration
+    if not cal.bn_recalibration or cal.source == "synthetic" or not batchnorm_layers(ctx.model):
+        return
+    available = len(ctx.data.calibration_pool)
+    if cal.bn_images > available:
+        raise UserError(f"calibration.bn_images is {cal.bn_images}, but the training set has {available} images; "
+                        f"choose at most {available}, or set calibration.bn_recalibration: false")
 
 
 def _check_reachable(ctx: Context) -> None:
