@@ -529,3 +529,27 @@ def test_bench_report_interleaves_the_sides_and_summarises_repetitions(tmp_path)
     assert git_commit(tmp_path) is None  # outside a git checkout: no commit, no error
     line = machine_line(threads=1)
     assert "cores" in line and "1 thread;" in line and "commit" in line
+
+
+class SortedTwice(nn.Module):
+    """An item of a tuple read twice: overwriting it in place for one reader would change the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        s = torch.sort(self.conv1(x), 1)
+        y = torch.relu(s[0]) + s[0] * 2
+        return self.fc(self.conv2(y).flatten(1))
+
+
+def test_tuple_items_read_twice_are_never_overwritten_in_place():
+    torch.manual_seed(0)
+    model, x = SortedTwice().eval(), torch.randn(8, 3, 6, 6)
+    fast = estimate_curves(model, x, 5, progress=False)
+    plain = plain_curves(model, x, 5)
+    for name in plain:
+        np.testing.assert_allclose(fast[name].distortion, plain[name].distortion, rtol=1e-6, atol=1e-12, err_msg=name)

@@ -1,6 +1,6 @@
 """Command-line plumbing shared by rdprune's entry points: argument parsing and the error contract.
 
-The contract users rely on (the README's "Command line" section): exit 0 on success; a user error prints ``rdprune: error: <message>`` as
+The contract users rely on (the README's "Errors"): exit 0 on success; a user error prints ``rdprune: error: <message>`` as
 one line on stderr and exits 2 without a traceback (``RDPRUNE_DEBUG=1`` shows it); Ctrl-C exits 130.
 """
 from __future__ import annotations

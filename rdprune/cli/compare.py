@@ -23,6 +23,7 @@ the config's sweep section (override its keys as sweep.key=value, e.g. sweep.see
   methods: [rd, lamp, ...]              one run per method (prune.method set to it)
   variants: {name: {section.key: value}}  named override sets, e.g. rd_oneshot: {prune.amount_per_iteration: 1.0}
   seeds: [0, 1, 2]                      fine-tuning data order and calibration sampling; never the checkpoint
+  targets: [0.5, 0.7, 0.9]              optional: one run per target sparsity (e.g. one shot to each)
 """
 
 

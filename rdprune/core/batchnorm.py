@@ -148,7 +148,7 @@ def batch_statistics(model: nn.Module) -> Iterator[list[str]]:
 
     Each layer's output is computed with the per-channel mean and unbiased variance of the input it
     receives, as if :func:`recalibrate_batchnorm` had just been run on that very input, while the
-    running statistics stay untouched. When one forward pass sees the whole image set in one batch,
+    running statistics stay untouched (in eval mode, as curve estimation runs). When one forward pass sees the whole image set in one batch,
     its output is exactly that of the network recalibrated on the set: the distortion of a pruned
     network measured this way is the distortion of the network that will be fine-tuned and deployed.
     Yields the names of the layers affected.

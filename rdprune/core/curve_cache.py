@@ -51,7 +51,8 @@ class CurveCache:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", layer) or "_"
         suffix = "" if level_range is None else f".levels{level_range[0]}-{level_range[1]}"
         fingerprint = hashlib.sha256(f"{self.base}:{layer}:{level_range}".encode()).hexdigest()
-        return self.directory / f"{safe}{suffix}.curve.pt", fingerprint
+        # The fingerprint in the name too: runs sharing a cache folder (a sweep) keep each other's curves.
+        return self.directory / f"{safe}{suffix}.{fingerprint[:12]}.curve.pt", fingerprint
 
     def load(self, layer: str, level_range: tuple[int, int] | None) -> Curve | None:
         """The cached curve, or None when there is none or it was computed for other inputs."""

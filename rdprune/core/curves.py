@@ -531,6 +531,7 @@ def _recalibrated_curve(
     Levels that prune nothing new are the unpruned network itself (distortion 0) and are run only
     with ``every_level``. BatchNorm buffers and the weight are restored afterwards.
     """
+    batches = [b.to(device) for b in batches]
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     original = module.weight.detach().clone()
     values = np.zeros(len(plan.counts), np.float64)

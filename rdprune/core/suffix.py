@@ -116,8 +116,11 @@ def _reuse_slots(suffix: tuple[fx.Node, ...], model: nn.Module) -> dict[fx.Node,
         if twin is None:
             continue
         kind, positions = twin
+        # An item taken out of a tuple (``getitem``) is the same tensor as the tuple's element,
+        # which other nodes may read: never overwritten.
         ok = tuple(i for i in positions if isinstance(node.args[i], fx.Node) and node.args[i] in inside
-                   and node.args[i].op in ("call_module", "call_function", "call_method") and len(node.args[i].users) == 1)
+                   and node.args[i].op in ("call_module", "call_function", "call_method")
+                   and node.args[i].target is not operator.getitem and len(node.args[i].users) == 1)
         if ok:
             slots[node] = (kind, ok)
     return slots
@@ -125,6 +128,17 @@ def _reuse_slots(suffix: tuple[fx.Node, ...], model: nn.Module) -> dict[fx.Node,
 
 def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
+
+
+def _tensors_in(value: object) -> list[torch.Tensor]:
+    """The tensors of a value, looking inside tuples, lists and dicts (nodes can return those)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    return []
 
 
 def _release_after(nodes: tuple[fx.Node, ...], keep: Iterable[fx.Node]) -> dict[fx.Node, tuple[fx.Node, ...]]:
@@ -267,8 +281,8 @@ class TracedNetwork:
             where = _storage(a)
             # any other live value on the same storage (the same tensor handed on, a view, a
             # detached copy) may still be read
-            if where in protected or any(isinstance(v, torch.Tensor) and _storage(v) == where
-                                         for n, v in env.items() if n is not node.args[i]):
+            if where in protected or any(_storage(t) == where
+                                         for n, v in env.items() if n is not node.args[i] for t in _tensors_in(v)):
                 continue
             if kind == "relu":
                 return torch.relu_(a)
@@ -341,7 +355,7 @@ class TracedNetwork:
         protected = None
         if plan.reuse:
             protected = self._protected_storages()
-            protected.update(_storage(v) for v in boundary.values() if isinstance(v, torch.Tensor))
+            protected.update(_storage(t) for v in boundary.values() for t in _tensors_in(v))
         self._run(plan.suffix, env, plan.suffix_release, reuse=plan.reuse, protected=protected)
         if any(tensor_version(boundary[n]) != v for n, v in before.items()):
             raise UnsafeSuffix("the suffix modifies one of its inputs in place")

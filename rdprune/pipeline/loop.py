@@ -41,7 +41,7 @@ from rdprune.data import DataBundle, build_data
 from rdprune.distributed import DistInfo
 from rdprune.distributed.sharded_curves import sharded_curves
 from rdprune.errors import UserError
-from rdprune.files import atomic_torch_save, write_json
+from rdprune.files import atomic_torch_save, atomic_write, write_json
 from rdprune.models.registry import build_model
 from rdprune.pipeline import feeding
 from rdprune.pipeline.plots import plot_accuracy, plot_curves, plot_layer_sparsity
@@ -361,12 +361,14 @@ def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
     finally:
         torch.set_num_threads(threads)
     if ctx.dist.is_main:
-        ctx.out.curves(t).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(
-            ctx.out.curves(t),
-            **{f"{n}/amounts": c.amounts for n, c in curves.items()},
-            **{f"{n}/distortion": c.distortion for n, c in curves.items()},
-        )
+        arrays = {**{f"{n}/amounts": c.amounts for n, c in curves.items()},
+                  **{f"{n}/distortion": c.distortion for n, c in curves.items()}}
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a bare name
+                np.savez(f, **arrays)
+
+        atomic_write(ctx.out.curves(t), write)
     return curves
 
 

@@ -205,7 +205,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepPlan:
         pre["run"].update(name="pretrained", out_dir=str(out / "pretrained"))
         # Only model, data and pretrain shape the checkpoint: fixed pruning and fine-tuning sections
         # let a sweep whose pruning or fine-tuning changed later still find (and reuse) it.
-        pre["calibration"] = {}
+        pre["calibration"] = {"bn_recalibration": False}
         pre["finetune"] = {"steps": 0}
         pre["prune"] = {"method": "unif", "target_sparsity": 0.0, "amount_per_iteration": 1.0}
         pretrain = config_from_dict(pre, label=f"{label}: pretraining run")
@@ -297,6 +297,8 @@ def run_sweep(
         if reused:
             log.info("sweep run %d/%d: finished earlier, reusing its results", i, len(plan.runs))
         collected = results.setdefault(planned.entry, {}).setdefault(planned.seed, [])
+        if planned.target is not None:  # a target's run contributes its last iteration, not its way there
+            rows = rows[:1] + [r for r in rows[1:] if abs(r["target_sparsity"] - planned.target) < 1e-9]
         collected.extend(rows if not collected else [r for r in rows if r["iteration"] > 0])
         if on_progress is not None and dist.is_main:
             on_progress(results)

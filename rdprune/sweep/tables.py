@@ -25,7 +25,7 @@ from rdprune.files import atomic_write_text  # noqa: E402
 from rdprune.pipeline.plots import save_figure  # noqa: E402
 
 Results = Mapping[str, Mapping[int, Sequence[Mapping]]]
-"""``{entry: {seed: results.jsonl rows}}`` as ``rdprune.sweep.run_sweep`` returns it."""
+"""``{entry: {seed: results.jsonl rows}}`` as ``rdprune.sweep.plan.run_sweep`` returns it."""
 
 CLEAR_BEST = "best"
 TIED_BEST = "best, ≈ tie"
