@@ -107,13 +107,16 @@ def reference(cluster, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_one_node_two_ranks(reference):
     log = next(reference.glob("slurm-*.out")).read_text()
     assert "1 node(s) x 2 worker(s)" in log and "curve estimation: 6 pieces over 2 ranks" in log, log[-3000:]
     rows = rows_without_seconds(reference / "run")
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert [r["target_sparsity"] for r in rows] == [0.0, 0.5, 0.75]
-    assert all(abs(r["sparsity"] - r["target_sparsity"]) < 0.02 for r in rows)
+    # never below the target; 6 levels per layer (steps of a fifth of the remaining weights up to the
+    # layer's floor) may overshoot it a little
+    assert all(r["target_sparsity"] - 1e-3 <= r["sparsity"] < r["target_sparsity"] + 0.05 for r in rows), rows
 
 
 @pytest.mark.slow
