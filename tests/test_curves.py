@@ -475,16 +475,16 @@ def test_forward_walker_serves_layers_in_graph_order_with_one_forward_pass():
     network = TracedNetwork(model, layers.values())
     x = synthetic_inputs(3, (3, 32, 32))
     calls = []
-    execute = network._execute
-    network._execute = lambda node, env: calls.append(node) or execute(node, env)
+    execute = network.execute
+    network.execute = lambda node, env: calls.append(node) or execute(node, env)
     walker = network.walker(x)
     with torch.no_grad():
         for module in layers.values():
             plan = network.plan(module)
             served = network.boundary_from(walker, plan)
-            network._execute = execute
+            network.execute = execute
             expected = network.boundary_values(plan, x)
-            network._execute = lambda node, env: calls.append(node) or execute(node, env)
+            network.execute = lambda node, env: calls.append(node) or execute(node, env)
             assert served.keys() == expected.keys() and all(torch.equal(served[n], expected[n]) for n in served)
     assert walker.restarts == 0 and len(calls) == len(set(calls))  # every node computed at most once
     assert len(walker.env) <= 3  # what a forward pass holds at that point, not every value

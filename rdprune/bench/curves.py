@@ -194,12 +194,12 @@ def profile(model: nn.Module, inputs: torch.Tensor, levels: int, repeats: int, d
     _median_time(lambda: model(x), 1, sync)  # warm-up
     node_times: dict = {}
     for _ in range(repeats):
-        env = network._placeholder_values(x)
+        env = network.placeholder_values(x)
         for node in network.nodes:
             if node.op == "placeholder":
                 continue
             start = clock()
-            env[node] = network._execute(node, env)
+            env[node] = network.execute(node, env)
             node_times.setdefault(node, []).append(clock() - start)
         del env
     node_time = {n: statistics.median(t) for n, t in node_times.items()}

@@ -31,17 +31,13 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from rdprune.core.allocation import Budget
 from rdprune.core.floor import check_min_density, min_kept
-
-BASELINES = ("lamp", "glob", "unif", "unifplus", "erk")
-
-Budget = Literal["weights", "flops"]
 
 _INT_LIMIT = 2**62  # total integer cost must stay well inside int64
 
@@ -59,7 +55,7 @@ class LayerCosts:
     limit: int
     unit: str
 
-    def cost(self, name: str, kept):
+    def cost(self, name: str, kept: int | np.ndarray) -> int | np.ndarray:
         """Cost of ``kept`` surviving weights of layer ``name`` (a number or an array of them)."""
         return self.per_weight[name] * kept
 
@@ -359,4 +355,6 @@ def _lamp(p: _Problem) -> dict[str, int]:
     return _global_threshold(p, _ranked_lamp)
 
 
-_METHODS = {"unif": _unif, "unifplus": _unifplus, "glob": _glob, "lamp": _lamp, "erk": _erk}
+_METHODS = {"lamp": _lamp, "glob": _glob, "unif": _unif, "unifplus": _unifplus, "erk": _erk}
+BASELINES: tuple[str, ...] = tuple(_METHODS)
+"""The baseline methods, in the order users see them."""

@@ -236,7 +236,7 @@ class TracedNetwork:
             reuse=_reuse_slots(suffix, self.model),
         )
 
-    def _placeholder_values(self, x: torch.Tensor) -> dict[fx.Node, object]:
+    def placeholder_values(self, x: torch.Tensor) -> dict[fx.Node, object]:
         values: dict[fx.Node, object] = {}
         for i, node in enumerate(self.placeholders):
             if i == 0:
@@ -247,7 +247,7 @@ class TracedNetwork:
                 raise ValueError(f"the model's forward needs argument {node.target!r} besides the input; curves feed one tensor")
         return values
 
-    def _execute(self, node: fx.Node, env: dict[fx.Node, object]) -> object:
+    def execute(self, node: fx.Node, env: dict[fx.Node, object]) -> object:
         args = map_arg(node.args, env.__getitem__)
         kwargs = map_arg(node.kwargs, env.__getitem__)
         if node.op == "get_attr":
@@ -310,7 +310,7 @@ class TracedNetwork:
                 value = None
                 if reuse and node in reuse:
                     value = self._execute_reusing(node, env, reuse[node], protected)
-                env[node] = self._execute(node, env) if value is None else value
+                env[node] = self.execute(node, env) if value is None else value
             if versions is not None and node in versions:
                 versions[node] = tensor_version(env[node])
             for done in release[node]:
@@ -322,7 +322,7 @@ class TracedNetwork:
         Raises :class:`UnsafeSuffix` when an in-place operation changed a boundary value after it
         was computed: the suffix would then read something the original forward never showed it.
         """
-        env = self._placeholder_values(x)
+        env = self.placeholder_values(x)
         produced = dict.fromkeys(plan.boundary, -1)
         self._run(plan.prefix, env, plan.prefix_release, produced)
         boundary = {n: env[n] for n in plan.boundary}
@@ -363,20 +363,20 @@ class TracedNetwork:
 
     def run_all(self, x: torch.Tensor) -> object:
         """The whole graph on ``x`` (to check that the trace reproduces the model)."""
-        env = self._placeholder_values(x)
+        env = self.placeholder_values(x)
         self._run(self.nodes, env, _release_after(self.nodes, (self.output,)))
         return env[self.output]
 
     def node_flops(self, x: torch.Tensor) -> dict[fx.Node, int]:
         """FLOPs of every node on input ``x``, counted by ``torch.utils.flop_counter``."""
-        env = self._placeholder_values(x)
+        env = self.placeholder_values(x)
         flops: dict[fx.Node, int] = {}
         for node in self.nodes:
             if node.op == "placeholder":
                 flops[node] = 0
                 continue
             with FlopCounterMode(display=False) as counter:
-                env[node] = self._execute(node, env)
+                env[node] = self.execute(node, env)
             flops[node] = int(counter.get_total_flops())
         return flops
 
@@ -399,7 +399,7 @@ class ForwardWalker:
         self._start()
 
     def _start(self) -> None:
-        self.env: dict[fx.Node, object] = self.network._placeholder_values(self._x)
+        self.env: dict[fx.Node, object] = self.network.placeholder_values(self._x)
         self.versions: dict[fx.Node, int] = {n: tensor_version(v) for n, v in self.env.items()}
         self.computed: set[fx.Node] = set(self.env)
         self._unread = {n: len(n.users) for n in self.network.nodes}  # readers not computed yet
@@ -424,7 +424,7 @@ class ForwardWalker:
                 needed.add(node)
                 stack.extend(node.all_input_nodes)
         for node in sorted(needed, key=self.network._position.__getitem__):
-            self.env[node] = self.network._execute(node, self.env)
+            self.env[node] = self.network.execute(node, self.env)
             self.versions[node] = tensor_version(self.env[node])
             self.computed.add(node)
             for inp in node.all_input_nodes:

@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 
 Builder = Callable[[int, "tuple[int, ...] | None"], nn.Module]
 _BUILDERS: dict[str, Builder] = {}
-TORCHVISION_MODELS: tuple[str, ...] = (
-    "resnet18", "resnet50", "vgg16_bn", "densenet121", "efficientnet_b0", "mobilenet_v2",
-)
 IMPORT_FORM = "package.module:callable"
 
 
@@ -119,6 +116,9 @@ def _replace_stem(model: nn.Module, name: str, channels: int) -> None:
         nn.init.zeros_(new.bias)
     setattr(parent, attr, new)
 
+
+TORCHVISION_MODELS: tuple[str, ...] = tuple(_TORCHVISION_STEMS)
+"""The torchvision models the registry builds (with a C-channel stem for C != 3)."""
 
 for _name in TORCHVISION_MODELS:
     register(_name)(_torchvision_builder(_name))

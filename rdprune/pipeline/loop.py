@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -176,7 +177,8 @@ def _check_reachable(ctx: Context) -> None:
         raise UserError(
             f"prune.target_sparsity {prune.target_sparsity} is out of reach: with every layer keeping its floor "
             f"(one weight per output unit, and prune.min_density {prune.min_density} of its weights) and "
-            f"prune.skip, at most {reachable:.6f} of the {counted} can go; lower the target or prune.min_density"
+            f"prune.skip, at most {math.floor(reachable * 1e6) / 1e6:.6f} of the {counted} can go; "
+            "lower the target or prune.min_density"
         )
 
 
