@@ -13,7 +13,6 @@ after it (about half a forward pass per layer on average).
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-log = logging.getLogger(__name__)
+from rdprune.core.layers import evaluation
 
 
 def batchnorm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
@@ -59,17 +58,6 @@ class _Moments:
         bn.running_var.copy_(var.to(bn.running_var.dtype))
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
 def _execution_order(model: nn.Module, layers: dict[str, _BatchNorm], batch: torch.Tensor) -> list[str]:
     """Names of the BatchNorm layers in the order one forward pass calls them (those never called are left out)."""
     order: list[str] = []
@@ -83,7 +71,6 @@ def _execution_order(model: nn.Module, layers: dict[str, _BatchNorm], batch: tor
     return order
 
 
-@torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module, inputs: torch.Tensor | Iterable[torch.Tensor], *, batch_size: int = 256
 ) -> list[str]:
@@ -99,7 +86,7 @@ def recalibrate_batchnorm(
     batches = list(inputs.split(batch_size)) if isinstance(inputs, torch.Tensor) else list(inputs)
     if not batches:
         raise ValueError("BatchNorm recalibration needs at least one batch of images")
-    with _eval_mode(model):
+    with evaluation(model):
         order = _execution_order(model, layers, batches[0])
         if len(batches) == 1:
             _recalibrate_in_one_pass(model, [layers[n] for n in order], batches[0])

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +36,7 @@ from rdprune.core.batchnorm import batch_statistics, batchnorm_layers, recalibra
 from rdprune.core.curve_cache import CurveCache, fingerprint_inputs
 from rdprune.core.floor import check_min_density, max_amount
 from rdprune.core.grid import Curve, Grid, level_amounts
-from rdprune.core.layers import prunable_layers
+from rdprune.core.layers import evaluation, prunable_layers
 from rdprune.core.masks import magnitude_mask, magnitude_order, pruned_count
 from rdprune.core.suffix import ForwardWalker, SuffixPlan, TracedNetwork, UnsafeSuffix
 
@@ -103,19 +103,6 @@ def _select_layers(
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def _evaluation(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no autograd inside; every module's own train/eval flag restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _check_output(out: object, batch: torch.Tensor, what: str) -> torch.Tensor:
@@ -415,7 +402,7 @@ def estimate_curves(
             curves[n] = curve
         pending = []
     renormalised = batch_statistics(model) if bn_aware else contextlib.nullcontext()
-    with _evaluation(model), renormalised:
+    with evaluation(model), renormalised:
         work = sum(len(plans[n].to_run) for n in pending) * len(batches)
         references = _reference_outputs(model, batches, device) if work else []
         runner = _make_runner(model, every.values(), batches[0].to(device), references[0]) if work else None
@@ -457,7 +444,7 @@ def curve_costs(
     device = _model_device(model)
     x = inputs if isinstance(inputs, torch.Tensor) else torch.zeros(1, *inputs)
     x = x.to(device)
-    with _evaluation(model):
+    with evaluation(model):
         reference = _check_output(model(x), x, "on the cost-estimation batch")
         runner = _make_runner(model, every.values(), x, reference)
         if isinstance(runner, _SuffixRunner):
@@ -500,7 +487,7 @@ def plain_curves(
                                           batches, worst_case, device, every_level=True)
                 for name, module in chosen.items()}
     curves = {}
-    with _evaluation(model):
+    with evaluation(model):
         references = _reference_outputs(model, batches, device)
         for name, module in chosen.items():
             amounts = layer_amounts(module, levels, grid, min_density)
@@ -536,7 +523,7 @@ def _recalibrated_curve(
     original = module.weight.detach().clone()
     values = np.zeros(len(plan.counts), np.float64)
     try:
-        with _evaluation(model):
+        with evaluation(model):
             recalibrate_batchnorm(model, batches)
             references = _reference_outputs(model, batches, device)
             for k, count in enumerate(plan.counts):

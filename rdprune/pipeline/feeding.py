@@ -49,20 +49,22 @@ def calibration(cfg: Config, data: DataBundle) -> torch.Tensor:
     cal = cfg.calibration
     if cal.source == "synthetic":
         return synthetic_inputs(cal.size, data.input_shape, seed=cfg.run.seed)
-    if uses_dali(cfg):
-        return dali.calibration_images(dali.folder_samples(data.calibration_pool), cal.size, cfg.run.seed,
-                                       cal.batch_size, threads=max(1, cfg.data.workers))
-    return calibration_inputs(data.calibration_pool, cal.size, seed=cfg.run.seed)
+    return _training_draw(cfg, data, cal.size, "calibration.size")
 
 
 def recalibration(cfg: Config, data: DataBundle) -> torch.Tensor:
     """The images BatchNorm statistics are re-estimated on: ``bn_images`` of the same seeded draw as
     the calibration inputs, un-augmented, identical on every rank."""
-    cal = cfg.calibration
+    return _training_draw(cfg, data, cfg.calibration.bn_images, "calibration.bn_images")
+
+
+def _training_draw(cfg: Config, data: DataBundle, size: int, key: str) -> torch.Tensor:
+    """``size`` un-augmented training images drawn by the run's seed, from either backend (``key``
+    names the config key that asked for ``size`` in the error for an impossible size)."""
     if uses_dali(cfg):
-        return dali.calibration_images(dali.folder_samples(data.calibration_pool), cal.bn_images, cfg.run.seed,
-                                       cal.batch_size, threads=max(1, cfg.data.workers), key="calibration.bn_images")
-    return calibration_inputs(data.calibration_pool, cal.bn_images, seed=cfg.run.seed, key="calibration.bn_images")
+        return dali.calibration_images(dali.folder_samples(data.calibration_pool), size, cfg.run.seed,
+                                       cfg.calibration.batch_size, threads=max(1, cfg.data.workers), key=key)
+    return calibration_inputs(data.calibration_pool, size, seed=cfg.run.seed, key=key)
 
 
 def rank_subset(dataset: Dataset, dist: DistInfo) -> Dataset:

@@ -74,8 +74,8 @@ class Context:
     flops: dict[str, int]
     dense_weights: int  # weights of skipped layers (they stay dense)
     dense_flops: int
+    recalibration_skip: str | None = None  # why BatchNorm statistics are not re-estimated, if they are not
     recalibration_images: torch.Tensor | None = None  # loaded at the first recalibration
-    recalibration_skip_logged: bool = False
 
     @property
     def show(self) -> bool:
@@ -92,6 +92,8 @@ def run(cfg: Config, dist: DistInfo) -> list[dict]:
         if dist.is_main:
             _prepare_out_dir(cfg, out, dist)
         distributed.barrier()
+        if cfg.calibration.bn_recalibration and ctx.recalibration_skip is not None:
+            log.info("BatchNorm statistics are not re-estimated after pruning: %s", ctx.recalibration_skip)
         rows = _resume_or_start(ctx)
         for t, target in enumerate(cfg.prune.schedule(), 1):
             if t < len(rows):
@@ -150,16 +152,28 @@ def _build(cfg: Config, dist: DistInfo, out: RunLayout) -> Context:
         flops={i.name: i.flops for i in infos},
         dense_weights=sum(m.weight.numel() for m in skipped.values()),
         dense_flops=sum(skipped_flops.values()),
+        recalibration_skip=_recalibration_skip(cfg, model),
     )
     _check_reachable(ctx)
     _check_recalibration(ctx)
     return ctx
 
 
+def _recalibration_skip(cfg: Config, model: nn.Module) -> str | None:
+    """Why BatchNorm statistics will not be re-estimated after pruning, or None when they will be."""
+    if not cfg.calibration.bn_recalibration:
+        return "calibration.bn_recalibration is false"
+    if not batchnorm_layers(model):
+        return "the model has no BatchNorm layer"
+    if cfg.calibration.source == "synthetic":
+        return "zero-data pruning (calibration.source synthetic)"
+    return None
+
+
 def _check_recalibration(ctx: Context) -> None:
     """Enough training images for BatchNorm recalibration, checked before any work."""
     cal = ctx.cfg.calibration
-    if not cal.bn_recalibration or cal.source == "synthetic" or not batchnorm_layers(ctx.model):
+    if ctx.recalibration_skip is not None:
         return
     available = len(ctx.data.calibration_pool)
     if cal.bn_images > available:
@@ -376,19 +390,11 @@ def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
 
 def _recalibrate(ctx: Context) -> None:
     """Re-estimate BatchNorm statistics of the pruned model on the same images on every rank."""
-    cal = ctx.cfg.calibration
-    if not cal.bn_recalibration:
-        return
-    skip_reason = ("the model has no BatchNorm layer" if not batchnorm_layers(ctx.model) else
-                   "zero-data pruning (calibration.source synthetic)" if cal.source == "synthetic" else None)
-    if skip_reason is not None:
-        if not ctx.recalibration_skip_logged:
-            log.info("BatchNorm statistics are not re-estimated after pruning: %s", skip_reason)
-            ctx.recalibration_skip_logged = True
+    if ctx.recalibration_skip is not None:
         return
     if ctx.recalibration_images is None:
         ctx.recalibration_images = feeding.recalibration(ctx.cfg, ctx.data).to(ctx.dist.device)
-    recalibrate_batchnorm(ctx.model, ctx.recalibration_images, batch_size=cal.batch_size)
+    recalibrate_batchnorm(ctx.model, ctx.recalibration_images, batch_size=ctx.cfg.calibration.batch_size)
     # Same weights and images give the same statistics; GPU kernels need not be bitwise deterministic.
     distributed.broadcast_tensors_(list(ctx.model.buffers()))
 

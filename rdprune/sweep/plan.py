@@ -26,7 +26,7 @@ from rdprune.config.schema import METHODS
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
 from rdprune.pipeline.loop import resume_key, run
-from rdprune.pipeline.run_dir import read_results
+from rdprune.pipeline.run_dir import RunLayout, read_results
 
 log = logging.getLogger(__name__)
 
@@ -252,17 +252,17 @@ def plan_hash(plan: SweepPlan) -> str:
 def finished_rows(cfg: Config) -> list[dict] | None:
     """The results of a completed run of exactly ``cfg`` (every scheduled iteration recorded, final
     model and plots written, same resume key), or None when the run still has work to do."""
-    out = cfg.out_path
+    out = RunLayout(cfg.out_path)
     try:
-        rows = read_results(out)
-        key = json.loads((out / "resume_key.json").read_text())
+        rows = read_results(out.root)
+        key = json.loads(out.resume_key.read_text())
     except (OSError, ValueError):
         return None
     if key != resume_key(cfg):
         return None
     if [r.get("iteration") for r in rows] != list(range(len(cfg.prune.schedule()) + 1)):
         return None
-    if not all((out / p).exists() for p in ("final/model.pt", "final/masks.pt", "plots/accuracy.png")):
+    if not all(p.exists() for p in (out.final_model, out.final_masks, out.plot("accuracy"))):
         return None
     return rows
 
