@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
 from rdprune.config.values import ConfigError, choices_text, coerce, did_you_mean, show_value
-from rdprune.core.allocation import Budget
 from rdprune.core.baselines import BASELINES
+from rdprune.core.channel_baselines import CHANNEL_BASELINES
+from rdprune.core.channel_costs import ChannelBudget
 from rdprune.core.grid import Grid
 from rdprune.data.registry import DATASET_NAMES
 from rdprune.distributed.collectives import DEVICES
@@ -29,6 +30,9 @@ from rdprune.training.optim import OPTIMIZERS, SCHEDULERS
 
 METHODS = ("rd", *BASELINES)
 """Every pruning method: rate-distortion allocation, then the baselines."""
+CHANNEL_METHODS = ("rd", *CHANNEL_BASELINES)
+"""Methods at channel granularity: RD allocation, a uniform ratio per group, a global ranking across groups."""
+GRANULARITIES = ("weight", "channel")
 
 DATASETS_NEEDING_ROOT = ("cifar10", "imagenet")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -201,8 +205,14 @@ class PruneConfig(_Section):
     calibration inputs after pruning that layer (the network as it will be fine-tuned), instead of
     with the stale statistics. Fast when calibration.batch_size >= calibration.size (one batch),
     else measured by the plain definition (slow, warned)."""
-    budget: Budget = "weights"
-    """What target_sparsity counts: surviving weights or remaining FLOPs."""
+    granularity: Literal[GRANULARITIES] = "weight"
+    """weight = unstructured masks (each layer one unit); channel = whole channels removed, each
+    group of coupled channels (found by Torch-Pruning's dependency graph; pip extra
+    rdprune[channels]) one unit, and a physically smaller model exported at the end. Channel
+    granularity supports methods rd, unif and glob."""
+    budget: ChannelBudget = "weights"
+    """What target_sparsity counts: surviving weights, remaining FLOPs, or (channel granularity
+    only) the forward latency measured on the latency section's device."""
     skip: list[str] = field(default_factory=list)
     """Names of prunable layers (as in model.named_modules) to leave dense."""
     min_density: float = 0.0
@@ -294,6 +304,36 @@ class PretrainConfig(TrainingConfig):
 
 
 @dataclass(kw_only=True)
+class LatencyConfig(_Section):
+    section: ClassVar[str] = "latency"
+
+    batch_size: int = 1
+    """Batch size of the forward pass whose latency the budget counts."""
+    threads: Optional[int] = 1
+    """CPU threads while timing (null = torch's default); fixed, so that timings repeat."""
+    device: Optional[str] = None
+    """Where latency is measured: null = the run's device on rank 0 (on a multi-node run, rank 0's
+    node), or cpu / cuda to name the deployment device."""
+    points: int = 11
+    """Channel counts per layer dimension at which the latency table is measured (then interpolated)."""
+    time_limit_s: float = 300.0
+    """Cap on the time spent building the latency table; past it the grid is coarsened."""
+    repeats: int = 20
+    """Timed forward passes per model when the real latency is measured (median, interleaved)."""
+    correction_rounds: int = 3
+    """Rounds of re-solving with a tightened budget when the measured latency exceeds it."""
+
+    def validate(self) -> None:
+        self._check("batch_size", self.batch_size >= 1, "an integer >= 1")
+        self._check("threads", self.threads is None or self.threads >= 1, "null or an integer >= 1")
+        self._check("device", self.device in (None, "cpu", "cuda"), "null, 'cpu' or 'cuda'")
+        self._check("points", self.points >= 2, "an integer >= 2")
+        self._check("time_limit_s", self.time_limit_s > 0, "a number > 0")
+        self._check("repeats", self.repeats >= 1, "an integer >= 1")
+        self._check("correction_rounds", self.correction_rounds >= 0, "an integer >= 0")
+
+
+@dataclass(kw_only=True)
 class DistributedConfig(_Section):
     section: ClassVar[str] = "distributed"
 
@@ -326,6 +366,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -339,6 +380,16 @@ class Config:
             raise ConfigError("data.backend",
                               f"data.backend 'dali' needs data.name 'imagenet', got {self.data.name!r}",
                               related=["data.name"])
+        prune = self.prune
+        if prune.budget == "latency" and prune.granularity != "channel":
+            raise ConfigError("prune.budget", "prune.budget 'latency' needs prune.granularity 'channel' (masked weights run "
+                              "no faster)", related=["prune.granularity"])
+        if prune.granularity == "channel" and prune.method not in CHANNEL_METHODS:
+            raise ConfigError("prune.method", f"prune.method {prune.method!r} has no channel form; at prune.granularity "
+                              f"'channel' choose one of {choices_text(CHANNEL_METHODS)}", related=["prune.granularity"])
+        if prune.granularity == "channel" and prune.bn_aware_curves:
+            raise ConfigError("prune.bn_aware_curves", "prune.bn_aware_curves is for prune.granularity 'weight' only",
+                              related=["prune.granularity"])
         if self.distributed.zero_stage != 0 and self.distributed.engine != "deepspeed":
             raise ConfigError("distributed.zero_stage", f"distributed.zero_stage {self.distributed.zero_stage} "
                               "needs distributed.engine 'deepspeed'", related=["distributed.engine"])

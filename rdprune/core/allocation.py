@@ -642,3 +642,45 @@ def exact_dp_allocate(
         levels[layer] = choices[layer][b]
         b -= int(p.cost[layer, levels[layer]])
     return _result(p, levels)
+
+
+def allocate_levels(
+    curves: Mapping[str, Curve], costs: Mapping[str, np.ndarray], limit: int, *, first: Mapping[str, int] | None = None
+) -> tuple[dict[str, int], SearchStats]:
+    """Exact level choice for units whose levels carry explicit integer costs; returns ``{unit: level index}``.
+
+    Minimises the summed (running-max) distortion subject to ``sum cost <= limit``, with the ties
+    and the method of :func:`allocate`. ``costs[name][k]`` is the cost of level ``k``, a non-negative
+    int that must not rise along the levels (a more pruned level never costs more); levels below
+    ``first[name]`` are not allowed. This is the entry for units whose cost is not a weight count,
+    e.g. channel groups under a linearised latency budget.
+    """
+    names = list(curves)
+    if not names:
+        raise ValueError("no curves given; allocate_levels needs at least one unit's curve")
+    width = max(np.asarray(curves[n].amounts).size for n in names)
+    L = len(names)
+    cost = np.zeros((L, width), np.int64)
+    dist = np.zeros((L, width))
+    valid = np.zeros((L, width), bool)
+    for i, n in enumerate(names):
+        d = np.maximum.accumulate(np.asarray(curves[n].distortion, np.float64))
+        c = np.asarray(costs[n])
+        if c.shape != d.shape or not np.issubdtype(c.dtype, np.integer) or (c < 0).any() or (np.diff(c) > 0).any():
+            raise ValueError(f"costs of unit {n!r} must be non-negative ints, one per level, never rising along the levels")
+        k = d.size
+        cost[i, :k], cost[i, k:] = c, c[-1]
+        dist[i, :k], dist[i, k:] = d, d[-1]
+        start = (first or {}).get(n, 0)
+        valid[i, start:k] = True
+        valid[i, start + 1:k] &= c[start + 1:] != c[start:-1]  # equal cost: only the first (least distortion) is a candidate
+    if not valid.any(axis=1).all():
+        raise ValueError("every unit needs at least one allowed level")
+    cheapest = int(np.where(valid, cost, np.iinfo(np.int64).max).min(axis=1).sum())
+    if cheapest > limit:
+        raise ValueError(f"budget cannot be met: it allows {limit} but the most pruned allowed levels cost {cheapest}")
+    p = _Problem(names, [np.asarray(curves[n].amounts, np.float64) for n in names], cost, dist, valid, int(limit))
+    stats = SearchStats()
+    levels = _solve(p, stats)
+    stats.used, stats.budget = int(p.cost[np.arange(L), levels].sum()), p.budget
+    return dict(zip(names, (int(k) for k in levels))), stats

@@ -26,6 +26,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -165,47 +166,90 @@ class _PlainRunner:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def affects_output(self, module: nn.Module) -> bool:
+    def affects_output(self, modules: tuple[nn.Module, ...]) -> bool:
         return True
 
     def start(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def prepare(self, module: nn.Module, session: torch.Tensor) -> torch.Tensor:
+    def prepare(self, modules: tuple[nn.Module, ...], session: torch.Tensor) -> torch.Tensor:
         return session
 
-    def run(self, module: nn.Module, state: torch.Tensor) -> object:
+    def run(self, modules: tuple[nn.Module, ...], state: torch.Tensor) -> object:
         return self.model(state)
 
 
 class _SuffixRunner:
-    """Runs only the suffix of the pruned layer, from boundary values of the unpruned forward pass.
+    """Runs only the suffix of the pruned unit's layers, from boundary values of the unpruned forward pass.
 
     One :class:`~rdprune.core.suffix.ForwardWalker` per batch (:meth:`start`) walks that forward
-    pass once and serves every layer's boundary in turn (:meth:`prepare`).
+    pass once and serves every unit's boundary in turn (:meth:`prepare`).
     """
 
     def __init__(self, network: TracedNetwork):
         self.network = network
         self.model = network.model
-        self._plans: dict[nn.Module, SuffixPlan] = {}
+        self._plans: dict[tuple[nn.Module, ...], SuffixPlan] = {}
 
-    def _plan(self, module: nn.Module) -> SuffixPlan:
-        if module not in self._plans:  # plans hold references into the graph only
-            self._plans[module] = self.network.plan(module)
-        return self._plans[module]
+    def _plan(self, modules: tuple[nn.Module, ...]) -> SuffixPlan:
+        if modules not in self._plans:  # plans hold references into the graph only
+            self._plans[modules] = self.network.plan(*modules)
+        return self._plans[modules]
 
-    def affects_output(self, module: nn.Module) -> bool:
-        return bool(self._plan(module).suffix)
+    def affects_output(self, modules: tuple[nn.Module, ...]) -> bool:
+        return bool(self._plan(modules).suffix)
 
     def start(self, x: torch.Tensor) -> ForwardWalker:
         return self.network.walker(x)
 
-    def prepare(self, module: nn.Module, session: ForwardWalker) -> dict:
-        return self.network.boundary_from(session, self._plan(module))
+    def prepare(self, modules: tuple[nn.Module, ...], session: ForwardWalker) -> dict:
+        return self.network.boundary_from(session, self._plan(modules))
 
-    def run(self, module: nn.Module, state: dict) -> object:
-        return self.network.run_suffix(self._plan(module), state)
+    def run(self, modules: tuple[nn.Module, ...], state: dict) -> object:
+        return self.network.run_suffix(self._plan(modules), state)
+
+
+class PruningUnit(Protocol):
+    """What gets one choice of level: a layer's weights, or a group of coupled channels.
+
+    ``modules`` are the layers whose weights a level changes (curve estimation re-runs what
+    depends on them); :meth:`hold` saves them, :meth:`prune` sets them to one level's pruned
+    weights (counts increase between calls), :meth:`restore` puts the saved weights back.
+    """
+
+    name: str
+    kind: str  # "layer" or "channel group", for messages
+    modules: tuple[nn.Module, ...]
+
+    def hold(self) -> None: ...
+
+    def prune(self, count: int) -> None: ...
+
+    def restore(self) -> None: ...
+
+
+class _LayerUnit:
+    """One layer's weights, pruned by magnitude: level ``count`` zeroes its ``count`` smallest weights."""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name, self.kind, self.modules = name, "layer", (module,)
+        self._weight = module.weight
+
+    def hold(self) -> None:
+        self._original = self._weight.detach().clone()
+        self._order = magnitude_order(self._original)  # one sort serves every level
+        self._work = self._original.flatten().clone()
+        self._done = 0
+
+    def prune(self, count: int) -> None:
+        # counts increase, so each level only zeroes the weights the previous one kept
+        self._work[self._order[self._done:count]] = 0
+        self._done = count
+        self._weight.copy_(self._work.view_as(self._weight))
+
+    def restore(self) -> None:
+        self._weight.copy_(self._original)
+        del self._original, self._order, self._work
 
 
 def _make_runner(
@@ -241,42 +285,34 @@ then finishes in turn anyway), all layers form one group.
 def _level_values(
     runner: _PlainRunner | _SuffixRunner,
     session: object,
-    name: str,
-    module: nn.Module,
+    unit: PruningUnit,
     counts: list[int],
     reference: torch.Tensor,
     worst_case: bool,
     bar: tqdm,
 ) -> np.ndarray:
-    """One batch's distortion at each of the increasing pruned ``counts`` of one layer."""
+    """One batch's distortion at each of the increasing pruned ``counts`` of one unit."""
     values = np.zeros(len(counts), np.float64)
-    weight = module.weight
-    original = weight.detach().clone()
-    order = magnitude_order(original)  # one sort serves every level
-    work = original.flatten().clone()
+    unit.hold()
     try:
-        state = runner.prepare(module, session)  # with the unpruned weights
-        done = 0
+        state = runner.prepare(unit.modules, session)  # with the unpruned weights
         for i, count in enumerate(counts):
-            # counts increase, so each level only zeroes the weights the previous one kept
-            work[order[done:count]] = 0
-            done = count
-            weight.copy_(work.view_as(weight))
-            value = batch_distortion(reference, runner.run(module, state), worst_case)
+            unit.prune(count)
+            value = batch_distortion(reference, runner.run(unit.modules, state), worst_case)
             if not np.isfinite(value):
-                raise ValueError(f"pruning layer {name!r} to {count} zero weights makes the network output NaN or inf")
+                raise ValueError(f"pruning {unit.name!r} to level {count} makes the network output NaN or inf")
             values[i] = value
             bar.update(1)
         del state
     finally:
-        weight.copy_(original)
+        unit.restore()
     return values
 
 
 @torch.no_grad()
 def _group_distortions(
     runner: _PlainRunner | _SuffixRunner,
-    layers: Sequence[tuple[str, nn.Module, list[int]]],
+    todo: Sequence[tuple[PruningUnit, list[int]]],
     batches: list[torch.Tensor],
     references: list[torch.Tensor],
     worst_case: bool,
@@ -284,10 +320,10 @@ def _group_distortions(
     bar: tqdm,
     finished: Callable[[str, np.ndarray], None],
 ) -> None:
-    """Distortion at each of the increasing pruned counts of each ``(name, module, counts)``.
+    """Distortion at each of the increasing pruned counts of each ``(unit, counts)``.
 
-    Batch by batch: a batch's unpruned forward pass is walked once and serves every layer's
-    boundary (layers in graph order share it; one out of order costs a fresh prefix). Each layer
+    Batch by batch: a batch's unpruned forward pass is walked once and serves every unit's
+    boundary (units in graph order share it; one out of order costs a fresh prefix). Each unit
     is handed to ``finished(name, values)`` as soon as its last batch is done. A suffix that
     turns out unsafe to re-run (in-place updates of its inputs) is redone afterwards with the
     whole model, so a surprise in the traced graph costs speed, never correctness.
@@ -297,43 +333,89 @@ def _group_distortions(
     def finish(name: str, totals: np.ndarray) -> None:
         finished(name, totals if worst_case else totals / scale)
 
-    totals = {name: np.zeros(len(counts), np.float64) for name, _, counts in layers}
+    totals = {unit.name: np.zeros(len(counts), np.float64) for unit, counts in todo}
     active = []
-    for name, module, counts in layers:
-        if counts and runner.affects_output(module):
-            active.append((name, module, counts))
+    for unit, counts in todo:
+        if counts and runner.affects_output(unit.modules):
+            active.append((unit, counts))
         else:
             bar.update(len(counts) * len(batches))
-            finish(name, totals[name])
+            finish(unit.name, totals[unit.name])
 
     def add(name: str, values: np.ndarray) -> None:
         totals[name] = np.maximum(totals[name], values) if worst_case else totals[name] + values
 
-    unsafe: list[tuple[str, nn.Module, list[int]]] = []
+    unsafe: list[tuple[PruningUnit, list[int]]] = []
     for b, (x, reference) in enumerate(zip(batches, references)):
         x = x.to(device)
         session = runner.start(x)
-        for layer in active:
-            name, module, counts = layer
-            if layer in unsafe:
+        for item in active:
+            unit, counts = item
+            if item in unsafe:
                 continue
             progress_before = bar.n
             try:
-                add(name, _level_values(runner, session, name, module, counts, reference, worst_case, bar))
+                add(unit.name, _level_values(runner, session, unit, counts, reference, worst_case, bar))
             except UnsafeSuffix as exc:
-                logger.warning("layer %s: %s; using the plain loop for it", name, exc)
+                logger.warning("%s %s: %s; using the plain loop for it", unit.kind, unit.name, exc)
                 bar.n = progress_before - b * len(counts)
-                unsafe.append(layer)
+                unsafe.append(item)
                 session = runner.start(x)  # the walker's values may have been changed in place
                 continue
             if b == len(batches) - 1:
-                finish(name, totals[name])
+                finish(unit.name, totals[unit.name])
     plain = _PlainRunner(runner.model)
-    for name, module, counts in unsafe:
-        totals[name][:] = 0.0
+    for unit, counts in unsafe:
+        totals[unit.name][:] = 0.0
         for x, reference in zip(batches, references):
-            add(name, _level_values(plain, x.to(device), name, module, counts, reference, worst_case, bar))
-        finish(name, totals[name])
+            add(unit.name, _level_values(plain, x.to(device), unit, counts, reference, worst_case, bar))
+        finish(unit.name, totals[unit.name])
+
+
+def unit_curves(
+    model: nn.Module,
+    leaves: Iterable[nn.Module],
+    plans: Mapping[str, tuple[PruningUnit, LayerPlan]],
+    batches: list[torch.Tensor],
+    worst_case: bool,
+    cache: CurveCache | None,
+    progress: bool,
+) -> dict[str, Curve]:
+    """Curves of units (layers or channel groups) on their level plans: the engine shared by every granularity.
+
+    ``leaves`` are every prunable layer (kept whole in the traced graph); a plan's ``counts`` are
+    what ``unit.prune`` takes, ``zeros`` the count already pruned (levels at or below it cost no
+    forward pass: distortion 0). Cached units are loaded, the others estimated and saved.
+    """
+    device = _model_device(model)
+    curves: dict[str, Curve] = {}
+    if cache is not None:
+        for n, (_, plan) in plans.items():
+            cached = cache.load(n, plan.level_range)
+            if cached is not None:
+                curves[n] = cached
+    pending = [n for n in plans if n not in curves]
+    with evaluation(model):
+        work = sum(len(plans[n][1].to_run) for n in pending) * len(batches)
+        references = _reference_outputs(model, batches, device) if work else []
+        runner = _make_runner(model, leaves, batches[0].to(device), references[0]) if work else None
+
+        def finished(n: str, values: np.ndarray) -> None:
+            plan = plans[n][1]
+            by_count = dict(zip(plan.to_run, values))
+            curve = Curve(plan.amounts, np.array([by_count.get(c, 0.0) for c in plan.counts], np.float64))
+            if cache is not None:
+                cache.save(n, plan.level_range, curve)
+            curves[n] = curve
+
+        with tqdm(total=work, desc="rd curves", unit="fwd", disable=not progress) as bar:
+            for n in [n for n in pending if not plans[n][1].to_run]:
+                finished(n, np.zeros(0))
+            todo = [(plans[n][0], plans[n][1].to_run) for n in pending if plans[n][1].to_run]
+            group = _CACHED_GROUP if cache is not None and len(batches) > 1 else max(len(todo), 1)
+            for start in range(0, len(todo), group):
+                _group_distortions(runner, todo[start:start + group], batches, references, worst_case, device, bar, finished)
+    return {n: curves[n] for n in plans}
 
 
 def estimate_curves(
@@ -381,48 +463,26 @@ def estimate_curves(
         settings = (f"levels={levels}:grid={grid}:worst_case={bool(worst_case)}:floor=units:min_density={min_density!r}"
                     f":bn_aware={bool(bn_aware)}")
         cache = CurveCache(cache_dir, fingerprint_inputs(model, batches), settings)
-    curves: dict[str, Curve] = {}
-    if cache is not None:
-        for n, plan in plans.items():
-            cached = cache.load(n, plan.level_range)
-            if cached is not None:
-                curves[n] = cached
-    pending = [n for n in chosen if n not in curves]
     bn_aware = bn_aware and bool(batchnorm_layers(model))
-    if bn_aware and len(batches) > 1 and pending:
-        logger.warning(
-            "BatchNorm-aware curves: the %d calibration inputs span %d batches, so each level is measured by the "
-            "plain definition (re-estimating the statistics layer by layer); a batch_size of at least %d "
-            "measures them in one pass", sum(len(b) for b in batches), len(batches), sum(len(b) for b in batches),
-        )
-        for n in pending:
+    if not (bn_aware and len(batches) > 1):
+        renormalised = batch_statistics(model) if bn_aware else contextlib.nullcontext()
+        with renormalised:
+            units = {n: (_LayerUnit(n, m), plans[n]) for n, m in chosen.items()}
+            return unit_curves(model, every.values(), units, batches, worst_case, cache, progress)
+    logger.warning(
+        "BatchNorm-aware curves: the %d calibration inputs span %d batches, so each level is measured by the "
+        "plain definition (re-estimating the statistics layer by layer); a batch_size of at least %d "
+        "measures them in one pass", sum(len(b) for b in batches), len(batches), sum(len(b) for b in batches),
+    )
+    curves: dict[str, Curve] = {}
+    for n in chosen:
+        curve = cache.load(n, plans[n].level_range) if cache is not None else None
+        if curve is None:
             curve = _recalibrated_curve(model, chosen[n], plans[n], batches, worst_case, device)
             if cache is not None:
                 cache.save(n, plans[n].level_range, curve)
-            curves[n] = curve
-        pending = []
-    renormalised = batch_statistics(model) if bn_aware else contextlib.nullcontext()
-    with evaluation(model), renormalised:
-        work = sum(len(plans[n].to_run) for n in pending) * len(batches)
-        references = _reference_outputs(model, batches, device) if work else []
-        runner = _make_runner(model, every.values(), batches[0].to(device), references[0]) if work else None
-
-        def finished(n: str, values: np.ndarray) -> None:
-            plan = plans[n]
-            by_count = dict(zip(plan.to_run, values))
-            curve = Curve(plan.amounts, np.array([by_count.get(c, 0.0) for c in plan.counts], np.float64))
-            if cache is not None:
-                cache.save(n, plan.level_range, curve)
-            curves[n] = curve
-
-        with tqdm(total=work, desc="rd curves", unit="fwd", disable=not progress) as bar:
-            for n in [n for n in pending if not plans[n].to_run]:
-                finished(n, np.zeros(0))
-            todo = [(n, chosen[n], plans[n].to_run) for n in pending if plans[n].to_run]
-            group = _CACHED_GROUP if cache is not None and len(batches) > 1 else max(len(todo), 1)
-            for start in range(0, len(todo), group):
-                _group_distortions(runner, todo[start:start + group], batches, references, worst_case, device, bar, finished)
-    return {n: curves[n] for n in chosen}
+        curves[n] = curve
+    return curves
 
 
 def curve_costs(

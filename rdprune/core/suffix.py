@@ -206,10 +206,10 @@ class TracedNetwork:
                 found.append(node)
         return found
 
-    def plan(self, module: nn.Module) -> SuffixPlan:
-        """Split the graph into what ``module`` can affect and what it cannot."""
+    def plan(self, *modules: nn.Module) -> SuffixPlan:
+        """Split the graph into what ``modules`` (pruned together) can affect and what they cannot."""
         downstream: set[fx.Node] = set()
-        stack = self.sources(module)
+        stack = [node for module in modules for node in self.sources(module)]
         while stack:
             node = stack.pop()
             if node not in downstream:

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from rdprune import distributed
+from rdprune.core.channel_curves import estimate_channel_curves, group_plan
+from rdprune.core.channels import ChannelSpace
 from rdprune.core.curves import curve_costs, estimate_curves, layer_amounts, merge_curve_pieces
 from rdprune.core.grid import Curve, Grid
 from rdprune.core.layers import prunable_layers
@@ -115,7 +117,7 @@ def sharded_curves(
 
 
 def _join(per_rank: list[Mapping[str, Curve]], order: list[str]) -> dict[str, Curve]:
-    """One curve per layer from the pieces of all ranks, in the model's layer order."""
+    """One curve per unit (layer or channel group) from the pieces of all ranks, in the model's layer order."""
     pieces: dict[str, list[Curve]] = {}
     for part in per_rank:
         for name, curve in part.items():
@@ -124,3 +126,53 @@ def _join(per_rank: list[Mapping[str, Curve]], order: list[str]) -> dict[str, Cu
     if missing:
         raise RuntimeError(f"no rank returned a curve for layers {missing[:5]}")
     return {n: merge_curve_pieces(pieces[n]) for n in order}
+
+
+def sharded_channel_curves(
+    model: nn.Module,
+    space: ChannelSpace,
+    inputs: torch.Tensor,
+    levels: int,
+    *,
+    grid: Grid,
+    worst_case: bool,
+    batch_size: int,
+    flops: Mapping[str, int],
+    cache_dir: str | os.PathLike | None,
+    dist: DistInfo,
+    progress: bool,
+) -> dict[str, Curve] | None:
+    """Every channel group's curve on rank 0 (``None`` elsewhere); equal to :func:`estimate_channel_curves`.
+
+    Shards are (group, level range) pieces balanced by the FLOPs of the layers from the group's
+    first layer on (what one level re-runs) times its levels that remove something new.
+    """
+    batches = list(inputs.split(batch_size))
+    distributed.check_identical([b.detach().cpu() for b in batches], "the calibration inputs")
+    distributed.check_identical(model.state_dict(), "the model weights before curve estimation")
+    plan = None
+    if dist.is_main:
+        order = list(flops)
+        plans = {g: group_plan(space, g, levels, grid) for g in space.groups}
+        paid, free = {}, {}
+        for g, p in plans.items():
+            first = min(order.index(s.layer) for s in space.groups[g].slices)
+            free[g] = sum(1 for c in p.counts if c <= p.zeros)
+            if len(p.counts) > free[g]:
+                paid[g] = (float(sum(flops[n] for n in order[first:])), len(p.counts) - free[g])
+        plan = [[Piece(p.layer, 0 if p.start == 0 else p.start + free[p.layer], p.stop + free[p.layer]) for p in shard]
+                for shard in plan_shards(paid, dist.world_size)]
+        plan[0].extend(Piece(g, 0, len(plans[g].counts)) for g in plans if g not in paid)
+    plan = distributed.broadcast_object(plan, src=0)
+    mine = plan[dist.rank]
+    log.info("channel curve estimation: %d pieces over %d ranks", sum(map(len, plan)), dist.world_size)
+    partial: dict[str, Curve] = {}
+    if mine:
+        partial = estimate_channel_curves(
+            model, space, batches, levels, grid=grid, worst_case=worst_case, groups=[p.layer for p in mine],
+            level_ranges={p.layer: (p.start, p.stop) for p in mine}, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
+        )
+    gathered = distributed.gather_objects(partial, dst=0)
+    if gathered is None:
+        return None
+    return _join(gathered, list(space.groups))

@@ -6,6 +6,9 @@ resolution), global average pooling and a linear classifier: ``6n + 2`` weighted
 are identities; where the shape changes they subsample by 2 and pad the new channels with zeros
 ("option A"), so they add no weights.
 Prunable layers: ``6n + 1`` convolutions and the classifier (ResNet-32: 31 + 1 = 32).
+With ``shortcut="projection"`` ("option B") the shape-changing shortcuts are a strided 1x1 conv with
+BatchNorm instead: two more convolutions, and a graph that channel pruning can analyse (a
+zero-padding shortcut ties channel counts in a way no dependency graph follows).
 Global average pooling lets other image sizes through too, e.g. 1x28x28 digits with ``in_channels=1``.
 """
 from __future__ import annotations
@@ -30,14 +33,19 @@ class ZeroPadShortcut(nn.Module):
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with a ReLU between and after the residual sum."""
 
-    def __init__(self, in_channels: int, channels: int, stride: int):
+    def __init__(self, in_channels: int, channels: int, stride: int, shortcut: str = "pad"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
         changes_shape = stride != 1 or in_channels != channels
-        self.shortcut = ZeroPadShortcut(channels - in_channels) if changes_shape else nn.Identity()
+        if not changes_shape:
+            self.shortcut: nn.Module = nn.Identity()
+        elif shortcut == "projection":
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels))
+        else:
+            self.shortcut = ZeroPadShortcut(channels - in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -49,18 +57,21 @@ class CifarResNet(nn.Module):
     """ResNet for 32x32 inputs with ``blocks_per_stage`` basic blocks in each of three stages.
 
     ``in_channels`` is the input's channel count (3 for RGB, 1 for grayscale, more for multispectral
-    images); it changes only the stem conv's weight shape.
+    images); it changes only the stem conv's weight shape. ``shortcut``: ``"pad"`` (option A) or
+    ``"projection"`` (option B).
     """
 
-    def __init__(self, blocks_per_stage: int, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10, in_channels: int = 3, shortcut: str = "pad"):
         super().__init__()
+        if shortcut not in ("pad", "projection"):
+            raise ValueError(f"shortcut must be 'pad' or 'projection', got {shortcut!r}")
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         stages, in_channels = [], 16
         for channels, stride in ((16, 1), (32, 2), (64, 2)):
             blocks = []
             for i in range(blocks_per_stage):
-                blocks.append(BasicBlock(in_channels, channels, stride if i == 0 else 1))
+                blocks.append(BasicBlock(in_channels, channels, stride if i == 0 else 1, shortcut))
                 in_channels = channels
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
@@ -76,8 +87,8 @@ class CifarResNet(nn.Module):
         return self.fc(x)
 
 
-def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    return CifarResNet(3, num_classes, in_channels)
+def resnet20(num_classes: int = 10, in_channels: int = 3, shortcut: str = "pad") -> CifarResNet:
+    return CifarResNet(3, num_classes, in_channels, shortcut)
 
 
 def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:

@@ -60,6 +60,12 @@ def _resnet20(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Modul
     return resnet20(num_classes=num_classes, in_channels=input_channels(input_shape))
 
 
+@register("resnet20_cifar_proj")
+def _resnet20_proj(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
+    """ResNet-20 with 1x1 projection shortcuts: the CIFAR ResNet for channel granularity."""
+    return resnet20(num_classes=num_classes, in_channels=input_channels(input_shape), shortcut="projection")
+
+
 @register("resnet32_cifar")
 def _resnet32(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
     return resnet32(num_classes=num_classes, in_channels=input_channels(input_shape))

@@ -26,7 +26,7 @@ from rdprune.core.baselines import baseline_amounts
 from rdprune.core.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from rdprune.core.floor import max_sparsity
 from rdprune.core.grid import Curve
-from rdprune.core.layers import describe_layers, layer_flops, prunable_layers
+from rdprune.core.layers import describe_layers, evaluation, layer_flops, prunable_layers
 from rdprune.core.masks import (
     Masks,
     apply_masks,
@@ -44,7 +44,8 @@ from rdprune.distributed.sharded_curves import sharded_curves
 from rdprune.errors import UserError
 from rdprune.files import atomic_torch_save, atomic_write, write_json
 from rdprune.models.registry import build_model
-from rdprune.pipeline import feeding
+from rdprune.pipeline import channel_stage, feeding
+from rdprune.pipeline.channel_stage import ChannelStage
 from rdprune.pipeline.plots import plot_accuracy, plot_curves, plot_layer_sparsity
 from rdprune.pipeline.run_dir import RunLayout, RunLock, append_result, archive_previous, provenance, read_results
 from rdprune.training import checkpoint
@@ -55,7 +56,7 @@ from rdprune.training.optim import make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
 
-RESUME_SECTIONS = ("model", "data", "calibration", "prune", "finetune", "pretrain")
+RESUME_SECTIONS = ("model", "data", "calibration", "prune", "finetune", "pretrain", "latency")
 """Config sections that must match for a rerun to continue an earlier run's directory."""
 RESUME_FREE = {"finetune": ("checkpoint_every",), "calibration": ("curve_cache",)}
 """Keys of those sections that do not change results: a rerun may change them."""
@@ -76,6 +77,7 @@ class Context:
     dense_flops: int
     recalibration_skip: str | None = None  # why BatchNorm statistics are not re-estimated, if they are not
     recalibration_images: torch.Tensor | None = None  # loaded at the first recalibration
+    channels: ChannelStage | None = None  # channel granularity: groups, costs, latency model
 
     @property
     def show(self) -> bool:
@@ -91,6 +93,8 @@ def run(cfg: Config, dist: DistInfo) -> list[dict]:
     with lock:
         if dist.is_main:
             _prepare_out_dir(cfg, out, dist)
+            if ctx.channels is not None:
+                channel_stage.save_table(ctx.channels, out)
         distributed.barrier()
         if cfg.calibration.bn_recalibration and ctx.recalibration_skip is not None:
             log.info("BatchNorm statistics are not re-estimated after pruning: %s", ctx.recalibration_skip)
@@ -154,7 +158,14 @@ def _build(cfg: Config, dist: DistInfo, out: RunLayout) -> Context:
         dense_flops=sum(skipped_flops.values()),
         recalibration_skip=_recalibration_skip(cfg, model),
     )
-    _check_reachable(ctx)
+    if cfg.prune.granularity == "channel":
+        # Every convolution and linear layer carries masks: the consumers of a removed channel lose their input slice.
+        stage = channel_stage.build_stage(cfg, model, data.input_shape, dist, out)
+        ctx.channels, ctx.layers, ctx.flops = stage, stage.space.layers, stage.flops
+        ctx.dense_weights = ctx.dense_flops = 0
+        channel_stage.check_reachable(stage, cfg.prune.target_sparsity)
+    else:
+        _check_reachable(ctx)
     _check_recalibration(ctx)
     return ctx
 
@@ -278,7 +289,8 @@ def _evaluate(ctx: Context) -> tuple[float, float]:
     return evaluate(ctx.model, feeding.eval_batches(ctx.cfg, ctx.data, ctx.dist), ctx.dist, progress=ctx.show)
 
 
-def _row(ctx: Context, t: int, target: float, top1_pruned: float, top1: float, loss: float, seconds: float) -> dict:
+def _row(ctx: Context, t: int, target: float, top1_pruned: float, top1: float, loss: float, seconds: float,
+         extras: dict | None = None) -> dict:
     sparsity = layer_sparsity(ctx.layers)
     sizes = {n: m.weight.numel() for n, m in ctx.layers.items()}
     return {
@@ -291,6 +303,7 @@ def _row(ctx: Context, t: int, target: float, top1_pruned: float, top1: float, l
         "top1": top1,
         "loss": loss,
         "seconds": round(seconds, 3),
+        **(extras or {}),
     }
 
 
@@ -300,9 +313,12 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
     start = time.perf_counter()
     seed = cfg.run.seed * 1000 + t
     torch.manual_seed(seed)
-    amounts = _amounts(ctx, t, target)
-    masks = apply_masks(ctx.model, amounts, ctx.layers)
+    inputs = feeding.calibration(cfg, ctx.data).to(dist.device) if cfg.prune.method == "rd" else None
+    reference = _outputs(ctx, inputs) if inputs is not None else None
+    masks, extras = _channel_masks(ctx, t, target, inputs) if ctx.channels is not None else _weight_masks(ctx, t, target)
     distributed.check_identical({n: m.cpu() for n, m in masks.items()}, f"masks of iteration {t}")
+    if reference is not None:  # additivity: the allocation's predicted distortion against all units pruned together
+        extras["distortion_measured"] = _distortion(cfg, reference, _outputs(ctx, inputs))
     _recalibrate(ctx)
     top1_pruned, _ = _evaluate(ctx)
     if cfg.finetune.rewind:
@@ -311,9 +327,10 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
     train_loss = _train(ctx, cfg.finetune, cfg.finetune.steps, seed=seed, desc=f"finetune {t}", masks=masks, iteration=t)
     enforce_masks(ctx.layers, masks)
     top1, loss = _evaluate(ctx)
-    row = _row(ctx, t, target, top1_pruned, top1, loss, time.perf_counter() - start)
+    row = _row(ctx, t, target, top1_pruned, top1, loss, time.perf_counter() - start, extras)
     if dist.is_main:
-        write_json(ctx.out.allocation(t), {"target_sparsity": target, "amounts": layer_sparsity(ctx.layers)})
+        removal = {"removal": {g: ctx.channels.space.removed(g) for g in ctx.channels.space.groups}} if ctx.channels else {}
+        write_json(ctx.out.allocation(t), {"target_sparsity": target, "amounts": layer_sparsity(ctx.layers), **removal})
         atomic_torch_save({"model": ctx.model.state_dict(), "masks": masks, "iteration": t}, ctx.out.last_checkpoint)
         append_result(ctx.out.root, row)
         checkpoint.remove(ctx.out.checkpoints)  # only now: until recorded, it is the way back in
@@ -325,7 +342,48 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
     return row
 
 
-def _amounts(ctx: Context, t: int, target: float) -> dict[str, float]:
+def _outputs(ctx: Context, inputs: torch.Tensor) -> torch.Tensor:
+    with evaluation(ctx.model):
+        return torch.cat([ctx.model(b) for b in inputs.split(ctx.cfg.calibration.batch_size)])
+
+
+def _distortion(cfg: Config, reference: torch.Tensor, out: torch.Tensor) -> float:
+    """The curves' distortion measure (mse or worst case) of the whole pruned network on the calibration inputs."""
+    err = (out.double() - reference.double()).pow(2).reshape(len(out), -1).mean(dim=1)
+    return float(err.max() if cfg.prune.distortion == "worst_case" else err.mean())
+
+
+def _weight_masks(ctx: Context, t: int, target: float) -> tuple[Masks, dict]:
+    amounts, extras = _amounts(ctx, t, target)
+    return apply_masks(ctx.model, amounts, ctx.layers), extras
+
+
+def _channel_masks(ctx: Context, t: int, target: float, inputs: torch.Tensor | None) -> tuple[Masks, dict]:
+    """Channel granularity: this iteration's removal (rank 0, broadcast) as masks applied on every rank."""
+    cfg, stage = ctx.cfg, ctx.channels
+    if inputs is None:
+        inputs = feeding.calibration(cfg, ctx.data).to(ctx.dist.device)
+    removal, info = channel_stage.removal_for(cfg, ctx.dist, stage, ctx.model, inputs, target,
+                                              cfg.calibration.curve_cache or ctx.out.curve_cache(t), ctx.show)
+    curves = channel_stage.curves_of(info)
+    if curves and ctx.dist.is_main:
+        _save_curves(ctx, t, curves)
+    info.pop("curves", None)
+    masks = stage.space.masks(removal)
+    enforce_masks(ctx.layers, masks)
+    return masks, info
+
+
+def _predicted_distortion(curves: dict[str, Curve], amounts: dict[str, float]) -> float:
+    """The sum of the chosen levels' (running-max) distortions: what the allocation minimised."""
+    total = 0.0
+    for name, curve in curves.items():
+        k = int(np.argmin(np.abs(curve.amounts - amounts[name])))
+        total += float(np.maximum.accumulate(curve.distortion)[k])
+    return total
+
+
+def _amounts(ctx: Context, t: int, target: float) -> tuple[dict[str, float], dict]:
     """Per-layer absolute amounts for this iteration, computed on rank 0 (curves on every rank) and broadcast."""
     cfg = ctx.cfg
     if cfg.prune.method != "rd":
@@ -335,9 +393,9 @@ def _amounts(ctx: Context, t: int, target: float) -> dict[str, float]:
                 cfg.prune.method, ctx.layers, target, dense_weights=ctx.dense_weights, budget=cfg.prune.budget,
                 flops=ctx.flops, dense_flops=ctx.dense_flops, min_density=cfg.prune.min_density,
             )
-        return distributed.broadcast_object(amounts)
+        return distributed.broadcast_object(amounts), {}
     curves = _curves(ctx, t)
-    amounts = None
+    amounts = extras = None
     if ctx.dist.is_main:
         amounts = allocate(
             curves,
@@ -349,7 +407,8 @@ def _amounts(ctx: Context, t: int, target: float) -> dict[str, float]:
             dense_weights=ctx.dense_weights,
             dense_flops=ctx.dense_flops,
         )
-    return distributed.broadcast_object(amounts)
+        extras = {"distortion_predicted": _predicted_distortion(curves, amounts)}
+    return distributed.broadcast_object((amounts, extras))
 
 
 def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
@@ -377,15 +436,20 @@ def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
     finally:
         torch.set_num_threads(threads)
     if ctx.dist.is_main:
-        arrays = {**{f"{n}/amounts": c.amounts for n, c in curves.items()},
-                  **{f"{n}/distortion": c.distortion for n, c in curves.items()}}
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a bare name
-                np.savez(f, **arrays)
-
-        atomic_write(ctx.out.curves(t), write)
+        _save_curves(ctx, t, curves)
     return curves
+
+
+def _save_curves(ctx: Context, t: int, curves: dict[str, Curve]) -> None:
+    """All curves of iteration t (layers or channel groups) in one ``.npz``."""
+    arrays = {**{f"{n}/amounts": c.amounts for n, c in curves.items()},
+              **{f"{n}/distortion": c.distortion for n, c in curves.items()}}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a bare name
+            np.savez(f, **arrays)
+
+    atomic_write(ctx.out.curves(t), write)
 
 
 def _recalibrate(ctx: Context) -> None:
@@ -418,6 +482,8 @@ def _finish(ctx: Context, rows: list[dict]) -> None:
     masks = current_masks(ctx.layers)
     atomic_torch_save(pruned_state_dict(ctx.model, masks), ctx.out.final_model)
     save_masks(masks, ctx.out.final_masks)
+    if ctx.channels is not None:
+        write_json(ctx.out.final_export / "latency.json", channel_stage.export_smaller(ctx.cfg, ctx.channels, ctx.model, ctx.out))
     order = list(ctx.layers)
     name = f"{ctx.cfg.model.name} / {ctx.cfg.data.name} / {ctx.cfg.prune.method}"
     allocations = [json.loads(p.read_text())["amounts"] for p in ctx.out.allocations()]
@@ -434,5 +500,6 @@ def _finish(ctx: Context, rows: list[dict]) -> None:
     last_curves = ctx.out.all_curves()
     if last_curves:
         with np.load(last_curves[-1]) as z:
-            curves = {n: Curve(z[f"{n}/amounts"], z[f"{n}/distortion"]) for n in order if f"{n}/amounts" in z}
-        plot_curves(curves, order, ctx.out.plot("rd_curves"), f"RD curves, {last_curves[-1].parent.name}: {name}")
+            units = list(ctx.channels.space.groups) if ctx.channels is not None else order
+            curves = {n: Curve(z[f"{n}/amounts"], z[f"{n}/distortion"]) for n in units if f"{n}/amounts" in z}
+        plot_curves(curves, units, ctx.out.plot("rd_curves"), f"RD curves, {last_curves[-1].parent.name}: {name}")

@@ -27,7 +27,8 @@ class RunLayout:
 
     root: Path
 
-    STATE: ClassVar[tuple[str, ...]] = ("results.jsonl", "checkpoints", "curves", "allocation", "plots", "final", "pretrained.pt")
+    STATE: ClassVar[tuple[str, ...]] = ("results.jsonl", "checkpoints", "curves", "allocation", "plots", "final", "pretrained.pt",
+                                         "latency_table.json")
     """Entries that make up a run's state: ``run.resume=false`` archives them."""
 
     def check(self) -> None:
@@ -103,6 +104,16 @@ class RunLayout:
     @property
     def final_masks(self) -> Path:
         return self.root / "final" / "masks.pt"
+
+    @property
+    def final_export(self) -> Path:
+        """Channel granularity: the physically smaller model as ``model.pt2`` (torch.export) and ``model.onnx``."""
+        return self.root / "final" / "smaller"
+
+    @property
+    def latency_table(self) -> Path:
+        """The latency model of a latency budget, built once and reused by a resumed run."""
+        return self.root / "latency_table.json"
 
     def plot(self, name: str) -> Path:
         return self.root / "plots" / f"{name}.png"

@@ -1,0 +1,170 @@
+"""Allocation of channel removals under a non-separable budget: linearise, solve exactly, repeat, repair.
+
+The exact allocator (:func:`rdprune.core.allocation.allocate_levels`) needs a cost per unit and
+level that adds up. A channel removal's cost does not (see :mod:`rdprune.core.channel_costs`), so:
+
+1. **Linearise** around the current choice x: group g at level n costs ``C(x with g at n) - C(x)``
+   (made non-rising along the levels), and the budget left is ``B - C(x)``.
+2. **Solve** that separable problem exactly; move x to its solution; repeat until x does not move
+   (or ``rounds`` are spent, or a choice comes back: a cycle).
+3. **Repair**: while the true cost C(x) exceeds B, tighten the linearised budget by the excess and
+   re-solve (at most ``rounds`` times); then, if still over, step the group whose next level loses
+   the least distortion per unit of cost saved, until the budget holds.
+
+What is exact: each linearised problem is solved to optimality on the level grid, and the budget
+holds for the true cost. What is not: the result is a fixed point of this iteration, not a proven
+optimum of the non-separable problem. For weights and FLOPs, :func:`allocate_channels` also solves
+the separable McCormick relaxation exactly, whose optimum is a lower bound on the best distortion
+any removal on the grid can reach: the reported gap bounds how far from optimal the result is.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rdprune.core.allocation import allocate_levels
+from rdprune.core.channel_costs import ChannelCost
+from rdprune.core.curves import LayerPlan
+from rdprune.core.grid import Curve
+
+_RESOLUTION = 2**40  # integer cost units per budget: rounding moves a level's cost by at most 2^-40 of the budget
+
+
+@dataclass
+class ChannelAllocation:
+    """The chosen removal and how it was found."""
+
+    removal: dict[str, int]  # channels removed per group
+    cost: float  # true cost of the removal (weights, FLOPs or predicted seconds)
+    limit: float  # the budget
+    distortion: float  # predicted: the sum of the chosen levels' (running-max) distortions
+    lower_bound: float | None  # of the distortion, over every removal on the grid meeting the budget; None for latency
+    rounds: int  # linearise-and-solve rounds (relinearisation and repair)
+    greedy_steps: int  # steps of the last-resort greedy repair
+    history: list[float] = field(default_factory=list)  # true cost after each round
+
+    @property
+    def gap(self) -> float | None:
+        return None if self.lower_bound is None else self.distortion - self.lower_bound
+
+
+def _running_max(curve: Curve) -> np.ndarray:
+    return np.maximum.accumulate(np.asarray(curve.distortion, np.float64))
+
+
+def _solve_linear(curves: Mapping[str, Curve], costs: Mapping[str, np.ndarray], left: float, limit: float,
+                  first: Mapping[str, int]) -> dict[str, int] | None:
+    """Exact solution of one separable problem with float costs (``left``: budget available), or None if none fits."""
+    unit = limit / _RESOLUTION
+    shifted = {g: np.minimum.accumulate(c) for g, c in costs.items()}
+    base = sum(float(c[first[g]:].min()) for g, c in shifted.items())
+    ints = {g: np.ceil((c - c[first[g]:].min()) / unit).clip(min=0).astype(np.int64) for g, c in shifted.items()}
+    room = math.floor((left - base) / unit)
+    if room < 0:
+        return None
+    for g, c in ints.items():  # levels below ``first`` are not allowed; keep the array non-rising for the solver
+        c[: first[g]] = c[first[g]]
+    levels, _ = allocate_levels(curves, ints, room, first=first)
+    return levels
+
+
+def allocate_channels(
+    curves: Mapping[str, Curve],
+    plans: Mapping[str, LayerPlan],
+    cost: ChannelCost,
+    limit: float,
+    *,
+    rounds: int = 8,
+) -> ChannelAllocation:
+    """Channels to remove per group so that ``cost`` stays within ``limit``, at least distortion (module notes).
+
+    ``plans[g].counts[k]`` is the number of channels level k of ``curves[g]`` removes, ``plans[g].zeros``
+    the number removed now (no level below it is chosen). Raises ``ValueError`` when even every group
+    at its most pruned level costs more than ``limit``.
+    """
+    groups = list(curves)
+    counts = {g: np.asarray(plans[g].counts) for g in groups}
+    first = {g: int(np.searchsorted(counts[g], plans[g].zeros)) for g in groups}
+    most = {g: int(counts[g][-1]) for g in groups}
+    if cost(most) > limit:
+        raise ValueError(f"budget cannot be met: every group at its most pruned level costs {cost(most):.6g} "
+                         f"but the budget is {limit:.6g}")
+    dist = {g: _running_max(curves[g]) for g in groups}
+    level = dict(first)
+
+    def removal(levels: Mapping[str, int]) -> dict[str, int]:
+        return {g: int(counts[g][levels[g]]) for g in groups}
+
+    def linearised(levels: Mapping[str, int]) -> tuple[dict[str, np.ndarray], float]:
+        now = removal(levels)
+        here = cost(now)
+        return {g: np.array([cost({**now, g: int(n)}) - here for n in counts[g]]) for g in groups}, here
+
+    history, used = [cost(removal(level))], 0
+    if history[0] > limit:
+        seen = {tuple(level.values())}
+        for _ in range(rounds):  # relinearise until the choice stands still
+            used += 1
+            costs, here = linearised(level)
+            moved = _solve_linear(curves, costs, limit - here, limit, first) or {g: len(counts[g]) - 1 for g in groups}
+            history.append(cost(removal(moved)))
+            if moved == level or tuple(moved.values()) in seen:
+                level = moved
+                break
+            seen.add(tuple(moved.values()))
+            level = moved
+        tighten = 0.0
+        for _ in range(rounds):  # repair: the true cost must meet the budget
+            if history[-1] <= limit:
+                break
+            used += 1
+            tighten += history[-1] - limit
+            costs, here = linearised(level)
+            level = _solve_linear(curves, costs, limit - tighten - here, limit, first) or {g: len(counts[g]) - 1 for g in groups}
+            history.append(cost(removal(level)))
+    greedy = 0
+    while cost(removal(level)) > limit:  # last resort; ends: the most pruned removal fits
+        greedy += 1
+        now = removal(level)
+        here = cost(now)
+        best, best_rate = None, math.inf
+        for g in groups:
+            k = level[g]
+            if k + 1 < len(counts[g]):
+                saved = here - cost({**now, g: int(counts[g][k + 1])})
+                rate = (dist[g][k + 1] - dist[g][k]) / saved if saved > 0 else math.inf
+                if best is None or rate < best_rate:
+                    best, best_rate = g, rate
+        level[best] += 1
+    chosen = removal(level)
+    bound = _lower_bound(curves, counts, first, cost, limit, chosen) if cost.has_lower_bound else None
+    return ChannelAllocation(
+        removal=chosen, cost=cost(chosen), limit=limit, distortion=float(sum(dist[g][level[g]] for g in groups)),
+        lower_bound=bound, rounds=used, greedy_steps=greedy, history=history,
+    )
+
+
+def _lower_bound(curves: Mapping[str, Curve], counts: Mapping[str, np.ndarray], first: Mapping[str, int],
+                 cost: ChannelCost, limit: float, anchor: Mapping[str, int]) -> float:
+    """Optimal distortion of the McCormick relaxation: no removal on the grid meeting the budget does better.
+
+    Integer rounding of the relaxed costs goes down (and the budget up), so the relaxation stays a
+    relaxation; its solution's distortion is then at or below the true optimum.
+    """
+    zero = cost.lower_bound({}, anchor)
+    base = zero
+    unit = limit / _RESOLUTION
+    ints = {}
+    for g, c in counts.items():
+        slope = np.array([cost.lower_bound({g: int(n)}, anchor) - zero for n in c])  # affine: groups add up exactly
+        lowest = slope[first[g]:].min()
+        arr = np.floor((np.minimum.accumulate(slope) - lowest) / unit).clip(min=0).astype(np.int64)
+        arr[: first[g]] = arr[first[g]]
+        ints[g] = arr
+        base += lowest
+    room = math.ceil((limit - base) / unit) + len(counts)
+    levels, _ = allocate_levels(curves, ints, room, first=first)
+    return float(sum(_running_max(curves[g])[k] for g, k in levels.items()))

@@ -1,0 +1,136 @@
+"""Rate-distortion curves of channel groups: the output distortion when one group alone loses channels.
+
+For group g and level n, the n least important channels of g are masked in every layer of the
+group (:class:`rdprune.core.channels.ChannelSpace`), the network runs in eval mode on the
+calibration inputs and its output is compared with the unpruned output (``mse`` or
+``worst_case``, as for weights). A curve's amounts are fractions of the group's channels.
+
+:func:`estimate_channel_curves` re-runs only what depends on the group's layers (the suffix from
+its first layer, :mod:`rdprune.core.suffix`) and skips levels that remove nothing new, through
+the same engine as weight curves (:func:`rdprune.core.curves.unit_curves`);
+:func:`plain_channel_curves` is the definition run literally, which it is tested against.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from rdprune.core.channels import ChannelSpace
+from rdprune.core.curve_cache import CurveCache, fingerprint_inputs
+from rdprune.core.curves import LayerPlan, _as_batches, _model_device, _reference_outputs, batch_distortion, unit_curves
+from rdprune.core.grid import Curve, Grid, level_amounts
+from rdprune.core.layers import evaluation
+
+
+class ChannelUnit:
+    """One channel group as a pruning unit: level ``count`` masks its ``count`` least important channels."""
+
+    kind = "channel group"
+
+    def __init__(self, space: ChannelSpace, group: str):
+        self.name, self._space = group, space
+        layers = dict.fromkeys(s.layer for s in space.groups[group].slices)
+        self.modules = tuple(space.layers[n] for n in layers)
+        self._names = list(layers)
+
+    def hold(self) -> None:
+        self._original = {n: self._space.layers[n].weight.detach().clone() for n in self._names}
+        self._order = self._space.removal_order(self.name)
+
+    def prune(self, count: int) -> None:
+        for layer, mask in self._space.group_masks(self.name, count, self._order).items():
+            self._space.layers[layer].weight.copy_(self._original[layer] * mask)
+
+    def restore(self) -> None:
+        for n, w in self._original.items():
+            self._space.layers[n].weight.copy_(w)
+        del self._original, self._order
+
+
+def group_plan(space: ChannelSpace, group: str, levels: int, grid: Grid, level_range: tuple[int, int] | None = None) -> LayerPlan:
+    """The levels of one group: distinct removed-channel counts from the grid, up to the group's floor.
+
+    The grid is the weight grid on the fraction of channels removed (``relative``: from what is
+    removed now to the floor; ``absolute``: the published levels below the floor, then the floor),
+    rounded to whole channels; amounts are exactly ``count / size``.
+    """
+    size = space.groups[group].size
+    removed = space.removed(group)
+    top = space.max_removed(group) / size
+    raw = level_amounts(levels, grid, removed / size, top)
+    counts = np.unique(np.clip(np.floor(raw * size + 0.5).astype(np.int64), removed, max(removed, space.max_removed(group))))
+    if level_range is not None:
+        start, stop = level_range
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= len(counts)):
+            raise ValueError(f"level range of group {group!r} must satisfy 0 <= start < stop <= {len(counts)}, got {level_range}")
+        counts = counts[start:stop]
+    return LayerPlan(counts / size, [int(c) for c in counts], removed, level_range)
+
+
+def estimate_channel_curves(
+    model: nn.Module,
+    space: ChannelSpace,
+    inputs: torch.Tensor | Iterable[torch.Tensor],
+    levels: int = 11,
+    *,
+    grid: Grid = "relative",
+    worst_case: bool = False,
+    groups: Iterable[str] | None = None,
+    level_ranges: Mapping[str, tuple[int, int]] | None = None,
+    batch_size: int = 64,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Curve]:
+    """Curve of each channel group of ``space`` (``groups``: a subset, e.g. one rank's shard), in group order.
+
+    ``level_ranges`` index :func:`group_plan`'s counts, as for weight curves; with ``cache_dir``
+    each finished group is saved and reused by a later call with identical model, inputs and
+    settings. The model is left exactly as it was.
+    """
+    chosen = list(space.groups) if groups is None else [g for g in space.groups if g in set(groups)]
+    unknown = sorted(set(groups or ()) - set(space.groups))
+    if unknown or not chosen:
+        raise ValueError(f"unknown or no channel groups requested: {unknown[:5]}; groups are {list(space.groups)[:8]} ...")
+    batches = _as_batches(inputs, batch_size)
+    ranges = dict(level_ranges or {})
+    plans = {g: (ChannelUnit(space, g), group_plan(space, g, levels, grid, ranges.get(g))) for g in chosen}
+    cache = None
+    if cache_dir is not None:
+        floors = ",".join(f"{g.min_kept}" for g in space.groups.values())
+        settings = f"granularity=channel:levels={levels}:grid={grid}:worst_case={bool(worst_case)}:floors={floors}"
+        cache = CurveCache(cache_dir, fingerprint_inputs(model, batches), settings)
+    return unit_curves(model, space.layers.values(), plans, batches, worst_case, cache, progress)
+
+
+@torch.no_grad()
+def plain_channel_curves(
+    model: nn.Module, space: ChannelSpace, inputs: torch.Tensor | Iterable[torch.Tensor], levels: int = 11, *,
+    grid: Grid = "relative", worst_case: bool = False, batch_size: int = 64,
+) -> dict[str, Curve]:
+    """The definition run literally: for every group and level, mask, run the whole model, compare."""
+    batches = _as_batches(inputs, batch_size)
+    device = _model_device(model)
+    curves = {}
+    with evaluation(model):
+        references = _reference_outputs(model, batches, device)
+        for group in space.groups:
+            plan = group_plan(space, group, levels, grid)
+            unit = ChannelUnit(space, group)
+            distortion = np.zeros(len(plan.counts), np.float64)
+            unit.hold()
+            try:
+                for k, count in enumerate(plan.counts):
+                    unit.prune(count)
+                    for x, reference in zip(batches, references):
+                        value = batch_distortion(reference, model(x.to(device)), worst_case)
+                        distortion[k] = max(distortion[k], value) if worst_case else distortion[k] + value
+            finally:
+                unit.restore()
+            if not worst_case:
+                distortion /= sum(r.numel() for r in references)
+            curves[group] = Curve(plan.amounts, distortion)
+    return curves

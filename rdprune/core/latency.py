@@ -1,0 +1,554 @@
+"""Measured latency model for channel pruning: per-layer time tables plus a term for the rest of the network.
+
+The allocator asks "how long does one forward pass take when each conv/linear layer keeps (in, out)
+channels?". :class:`LatencyTable` answers from times measured on the run's device:
+
+* every distinct conv2d/linear layer signature is timed on a coarse grid of (kept in, kept out) channel
+  counts with random tensors and ``torch.nn.functional`` ops, and bilinearly interpolated in between;
+* the dense model is timed piece by piece (forward hooks mark where each tabulated layer starts and ends):
+  each layer's grid is rescaled to the layer's time inside the model, and everything between the layers
+  (BatchNorm, activations, additions, pooling, Python and framework overhead) is the term ``other``, scaled
+  for a pruned model by the fraction of conv/linear output activations it keeps (those activations are what
+  BatchNorm, activations and additions read and write).
+
+Why pieces rather than ``other = model time - sum of isolated layer times``: on a shared CPU a median of a
+short call misses the preemptions that a long call (the whole model) always contains, so the difference
+swallowed the load of other processes and then shrank with the activations as if it were work. Medians of
+pieces of similar length to the layer timings are consistent with them; the plain forward pass, timed
+interleaved with the hooked one, then fixes one common factor so that the table's dense prediction is the
+measured dense latency.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+JSON_FORMAT = "rdprune-latency/1"
+# Grid timings: each sweep visits every row of a grid and times its points in round robin, _GRID_WARMUP rounds
+# discarded then _GRID_REPEATS kept; a point's time is the median over all sweeps, so a load spike that lasts a
+# whole row corrupts only one sweep's share of its samples.
+_GRID_SWEEPS, _GRID_REPEATS, _GRID_WARMUP = 3, 3, 1
+# Dense pass (plain and hooked forward pass, alternating): at most this many rounds, at least the minimum.
+_DENSE_REPEATS, _DENSE_MIN_REPEATS, _DENSE_WARMUP = 15, 3, 2
+_DENSE_SHARE = 0.3  # the dense pass may take this share of time_limit_s before the grids are timed
+_CALL_OVERHEAD_S = 2e-5  # a priori cost of one timed call on top of its FLOPs-proportional share
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A conv2d or linear layer's dense shape and where it sits."""
+
+    name: str  # module name in model.named_modules()
+    kind: str  # "conv2d" or "linear"
+    in_channels: int  # dense input channels (linear: in_features)
+    out_channels: int  # dense output channels (linear: out_features)
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1  # depthwise when groups == in_channels == out_channels
+    in_hw: tuple[int, int] = (1, 1)  # input spatial size; linear: (rows per sample, 1), (1, 1) for a 2-d input
+    out_hw: tuple[int, int] = (1, 1)
+    bias: bool = False
+
+    @property
+    def depthwise(self) -> bool:
+        """One channel count: pruning removes input and output channels together."""
+        return self.kind == "conv2d" and self.groups == self.in_channels == self.out_channels and self.groups > 1
+
+
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
+    """Numeric padding of a conv; 'same' becomes the symmetric padding it implies."""
+    if module.padding == "valid":
+        return (0, 0)
+    if module.padding == "same":
+        return tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
+    return tuple(module.padding)
+
+
+def _shape_of(name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LayerShape:
+    if isinstance(module, nn.Conv2d):
+        return LayerShape(name, "conv2d", module.in_channels, module.out_channels, tuple(module.kernel_size), tuple(module.stride),
+                          _conv_padding(module), tuple(module.dilation), module.groups, tuple(x.shape[-2:]), tuple(y.shape[-2:]),
+                          module.bias is not None)
+    rows = math.prod(x.shape[1:-1])  # tokens of a (batch, tokens, features) input; 1 for (batch, features)
+    return LayerShape(name, "linear", module.in_features, module.out_features, in_hw=(rows, 1), out_hw=(rows, 1),
+                      bias=module.bias is not None)
+
+
+def layer_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, LayerShape]:
+    """Every nn.Conv2d / nn.Linear that the forward pass of `example` calls, in call order (forward hooks).
+
+    A module called more than once is recorded at its first call (and logged); the table's time for it covers all its calls.
+    """
+    shapes: dict[str, LayerShape] = {}
+    repeated: set[str] = set()
+
+    def hook(name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if name in shapes:
+            repeated.add(name)
+        else:
+            shapes[name] = _shape_of(name, module, args[0], output)
+
+    handles = [m.register_forward_hook(functools.partial(hook, name)) for name, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    if repeated:
+        log.warning("layers called more than once per forward pass (shape of the first call kept): %s", ", ".join(sorted(repeated)))
+    return shapes
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` inside, the previous count restored afterwards."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _interleaved_samples(fns: Sequence[Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> list[list[float]]:
+    """Seconds of `repeats` calls of each callable, timed one call at a time in round robin after `warmup` rounds.
+
+    Every round starts one callable further on, so no callable always follows the same one (caches,
+    clock boosts); a load change on a shared machine lands on all callables alike. A perf_counter loop
+    rather than torch.utils.benchmark.Timer: Timer times one statement at a time (no interleaving) and
+    its autorange spends a fixed minimum per statement, far too much for thousands of grid points.
+    """
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(warmup + repeats):
+        for k in range(len(fns)):
+            j = (k + r) % len(fns)
+            sync()
+            t0 = time.perf_counter()
+            fns[j]()
+            sync()
+            if r >= warmup:
+                samples[j].append(time.perf_counter() - t0)
+    return samples
+
+
+def _interleaved_medians(fns: Sequence[Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> list[float]:
+    """Median seconds of each callable, timed as :func:`_interleaved_samples` does."""
+    return [statistics.median(s) for s in _interleaved_samples(fns, repeats, warmup, device)]
+
+
+def measure_latency(models: Sequence[nn.Module], example: torch.Tensor, *, repeats: int = 20, warmup: int = 3,
+                    threads: int | None = None, device: torch.device | str = "cpu") -> list[float]:
+    """Median seconds of one forward pass of each model, timed interleaved (round robin) in this process, so that
+    load changes on a shared machine hit every model alike. torch.no_grad / inference mode; CUDA synchronised when on GPU.
+
+    The models must already be on `device` and in the mode to time (normally ``eval()``); `example` is moved there.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    device = torch.device(device)
+    x = example.to(device)
+    with _torch_threads(threads), torch.inference_mode():
+        return _interleaved_medians([functools.partial(m, x) for m in models], repeats, warmup, device)
+
+
+# ---------------------------------------------------------------------------------------------- grids
+
+
+def _multiple(shape: LayerShape) -> int:
+    """Channel counts of a grouped (not depthwise) conv stay multiples of its groups."""
+    return 1 if shape.depthwise else shape.groups
+
+
+def channel_values(dense: int, points: int, multiple: int = 1) -> tuple[int, ...]:
+    """About `points` kept-channel counts from a small one to `dense`, for one layer dimension.
+
+    Small dimensions (at most `points` admissible counts) get every count; larger ones get evenly spaced
+    counts rounded to multiples of 8 (16 for dimensions of 512 or more), where vector units and library
+    kernels run at their regular speed, plus the smallest admissible count and the dense count.
+    """
+    if points < 2:
+        raise ValueError(f"a grid needs points >= 2 (a small count and the dense count), got {points}")
+    admissible = dense // multiple
+    if admissible <= points:
+        return tuple(multiple * k for k in range(1, admissible + 1))
+    step = 16 if dense >= 512 else 8 if dense >= 32 else 1
+    step = math.lcm(step, multiple)
+    targets = np.linspace(dense / (points - 1), dense, points - 1)
+    rounded = {min(dense, max(step, step * round(t / step))) for t in targets}
+    return tuple(sorted(rounded | {multiple, dense}))
+
+
+def _coarsen(values: tuple[int, ...], points: int) -> tuple[int, ...]:
+    """At most `points` of `values`, evenly spread by index, the first and last always kept."""
+    if len(values) <= points:
+        return values
+    picks = np.unique(np.round(np.linspace(0, len(values) - 1, points)).astype(int))
+    return tuple(values[k] for k in picks)
+
+
+def _full_grid(shape: LayerShape, points: int, override: tuple[Sequence[int], Sequence[int]] | None) -> tuple[tuple[int, ...], ...]:
+    """The layer's (kept in, kept out) grid before any coarsening; depthwise layers have one axis."""
+    if override is None:
+        m = _multiple(shape)
+        if shape.depthwise:
+            return (channel_values(shape.out_channels, points),)
+        return channel_values(shape.in_channels, points, m), channel_values(shape.out_channels, points, m)
+    axes = tuple(tuple(sorted(set(int(v) for v in axis))) for axis in override)
+    dense = (shape.in_channels, shape.out_channels)
+    for axis, n in zip(axes, dense):
+        if not axis or axis[0] < 1 or axis[-1] != n:
+            raise ValueError(f"channel_grid for {shape.name}: counts must lie in [1, {n}] and include the dense count {n}, got {axis}")
+    if shape.depthwise:
+        if axes[0] != axes[1]:
+            raise ValueError(f"channel_grid for depthwise {shape.name}: the in and out counts must be equal")
+        return axes[:1]
+    return axes
+
+
+def _coarse_grid(full: tuple[tuple[int, ...], ...], points: int) -> tuple[tuple[int, ...], ...]:
+    return tuple(_coarsen(axis, points) for axis in full)
+
+
+# ------------------------------------------------------------------------------------- layer timing
+
+
+def _layer_calls(shape: LayerShape, batch: int, device: torch.device, kept_in: int, outs: Sequence[int], groups: int) -> list[Callable]:
+    """One call per kept-out count, all sharing one random input and one weight (out-prefix views stay contiguous)."""
+    top = max(outs)
+    bias = torch.randn(top, device=device) if shape.bias else None
+    if shape.kind == "linear":
+        x = torch.randn(batch * shape.in_hw[0] * shape.in_hw[1], kept_in, device=device)
+        w = torch.randn(top, kept_in, device=device)
+        return [functools.partial(F.linear, x, w[:o], None if bias is None else bias[:o]) for o in outs]
+    x = torch.randn(batch, kept_in, *shape.in_hw, device=device)
+    w = torch.randn(top, kept_in // groups, *shape.kernel_size, device=device)
+    return [functools.partial(F.conv2d, x, w[:o], None if bias is None else bias[:o], shape.stride, shape.padding, shape.dilation, groups)
+            for o in outs]
+
+
+def _time_grid(shape: LayerShape, grid: tuple[tuple[int, ...], ...], batch: int, device: torch.device) -> np.ndarray:
+    """Median seconds at every grid point over several sweeps of its rows.
+
+    A row (the points of one kept-in count; depthwise: the whole axis) shares its tensors and is timed
+    interleaved; its tensors are made afresh in each sweep, so memory stays about twice the dense layer's.
+    """
+    if shape.depthwise:
+        rows = [lambda: [_layer_calls(shape, batch, device, c, [c], c)[0] for c in grid[0]]]
+    else:
+        rows = [functools.partial(_layer_calls, shape, batch, device, i, grid[1], shape.groups) for i in grid[0]]
+    samples: list[list[list[float]]] = [[[] for _ in grid[-1]] for _ in rows]
+    for _ in range(_GRID_SWEEPS):
+        for row, make_calls in zip(samples, rows):
+            for point, new in zip(row, _interleaved_samples(make_calls(), _GRID_REPEATS, _GRID_WARMUP, device)):
+                point.extend(new)
+    medians = np.array([[statistics.median(point) for point in row] for row in samples])
+    return medians[0] if shape.depthwise else medians
+
+
+def _grid_cost(grid: tuple[tuple[int, ...], ...], dense_time: float) -> float:
+    """A priori seconds to time `grid`: per call a fixed overhead plus the dense time scaled by the kept work."""
+    fractions = [np.asarray(axis, np.float64) / axis[-1] for axis in grid]
+    work = fractions[0].sum() if len(grid) == 1 else fractions[0].sum() * fractions[1].sum()
+    calls = math.prod(len(axis) for axis in grid)
+    return _GRID_SWEEPS * (_GRID_REPEATS + _GRID_WARMUP) * (calls * _CALL_OVERHEAD_S + work * dense_time)
+
+
+def _plan_points(pending: Sequence[tuple[tuple[tuple[int, ...], ...], float]], points: int, budget_s: float) -> int:
+    """The most grid points per axis (at least 2) with which every pending (full grid, dense time) fits `budget_s`."""
+    for p in range(points, 1, -1):
+        if sum(_grid_cost(_coarse_grid(full, p), t) for full, t in pending) <= budget_s:
+            return p
+    return 2
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+
+@dataclass(frozen=True)
+class LayerGrid:
+    """Measured seconds of one layer on a grid of kept channel counts.
+
+    ``times[a][b]`` is the time keeping ``kept_in[a]`` input and ``kept_out[b]`` output channels; both
+    axes are strictly increasing and end at the dense count. A depthwise layer has one channel count:
+    ``kept_in == kept_out`` and ``times`` is 1-d. ``out_hw`` is the output spatial size (linear: rows per
+    sample, 1), used to weigh the layer's output activations in the term for the rest of the network.
+    """
+
+    kept_in: tuple[int, ...]
+    kept_out: tuple[int, ...]
+    times: np.ndarray
+    out_hw: tuple[int, int] = (1, 1)
+    depthwise: bool = False
+
+    def __post_init__(self) -> None:
+        kin, kout = tuple(int(v) for v in self.kept_in), tuple(int(v) for v in self.kept_out)
+        times = np.array(self.times, dtype=np.float64)
+        for axis in (kin, kout):
+            if not axis or axis[0] < 1 or any(b <= a for a, b in zip(axis, axis[1:])):
+                raise ValueError(f"grid counts must be positive and strictly increasing, got {axis}")
+        expected = (len(kin),) if self.depthwise else (len(kin), len(kout))
+        if self.depthwise and kin != kout:
+            raise ValueError("a depthwise grid has one channel axis: kept_in must equal kept_out")
+        if times.shape != expected or not np.all(np.isfinite(times)):
+            raise ValueError(f"times must be finite with shape {expected}, got shape {times.shape}")
+        times.flags.writeable = False
+        object.__setattr__(self, "kept_in", kin)
+        object.__setattr__(self, "kept_out", kout)
+        object.__setattr__(self, "times", times)
+        object.__setattr__(self, "out_hw", tuple(int(v) for v in self.out_hw))
+
+    @property
+    def dense_time(self) -> float:
+        return float(self.times[-1] if self.depthwise else self.times[-1, -1])
+
+    @property
+    def dense_activations(self) -> int:
+        """Output activations per sample of the dense layer."""
+        return self.kept_out[-1] * self.out_hw[0] * self.out_hw[1]
+
+    def time(self, kept_in: int, kept_out: int) -> float:
+        """Interpolated seconds: linear on a depthwise axis, bilinear otherwise; exact at grid points."""
+        if self.depthwise:
+            if kept_in != kept_out:
+                raise ValueError(f"a depthwise layer keeps as many input as output channels, got ({kept_in}, {kept_out})")
+            a, b, t = _bracket(self.kept_in, kept_in)
+            return float((1.0 - t) * self.times[a] + t * self.times[b])
+        a0, a1, s = _bracket(self.kept_in, kept_in)
+        b0, b1, t = _bracket(self.kept_out, kept_out)
+        v = self.times
+        return float((1.0 - s) * (1.0 - t) * v[a0, b0] + s * (1.0 - t) * v[a1, b0] + (1.0 - s) * t * v[a0, b1] + s * t * v[a1, b1])
+
+
+def _bracket(axis: tuple[int, ...], value: int) -> tuple[int, int, float]:
+    """Indices of the grid cell around `value` and its fractional position; `value` must lie within the grid."""
+    if not axis[0] <= value <= axis[-1]:
+        raise ValueError(f"kept channel count {value} is outside the measured range [{axis[0]}, {axis[-1]}]")
+    a = min(int(np.searchsorted(axis, value, side="right")) - 1, max(len(axis) - 2, 0))
+    b = min(a + 1, len(axis) - 1)
+    return a, b, 0.0 if a == b else (value - axis[a]) / (axis[b] - axis[a])
+
+
+class LatencyTable:
+    """Per-layer latency measured on a coarse grid of (kept input channels, kept output channels), interpolated.
+
+    Build one from measurements with :meth:`build`, or from fixed numbers (tests, other modules' tests) with
+    ``LatencyTable({name: LayerGrid(...)}, other=...)`` or :meth:`from_json`. ``other`` is the time of
+    everything outside the tabulated layers in the dense model. :meth:`build` measures it as a sum of medians
+    of pieces of the forward pass, so it cannot come out negative; a hand-made table may use any value, and
+    a negative one is kept as given (predictions then grow as output channels are removed).
+    ``meta`` records how the table was built (device, threads, batch, measured dense seconds, build seconds).
+    """
+
+    def __init__(self, layers: Mapping[str, LayerGrid], other: float, meta: Mapping[str, object] | None = None):
+        if not layers:
+            raise ValueError("a latency table needs at least one layer")
+        self.layers: dict[str, LayerGrid] = dict(layers)
+        self.other = float(other)
+        self.meta: dict[str, object] = dict(meta or {})
+        self._dense_activations = sum(g.dense_activations for g in self.layers.values())
+
+    @classmethod
+    def build(cls, model: nn.Module, example: torch.Tensor, shapes: Mapping[str, LayerShape], *,
+              channel_grid: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
+              points: int = 11, device: torch.device | str = "cpu", threads: int | None = None,
+              time_limit_s: float = 300.0, progress: bool = False) -> LatencyTable:
+        """Measure `model` (on `device`, in eval mode) and each distinct layer of `shapes` on `device`.
+
+        Layers with one signature (kind, kernel, stride, padding, dilation, groups, bias, input size, dense
+        counts, batch) and one grid are timed once. The dense model is timed first (see the module docstring);
+        the grids then take what is left of `time_limit_s`, coarsened (with a warning) when the estimate says
+        the remaining layers would not fit.
+        """
+        start = time.perf_counter()
+        device = torch.device(device)
+        example = example.to(device)
+        batch = int(example.shape[0])
+        unknown = sorted(set(channel_grid or {}) - set(shapes))
+        if unknown:
+            raise ValueError(f"channel_grid names layers that are not in shapes: {unknown}")
+        full = {name: _full_grid(s, points, (channel_grid or {}).get(name)) for name, s in shapes.items()}
+        signatures: dict[tuple, list[str]] = {}
+        for name, s in shapes.items():
+            key = (s.kind, s.kernel_size, s.stride, s.padding, s.dilation, s.groups, s.bias, s.in_hw, s.in_channels, s.out_channels,
+                   full[name])
+            signatures.setdefault(key, []).append(name)
+        groups = list(signatures.values())
+        with _torch_threads(threads), torch.inference_mode():
+            inside, other = _dense_pass(model, example, list(shapes), device, time_limit_s)
+            grids = _grid_pass([shapes[g[0]] for g in groups], [full[g[0]] for g in groups], [inside[g[0]] for g in groups], batch,
+                               device, points, time_limit_s - (time.perf_counter() - start), progress)
+        layers = {}
+        for g, (grid, times) in zip(groups, grids):
+            for name in g:
+                scaled = times * (inside[name] / (times[-1] if len(grid) == 1 else times[-1, -1]))
+                layers[name] = LayerGrid(grid[0], grid[-1], scaled, shapes[name].out_hw, len(grid) == 1)
+        layers = {name: layers[name] for name in shapes}
+        meta = {"device": str(device), "threads": threads, "batch": batch, "measured_dense": other + sum(inside.values()),
+                "build_seconds": time.perf_counter() - start}
+        return cls(layers, other, meta)
+
+    def layer_time(self, name: str, kept_in: int, kept_out: int) -> float:
+        """Interpolated seconds of layer `name` keeping (kept_in, kept_out) channels."""
+        return self.layers[name].time(kept_in, kept_out)
+
+    def predict(self, kept: Mapping[str, tuple[int, int]]) -> float:
+        """Predicted seconds of one forward pass when layer `name` keeps kept[name] = (in, out) channels; layers not named stay dense."""
+        unknown = sorted(set(kept) - set(self.layers))
+        if unknown:
+            raise KeyError(f"layers not in the latency table: {unknown}")
+        layer_total, activations = 0.0, 0
+        for name, grid in self.layers.items():
+            kin, kout = kept.get(name, (grid.kept_in[-1], grid.kept_out[-1]))
+            layer_total += grid.time(kin, kout)
+            activations += kout * grid.out_hw[0] * grid.out_hw[1]
+        return layer_total + self.other * (activations / self._dense_activations)
+
+    @property
+    def dense(self) -> float:
+        """Predicted seconds of the dense model: its measured latency at build time (up to rounding)."""
+        return self.predict({})
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict; :meth:`from_json` reads it back with bit-identical predictions.
+
+        Schema: ``{"format": "rdprune-latency/1", "other": seconds, "meta": {...}, "layers": {name: {"kept_in": [...],
+        "kept_out": [...], "times": [[seconds per kept_out] per kept_in] (depthwise: [seconds]), "out_hw": [h, w],
+        "depthwise": bool}}}``, layers in call order.
+        """
+        layers = {name: {"kept_in": list(g.kept_in), "kept_out": list(g.kept_out), "times": g.times.tolist(),
+                         "out_hw": list(g.out_hw), "depthwise": g.depthwise} for name, g in self.layers.items()}
+        return {"format": JSON_FORMAT, "other": self.other, "meta": dict(self.meta), "layers": layers}
+
+    @classmethod
+    def from_json(cls, data: dict) -> LatencyTable:
+        """The table written by :meth:`to_json` (or hand-written to that schema)."""
+        if data.get("format") != JSON_FORMAT:
+            raise ValueError(f"not a latency table of format {JSON_FORMAT!r}: {data.get('format')!r}")
+        layers = {name: LayerGrid(g["kept_in"], g["kept_out"], g["times"], g.get("out_hw", (1, 1)), g.get("depthwise", False))
+                  for name, g in data["layers"].items()}
+        return cls(layers, data["other"], data.get("meta"))
+
+
+class _PieceClock:
+    """Forward hooks that split one forward pass into pieces: each tabulated layer, and what runs between them.
+
+    The hooks stay registered but do nothing while ``enabled`` is false, so plain passes cost them two no-op
+    Python calls per layer (microseconds, absorbed by the dense pass's common factor).
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.enabled = False
+        self.marks: list[tuple[float, str]] = []
+        modules = dict(model.named_modules())
+        self.handles = [hook for name in names for hook in (modules[name].register_forward_pre_hook(functools.partial(self._mark, name)),
+                                                            modules[name].register_forward_hook(functools.partial(self._mark, name)))]
+
+    def _mark(self, name: str, *_: object) -> None:
+        if self.enabled:
+            self.sync()
+            self.marks.append((time.perf_counter(), name))
+
+    def pieces(self, forward: Callable[[], object]) -> list[tuple[str | None, float]]:
+        """(layer name, or None between layers; seconds) of each piece of one call of `forward`, in order."""
+        self.marks.clear()
+        self.enabled = True
+        try:
+            self._mark("")
+            forward()
+            self._mark("")
+        finally:
+            self.enabled = False
+        times = [t for t, _ in self.marks]
+        return [(self.marks[k][1] if k % 2 else None, times[k + 1] - times[k]) for k in range(len(times) - 1)]
+
+    def remove(self) -> None:
+        for hook in self.handles:
+            hook.remove()
+
+
+def _dense_pass(model: nn.Module, example: torch.Tensor, names: Sequence[str], device: torch.device,
+                time_limit_s: float) -> tuple[dict[str, float], float]:
+    """Seconds of each layer inside the dense model, and of the rest, summing to the model's median latency.
+
+    Each round times one plain and one hooked forward pass (in alternating order). Every piece's median over
+    the rounds is taken; all pieces are then scaled by one common factor, the plain pass's median over the
+    sum of the piece medians (it absorbs the hooks' own cost and the load that long calls see, see the module
+    docstring). A layer called twice gets the sum of its pieces.
+    """
+    plain = functools.partial(model, example)
+    clock = _PieceClock(model, names, device)
+    try:
+        t0 = time.perf_counter()
+        clock.pieces(plain)  # warms up, and prices a round
+        round_s = 2 * (time.perf_counter() - t0)
+        repeats = int(min(_DENSE_REPEATS, max(_DENSE_MIN_REPEATS, _DENSE_SHARE * time_limit_s / round_s - _DENSE_WARMUP)))
+        plain_times, hooked = [], []
+        for r in range(_DENSE_WARMUP + repeats):
+            for use_hooks in ((True, False) if r % 2 else (False, True)):
+                if use_hooks:
+                    hooked.append(clock.pieces(plain))
+                else:
+                    plain_times.append(_interleaved_samples([plain], 1, 0, device)[0][0])
+    finally:
+        clock.remove()
+    hooked, plain_times = hooked[_DENSE_WARMUP:], plain_times[_DENSE_WARMUP:]
+    medians = [statistics.median(run[k][1] for run in hooked) for k in range(len(hooked[0]))]
+    scale = statistics.median(plain_times) / sum(medians)
+    inside = dict.fromkeys(names, 0.0)
+    other = 0.0
+    for (name, _), seconds in zip(hooked[0], medians):
+        if name is None:
+            other += scale * seconds
+        else:
+            inside[name] += scale * seconds
+    silent = sorted(name for name in names if name not in {n for n, _ in hooked[0]})
+    if silent:
+        raise ValueError(f"layers in shapes that the forward pass of the example does not call: {silent}")
+    return inside, other
+
+
+def _grid_pass(shapes: Sequence[LayerShape], full: Sequence[tuple[tuple[int, ...], ...]], dense_times: Sequence[float], batch: int,
+               device: torch.device, points: int, budget_s: float, progress: bool) -> list[tuple[tuple[tuple[int, ...], ...], np.ndarray]]:
+    """Time each layer's grid, coarsening the rest when the estimate exceeds the budget.
+
+    The estimate (:func:`_grid_cost`) is corrected as it goes by the ratio of time spent to time estimated so
+    far.
+    """
+    start, spent_estimate, current = time.perf_counter(), 0.0, points
+    out = []
+    for k, (shape, grid_full, dense_time) in enumerate(tqdm(list(zip(shapes, full, dense_times)), desc="latency table",
+                                                             disable=not progress, leave=False, dynamic_ncols=True)):
+        elapsed = time.perf_counter() - start
+        correction = elapsed / spent_estimate if spent_estimate > 0 else 1.0
+        pending = list(zip(full[k:], dense_times[k:]))
+        p = _plan_points(pending, current, (budget_s - elapsed) / correction)
+        if p < current:
+            log.warning("latency table: %d of %d layers left and %.1f s of the time limit; coarsening their grids to %d points per axis",
+                        len(pending), len(shapes), budget_s - elapsed, p)
+            current = p
+        grid = _coarse_grid(grid_full, current)
+        times = _time_grid(shape, grid, batch, device)
+        spent_estimate += _grid_cost(grid, dense_time)
+        out.append((grid, times))
+    return out

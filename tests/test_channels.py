@@ -1,0 +1,227 @@
+"""Channel granularity core: groups, masks equal to removal, curves against their definition, costs, allocation."""
+import itertools
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rdprune.core.allocation import allocate_levels
+from rdprune.core.channel_allocation import allocate_channels
+from rdprune.core.channel_baselines import channel_baseline
+from rdprune.core.channel_costs import ChannelCost
+from rdprune.core.channel_curves import estimate_channel_curves, group_plan, plain_channel_curves
+from rdprune.core.channels import ChannelSpace
+from rdprune.core.export import remove_channels
+from rdprune.core.grid import Curve
+from rdprune.core.latency import LatencyTable, LayerGrid
+from rdprune.core.layers import layer_flops
+from rdprune.core.masks import enforce_masks
+from rdprune.errors import UserError
+from rdprune.models.cifar_resnet import resnet20
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class DepthwiseConcat(nn.Module):
+    """A depthwise conv inside a group, and two groups joined by a concatenation into the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.mix = nn.Conv2d(14, 10, 1)
+        self.head = nn.Linear(10 * 4 * 4, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.dw(torch.relu(self.bn_a(self.a(x)))))
+        y = torch.relu(self.mix(torch.cat([a, torch.relu(self.b(x))], dim=1)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 4), 1))
+
+
+def _lived_in(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and shifts, so that a masked channel's BN shift would show if it leaked."""
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_(1, 0.2)
+            m.bias.data.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture
+def resnet():
+    return _lived_in(resnet20(10, in_channels=1, shortcut="projection"))
+
+
+def test_resnet20_groups_tie_the_residual_stream_and_keep_the_outputs(resnet):
+    space = ChannelSpace(resnet, torch.zeros(1, 1, 28, 28))
+    assert len(space.groups) == 12  # 9 block-internal groups and 3 residual streams
+    stream = {(s.layer, s.dim) for s in space.groups["layer3.0.conv2"].slices}
+    assert {("layer3.0.shortcut.0", 0), ("layer3.1.conv2", 0), ("layer3.2.conv2", 0), ("layer3.1.conv1", 1), ("fc", 1)} <= stream
+    assert {(s.layer, s.dim) for s in space.groups["layer1.0.conv1"].slices} == {("layer1.0.conv1", 0), ("layer1.0.conv2", 1)}
+    assert "fc" not in space.groups and all(g.min_kept == 1 for g in space.groups.values())
+
+
+@pytest.mark.parametrize("build,shape", [(lambda: _lived_in(resnet20(10, 1, "projection")), (1, 28, 28)),
+                                         (lambda: _lived_in(DepthwiseConcat()), (3, 8, 8))])
+def test_masked_channels_compute_what_the_physically_smaller_model_computes(build, shape):
+    model = build()
+    x = torch.randn(8, *shape)
+    space = ChannelSpace(model, x[:1])
+    rng = np.random.default_rng(0)
+    removal = {g: int(rng.integers(1, space.max_removed(g) + 1)) for g in space.groups}
+    smaller = remove_channels(model, x[:1], space.removed_indices(removal))
+    with torch.no_grad():
+        enforce_masks(space.layers, space.masks(removal))
+        masked, physical = model(x), smaller(x)
+    assert sum(p.numel() for p in smaller.parameters()) < sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(physical, masked, rtol=1e-5, atol=1e-5 * float(masked.abs().max()))
+    assert all(space.removed(g) == n for g, n in removal.items())  # removed channels read back from the weights
+
+
+def test_depthwise_layers_keep_as_many_inputs_as_outputs():
+    model = _lived_in(DepthwiseConcat())
+    space = ChannelSpace(model, torch.zeros(1, 3, 8, 8))
+    kept = space.kept_channels({"a": 3, "b": 2})
+    assert kept["dw"] == (5, 5) and kept["mix"] == (14 - 5, 10) and kept["a"] == (3, 5) and kept["head"] == (160, 5)
+
+
+def test_a_zero_padding_shortcut_is_refused_with_the_layer_named():
+    with pytest.raises(UserError, match=r"^the channels of conv1 pass through ConstantPadNdBackward0, which maps 16 channels "
+                                        r"to 32 .*; use prune\.granularity weight$"):
+        ChannelSpace(resnet20(10, 1), torch.zeros(1, 1, 28, 28))
+
+
+def test_channel_granularity_without_torch_pruning_names_the_extra(monkeypatch, resnet):
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)
+    with pytest.raises(UserError, match=r"torch-pruning: pip install 'rdprune\[channels\]'$"):
+        ChannelSpace(resnet, torch.zeros(1, 1, 28, 28))
+
+
+@pytest.mark.parametrize("worst_case", [False, True])
+def test_channel_curves_equal_their_plain_definition(resnet, worst_case, tmp_path):
+    x = torch.randn(24, 1, 28, 28)
+    space = ChannelSpace(resnet, x[:1])
+    enforce_masks(space.layers, space.masks({"layer2.1.conv1": 5, "conv1": 2}))  # already partly pruned
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    fast = estimate_channel_curves(resnet, space, x, 6, worst_case=worst_case, batch_size=10, cache_dir=tmp_path, progress=False)
+    plain = plain_channel_curves(resnet, space, x, 6, worst_case=worst_case, batch_size=10)
+    assert all(torch.equal(v, resnet.state_dict()[k]) for k, v in before.items())
+    for g in space.groups:
+        scale = max(float(np.abs(plain[g].distortion).max()), 1e-30)
+        np.testing.assert_allclose(fast[g].distortion, plain[g].distortion, rtol=0, atol=1e-6 * scale)
+        np.testing.assert_array_equal(fast[g].amounts, plain[g].amounts)
+        assert fast[g].distortion[0] == 0.0 and fast[g].distortion[-1] > 0
+    assert fast["layer2.1.conv1"].amounts[0] == 5 / 32  # levels start at what is already removed
+    again = estimate_channel_curves(resnet, space, x, 6, worst_case=worst_case, batch_size=10, cache_dir=tmp_path, progress=False)
+    assert all(np.array_equal(again[g].distortion, fast[g].distortion) for g in space.groups)
+
+
+def test_channel_curve_pieces_join_to_the_whole_curve(resnet):
+    x = torch.randn(16, 1, 28, 28)
+    space = ChannelSpace(resnet, x[:1])
+    whole = estimate_channel_curves(resnet, space, x, 9, groups=["layer3.0.conv1"], progress=False)["layer3.0.conv1"]
+    n = len(group_plan(space, "layer3.0.conv1", 9, "relative").counts)
+    parts = [estimate_channel_curves(resnet, space, x, 9, groups=["layer3.0.conv1"], level_ranges={"layer3.0.conv1": r},
+                                     progress=False)["layer3.0.conv1"] for r in ((0, 4), (4, n))]
+    np.testing.assert_array_equal(np.concatenate([p.distortion for p in parts]), whole.distortion)
+
+
+def test_weight_and_flops_costs_count_what_the_smaller_model_has(resnet):
+    x = torch.zeros(1, 1, 28, 28)
+    space = ChannelSpace(resnet, x)
+    flops = layer_flops(resnet, space.layers, (1, 28, 28))
+    removal = {"layer1.0.conv1": 3, "layer2.0.conv2": 7, "layer3.2.conv1": 40}
+    smaller = remove_channels(resnet, x, space.removed_indices(removal))
+    weights = sum(m.weight.numel() for m in smaller.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert ChannelCost(space, "weights")(removal) == pytest.approx(weights, rel=1e-12)
+    small_flops = sum(layer_flops(smaller, {n: m for n, m in smaller.named_modules() if n in space.layers}, (1, 28, 28)).values())
+    assert ChannelCost(space, "flops", flops=flops)(removal) == pytest.approx(small_flops, rel=1e-12)
+
+
+def _brute_force(curves, plans, cost, limit):
+    best = np.inf
+    for levels in itertools.product(*(range(len(plans[g].counts)) for g in curves)):
+        removal = {g: plans[g].counts[k] for g, k in zip(curves, levels)}
+        if cost(removal) <= limit:
+            best = min(best, sum(np.maximum.accumulate(curves[g].distortion)[k] for g, k in zip(curves, levels)))
+    return best
+
+
+@pytest.mark.parametrize("budget,fraction", [("weights", 0.6), ("weights", 0.35), ("flops", 0.5)])
+def test_channel_allocation_meets_the_budget_between_the_bound_and_the_optimum(budget, fraction):
+    model = _lived_in(DepthwiseConcat())
+    x = torch.randn(16, 3, 8, 8)
+    space = ChannelSpace(model, x[:1])
+    curves = estimate_channel_curves(model, space, x, 5, progress=False)
+    plans = {g: group_plan(space, g, 5, "relative") for g in space.groups}
+    cost = ChannelCost(space, budget, flops=layer_flops(model, space.layers, (3, 8, 8)))
+    limit = fraction * cost.dense
+    result = allocate_channels(curves, plans, cost, limit)
+    optimum = _brute_force(curves, plans, cost, limit)
+    assert cost(result.removal) <= limit and result.cost == cost(result.removal)
+    assert result.lower_bound <= optimum + 1e-12 <= result.distortion + 2e-12
+    assert result.gap >= 0
+
+
+def _fixed_table(space: ChannelSpace) -> LatencyTable:
+    """A latency table from fixed numbers: each layer's time proportional to its kept in x out channels."""
+    grids = {}
+    for name, (cin, cout) in space.kept_channels({}).items():
+        kin, kout = tuple(range(1, cin + 1)), tuple(range(1, cout + 1))
+        if isinstance(space.layers[name], nn.Conv2d) and space.layers[name].groups > 1:
+            grids[name] = LayerGrid(kout, kout, 1e-6 * np.array(kout, float), depthwise=True)
+        else:
+            grids[name] = LayerGrid(kin, kout, 1e-6 * np.outer(kin, kout))
+    return LatencyTable(grids, other=1e-5)
+
+
+def test_latency_budget_allocation_and_baselines_meet_the_predicted_budget():
+    model = _lived_in(DepthwiseConcat())
+    x = torch.randn(16, 3, 8, 8)
+    space = ChannelSpace(model, x[:1])
+    cost = ChannelCost(space, "latency", latency=_fixed_table(space))
+    curves = estimate_channel_curves(model, space, x, 5, progress=False)
+    plans = {g: group_plan(space, g, 5, "relative") for g in space.groups}
+    limit = 0.5 * cost.dense
+    result = allocate_channels(curves, plans, cost, limit)
+    assert cost(result.removal) <= limit and result.lower_bound is None
+    current = {g: 0 for g in space.groups}
+    for method in ("unif", "glob"):
+        removal = channel_baseline(method, space, cost, limit, current)
+        assert cost(removal) <= limit
+    unif = channel_baseline("unif", space, cost, limit, current)
+    fractions = [unif[g] / space.groups[g].size for g in space.groups]
+    assert max(fractions) - min(fractions) <= max(1 / space.groups[g].size for g in space.groups)  # one ratio, rounded
+    with pytest.raises(ValueError, match="budget cannot be met"):
+        allocate_channels(curves, plans, cost, 1e-3 * cost.dense)
+
+
+def test_allocate_levels_is_exact_against_brute_force():
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        curves, costs = {}, {}
+        for u in range(4):
+            k = int(rng.integers(2, 6))
+            curves[f"u{u}"] = Curve(np.linspace(0, 0.9, k), np.cumsum(rng.random(k)) - rng.random())
+            costs[f"u{u}"] = np.sort(rng.integers(0, 50, k))[::-1].copy()
+        limit = int(rng.integers(20, 150))
+        first = {n: int(rng.integers(0, 2)) for n in curves}
+        try:
+            levels, _ = allocate_levels(curves, costs, limit, first=first)
+        except ValueError:
+            assert sum(int(c.min()) for c in costs.values()) > limit
+            continue
+        best = min(
+            sum(np.maximum.accumulate(curves[n].distortion)[k] for n, k in zip(curves, ks))
+            for ks in itertools.product(*(range(first[n], len(c)) for n, c in costs.items()))
+            if sum(costs[n][k] for n, k in zip(curves, ks)) <= limit
+        )
+        got = sum(np.maximum.accumulate(curves[n].distortion)[levels[n]] for n in curves)
+        assert sum(costs[n][levels[n]] for n in curves) <= limit and got == pytest.approx(best, abs=1e-12)

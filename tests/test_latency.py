@@ -1,0 +1,206 @@
+"""Latency model: layer discovery, grids, interpolation, the rest-of-network term, JSON, building and timing."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rdprune.core.latency import LatencyTable, LayerGrid, LayerShape, channel_values, layer_shapes, measure_latency
+
+
+class SmallNet(nn.Module):
+    """Declared out of call order: a strided conv, a depthwise conv, a 1x1 conv, pooling and a linear head."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.head = nn.Linear(2 * width, 5)
+        self.pointwise = nn.Conv2d(width, 2 * width, 1, bias=False)
+        self.stem = nn.Conv2d(3, width, 3, stride=2, padding=1)
+        self.depthwise = nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(self.pointwise(self.depthwise(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def fixed_table(other: float = 2e-3, seed: int = 0) -> LatencyTable:
+    """A table from fixed numbers, increasing in every channel count, with one 2-d and one depthwise layer."""
+    rng = np.random.default_rng(seed)
+    conv = np.cumsum(np.cumsum(rng.uniform(1e-5, 1e-4, (3, 4)), axis=0), axis=1)
+    depthwise = np.cumsum(rng.uniform(1e-5, 1e-4, 3))
+    layers = {"conv": LayerGrid((1, 5, 9), (2, 4, 8, 16), conv, out_hw=(4, 4)),
+              "dw": LayerGrid((1, 3, 9), (1, 3, 9), depthwise, out_hw=(8, 8), depthwise=True)}
+    return LatencyTable(layers, other)
+
+
+@pytest.fixture
+def net() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return SmallNet().eval(), torch.randn(2, 3, 16, 16)
+
+
+def test_layer_shapes_follow_call_order_with_sizes(net):
+    model, x = net
+    shapes = layer_shapes(model, x)
+    assert list(shapes) == ["stem", "depthwise", "pointwise", "head"]
+    stem, dw, pw, head = shapes.values()
+    assert (stem.kind, stem.in_channels, stem.out_channels, stem.kernel_size) == ("conv2d", 3, 16, (3, 3))
+    assert (stem.stride, stem.padding) == ((2, 2), (1, 1))
+    assert (stem.in_hw, stem.out_hw, stem.bias) == ((16, 16), (8, 8), True)
+    assert dw.depthwise and dw.groups == 16 and dw.in_hw == dw.out_hw == (8, 8) and not dw.bias
+    assert not pw.depthwise and (pw.in_channels, pw.out_channels, pw.out_hw) == (16, 32, (8, 8))
+    assert head == LayerShape("head", "linear", 32, 5, bias=True)
+    assert not any(m._forward_hooks for m in model.modules()), "layer_shapes must remove its hooks"
+
+
+def test_channel_values_small_dims_every_count_large_dims_round_multiples():
+    assert channel_values(7, 11) == tuple(range(1, 8))
+    wide = channel_values(2048, 11)
+    assert wide[0] == 1 and wide[-1] == 2048 and all(v % 16 == 0 for v in wide[1:]) and 9 <= len(wide) <= 12
+    mid = channel_values(256, 11)
+    assert mid[0] == 1 and mid[-1] == 256 and all(v % 8 == 0 for v in mid[1:]) and list(mid) == sorted(set(mid))
+    assert channel_values(8, 3, multiple=2) == (2, 4, 8)  # a grouped conv's counts stay multiples of its groups
+    with pytest.raises(ValueError):
+        channel_values(64, 1)
+
+
+def test_interpolation_exact_at_grid_points_and_bilinear_between():
+    table = fixed_table()
+    conv = table.layers["conv"]
+    for a, kin in enumerate(conv.kept_in):
+        for b, kout in enumerate(conv.kept_out):
+            assert table.layer_time("conv", kin, kout) == conv.times[a, b]
+    # (3, 6): halfway between in 1 and 5 and between out 4 and 8.
+    t = conv.times
+    assert table.layer_time("conv", 3, 6) == pytest.approx((t[0, 1] + t[0, 2] + t[1, 1] + t[1, 2]) / 4, rel=1e-12)
+    # (6, 5): a quarter of the way from in 5 to 9 and from out 4 to 8.
+    expected = 0.75 * 0.75 * t[1, 1] + 0.25 * 0.75 * t[2, 1] + 0.75 * 0.25 * t[1, 2] + 0.25 * 0.25 * t[2, 2]
+    assert table.layer_time("conv", 6, 5) == pytest.approx(expected, rel=1e-12)
+    dw = table.layers["dw"].times
+    assert table.layer_time("dw", 3, 3) == dw[1]
+    assert table.layer_time("dw", 5, 5) == pytest.approx(dw[1] + (dw[2] - dw[1]) / 3, rel=1e-12)
+
+
+def test_queries_outside_the_table_are_errors():
+    table = fixed_table()
+    with pytest.raises(ValueError, match="outside"):
+        table.layer_time("conv", 10, 4)
+    with pytest.raises(ValueError, match="outside"):
+        table.layer_time("conv", 5, 1)
+    with pytest.raises(ValueError, match="depthwise"):
+        table.layer_time("dw", 3, 9)
+    with pytest.raises(KeyError):
+        table.predict({"nope": (1, 1)})
+    with pytest.raises(ValueError):
+        LayerGrid((1, 4, 4), (2,), np.zeros((3, 1)))
+
+
+def test_predict_of_the_dense_plan_is_dense_and_other_scales_with_output_activations():
+    table = fixed_table(other=3e-3)
+    layers_dense = table.layers["conv"].dense_time + table.layers["dw"].dense_time
+    assert table.dense == table.predict({}) == table.predict({"conv": (9, 16), "dw": (9, 9)})
+    assert table.dense == pytest.approx(layers_dense + 3e-3, rel=1e-12)
+    # Without layer time, only the other term remains: other * kept output activations / dense ones.
+    zero = LatencyTable({n: LayerGrid(g.kept_in, g.kept_out, np.zeros_like(g.times), g.out_hw, g.depthwise)
+                         for n, g in table.layers.items()}, other=3e-3)
+    dense_act = 16 * 16 + 9 * 64
+    assert zero.predict({"conv": (1, 8), "dw": (3, 3)}) == pytest.approx(3e-3 * (8 * 16 + 3 * 64) / dense_act, rel=1e-12)
+
+
+def test_predict_decreases_as_channels_are_removed():
+    table = fixed_table()
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        kin, kout, dw = 9, 16, 9
+        previous = table.predict({})
+        while (kin, kout, dw) != (1, 2, 1):
+            k = rng.integers(3)
+            if k == 0:
+                kin = max(1, kin - 1)
+            elif k == 1:
+                kout = max(2, kout - 1)
+            else:
+                dw = max(1, dw - 1)
+            now = table.predict({"conv": (kin, kout), "dw": (dw, dw)})
+            assert now <= previous
+            previous = now
+        assert previous < table.dense
+
+
+def test_json_round_trip_is_bit_identical():
+    table = fixed_table(other=1.2345678901234567e-3)
+    back = LatencyTable.from_json(json.loads(json.dumps(table.to_json())))
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        plan = {"conv": (int(rng.integers(1, 10)), int(rng.integers(2, 17))), "dw": (d := int(rng.integers(1, 10)), d)}
+        assert back.predict(plan) == table.predict(plan)
+    assert back.dense == table.dense
+    with pytest.raises(ValueError, match="format"):
+        LatencyTable.from_json({"format": "something else", "layers": {}, "other": 0.0})
+
+
+def test_build_on_a_tiny_net(net, one_thread):
+    model, x = net
+    shapes = layer_shapes(model, x)
+    threads = torch.get_num_threads()
+    table = LatencyTable.build(model, x, shapes, threads=1, time_limit_s=20.0, channel_grid={"pointwise": ((4, 16), (8, 32))})
+    assert torch.get_num_threads() == threads
+    assert list(table.layers) == list(shapes)
+    assert table.dense > 0 and table.other >= 0
+    assert table.dense == pytest.approx(table.meta["measured_dense"], rel=1e-9)
+    assert table.layers["pointwise"].kept_in == (4, 16) and table.layers["pointwise"].kept_out == (8, 32)
+    assert table.layers["depthwise"].depthwise and table.layers["depthwise"].kept_in[-1] == 16
+    assert table.layers["stem"].kept_in == (1, 2, 3)
+    assert all(t > 0 for g in table.layers.values() for t in np.ravel(g.times))
+    back = LatencyTable.from_json(json.loads(json.dumps(table.to_json())))
+    plan = {"stem": (3, 9), "depthwise": (9, 9), "pointwise": (9, 20), "head": (20, 5)}
+    assert back.predict(plan) == table.predict(plan) > 0
+
+
+def test_channel_grid_overrides_must_include_the_dense_count(net):
+    model, x = net
+    with pytest.raises(ValueError, match="dense count"):
+        LatencyTable.build(model, x, layer_shapes(model, x), channel_grid={"pointwise": ((4, 8), (8, 32))})
+
+
+def test_time_limit_coarsens_the_grids(one_thread, caplog):
+    torch.manual_seed(0)
+    model, x = SmallNet(width=48).eval(), torch.randn(1, 3, 8, 8)
+    shapes = layer_shapes(model, x)
+    full = LatencyTable.build(model, x, shapes, threads=1, time_limit_s=1e6)
+    with caplog.at_level(logging.WARNING, logger="rdprune.core.latency"):
+        tight = LatencyTable.build(model, x, shapes, threads=1, time_limit_s=1e-3)
+    assert any("coarsening" in r.getMessage() for r in caplog.records)
+
+    def count(table: LatencyTable) -> int:
+        return sum(np.size(g.times) for g in table.layers.values())
+
+    assert count(tight) < count(full)
+    for name, g in tight.layers.items():
+        dense = full.layers[name]
+        assert len(g.kept_in) >= min(2, len(dense.kept_in)) and g.kept_in[0] == dense.kept_in[0] and g.kept_in[-1] == dense.kept_in[-1]
+        assert g.kept_out[-1] == dense.kept_out[-1]
+
+
+def test_measure_latency_one_median_per_model_and_more_work_is_slower(one_thread):
+    torch.manual_seed(0)
+    small = nn.Conv2d(32, 32, 3, padding=1).eval()
+    large = nn.Conv2d(32, 256, 3, padding=1).eval()  # 8 times the FLOPs
+    threads = torch.get_num_threads()
+    times = measure_latency([small, large], torch.randn(1, 32, 32, 32), repeats=9, warmup=2, threads=1)
+    assert torch.get_num_threads() == threads
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert times[1] > times[0]
+
+
+def test_build_rejects_shapes_the_forward_pass_does_not_call(net):
+    model, x = net
+    shapes = dict(layer_shapes(model, x))
+    model.unused = nn.Linear(4, 4)
+    shapes["unused"] = LayerShape("unused", "linear", 4, 4)
+    with pytest.raises(ValueError, match="does not call"):
+        LatencyTable.build(model, x, shapes, threads=1, time_limit_s=5.0)
