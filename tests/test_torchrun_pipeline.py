@@ -107,6 +107,27 @@ def test_first_iteration_equal_at_1_2_3_ranks(tmp_path, checkpoint):
         assert json.loads((out / "provenance.json").read_text())["world_size"] == nproc
 
 
+@pytest.mark.slow  # two pipeline runs, ~20 s each
+@pytest.mark.distributed
+def test_channel_plan_equal_at_1_and_2_ranks(tmp_path, checkpoint):
+    """Channel granularity: curves sharded in (group, level range) pieces, the removal chosen on rank 0, the same masks."""
+    channels = ["prune.granularity=channel", "prune.budget=flops", "prune.target_sparsity=0.5", "finetune.steps=2",
+                "prune.levels=6", "calibration.size=64", "calibration.batch_size=32", f"model.checkpoint={checkpoint}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _ok(_run([sys.executable, *_pipeline(one, *channels)]))
+    _ok(_run(torchrun_command(2, *_pipeline(two, *channels))))
+    assert _allocation(one, 1)["removal"] == _allocation(two, 1)["removal"]
+    assert sum(_allocation(one, 1)["removal"].values()) > 0
+    assert _same_masks(_masks(one / "checkpoints" / "last.pt"), _masks(two / "checkpoints" / "last.pt"))
+    with np.load(one / "curves" / "iter_01" / "curves.npz") as a, np.load(two / "curves" / "iter_01" / "curves.npz") as b:
+        assert sorted(a) == sorted(b) == ["features.0/amounts", "features.0/distortion", "features.4/amounts", "features.4/distortion"]
+        for key in a:
+            assert np.abs(a[key] - b[key]).max() <= 1e-6 * np.abs(a[key]).max(), key
+    rows = _rows(two)
+    assert rows[1]["cost_remaining"] <= 0.5 and rows[1]["distortion_measured"] > 0
+    assert (two / "final" / "smaller" / "model.onnx").is_file() and (two / "final" / "smaller" / "model.pt2").is_file()
+
+
 @pytest.mark.slow  # two pipeline runs on 2 ranks, ~25 s each
 @pytest.mark.distributed
 def test_two_runs_at_equal_world_size_agree_at_every_iteration(tmp_path, checkpoint, reference):

@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("curves", "allocate", "shard")
+BENCHMARKS = ("curves", "allocate", "shard", "latency")
 
 
 def main(argv: list[str]) -> int:

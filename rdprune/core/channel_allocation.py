@@ -19,8 +19,9 @@ any removal on the grid can reach: the reported gap bounds how far from optimal 
 """
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,8 @@ from rdprune.core.allocation import allocate_levels
 from rdprune.core.channel_costs import ChannelCost
 from rdprune.core.curves import LayerPlan
 from rdprune.core.grid import Curve
+
+log = logging.getLogger(__name__)
 
 _RESOLUTION = 2**40  # integer cost units per budget: rounding moves a level's cost by at most 2^-40 of the budget
 
@@ -168,3 +171,59 @@ def _lower_bound(curves: Mapping[str, Curve], counts: Mapping[str, np.ndarray], 
     room = math.ceil((limit - base) / unit) + len(counts)
     levels, _ = allocate_levels(curves, ints, room, first=first)
     return float(sum(_running_max(curves[g])[k] for g, k in levels.items()))
+
+
+@dataclass
+class MeasuredLatency:
+    """A removal checked against the latency measured on the device, and how the latency model did."""
+
+    removal: dict[str, int]
+    predicted_s: float  # the latency model's prediction for the first solution, before any correction
+    first_s: float  # measured latency of that first solution
+    dense_s: float  # measured dense latency (same process, interleaved with the pruned model)
+    pruned_s: float  # measured latency of the final removal
+    corrections: int
+
+    @property
+    def model_error(self) -> float:
+        """Relative error of the prediction before correction, against the measurement."""
+        return self.predicted_s / self.first_s - 1.0
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_s / self.pruned_s
+
+
+def meet_measured_latency(
+    solve: Callable[[float], dict[str, int]],
+    measure: Callable[[dict[str, int]], tuple[float, float]],
+    predict: Callable[[dict[str, int]], float],
+    predicted_dense: float,
+    keep: float,
+    rounds: int,
+) -> MeasuredLatency:
+    """Solve at ``keep`` times the predicted dense latency, measure, and re-solve while the measurement is over budget.
+
+    ``measure(removal)`` returns measured (dense, pruned) seconds, timed together; the budget is
+    ``keep`` times the measured dense latency. Each correction scales the latency model's limit by
+    ``budget / measured`` (at most ``rounds`` times): the model's relative error is what it corrects.
+    """
+    limit = keep * predicted_dense
+    removal = solve(limit)
+    predicted = predict(removal)
+    dense_s, pruned_s = measure(removal)
+    first_s, done = pruned_s, 0
+    while pruned_s > keep * dense_s and done < rounds:
+        done += 1
+        limit *= keep * dense_s / pruned_s
+        try:
+            candidate = solve(limit)
+        except ValueError:
+            log.warning("latency correction %d: no removal meets the tightened budget; keeping the last one", done)
+            break
+        removal = candidate
+        dense_s, pruned_s = measure(removal)
+        log.info("latency correction %d: measured %.3f ms against a budget of %.3f ms", done, 1e3 * pruned_s, 1e3 * keep * dense_s)
+    if pruned_s > keep * dense_s:
+        log.warning("measured latency %.3f ms is over the budget %.3f ms after %d corrections", 1e3 * pruned_s, 1e3 * keep * dense_s, done)
+    return MeasuredLatency(removal, predicted, first_s, dense_s, pruned_s, done)

@@ -17,7 +17,7 @@ from torch import nn
 
 from rdprune import distributed
 from rdprune.config import Config
-from rdprune.core.channel_allocation import allocate_channels
+from rdprune.core.channel_allocation import allocate_channels, meet_measured_latency
 from rdprune.core.channel_baselines import channel_baseline
 from rdprune.core.channel_costs import ChannelCost
 from rdprune.core.channel_curves import group_plan
@@ -120,11 +120,25 @@ def removal_for(cfg: Config, dist: DistInfo, stage: ChannelStage, model: nn.Modu
             return alloc.removal, {"distortion_predicted": alloc.distortion, "distortion_lower_bound": alloc.lower_bound,
                                    "allocation_rounds": alloc.rounds}
 
-        limit = (1.0 - target) * cost.dense
-        chosen, info = solve(limit)
         if cfg.prune.budget == "latency":
-            chosen, measured = _meet_measured_latency(cfg, stage, model, chosen, target, solve)
-            info.update(measured)
+            details: dict = {}
+
+            def solve_latency(limit: float) -> dict[str, int]:
+                removal, extra = solve(limit)
+                details.update(extra)
+                return removal
+
+            lat = cfg.latency
+            checked = meet_measured_latency(
+                solve_latency, lambda removal: _measure(stage, model, removal, lat.repeats, lat.threads), cost, cost.dense,
+                1.0 - target, lat.correction_rounds)
+            chosen = checked.removal
+            info = {**details, "latency_predicted_ms": 1e3 * checked.predicted_s, "latency_first_ms": 1e3 * checked.first_s,
+                    "latency_model_error": checked.model_error, "latency_dense_ms": 1e3 * checked.dense_s,
+                    "latency_ms": 1e3 * checked.pruned_s, "latency_speedup": checked.speedup,
+                    "latency_corrections": checked.corrections}
+        else:
+            chosen, info = solve((1.0 - target) * cost.dense)
         info["cost_remaining"] = cost(chosen) / cost.dense
         info["channels_removed"] = sum(chosen.values())
         if curves is not None:
@@ -139,38 +153,6 @@ def _measure(stage: ChannelStage, model: nn.Module, removal: dict[str, int], rep
     smaller = remove_channels(dense, stage.latency_example[:1], stage.space.removed_indices(removal))
     dense_s, pruned_s = measure_latency([dense, smaller], stage.latency_example, repeats=repeats, threads=threads, device=stage.device)
     return dense_s, pruned_s
-
-
-def _meet_measured_latency(cfg: Config, stage: ChannelStage, model: nn.Module, chosen: dict[str, int], target: float,
-                           solve: object) -> tuple[dict[str, int], dict]:
-    """Measure the chosen model; while it runs over budget, re-solve with the budget scaled down by the overshoot.
-
-    Each correction multiplies the latency model's limit by ``budget / measured`` (at most
-    ``latency.correction_rounds`` times); the prediction and error recorded are those before any correction.
-    """
-    lat = cfg.latency
-    predicted = stage.cost(chosen)
-    dense_s, pruned_s = _measure(stage, model, chosen, lat.repeats, lat.threads)
-    first = {"latency_predicted_ms": 1e3 * predicted, "latency_first_ms": 1e3 * pruned_s,
-             "latency_model_error": (predicted / stage.cost.dense) / (pruned_s / dense_s) - 1.0}
-    limit = (1.0 - target) * stage.cost.dense
-    rounds = 0
-    while pruned_s > (1.0 - target) * dense_s and rounds < lat.correction_rounds:
-        rounds += 1
-        limit *= (1.0 - target) * dense_s / pruned_s
-        try:
-            chosen, _ = solve(limit)
-        except ValueError:
-            log.warning("latency correction %d: no removal meets the tightened budget; keeping the last one", rounds)
-            break
-        dense_s, pruned_s = _measure(stage, model, chosen, lat.repeats, lat.threads)
-        log.info("latency correction %d: measured %.3f ms against a budget of %.3f ms", rounds, 1e3 * pruned_s,
-                 1e3 * (1.0 - target) * dense_s)
-    if pruned_s > (1.0 - target) * dense_s:
-        log.warning("measured latency %.3f ms is over the budget %.3f ms after %d corrections", 1e3 * pruned_s,
-                    1e3 * (1.0 - target) * dense_s, rounds)
-    return chosen, {**first, "latency_dense_ms": 1e3 * dense_s, "latency_ms": 1e3 * pruned_s,
-                    "latency_speedup": dense_s / pruned_s, "latency_corrections": rounds}
 
 
 def curves_of(info: dict) -> dict[str, Curve]:

@@ -1,0 +1,108 @@
+"""Channel granularity through the whole pipeline: a latency budget, the physically smaller model, resume, bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rdprune.cli.common import run_cli
+from rdprune.core.layers import prunable_layers
+from rdprune.run import main
+
+from launch import clean_env
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "quickstart_channels.yaml"
+MODEL = "model.name=dist_scripts.user_models:batchnorm_cnn"
+REDUCED = [MODEL, "pretrain.steps=30", "finetune.steps=4", "prune.levels=6", "prune.target_sparsity=0.4",
+           "prune.amount_per_iteration=0.25", "calibration.size=64", "calibration.batch_size=32", "calibration.bn_images=128",
+           "latency.batch_size=16", "latency.time_limit_s=10", "latency.repeats=5", "run.progress=false", "run.threads=1"]
+
+
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "rdprune.run", str(CONFIG), f"run.out_dir={out}", *REDUCED, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=clean_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def channel_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("channels") / "run"
+    _run(out)
+    return out
+
+
+def test_latency_rows_record_prediction_measurement_and_additivity(channel_run):
+    rows = _rows(channel_run)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert r["latency_dense_ms"] > 0 and r["latency_ms"] > 0 and r["latency_predicted_ms"] > 0
+        assert np.isfinite(r["latency_model_error"]) and r["latency_corrections"] >= 0
+        assert r["cost_remaining"] <= 1 - r["target_sparsity"] + 1e-9  # the latency model's budget holds
+        assert r["distortion_predicted"] >= 0 and r["distortion_measured"] > 0
+        assert r["distortion_lower_bound"] is None  # no provable bound for a measured latency table
+    table = json.loads((channel_run / "latency_table.json").read_text())
+    assert table["layers"]
+
+
+def test_masked_final_model_and_exported_smaller_model_agree(channel_run):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from dist_scripts.user_models import batchnorm_cnn
+
+    masked = batchnorm_cnn(10)
+    masked.load_state_dict(torch.load(channel_run / "final" / "model.pt", weights_only=True))
+    masked.eval()
+    zero_rows = [(m.weight.flatten(1).abs().sum(1) == 0).sum().item() for m in prunable_layers(masked).values()]
+    assert sum(zero_rows[:-1]) > 0  # whole output channels are gone from the convolutions
+    x = torch.randn(5, 1, 28, 28)
+    program = torch.export.load(str(channel_run / "final" / "smaller" / "model.pt2"))
+    smaller_params = sum(v.numel() for v in program.state_dict.values())
+    assert smaller_params < sum(p.numel() for p in masked.parameters())
+    with torch.no_grad():
+        expected = masked(x)
+        torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(channel_run / "final" / "smaller" / "model.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - expected.numpy()).max() <= 1e-4 * max(1.0, float(expected.abs().max()))
+    speed = json.loads((channel_run / "final" / "smaller" / "latency.json").read_text())
+    assert speed["dense_ms"] > 0 and speed["pruned_ms"] > 0 and speed["parameters_pruned"] < speed["parameters_dense"]
+
+
+def test_rerun_resumes_with_the_saved_latency_table(channel_run):
+    table = (channel_run / "latency_table.json").read_bytes()
+    rows = _rows(channel_run)
+    proc = _run(channel_run)
+    assert "resuming" in proc.stderr and "latency table: reusing" in proc.stderr
+    assert (channel_run / "latency_table.json").read_bytes() == table
+    assert [r["iteration"] for r in _rows(channel_run)] == [r["iteration"] for r in rows]
+
+
+def _user_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err.strip()
+
+
+def test_channel_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path):
+    q, out = str(CONFIG), f"run.out_dir={tmp_path / 'o'}"
+    assert "prune.budget 'latency' needs prune.granularity 'channel'" in _user_error(capsys, [q, "prune.granularity=weight", out])
+    err = _user_error(capsys, [q, "prune.method=lamp", out])
+    assert "prune.method 'lamp' has no channel form; at prune.granularity 'channel' choose one of" in err
+    assert "is for prune.granularity 'weight' only" in _user_error(capsys, [q, "prune.bn_aware_curves=true", out])
+    err = _user_error(capsys, [q, "model.name=resnet20_cifar", "prune.budget=flops", out])
+    assert "pass through ConstantPadNdBackward0, which maps 16 channels to 32" in err and "prune.granularity weight" in err
+    err = _user_error(capsys, [q, MODEL, "prune.budget=flops", "prune.target_sparsity=0.99", out])
+    assert "prune.target_sparsity 0.99 is out of reach at channel granularity" in err
+    assert not (tmp_path / "o").exists()
