@@ -11,15 +11,32 @@ No layer is pruned past its floor (``rdprune.max_amounts(layers, min_density)``:
 output unit on average, and ``min_density`` of its weights): every curve's grid stops there, and
 ``rdprune.baseline_amounts(method, layers, target, budget="flops", flops=...)`` respects it too.
 
+Channel granularity (``pip install 'rdprune[channels]'``) uses the same allocator on groups of
+coupled channels, with weights, FLOPs or a measured latency as the budget::
+
+    space = rdprune.ChannelSpace(model, example_input)
+    curves = rdprune.estimate_channel_curves(model, space, calibration_inputs, levels=11)
+    plans = {g: rdprune.group_plan(space, g, 11, "relative") for g in space.groups}
+    cost = rdprune.ChannelCost(space, "latency", latency=rdprune.LatencyTable.build(model, batch, rdprune.layer_shapes(model, batch)))
+    removal = rdprune.allocate_channels(curves, plans, cost, 0.5 * cost.dense).removal
+    smaller = rdprune.remove_channels(model, example_input, space.removed_indices(removal))
+
 The command line (``python -m rdprune.run CONFIG``) composes the same calls with data, training and
 torchrun.
 """
 from rdprune.core.allocation import allocate
 from rdprune.core.baselines import BASELINES, baseline_amounts
 from rdprune.core.batchnorm import recalibrate_batchnorm
+from rdprune.core.channel_allocation import allocate_channels, meet_measured_latency
+from rdprune.core.channel_baselines import channel_baseline
+from rdprune.core.channel_costs import ChannelCost
+from rdprune.core.channel_curves import estimate_channel_curves, group_plan
+from rdprune.core.channels import ChannelSpace
 from rdprune.core.curves import estimate_curves, synthetic_inputs
+from rdprune.core.export import remove_channels, save_exported
 from rdprune.core.floor import max_amounts, max_sparsity, min_kept
 from rdprune.core.grid import Curve
+from rdprune.core.latency import LatencyTable, layer_shapes, measure_latency
 from rdprune.core.layers import describe_layers, prunable_layers
 from rdprune.core.masks import (
     MaskGuard,
@@ -34,21 +51,33 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BASELINES",
+    "ChannelCost",
+    "ChannelSpace",
     "Curve",
+    "LatencyTable",
     "MaskGuard",
     "allocate",
+    "allocate_channels",
     "apply_masks",
     "baseline_amounts",
+    "channel_baseline",
     "describe_layers",
+    "estimate_channel_curves",
     "estimate_curves",
+    "group_plan",
+    "layer_shapes",
     "layer_sparsity",
     "load_masks",
     "max_amounts",
     "max_sparsity",
+    "measure_latency",
+    "meet_measured_latency",
     "min_kept",
     "prunable_layers",
     "pruned_state_dict",
     "recalibrate_batchnorm",
+    "remove_channels",
+    "save_exported",
     "save_masks",
     "synthetic_inputs",
 ]

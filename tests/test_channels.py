@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rdprune.core.allocation import allocate_levels
-from rdprune.core.channel_allocation import allocate_channels
+from rdprune.core.channel_allocation import allocate_channels, meet_measured_latency
 from rdprune.core.channel_baselines import channel_baseline
 from rdprune.core.channel_costs import ChannelCost
 from rdprune.core.channel_curves import estimate_channel_curves, group_plan, plain_channel_curves
@@ -225,3 +225,27 @@ def test_allocate_levels_is_exact_against_brute_force():
         )
         got = sum(np.maximum.accumulate(curves[n].distortion)[levels[n]] for n in curves)
         assert sum(costs[n][levels[n]] for n in curves) <= limit and got == pytest.approx(best, abs=1e-12)
+
+
+def test_measured_latency_over_budget_is_corrected_by_re_solving():
+    model = _lived_in(DepthwiseConcat())
+    x = torch.randn(16, 3, 8, 8)
+    space = ChannelSpace(model, x[:1])
+    cost = ChannelCost(space, "latency", latency=_fixed_table(space))
+    curves = estimate_channel_curves(model, space, x, 9, progress=False)
+    plans = {g: group_plan(space, g, 9, "relative") for g in space.groups}
+    measured = []
+
+    def measure(removal):  # the device runs 25 % slower than the table says, except the dense model
+        measured.append(removal)
+        return cost.dense, 1.25 * cost(removal)
+
+    result = meet_measured_latency(lambda limit: allocate_channels(curves, plans, cost, limit).removal, measure, cost,
+                                   cost.dense, 0.6, rounds=3)
+    assert result.pruned_s <= 0.6 * result.dense_s and result.corrections >= 1
+    assert result.model_error == pytest.approx(1 / 1.25 - 1)  # the first solution's prediction against its measurement
+    assert result.absolute_error == pytest.approx(1 / 1.25 - 1)
+    assert result.removal == measured[-1] and len(measured) == result.corrections + 1
+    stubborn = meet_measured_latency(lambda limit: allocate_channels(curves, plans, cost, limit).removal,
+                                     lambda removal: (cost.dense, 10 * cost(removal)), cost, cost.dense, 0.6, rounds=2)
+    assert stubborn.corrections <= 2 and stubborn.pruned_s > 0.6 * stubborn.dense_s  # reported, not hidden

@@ -85,8 +85,10 @@ def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float
         checked = meet_measured_latency(solve, measure, cost, cost.dense, keep, rounds)
         print(f"batch {batch}: dense {1e3 * checked.dense_s:.1f} ms, pruned {1e3 * checked.pruned_s:.1f} ms "
               f"(budget {1e3 * keep * checked.dense_s:.1f} ms): speedup {checked.speedup:.2f}x")
-        print(f"  latency model before correction: predicted {1e3 * checked.predicted_s:.1f} ms, measured "
-              f"{1e3 * checked.first_s:.1f} ms, error {100 * checked.model_error:+.1f} %; corrections: {checked.corrections}")
+        print(f"  latency model before correction: predicted {1e3 * checked.predicted_s:.1f} ms of {1e3 * checked.predicted_dense_s:.1f}, "
+              f"measured {1e3 * checked.first_s:.1f} ms of {1e3 * checked.first_dense_s:.1f}: error of the fraction of dense "
+              f"{100 * checked.model_error:+.1f} %, of the seconds {100 * checked.absolute_error:+.1f} %; "
+              f"corrections: {checked.corrections}")
         print(f"  time: latency table {table_s:.1f} s, curves {curve_s:.1f} s (shared), allocation "
               f"{sum(allocation_s):.2f} s over {len(allocation_s)} solve(s)")
 

@@ -34,6 +34,7 @@ from rdprune.core.grid import Curve
 log = logging.getLogger(__name__)
 
 _RESOLUTION = 2**40  # integer cost units per budget: rounding moves a level's cost by at most 2^-40 of the budget
+_CORRECTION_MARGIN = 0.01  # each latency correction aims this much lower than the last overshoot asks
 
 
 @dataclass
@@ -179,14 +180,26 @@ class MeasuredLatency:
 
     removal: dict[str, int]
     predicted_s: float  # the latency model's prediction for the first solution, before any correction
+    predicted_dense_s: float  # the latency model's dense latency (measured when the table was built)
     first_s: float  # measured latency of that first solution
-    dense_s: float  # measured dense latency (same process, interleaved with the pruned model)
+    first_dense_s: float  # measured dense latency, timed together with it
+    dense_s: float  # measured dense latency, timed together with the final removal
     pruned_s: float  # measured latency of the final removal
     corrections: int
 
     @property
     def model_error(self) -> float:
-        """Relative error of the prediction before correction, against the measurement."""
+        """Relative error of the predicted fraction of the dense latency, before correction.
+
+        The budget is a fraction of the dense latency, so this is the error that decides whether
+        it is met; it is also what a change of machine load between building the table and
+        measuring does not move.
+        """
+        return (self.predicted_s / self.predicted_dense_s) / (self.first_s / self.first_dense_s) - 1.0
+
+    @property
+    def absolute_error(self) -> float:
+        """Relative error of the predicted seconds against the measured ones, before correction."""
         return self.predicted_s / self.first_s - 1.0
 
     @property
@@ -205,17 +218,20 @@ def meet_measured_latency(
     """Solve at ``keep`` times the predicted dense latency, measure, and re-solve while the measurement is over budget.
 
     ``measure(removal)`` returns measured (dense, pruned) seconds, timed together; the budget is
-    ``keep`` times the measured dense latency. Each correction scales the latency model's limit by
-    ``budget / measured`` (at most ``rounds`` times): the model's relative error is what it corrects.
+    ``keep`` times the measured dense latency. Correction k scales the latency model's limit by
+    ``budget / measured`` and by ``1 - 0.01 k`` (at most ``rounds`` times): the model's relative
+    error is what it corrects, the margin what timing noise would leave.
     """
     limit = keep * predicted_dense
     removal = solve(limit)
     predicted = predict(removal)
     dense_s, pruned_s = measure(removal)
-    first_s, done = pruned_s, 0
+    first_dense_s, first_s, done = dense_s, pruned_s, 0
     while pruned_s > keep * dense_s and done < rounds:
         done += 1
-        limit *= keep * dense_s / pruned_s
+        # Scale by the overshoot, and aim a little lower each round: timing noise of a percent or
+        # two would otherwise leave a near miss over budget round after round.
+        limit *= keep * dense_s / pruned_s * (1.0 - _CORRECTION_MARGIN * done)
         try:
             candidate = solve(limit)
         except ValueError:
@@ -226,4 +242,4 @@ def meet_measured_latency(
         log.info("latency correction %d: measured %.3f ms against a budget of %.3f ms", done, 1e3 * pruned_s, 1e3 * keep * dense_s)
     if pruned_s > keep * dense_s:
         log.warning("measured latency %.3f ms is over the budget %.3f ms after %d corrections", 1e3 * pruned_s, 1e3 * keep * dense_s, done)
-    return MeasuredLatency(removal, predicted, first_s, dense_s, pruned_s, done)
+    return MeasuredLatency(removal, predicted, predicted_dense, first_s, first_dense_s, dense_s, pruned_s, done)

@@ -133,8 +133,10 @@ def removal_for(cfg: Config, dist: DistInfo, stage: ChannelStage, model: nn.Modu
                 solve_latency, lambda removal: _measure(stage, model, removal, lat.repeats, lat.threads), cost, cost.dense,
                 1.0 - target, lat.correction_rounds)
             chosen = checked.removal
-            info = {**details, "latency_predicted_ms": 1e3 * checked.predicted_s, "latency_first_ms": 1e3 * checked.first_s,
-                    "latency_model_error": checked.model_error, "latency_dense_ms": 1e3 * checked.dense_s,
+            info = {**details, "latency_predicted_ms": 1e3 * checked.predicted_s,
+                    "latency_predicted_dense_ms": 1e3 * checked.predicted_dense_s, "latency_first_ms": 1e3 * checked.first_s,
+                    "latency_first_dense_ms": 1e3 * checked.first_dense_s, "latency_model_error": checked.model_error,
+                    "latency_model_error_absolute": checked.absolute_error, "latency_dense_ms": 1e3 * checked.dense_s,
                     "latency_ms": 1e3 * checked.pruned_s, "latency_speedup": checked.speedup,
                     "latency_corrections": checked.corrections}
         else:
