@@ -106,3 +106,29 @@ def test_channel_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path):
     err = _user_error(capsys, [q, MODEL, "prune.budget=flops", "prune.target_sparsity=0.99", out])
     assert "prune.target_sparsity 0.99 is out of reach at channel granularity" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_interrupted_iteration_reuses_the_removal_it_chose(tmp_path):
+    """The measured-latency choice depends on timings: a resumed iteration must not choose again."""
+    out = tmp_path / "run"
+    chosen = {"features.0": 2, "features.4": 5}
+    target = 0.25
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "removal_iter_01.json").write_text(json.dumps({"target": target, "removal": chosen, "info": {}}))
+    proc = _run(out, "prune.target_sparsity=0.25", "prune.method=unif")
+    assert "reusing the removal chosen for this iteration" in proc.stderr
+    assert json.loads((out / "allocation" / "iter_01.json").read_text())["removal"] == chosen
+    assert not (out / "checkpoints" / "removal_iter_01.json").exists()  # gone once the iteration is recorded
+
+
+def test_run_directories_of_earlier_versions_stay_resumable():
+    from rdprune.config import load_config
+    from rdprune.pipeline.loop import resume_key, same_run
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    old = resume_key(cfg)
+    del old["prune"]["granularity"]  # written before the key existed
+    assert "latency" not in old  # weight granularity: the latency section is not part of the key
+    assert same_run(old, cfg)
+    assert not same_run(old, load_config(ROOT / "configs" / "quickstart.yaml", ["prune.granularity=channel"]))
+    assert not same_run(old, load_config(ROOT / "configs" / "quickstart.yaml", ["prune.levels=7"]))

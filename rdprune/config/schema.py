@@ -347,6 +347,10 @@ class DistributedConfig(_Section):
     """Timeout of collective operations, in seconds."""
     curve_threads: Optional[int] = None
     """Fixed CPU threads per process during curve estimation; null = run.threads / torch default."""
+    force_process_group: bool = False
+    """Give a single process a process group of its own (NCCL on CUDA, gloo on CPU), so that DDP wraps
+    the model and every collective runs through it at world size 1: the multi-GPU code path on one
+    GPU (the GPU checks use it). Several processes always have one; engine deepspeed always makes one."""
 
     def validate(self) -> None:
         self._check("timeout_s", self.timeout_s >= 1, "an integer >= 1")
@@ -403,6 +407,17 @@ class Config:
 SECTIONS: dict[str, type[_Section]] = {
     f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
 }
+
+
+def section_defaults(section: str) -> dict[str, object]:
+    """Default of every field of a config section that has one (as ``config_to_dict`` writes values)."""
+    found = {}
+    for f in dataclasses.fields(SECTIONS[section]):
+        if f.default is not dataclasses.MISSING:
+            found[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            found[f.name] = f.default_factory()
+    return found
 
 
 def field_docs(section: type) -> dict[str, str]:

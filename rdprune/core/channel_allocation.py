@@ -47,7 +47,7 @@ class ChannelAllocation:
     distortion: float  # predicted: the sum of the chosen levels' (running-max) distortions
     lower_bound: float | None  # of the distortion, over every removal on the grid meeting the budget; None for latency
     rounds: int  # linearise-and-solve rounds (relinearisation and repair)
-    greedy_steps: int  # steps of the last-resort greedy repair
+    greedy_steps: int  # steps of the last-resort greedy repair and of the final fill
     history: list[float] = field(default_factory=list)  # true cost after each round
 
     @property
@@ -107,28 +107,34 @@ def allocate_channels(
         here = cost(now)
         return {g: np.array([cost({**now, g: int(n)}) - here for n in counts[g]]) for g in groups}, here
 
-    history, used = [cost(removal(level))], 0
+    most_levels = {g: len(counts[g]) - 1 for g in groups}
+
+    def step(levels: Mapping[str, int], shortfall: float) -> tuple[dict[str, int], float]:
+        """Solve the problem linearised at ``levels`` with ``shortfall`` held back; (solution, its linear prediction)."""
+        costs, here = linearised(levels)
+        moved = _solve_linear(curves, costs, limit - shortfall - here, limit, first) or most_levels
+        return moved, here + sum(float(costs[g][moved[g]]) for g in groups)
+
+    history, used, shortfall = [cost(removal(level))], 0, 0.0
     if history[0] > limit:
         seen = {tuple(level.values())}
         for _ in range(rounds):  # relinearise until the choice stands still
             used += 1
-            costs, here = linearised(level)
-            moved = _solve_linear(curves, costs, limit - here, limit, first) or {g: len(counts[g]) - 1 for g in groups}
+            moved, predicted = step(level, 0.0)
             history.append(cost(removal(moved)))
-            if moved == level or tuple(moved.values()) in seen:
-                level = moved
-                break
+            shortfall = max(0.0, history[-1] - predicted)  # what the linear model missed on this step
+            stuck = moved == level or tuple(moved.values()) in seen
             seen.add(tuple(moved.values()))
             level = moved
-        tighten = 0.0
-        for _ in range(rounds):  # repair: the true cost must meet the budget
+            if stuck:
+                break
+        for _ in range(rounds):  # repair: hold back what the last step's linear model missed
             if history[-1] <= limit:
                 break
             used += 1
-            tighten += history[-1] - limit
-            costs, here = linearised(level)
-            level = _solve_linear(curves, costs, limit - tighten - here, limit, first) or {g: len(counts[g]) - 1 for g in groups}
+            level, predicted = step(level, shortfall)
             history.append(cost(removal(level)))
+            shortfall = max(shortfall, history[-1] - predicted)
     greedy = 0
     while cost(removal(level)) > limit:  # last resort; ends: the most pruned removal fits
         greedy += 1
@@ -143,12 +149,32 @@ def allocate_channels(
                 if best is None or rate < best_rate:
                     best, best_rate = g, rate
         level[best] += 1
+    greedy += _fill(level, first, removal, cost, dist, limit)
     chosen = removal(level)
     bound = _lower_bound(curves, counts, first, cost, limit, chosen) if cost.has_lower_bound else None
     return ChannelAllocation(
         removal=chosen, cost=cost(chosen), limit=limit, distortion=float(sum(dist[g][level[g]] for g in groups)),
         lower_bound=bound, rounds=used, greedy_steps=greedy, history=history,
     )
+
+
+def _fill(level: dict[str, int], first: Mapping[str, int], removal: Callable[[Mapping[str, int]], dict[str, int]],
+          cost: ChannelCost, dist: Mapping[str, np.ndarray], limit: float) -> int:
+    """Give back what the budget leaves: step groups one level less pruned, largest distortion saved first, while it fits.
+
+    Linearisation and repair can stop under the budget; this never raises the distortion. Returns the steps taken.
+    """
+    steps = 0
+    while True:
+        best, best_gain = None, 0.0
+        for g, k in level.items():
+            gain = dist[g][k] - dist[g][k - 1] if k > first[g] else 0.0
+            if gain > best_gain and cost(removal({**level, g: k - 1})) <= limit:
+                best, best_gain = g, gain
+        if best is None:
+            return steps
+        level[best] -= 1
+        steps += 1
 
 
 def _lower_bound(curves: Mapping[str, Curve], counts: Mapping[str, np.ndarray], first: Mapping[str, int],

@@ -28,7 +28,8 @@ from torch import nn
 
 from rdprune.core.export import channel_change, require_torch_pruning
 from rdprune.core.floor import check_min_density
-from rdprune.core.layers import describe_layers, prunable_layers
+from rdprune.core.latency import layer_shapes
+from rdprune.core.layers import evaluation, prunable_layers
 from rdprune.core.masks import Masks, current_masks
 from rdprune.errors import UserError
 
@@ -56,6 +57,10 @@ class ChannelGroup:
     min_kept: int  # the floor: channels the group keeps at least
 
 
+_MASKABLE = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+"""Group members whose masking equals removal: weights masked per channel, or per-channel statistics."""
+
+
 def _handler_dim(module: nn.Module, out_channel_fn: bool) -> int:
     """Weight dimension that a channel pruning handler cuts in a convolution or linear layer."""
     if _is_depthwise(module):
@@ -80,11 +85,15 @@ class ChannelSpace:
         tp = require_torch_pruning()
         min_density = check_min_density(min_density)
         self.model = model
-        self.layers = prunable_layers(model)  # every conv and linear: consumers of skipped groups get masks too
-        order = [i.name for i in describe_layers(model, tuple(example.shape[1:]))]
-        self.output_layer = order[-1]
+        every = prunable_layers(model)
         prunable_layers(model, skip)  # a skipped name that is no layer is an error
-        ignored = [self.layers[n] for n in {*skip, self.output_layer}]
+        with evaluation(model):
+            order = list(layer_shapes(model, example))  # the layers the forward pass calls, in call order
+        # Every conv and linear layer called: consumers of skipped groups get masks too. One never
+        # called is in no group and costs nothing.
+        self.layers = {n: every[n] for n in order}
+        self.output_layer = order[-1]
+        ignored = [every[n] for n in {*skip, self.output_layer}]
         names = {m: n for n, m in model.named_modules()}
         position = {n: i for i, n in enumerate(order)}
         was_training = model.training
@@ -117,6 +126,11 @@ class ChannelSpace:
                     f"the channels of {names[root]} pass through {type(dep.target.grad_fn).__name__}, which maps {change[0]} "
                     f"channels to {change[1]} (e.g. a shortcut that pads channels): torch-pruning's dependency graph cannot "
                     "follow it; use prune.granularity weight")
+            if not isinstance(module, _MASKABLE) and any(True for _ in module.parameters(recurse=False)):
+                raise UserError(
+                    f"layer {names.get(module, module)} ({type(module).__name__}) in the channel group of {names[root]} has "
+                    "parameters but is not a convolution, linear or BatchNorm layer: masking its channels would not equal "
+                    "removing them (e.g. GroupNorm or LayerNorm normalise across channels); use prune.granularity weight")
             counts = getattr(module, "num_features", None)
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 dim = _handler_dim(module, graph.is_out_channel_pruning_fn(dep.handler))
@@ -199,8 +213,13 @@ class ChannelSpace:
         return masks
 
     def removed_indices(self, removal: Mapping[str, int]) -> dict[str, list[int]]:
-        """The channel indices each group's removal takes, for :func:`rdprune.core.export.remove_channels`."""
-        return {g: sorted(self.removal_order(g)[:n].tolist()) for g, n in removal.items() if n > 0}
+        """Output channels of each group's named layer that its removal takes, for :func:`rdprune.core.export.remove_channels`."""
+        found = {}
+        for g, n in removal.items():
+            if n > 0:
+                own = next(s for s in self.groups[g].slices if s.layer == g and s.dim == 0)
+                found[g] = sorted(own.index[self.removal_order(g)[:n]].reshape(-1).tolist())
+        return found
 
     def kept_channels(self, removal: Mapping[str, int]) -> dict[str, tuple[int, int]]:
         """(input, output) channels every convolution and linear layer keeps under ``removal`` (others unchanged)."""

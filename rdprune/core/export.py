@@ -315,7 +315,7 @@ def save_exported(model: nn.Module, example: torch.Tensor, directory: str | os.P
     """
     if model.training:
         raise ValueError("export a model in eval mode: call model.eval() first")
-    onnxruntime = _require_onnx()
+    onnxruntime = require_onnx()
     directory = Path(directory)
     example = example.contiguous()  # a strided view (e.g. a crop) makes torch.export add a guard the ONNX exporter fails on
     program = _export_program(model, example)
@@ -327,7 +327,7 @@ def save_exported(model: nn.Module, example: torch.Tensor, directory: str | os.P
     return paths
 
 
-def _require_onnx() -> ModuleType:
+def require_onnx() -> ModuleType:
     """Import the ONNX exporter's dependencies and return ``onnxruntime``, or raise ``UserError`` naming the extra."""
     try:
         import onnx  # noqa: F401  (the exporter needs it)

@@ -416,12 +416,13 @@ class LatencyTable:
         unknown = sorted(set(kept) - set(self.layers))
         if unknown:
             raise KeyError(f"layers not in the latency table: {unknown}")
-        layer_total, activations = 0.0, 0
+        times, activations = [], 0
         for name, grid in self.layers.items():
             kin, kout = kept.get(name, (grid.kept_in[-1], grid.kept_out[-1]))
-            layer_total += grid.time(kin, kout)
+            times.append(grid.time(kin, kout))
             activations += kout * grid.out_hw[0] * grid.out_hw[1]
-        return layer_total + self.other * (activations / self._dense_activations)
+        # fsum: exactly rounded, so the order of the layers (a reloaded table's is sorted) cannot change a prediction
+        return math.fsum(times) + self.other * (activations / self._dense_activations)
 
     @property
     def dense(self) -> float:

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from rdprune.core.channel_baselines import channel_baseline
 from rdprune.core.channel_costs import ChannelCost
 from rdprune.core.channel_curves import group_plan
 from rdprune.core.channels import ChannelSpace
-from rdprune.core.export import remove_channels, save_exported
+from rdprune.core.export import remove_channels, require_onnx, save_exported
 from rdprune.core.grid import Curve
 from rdprune.core.latency import LatencyTable, layer_shapes, measure_latency
 from rdprune.core.layers import layer_flops
@@ -52,6 +53,7 @@ class ChannelStage:
 
 def build_stage(cfg: Config, model: nn.Module, input_shape: tuple[int, ...], dist: DistInfo, out: RunLayout) -> ChannelStage:
     """Groups and costs; for a latency budget the latency table (rank 0 measures or reloads it, every rank gets it)."""
+    require_onnx()  # the export at the end needs it: say so now, not after the run
     example = torch.zeros(1, *input_shape, device=dist.device)
     try:
         space = ChannelSpace(model, example, skip=cfg.prune.skip, min_density=cfg.prune.min_density)
@@ -59,6 +61,9 @@ def build_stage(cfg: Config, model: nn.Module, input_shape: tuple[int, ...], dis
         raise UserError(str(exc).splitlines()[0]) from exc
     flops = layer_flops(model, space.layers, input_shape)
     device = torch.device(cfg.latency.device) if cfg.latency.device else dist.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("latency.device is cuda but CUDA is not available on this machine; measure on cpu, or run where "
+                        "the deployment GPU is")
     latency_example = torch.randn(cfg.latency.batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
     table = _latency_table(cfg, model, latency_example, dist, out) if cfg.prune.budget == "latency" else None
     cost = ChannelCost(space, cfg.prune.budget, flops=flops, latency=table)
@@ -69,7 +74,12 @@ def _latency_table(cfg: Config, model: nn.Module, example: torch.Tensor, dist: D
     data = None
     if dist.is_main:
         if cfg.run.resume and out.latency_table.is_file():
-            data = json.loads(out.latency_table.read_text())
+            try:
+                data = json.loads(out.latency_table.read_text())
+                LatencyTable.from_json(data)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"{out.latency_table} is not a readable latency table ({str(exc)[:120]}); delete it to "
+                                "measure a new one, or set run.resume=false") from None
             log.info("latency table: reusing %s", out.latency_table)
         else:
             probe = copy.deepcopy(model).to(example.device).eval()
@@ -98,9 +108,22 @@ def check_reachable(stage: ChannelStage, target: float) -> None:
                         f"at its floor at most {reachable:.6f} of the {stage.cost.budget} can go; lower the target or prune.min_density")
 
 
-def removal_for(cfg: Config, dist: DistInfo, stage: ChannelStage, model: nn.Module, inputs: torch.Tensor, target: float,
-                cache_dir: object, progress: bool) -> tuple[dict[str, int], dict]:
-    """This iteration's removal (the same on every rank) and what the results row records about it."""
+def removal_for(cfg: Config, dist: DistInfo, stage: ChannelStage, model: nn.Module, inputs: torch.Tensor | None, target: float,
+                cache_dir: object, chosen_file: Path, progress: bool) -> tuple[dict[str, int], dict]:
+    """This iteration's removal (the same on every rank) and what the results row records about it.
+
+    ``inputs`` are the calibration inputs (RD only). The choice is kept in ``chosen_file`` until the
+    iteration is recorded; an iteration resumed after an interruption reuses it instead of solving
+    (and timing) again.
+    """
+    kept = None
+    if dist.is_main and chosen_file.is_file():
+        saved = json.loads(chosen_file.read_text())
+        if saved.get("target") == target:
+            kept = saved["removal"], saved["info"]
+            log.info("reusing the removal chosen for this iteration before the interruption (%s)", chosen_file)
+    if distributed.broadcast_object(kept is not None):
+        return distributed.broadcast_object(kept)
     space, cost = stage.space, stage.cost
     current = {g: space.removed(g) for g in space.groups}
     curves = None
@@ -143,6 +166,7 @@ def removal_for(cfg: Config, dist: DistInfo, stage: ChannelStage, model: nn.Modu
             chosen, info = solve((1.0 - target) * cost.dense)
         info["cost_remaining"] = cost(chosen) / cost.dense
         info["channels_removed"] = sum(chosen.values())
+        write_json(chosen_file, {"target": target, "removal": chosen, "info": info})
         if curves is not None:
             info["curves"] = {g: (curves[g].amounts.tolist(), curves[g].distortion.tolist()) for g in curves}
     chosen, info = distributed.broadcast_object((chosen, info))

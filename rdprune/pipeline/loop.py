@@ -12,7 +12,8 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ from torch import nn
 
 from rdprune import distributed
 from rdprune.config import Config, TrainingConfig, config_hash, config_to_dict, save_config
+from rdprune.config.schema import section_defaults
 from rdprune.core.allocation import allocate
 from rdprune.core.baselines import baseline_amounts
 from rdprune.core.batchnorm import batchnorm_layers, recalibrate_batchnorm
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 
 RESUME_SECTIONS = ("model", "data", "calibration", "prune", "finetune", "pretrain", "latency")
 """Config sections that must match for a rerun to continue an earlier run's directory."""
+_NO_DEFAULT = object()
 RESUME_FREE = {"finetune": ("checkpoint_every",), "calibration": ("curve_cache",)}
 """Keys of those sections that do not change results: a rerun may change them."""
 
@@ -116,7 +119,7 @@ def _prepare_out_dir(cfg: Config, out: RunLayout, dist: DistInfo) -> None:
         if moved:
             log.info("run.resume=false: moved the earlier run to %s", moved)
     elif read_results(out.root):
-        if out.resume_key.exists() and json.loads(out.resume_key.read_text()) != resume_key(cfg):
+        if out.resume_key.exists() and not same_run(json.loads(out.resume_key.read_text()), cfg):
             raise UserError(
                 f"{out.root} holds a run of a different config; set run.resume=false to archive it "
                 "and start clean, or choose another run.out_dir"
@@ -127,9 +130,33 @@ def _prepare_out_dir(cfg: Config, out: RunLayout, dist: DistInfo) -> None:
 
 
 def resume_key(cfg: Config) -> dict:
-    """What a run directory's config must share with a rerun's for the rerun to continue it."""
+    """What a run directory's config must share with a rerun's for the rerun to continue it.
+
+    The latency section counts only for channel granularity (weight pruning never reads it).
+    """
     resolved = config_to_dict(cfg)
-    return {s: {k: v for k, v in resolved[s].items() if k not in RESUME_FREE.get(s, ())} for s in RESUME_SECTIONS}
+    sections = [s for s in RESUME_SECTIONS if s != "latency" or cfg.prune.granularity == "channel"]
+    return {s: {k: v for k, v in resolved[s].items() if k not in RESUME_FREE.get(s, ())} for s in sections}
+
+
+def same_run(stored: dict, cfg: Config) -> bool:
+    """Whether a run directory's stored resume key is this config's.
+
+    A key the stored one lacks (written before that key existed) matches when this config leaves
+    it at its default, so run directories of earlier versions stay resumable.
+    """
+    current = resume_key(cfg)
+    if set(stored) - set(current):
+        return False
+    for section, values in current.items():
+        old = stored.get(section, {})
+        if set(old) - set(values):
+            return False
+        defaults = section_defaults(section)
+        for key, value in values.items():
+            if (old[key] if key in old else defaults.get(key, _NO_DEFAULT)) != value:
+                return False
+    return True
 
 
 def _build(cfg: Config, dist: DistInfo, out: RunLayout) -> Context:
@@ -315,9 +342,11 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
     torch.manual_seed(seed)
     inputs = feeding.calibration(cfg, ctx.data).to(dist.device) if cfg.prune.method == "rd" else None
     reference = _outputs(ctx, inputs) if inputs is not None else None
-    masks, extras = _channel_masks(ctx, t, target, inputs) if ctx.channels is not None else _weight_masks(ctx, t, target)
+    masks, extras = (_channel_masks if ctx.channels is not None else _weight_masks)(ctx, t, target, inputs)
     distributed.check_identical({n: m.cpu() for n, m in masks.items()}, f"masks of iteration {t}")
-    if reference is not None:  # additivity: the allocation's predicted distortion against all units pruned together
+    # Additivity: the allocation's predicted distortion against all units pruned together. BatchNorm-aware
+    # curves measure renormalised networks, which this stale-statistics pass is not: no like-for-like figure.
+    if reference is not None and not (ctx.channels is None and cfg.prune.bn_aware_curves):
         extras["distortion_measured"] = _distortion(cfg, reference, _outputs(ctx, inputs))
     _recalibrate(ctx)
     top1_pruned, _ = _evaluate(ctx)
@@ -334,6 +363,7 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
         atomic_torch_save({"model": ctx.model.state_dict(), "masks": masks, "iteration": t}, ctx.out.last_checkpoint)
         append_result(ctx.out.root, row)
         checkpoint.remove(ctx.out.checkpoints)  # only now: until recorded, it is the way back in
+        ctx.out.chosen_removal(t).unlink(missing_ok=True)
     distributed.barrier()
     log.info(
         "iteration %d: sparsity %.2f %% (target %.2f %%), top-1 %.2f %% after pruning, %.2f %% after fine-tuning (train loss %.4f)",
@@ -353,18 +383,18 @@ def _distortion(cfg: Config, reference: torch.Tensor, out: torch.Tensor) -> floa
     return float(err.max() if cfg.prune.distortion == "worst_case" else err.mean())
 
 
-def _weight_masks(ctx: Context, t: int, target: float) -> tuple[Masks, dict]:
-    amounts, extras = _amounts(ctx, t, target)
+def _weight_masks(ctx: Context, t: int, target: float, inputs: torch.Tensor | None) -> tuple[Masks, dict]:
+    amounts, extras = _amounts(ctx, t, target, inputs)
     return apply_masks(ctx.model, amounts, ctx.layers), extras
 
 
 def _channel_masks(ctx: Context, t: int, target: float, inputs: torch.Tensor | None) -> tuple[Masks, dict]:
     """Channel granularity: this iteration's removal (rank 0, broadcast) as masks applied on every rank."""
     cfg, stage = ctx.cfg, ctx.channels
-    if inputs is None:
-        inputs = feeding.calibration(cfg, ctx.data).to(ctx.dist.device)
-    removal, info = channel_stage.removal_for(cfg, ctx.dist, stage, ctx.model, inputs, target,
-                                              cfg.calibration.curve_cache or ctx.out.curve_cache(t), ctx.show)
+    with _curve_threads(cfg):
+        removal, info = channel_stage.removal_for(cfg, ctx.dist, stage, ctx.model, inputs, target,
+                                                  cfg.calibration.curve_cache or ctx.out.curve_cache(t),
+                                                  ctx.out.chosen_removal(t), ctx.show)
     curves = channel_stage.curves_of(info)
     if curves and ctx.dist.is_main:
         _save_curves(ctx, t, curves)
@@ -383,7 +413,7 @@ def _predicted_distortion(curves: dict[str, Curve], amounts: dict[str, float]) -
     return total
 
 
-def _amounts(ctx: Context, t: int, target: float) -> tuple[dict[str, float], dict]:
+def _amounts(ctx: Context, t: int, target: float, inputs: torch.Tensor | None) -> tuple[dict[str, float], dict]:
     """Per-layer absolute amounts for this iteration, computed on rank 0 (curves on every rank) and broadcast."""
     cfg = ctx.cfg
     if cfg.prune.method != "rd":
@@ -394,7 +424,7 @@ def _amounts(ctx: Context, t: int, target: float) -> tuple[dict[str, float], dic
                 flops=ctx.flops, dense_flops=ctx.dense_flops, min_density=cfg.prune.min_density,
             )
         return distributed.broadcast_object(amounts), {}
-    curves = _curves(ctx, t)
+    curves = _curves(ctx, t, inputs)
     amounts = extras = None
     if ctx.dist.is_main:
         amounts = allocate(
@@ -411,17 +441,13 @@ def _amounts(ctx: Context, t: int, target: float) -> tuple[dict[str, float], dic
     return distributed.broadcast_object((amounts, extras))
 
 
-def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
+def _curves(ctx: Context, t: int, inputs: torch.Tensor) -> dict[str, Curve] | None:
     """RD curves of the current model, sharded over ranks and cached under curves/iter_t."""
     cfg = ctx.cfg
-    inputs = feeding.calibration(cfg, ctx.data)
-    threads = torch.get_num_threads()
-    if cfg.distributed.curve_threads:
-        torch.set_num_threads(cfg.distributed.curve_threads)
-    try:
+    with _curve_threads(cfg):
         curves = sharded_curves(
             ctx.model,
-            inputs.to(ctx.dist.device),
+            inputs,
             cfg.prune.levels,
             grid=cfg.prune.grid,
             worst_case=cfg.prune.distortion == "worst_case",
@@ -433,11 +459,21 @@ def _curves(ctx: Context, t: int) -> dict[str, Curve] | None:
             min_density=cfg.prune.min_density,
             bn_aware=cfg.prune.bn_aware_curves,
         )
-    finally:
-        torch.set_num_threads(threads)
     if ctx.dist.is_main:
         _save_curves(ctx, t, curves)
     return curves
+
+
+@contextmanager
+def _curve_threads(cfg: Config) -> Iterator[None]:
+    """``distributed.curve_threads`` while curves are estimated: sharded pieces equal one process's only at fixed threads."""
+    threads = torch.get_num_threads()
+    if cfg.distributed.curve_threads:
+        torch.set_num_threads(cfg.distributed.curve_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _save_curves(ctx: Context, t: int, curves: dict[str, Curve]) -> None:
@@ -482,8 +518,6 @@ def _finish(ctx: Context, rows: list[dict]) -> None:
     masks = current_masks(ctx.layers)
     atomic_torch_save(pruned_state_dict(ctx.model, masks), ctx.out.final_model)
     save_masks(masks, ctx.out.final_masks)
-    if ctx.channels is not None:
-        write_json(ctx.out.final_export / "latency.json", channel_stage.export_smaller(ctx.cfg, ctx.channels, ctx.model, ctx.out))
     order = list(ctx.layers)
     name = f"{ctx.cfg.model.name} / {ctx.cfg.data.name} / {ctx.cfg.prune.method}"
     allocations = [json.loads(p.read_text())["amounts"] for p in ctx.out.allocations()]
@@ -503,3 +537,10 @@ def _finish(ctx: Context, rows: list[dict]) -> None:
             units = list(ctx.channels.space.groups) if ctx.channels is not None else order
             curves = {n: Curve(z[f"{n}/amounts"], z[f"{n}/distortion"]) for n in units if f"{n}/amounts" in z}
         plot_curves(curves, units, ctx.out.plot("rd_curves"), f"RD curves, {last_curves[-1].parent.name}: {name}")
+    if ctx.channels is not None:  # last: a failed export must not keep the run from counting as finished
+        try:
+            speed = channel_stage.export_smaller(ctx.cfg, ctx.channels, ctx.model, ctx.out)
+        except (RuntimeError, ValueError) as exc:
+            log.error("the physically smaller model was not exported: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        else:
+            write_json(ctx.out.final_export / "latency.json", speed)

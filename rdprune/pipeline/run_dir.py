@@ -110,6 +110,14 @@ class RunLayout:
         """Channel granularity: the physically smaller model as ``model.pt2`` (torch.export) and ``model.onnx``."""
         return self.root / "final" / "smaller"
 
+    def chosen_removal(self, iteration: int) -> Path:
+        """Channel granularity: the removal chosen for ``iteration``, kept until the iteration is recorded.
+
+        A measured latency budget makes the choice depend on timings; an iteration resumed after an
+        interruption reuses this one, so its fine-tuning checkpoint and its masks stay consistent.
+        """
+        return self.root / "checkpoints" / f"removal_iter_{iteration:02d}.json"
+
     @property
     def latency_table(self) -> Path:
         """The latency model of a latency budget, built once and reused by a resumed run."""

@@ -25,7 +25,7 @@ from rdprune.config import Config, config_from_dict, config_hash, config_to_dict
 from rdprune.config.schema import METHODS
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
-from rdprune.pipeline.loop import resume_key, run
+from rdprune.pipeline.loop import run, same_run
 from rdprune.pipeline.run_dir import RunLayout, read_results
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ def finished_rows(cfg: Config) -> list[dict] | None:
         key = json.loads(out.resume_key.read_text())
     except (OSError, ValueError):
         return None
-    if key != resume_key(cfg):
+    if not same_run(key, cfg):
         return None
     if [r.get("iteration") for r in rows] != list(range(len(cfg.prune.schedule()) + 1)):
         return None
