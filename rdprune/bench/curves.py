@@ -14,6 +14,21 @@ suffix (share of the network's FLOPs and time), levels evaluated and free, time 
 level, the overheads (boundary values, mask building, in-place guard, distortion), and the
 bound that exact curves by suffix re-runs cannot beat (see :func:`profile`).
 
+``--model resnet50`` (the default with ``--device cuda``) runs at ImageNet scale instead
+(:func:`run_scale`): torchvision ResNet-50 with random weights (BatchNorm statistics from noise),
+224x224, the published 256 calibration images in batches of ``--batch-size`` (64), the absolute
+grid of 101 levels, all 54 layers. It times the plain loop on ``--plain-layers`` layers spread over
+the network and scales it to all layers (every layer's plain cost is the same: levels x whole
+forward passes), then one full curve set by the fast estimator, checks the sampled layers' curves
+agree, and reports peak memory; on CUDA ``torch.cuda.max_memory_allocated``, and the peak of one
+layer's curve on one batch against the whole calibration set (:func:`memory_by_set_size`: memory
+must follow the batch size, not the set). ``--model small`` is the same run on CIFAR ResNet-20
+with a few images: a smoke test of seconds on a CPU. There, ``--profile`` first records the fast
+estimator on the sampled layers (one calibration batch) with ``torch.profiler``
+(:func:`profiler_run`): the operators that take the device's time, and how busy the device was
+(kernel time over wall time); ``--trace FILE`` keeps the Chrome trace. ``--tf32`` sets TF32 for
+cuDNN convolutions and matmuls (default: PyTorch's own settings, printed).
+
 With ``--nproc N`` it instead times sharded curve estimation
 (:func:`rdprune.distributed.sharded_curves.sharded_curves`) on the same two models under
 ``torchrun`` with 1 and then N ranks on this machine, one thread per rank, interleaved over the
@@ -29,18 +44,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from rdprune.bench.report import interleaved, machine_line, pair_ratios, spread
+from rdprune.bench.report import interleaved, machine_line, pair_ratios, spread, time_call
 from rdprune.core.curves import batch_distortion, estimate_curves, layer_plan, plain_curves, synthetic_inputs
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import magnitude_mask, magnitude_order
 from rdprune.core.suffix import TracedNetwork, tensor_version
 from rdprune.models.cifar_resnet import resnet32
+from rdprune.models.registry import build_model
 
 TOLERANCE = 1e-6
 MIN_QUOTABLE_REPEATS = 3
@@ -48,19 +65,24 @@ CASES = ("dense", "pruned")
 CASE_LABELS = {"dense": "(a) dense model", "pruned": "(b) after five rounds of 20 % global magnitude pruning"}
 
 
-def benchmark_model(seed: int) -> nn.Module:
-    """ResNet-32 with random weights and BatchNorm statistics of noise, so activations keep a sane scale."""
-    torch.manual_seed(seed)
-    model = resnet32()
+def noise_statistics(model: nn.Module, batch: torch.Tensor) -> nn.Module:
+    """Set BatchNorm statistics from one pass over ``batch`` (noise), so random-weight activations keep
+    a sane scale; the model is returned in eval mode."""
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for bn in bns:
         bn.momentum = None  # cumulative average: one pass sets the statistics of that pass
     model.train()
     with torch.no_grad():
-        model(torch.randn(128, 3, 32, 32))
+        model(batch)
     for bn in bns:
         bn.momentum = 0.1
     return model.eval()
+
+
+def benchmark_model(seed: int) -> nn.Module:
+    """ResNet-32 with random weights and BatchNorm statistics of noise, so activations keep a sane scale."""
+    torch.manual_seed(seed)
+    return noise_statistics(resnet32(), torch.randn(128, 3, 32, 32))
 
 
 @torch.no_grad()
@@ -331,16 +353,217 @@ def print_profile(result: dict, levels: int) -> None:
               f"{(sum(r['plain'] for r in rs) / irr if irr else float('inf')):>21.2f}x")
 
 
+@dataclass(frozen=True)
+class ScaleModel:
+    """A model of the ``--model`` scale run, with its defaults (the published settings for ResNet-50)."""
+
+    label: str
+    arch: str  # a name in rdprune's model registry
+    classes: int
+    image_size: int
+    samples: int
+    batch_size: int
+    levels: int
+
+
+SCALE_MODELS = {
+    "resnet50": ScaleModel("torchvision ResNet-50, random weights", "resnet50", 1000, 224, 256, 64, 101),
+    "small": ScaleModel("CIFAR ResNet-20, random weights (smoke test)", "resnet20_cifar", 10, 32, 16, 8, 6),
+}
+MODELS = ("resnet32_cifar", *SCALE_MODELS)
+MEMORY_SLACK = 1.1
+"""The whole set's peak may exceed one batch's by this factor (allocator rounding, the set's outputs)."""
+
+
+def scale_model(spec: ScaleModel, seed: int, device: torch.device) -> nn.Module:
+    """``spec``'s model, seeded random weights, BatchNorm statistics from 32 noise images, on ``device``."""
+    torch.manual_seed(seed)
+    model = build_model(spec.arch, spec.classes, input_shape=(3, spec.image_size, spec.image_size)).to(device)
+    return noise_statistics(model, torch.randn(32, 3, spec.image_size, spec.image_size, device=device))
+
+
+def spread_layers(names: list[str], count: int) -> list[str]:
+    """``count`` names evenly spread over ``names``, the first and the last included."""
+    if count < 1:
+        raise ValueError(f"the number of sampled layers must be >= 1, got {count}")
+    if count >= len(names):
+        return list(names)
+    if count == 1:
+        return names[:1]
+    return [names[round(i * (len(names) - 1) / (count - 1))] for i in range(count)]
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def set_tf32(mode: str) -> str:
+    """Apply ``--tf32`` (on / off, or default: leave PyTorch's settings); describe what is in force."""
+    if mode != "default":
+        torch.backends.cudnn.allow_tf32 = mode == "on"
+        torch.backends.cuda.matmul.allow_tf32 = mode == "on"
+    conv = "TF32" if torch.backends.cudnn.allow_tf32 else "fp32"
+    matmul = "TF32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return f"CUDA convolutions in {conv}, matmuls in {matmul} ({'PyTorch defaults' if mode == 'default' else f'--tf32 {mode}'})"
+
+
+def plain_sample(model: nn.Module, inputs: torch.Tensor, levels: int, batch_size: int, sample: list[str],
+                 device: torch.device) -> tuple[float, dict]:
+    """Wall time and curves of the plain loop on the ``sample`` layers.
+
+    The plain loop costs the same for every layer (each level runs the whole network on every
+    batch), so this time, times layers / sampled layers, is its cost for all layers (each call
+    also computes the reference outputs once: under 1 % at 101 levels).
+    """
+    sync = _sync(device)
+    timed = time_call(lambda: plain_curves(model, inputs, levels, grid="absolute", layers=sample, batch_size=batch_size),
+                      sync, sync)
+    return timed.wall, timed.result
+
+
+def fast_set(model: nn.Module, inputs: torch.Tensor, levels: int, batch_size: int, device: torch.device) -> tuple[float, float, dict]:
+    """Wall time, peak memory (MB) and curves of :func:`estimate_curves` on every layer.
+
+    ``inputs`` stay on the CPU: the estimator moves one calibration batch at a time to the model's device.
+    """
+    sync = _sync(device)
+    _reset_peak(device)
+    timed = time_call(lambda: estimate_curves(model, inputs, levels, grid="absolute", batch_size=batch_size, progress=False),
+                      sync, sync)
+    return timed.wall, peak_memory_mb(device), timed.result
+
+
+def memory_by_set_size(model: nn.Module, inputs: torch.Tensor, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """Peak CUDA memory (MB) of the first layer's curve (the longest suffix) on one batch, then on all of ``inputs``."""
+    first = next(iter(prunable_layers(model)))
+    peaks = []
+    for n in (min(batch_size, len(inputs)), len(inputs)):
+        _reset_peak(device)
+        estimate_curves(model, inputs[:n], 3, grid="absolute", layers=[first], batch_size=batch_size, progress=False)
+        torch.cuda.synchronize(device)
+        peaks.append(peak_memory_mb(device))
+    return peaks[0], peaks[1]
+
+
+def _device_time_us(event) -> float:
+    """An averaged profiler event's own time on the device (the attribute's name changed across torch versions)."""
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, attr):
+            return float(getattr(event, attr))
+    return 0.0
+
+
+def profiler_run(model: nn.Module, inputs: torch.Tensor, levels: int, layers: list[str], device: torch.device,
+                 trace: str | None) -> dict:
+    """:func:`estimate_curves` on ``layers`` and one calibration batch under ``torch.profiler``, after a warm-up.
+
+    Returns the operator table (sorted by device time on CUDA, CPU time elsewhere), the wall time,
+    and on CUDA the kernels' total time over the wall time: near 1 the GPU is the limit, well below
+    it the host (Python, launches, synchronisation) keeps the GPU waiting.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as record
+
+    cuda = device.type == "cuda"
+    sync = _sync(device)
+
+    def curves() -> None:
+        estimate_curves(model, inputs, levels, grid="absolute", layers=layers, batch_size=len(inputs), progress=False)
+
+    curves()  # warm-up: cuDNN's algorithm choice, the allocator's pool
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with record(activities=activities) as prof:
+        timed = time_call(curves, sync, sync)
+    averages = prof.key_averages()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    result = {"wall": timed.wall, "table": averages.table(sort_by=sort, row_limit=15), "busy": None}
+    if cuda:
+        result["busy"] = sum(_device_time_us(e) for e in averages) / 1e6 / timed.wall
+    if trace:
+        prof.export_chrome_trace(trace)
+    return result
+
+
+def run_scale(args: argparse.Namespace, device: torch.device) -> int:
+    """The ``--model resnet50`` / ``small`` run; exit 1 when out of tolerance (or, on CUDA, memory grows with the set).
+
+    Figures print as soon as they are measured, in the order profile (with ``--profile``), plain
+    loop on the sample, full fast curve set, memory check, then one ``summary:`` line, so a run
+    stopped by a time limit still reports what it measured.
+    """
+    spec = SCALE_MODELS[args.model]
+    levels = args.levels or spec.levels
+    samples = args.samples or spec.samples
+    batch = args.batch_size or spec.batch_size
+    model = scale_model(spec, args.seed, device)
+    layers = list(prunable_layers(model))
+    sample = spread_layers(layers, args.plain_layers)
+    inputs = synthetic_inputs(samples, (3, spec.image_size, spec.image_size), seed=args.seed + 1)
+    print(f"{spec.label}: {len(layers)} layers, {samples} calibration inputs of 3x{spec.image_size}x{spec.image_size} "
+          f"in batches of {batch}, absolute grid of {levels} levels; one run of each side", flush=True)
+    summary = {"model": args.model, "device": str(device), "layers": len(layers), "levels": levels, "samples": samples,
+               "batch": batch}
+    if args.profile:
+        prof = profiler_run(model, inputs[:batch], levels, sample, device, args.trace)
+        busy = f"; kernels busy {prof['busy']:.0%} of the wall time" if prof["busy"] is not None else ""
+        print(f"  torch.profiler, estimate_curves on {', '.join(sample)} with one batch of {min(batch, samples)}: "
+              f"{prof['wall']:.2f} s wall{busy}" + (f"; Chrome trace in {args.trace}" if args.trace else ""))
+        print(prof["table"], flush=True)
+        if prof["busy"] is not None:
+            summary["gpu_busy"] = f"{prof['busy']:.2f}"
+    plain_s, plain = plain_sample(model, inputs, levels, batch, sample, device)
+    plain_scaled = plain_s * len(layers) / len(sample)
+    print(f"  plain loop on {len(sample)} of {len(layers)} layers ({', '.join(sample)}): {plain_s:.2f} s; "
+          f"scaled to all layers: {plain_scaled:.2f} s", flush=True)
+    fast_s, peak, fast = fast_set(model, inputs, levels, batch, device)
+    memory = "peak CUDA memory (max_memory_allocated)" if device.type == "cuda" else "peak RSS of the process"
+    print(f"  estimate_curves, all {len(layers)} layers: {fast_s:.2f} s wall; {memory} {peak:.0f} MB; "
+          f"plain / fast {plain_scaled / fast_s:.2f}x")
+    worst = _worst_difference({n: fast[n] for n in sample}, plain)
+    exact = "bit-identical" if worst == 0 else f"{worst:.2e}"
+    print(f"  max |difference| / max|D| on the sampled layers: {exact} (tolerance {TOLERANCE:.0e})", flush=True)
+    values_ok = worst <= TOLERANCE
+    memory_ok = True
+    summary.update(fast_s=f"{fast_s:.2f}", plain_scaled_s=f"{plain_scaled:.2f}", speedup=f"{plain_scaled / fast_s:.2f}",
+                   peak_mb=f"{peak:.0f}")
+    if device.type == "cuda":
+        one, whole = memory_by_set_size(model, inputs, batch, device)
+        memory_ok = whole <= MEMORY_SLACK * one
+        print(f"  peak CUDA memory of {layers[0]}'s curve: {one:.0f} MB with {min(batch, samples)} images, {whole:.0f} MB "
+              f"with {samples} in batches of {batch}: " + ("follows the batch size, not the set" if memory_ok else
+                                                             "GROWS WITH THE SET"))
+        print(f"  fits a 16 GB GPU: {'yes' if peak < 16 * 1024 else 'NO'}")
+        summary.update(peak_one_batch_mb=f"{one:.0f}", peak_whole_set_mb=f"{whole:.0f}")
+    summary["within_tolerance"] = "yes" if values_ok else "no"
+    print("summary: " + " ".join(f"{k}={v}" for k, v in summary.items()))
+    print("VALUES OUT OF TOLERANCE" if not values_ok else "MEMORY GROWS WITH THE SET" if not memory_ok else "values within tolerance")
+    return 0 if values_ok and memory_ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rdprune.bench curves", description=__doc__.splitlines()[0])
-    parser.add_argument("--levels", type=int, default=11, help="levels of the absolute grid (default 11)")
-    parser.add_argument("--samples", type=int, default=64, help="calibration inputs (default 64, one batch)")
+    parser.add_argument("--model", choices=MODELS, default=None,
+                        help="resnet32_cifar: interleaved comparison on CIFAR ResNet-32 (default on CPU); resnet50: "
+                             "ImageNet scale, one full curve set and a sampled plain loop (default on CUDA); small: "
+                             "the resnet50 run on CIFAR ResNet-20, seconds on a CPU")
+    parser.add_argument("--levels", type=int, default=None, help="levels of the absolute grid (default 11; resnet50 101)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="calibration inputs (default 64, one batch; resnet50 256)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="calibration batch size of the resnet50/small run (default 64; small 8)")
+    parser.add_argument("--plain-layers", type=int, default=3,
+                        help="resnet50/small: layers the plain loop is timed on, spread over the network (default 3)")
     parser.add_argument("--repeats", type=int, default=MIN_QUOTABLE_REPEATS,
-                        help=f"repetitions of each side, interleaved (default {MIN_QUOTABLE_REPEATS}; "
+                        help=f"resnet32_cifar: repetitions of each side, interleaved (default {MIN_QUOTABLE_REPEATS}; "
                              f"at least {MIN_QUOTABLE_REPEATS} for a figure to quote)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)} (default both)")
     parser.add_argument("--profile", action="store_true",
-                        help="print where the fast estimator's time goes, per layer, instead of timing both estimators")
+                        help="resnet32_cifar: where the fast estimator's time goes, per layer, instead of timing both "
+                             "estimators; resnet50/small: also record the sampled layers' curves with torch.profiler")
+    parser.add_argument("--trace", default=None, help="resnet50/small with --profile: write the Chrome trace to this file")
+    parser.add_argument("--tf32", choices=("default", "on", "off"), default="default",
+                        help="TF32 for CUDA convolutions and matmuls (default: PyTorch's own settings)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
@@ -433,6 +656,17 @@ def main(argv: list[str]) -> int:
         return 0
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    for name in ("levels", "samples", "batch_size", "plain_layers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available here (torch.cuda.is_available() is False)")
+    model = args.model or ("resnet50" if device.type == "cuda" and args.nproc is None else "resnet32_cifar")
+    if model != "resnet32_cifar" and args.nproc is not None:
+        raise SystemExit("--nproc times CIFAR ResNet-32 only; leave out --model")
+    if model == "resnet32_cifar":
+        args.levels, args.samples = args.levels or 11, args.samples or 64
     if args.nproc is not None:
         return compare_ranks(args)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -440,10 +674,12 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"--cases must name some of {','.join(CASES)}, got {args.cases!r}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     print(machine_line())
     if device.type == "cuda":
-        print(f"device: {torch.cuda.get_device_name(device)}")
+        print(f"device: {torch.cuda.get_device_name(device)}; {set_tf32(args.tf32)}")
+    if model != "resnet32_cifar":
+        args.model = model
+        return run_scale(args, device)
     inputs = synthetic_inputs(args.samples, (3, 32, 32), seed=args.seed + 1)
     print(f"CIFAR ResNet-32, random weights, {args.samples} inputs of 3x32x32, absolute grid of {args.levels} levels")
     ok = True

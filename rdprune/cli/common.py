@@ -14,10 +14,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+import torch
+
 import rdprune
 from rdprune import distributed
-from rdprune.config import SECTIONS
+from rdprune.config import SECTIONS, Config
 from rdprune.errors import UserError
+from rdprune.pipeline.feeding import uses_dali
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -85,6 +88,15 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         sys.stderr.flush()
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(0 if code is None else int(code))
+
+
+def check_gpu_decoding(cfg: Config) -> None:
+    """Refuse, before any work, GPU decoding without a GPU: with run.device 'cuda', data.backend 'dali'
+    decodes on the GPU (DALI's 'mixed' decoders); the generic device error would not say why DALI matters."""
+    if cfg.run.device == "cuda" and uses_dali(cfg) and not torch.cuda.is_available():
+        raise UserError("data.backend 'dali' with run.device 'cuda' decodes images on the GPU (DALI 'mixed'), but CUDA is "
+                        "not available here (torch.cuda.is_available() is False); use run.device 'cpu' (DALI then "
+                        "decodes on the CPU) or data.backend 'torchvision'")
 
 
 def _sections_help() -> str:

@@ -13,7 +13,8 @@ import sys
 import torch
 
 from rdprune import distributed
-from rdprune.cli.common import build_run_parser
+from rdprune.cli.common import build_run_parser, check_gpu_decoding
+from rdprune.distributed.collectives import check_precision
 from rdprune.sweep.plan import load_sweep, plan_hash, run_sweep
 from rdprune.sweep.tables import write_comparison
 
@@ -45,9 +46,12 @@ def main(argv: list[str]) -> int:
     if base.run.threads:
         torch.set_num_threads(base.run.threads)
     title = f"{base.model.name} / {base.data.name}: top-1 against sparsity"
-    single_group = base.distributed.engine == "deepspeed"  # DeepSpeed needs a process group even alone
+    check_gpu_decoding(base)
+    # DeepSpeed needs a process group even alone; force_process_group asks for one (DDP, NCCL at world size 1)
+    single_group = base.distributed.engine == "deepspeed" or base.distributed.force_process_group
     with distributed.distributed_session(base.run.device, base.distributed.timeout_s, single_group=single_group) as dist:
         distributed.setup_logging(dist.rank)
+        check_precision(base.distributed.precision, dist.device)
         distributed.check_same_config(plan_hash(plan))
         results = run_sweep(plan, dist, on_progress=lambda r: write_comparison(plan.out, r, plan.seeds, title))
         if dist.is_main:

@@ -10,8 +10,9 @@ import sys
 import torch
 
 from rdprune import distributed
-from rdprune.cli.common import parse_run_args
+from rdprune.cli.common import check_gpu_decoding, parse_run_args
 from rdprune.config import config_hash, load_config
+from rdprune.distributed.collectives import check_precision
 from rdprune.pipeline.loop import run
 from rdprune.pipeline.report import results_table
 
@@ -24,9 +25,12 @@ def main(argv: list[str]) -> int:
     cfg = load_config(path, overrides)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    single_group = cfg.distributed.engine == "deepspeed"  # DeepSpeed needs a process group even alone
+    check_gpu_decoding(cfg)
+    # DeepSpeed needs a process group even alone; force_process_group asks for one (DDP, NCCL at world size 1)
+    single_group = cfg.distributed.engine == "deepspeed" or cfg.distributed.force_process_group
     with distributed.distributed_session(cfg.run.device, cfg.distributed.timeout_s, single_group=single_group) as dist:
         distributed.setup_logging(dist.rank)
+        check_precision(cfg.distributed.precision, dist.device)
         distributed.check_same_config(config_hash(cfg))
         rows = run(cfg, dist)
         if dist.is_main:

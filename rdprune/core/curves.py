@@ -124,12 +124,18 @@ def _reference_outputs(model: nn.Module, batches: list[torch.Tensor], device: to
     ]
 
 
-def batch_distortion(reference: torch.Tensor, out: torch.Tensor, worst_case: bool) -> float:
-    """Sum (mse) or max over samples (worst case) of this batch's squared error, in float64."""
+def distortion_tensor(reference: torch.Tensor, out: torch.Tensor, worst_case: bool) -> torch.Tensor:
+    """Sum (mse) or max over samples (worst case) of this batch's squared error: a float64 scalar on
+    the outputs' device, so that a caller can collect many without waiting for the device."""
     err = (out.double() - reference.double()).pow_(2)
     if worst_case:
-        return float(err.reshape(len(err), -1).mean(dim=1).max())
-    return float(err.sum())
+        return err.reshape(len(err), -1).mean(dim=1).max()
+    return err.sum()
+
+
+def batch_distortion(reference: torch.Tensor, out: torch.Tensor, worst_case: bool) -> float:
+    """:func:`distortion_tensor` as a Python float (waits for the device)."""
+    return float(distortion_tensor(reference, out, worst_case))
 
 
 @dataclass(frozen=True)
@@ -291,21 +297,26 @@ def _level_values(
     worst_case: bool,
     bar: tqdm,
 ) -> np.ndarray:
-    """One batch's distortion at each of the increasing pruned ``counts`` of one unit."""
-    values = np.zeros(len(counts), np.float64)
+    """One batch's distortion at each of the increasing pruned ``counts`` of one unit.
+
+    The values stay on the device until the unit's last level: one host synchronisation per unit
+    and batch, not one per level, so a GPU is never left idle while Python waits for a number.
+    """
+    values = torch.zeros(len(counts), dtype=torch.float64, device=reference.device)
     unit.hold()
     try:
         state = runner.prepare(unit.modules, session)  # with the unpruned weights
         for i, count in enumerate(counts):
             unit.prune(count)
-            value = batch_distortion(reference, runner.run(unit.modules, state), worst_case)
-            if not np.isfinite(value):
-                raise ValueError(f"pruning {unit.name!r} to level {count} makes the network output NaN or inf")
-            values[i] = value
+            values[i] = distortion_tensor(reference, runner.run(unit.modules, state), worst_case)
             bar.update(1)
         del state
     finally:
         unit.restore()
+    values = values.cpu().numpy()
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise ValueError(f"pruning {unit.name!r} to level {counts[bad[0]]} makes the network output NaN or inf")
     return values
 
 

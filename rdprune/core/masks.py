@@ -138,8 +138,11 @@ def load_masks(path: str | os.PathLike) -> Masks:
 
 
 def pruned_state_dict(model: nn.Module, masks: Masks) -> dict[str, torch.Tensor]:
-    """A plain state_dict with masked weights zeroed, loadable into the unmodified architecture."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """A plain state_dict on the CPU with masked weights zeroed, loadable into the unmodified architecture.
+
+    On the CPU whatever device the model is on, so that a model pruned on a GPU loads anywhere.
+    """
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     for name, mask in masks.items():
         key = f"{name}.weight"
         state[key] = state[key] * mask.to(state[key].device, state[key].dtype)

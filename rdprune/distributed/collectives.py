@@ -1,7 +1,10 @@
 """Process groups and collectives: the only module of rdprune that imports ``torch.distributed``.
 
 A process started without torchrun or srun is a world of size 1 with no process group, and every
-function here is then a no-op or trivial, so the pipeline calls them unconditionally.
+function here is then a no-op or trivial, so the pipeline calls them unconditionally. A lone
+process can be given a process group of its own (``single_group``: DeepSpeed needs one, and
+``distributed.force_process_group`` asks for one to run the multi-process path, DDP and NCCL
+included, on one GPU); the collectives and DDP then go through it at world size 1.
 
 Failure behaviour: decorate the entry point with :func:`record`. A rank that raises posts
 "rank r: error" to the rendezvous store before it leaves; a rank whose collective then breaks
@@ -34,7 +37,7 @@ from rdprune.errors import UserError
 __all__ = [
     "DistInfo", "RankMismatchError", "PeerFailureError", "init_distributed", "teardown", "distributed_session", "barrier",
     "broadcast_object", "broadcast_tensors_", "gather_objects", "all_reduce_sum", "fingerprint", "check_identical",
-    "check_same_config", "wrap_ddp", "setup_logging", "record", "first_to_report",
+    "check_same_config", "wrap_ddp", "setup_logging", "record", "first_to_report", "check_precision",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,12 +125,23 @@ def _select_device(device: str, local_rank: int) -> torch.device:
     if not use_cuda:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise UserError("device 'cuda' was asked for but CUDA is not available here; use device 'cpu' or 'auto'")
+        raise UserError("run.device 'cuda' was asked for, but CUDA is not available here (torch.cuda.is_available() is False); "
+                        "use run.device 'cpu' or 'auto'")
     if local_rank >= torch.cuda.device_count():
         raise UserError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
                         "start at most that many processes per node")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse, before any work, a training precision this device cannot run: bf16 needs a GPU with
+    native bf16 (compute capability 8.0 or later; older GPUs only emulate it, slowly)."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        name = torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UserError(f"distributed.precision 'bf16' needs a GPU with native bf16 (compute capability 8.0 or later), "
+                        f"but {device} is a {name} ({major}.{minor}); use distributed.precision 'fp32'")
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 600.0, *, single_group: bool = False) -> DistInfo:
@@ -214,7 +228,8 @@ def record(fn: Callable) -> Callable:
 
 
 def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether a process group exists: then every collective goes through it, even at world size 1."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def _store():
@@ -425,10 +440,13 @@ def check_same_config(config_hash: str) -> None:
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
-    """``model`` on this rank's device, inside DistributedDataParallel when the world has several ranks."""
+    """``model`` on this rank's device, inside DistributedDataParallel whenever there is a process group
+    (several ranks, or one forced to have a group)."""
     model = model.to(info.device)
-    if not info.is_distributed:
+    if info.backend is None:
         return model
+    log.info("training in DistributedDataParallel: %d rank%s, backend %s, device %s", info.world_size,
+             "" if info.world_size == 1 else "s", info.backend, info.device)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
