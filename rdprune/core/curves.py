@@ -480,19 +480,18 @@ def estimate_curves(
         with renormalised:
             units = {n: (_LayerUnit(n, m), plans[n]) for n, m in chosen.items()}
             return unit_curves(model, every.values(), units, batches, worst_case, cache, progress)
-    logger.warning(
-        "BatchNorm-aware curves: the %d calibration inputs span %d batches, so each level is measured by the "
-        "plain definition (re-estimating the statistics layer by layer); a batch_size of at least %d "
-        "measures them in one pass", sum(len(b) for b in batches), len(batches), sum(len(b) for b in batches),
-    )
-    curves: dict[str, Curve] = {}
-    for n in chosen:
-        curve = cache.load(n, plans[n].level_range) if cache is not None else None
+    curves = {n: cache.load(n, plans[n].level_range) if cache is not None else None for n in chosen}
+    if any(c is None for c in curves.values()):
+        logger.warning(
+            "BatchNorm-aware curves: the %d calibration inputs span %d batches, so each level is measured by the "
+            "plain definition (re-estimating the statistics layer by layer); a batch_size of at least %d "
+            "measures them in one pass", sum(len(b) for b in batches), len(batches), sum(len(b) for b in batches),
+        )
+    for n, curve in curves.items():
         if curve is None:
-            curve = _recalibrated_curve(model, chosen[n], plans[n], batches, worst_case, device)
+            curves[n] = _recalibrated_curve(model, chosen[n], plans[n], batches, worst_case, device)
             if cache is not None:
-                cache.save(n, plans[n].level_range, curve)
-        curves[n] = curve
+                cache.save(n, plans[n].level_range, curves[n])
     return curves
 
 
