@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _RESOLUTION = 2**40  # integer cost units per budget: rounding moves a level's cost by at most 2^-40 of the budget
 _CORRECTION_MARGIN = 0.01  # each latency correction aims this much lower than the last overshoot asks
+_CORRECTION_FLOOR = 0.8  # the most one latency correction scales the model's limit down
 
 
 @dataclass
@@ -245,8 +246,9 @@ def meet_measured_latency(
 
     ``measure(removal)`` returns measured (dense, pruned) seconds, timed together; the budget is
     ``keep`` times the measured dense latency. Correction k scales the latency model's limit by
-    ``budget / measured`` and by ``1 - 0.01 k`` (at most ``rounds`` times): the model's relative
-    error is what it corrects, the margin what timing noise would leave.
+    ``budget / measured`` (but by no less than 0.8) and by ``1 - 0.01 k`` (at most ``rounds``
+    times): the model's relative error is what it corrects, the margin what timing noise would
+    leave, the floor what one timing disturbed by other load would otherwise over-correct.
     """
     limit = keep * predicted_dense
     removal = solve(limit)
@@ -256,8 +258,9 @@ def meet_measured_latency(
     while pruned_s > keep * dense_s and done < rounds:
         done += 1
         # Scale by the overshoot, and aim a little lower each round: timing noise of a percent or
-        # two would otherwise leave a near miss over budget round after round.
-        limit *= keep * dense_s / pruned_s * (1.0 - _CORRECTION_MARGIN * done)
+        # two would otherwise leave a near miss over budget round after round. One round never cuts
+        # more than _CORRECTION_FLOOR: on a loaded machine a single noisy timing must not halve the model.
+        limit *= max(keep * dense_s / pruned_s, _CORRECTION_FLOOR) * (1.0 - _CORRECTION_MARGIN * done)
         try:
             candidate = solve(limit)
         except ValueError:
