@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -183,8 +184,6 @@ def _measure(stage: ChannelStage, model: nn.Module, removal: dict[str, int], rep
 
 def curves_of(info: dict) -> dict[str, Curve]:
     """The channel curves carried in a removal's info (rank 0's), for the curves file and plots."""
-    import numpy as np
-
     return {g: Curve(np.asarray(a), np.asarray(d)) for g, (a, d) in info.get("curves", {}).items()}
 
 
