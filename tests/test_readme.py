@@ -17,7 +17,11 @@ def test_python_api_example_runs_as_written(tmp_path):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "overall 70.0%" in proc.stdout
+    # The target is met, and only just: the allocation keeps every weight the budget allows, up to
+    # one level step of one layer. (The last digit moves between machines with the default threads:
+    # near-tied curves can pick a neighbouring level.)
+    overall = float(re.search(r"overall (\d+\.\d)%", proc.stdout).group(1))
+    assert 70.0 <= overall <= 70.5, proc.stdout
     assert (tmp_path / "resnet18_pruned.pt").exists()
 
 
