@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from rdprune.cli.common import run_cli
 from rdprune.core.layers import prunable_layers
-from rdprune.run import main
 
+from cli_errors import user_error
 from launch import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,24 +85,17 @@ def test_rerun_resumes_with_the_saved_latency_table(channel_run):
     assert [r["iteration"] for r in _rows(channel_run)] == [r["iteration"] for r in rows]
 
 
-def _user_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exc:
-        run_cli(main, argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    return err.strip()
 
 
 def test_channel_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path):
     q, out = str(CONFIG), f"run.out_dir={tmp_path / 'o'}"
-    assert "prune.budget 'latency' needs prune.granularity 'channel'" in _user_error(capsys, [q, "prune.granularity=weight", out])
-    err = _user_error(capsys, [q, "prune.method=lamp", out])
+    assert "prune.budget 'latency' needs prune.granularity 'channel'" in user_error(capsys, [q, "prune.granularity=weight", out])
+    err = user_error(capsys, [q, "prune.method=lamp", out])
     assert "prune.method 'lamp' has no channel form; at prune.granularity 'channel' choose one of" in err
-    assert "is for prune.granularity 'weight' only" in _user_error(capsys, [q, "prune.bn_aware_curves=true", out])
-    err = _user_error(capsys, [q, "model.name=resnet20_cifar", "prune.budget=flops", out])
+    assert "is for prune.granularity 'weight' only" in user_error(capsys, [q, "prune.bn_aware_curves=true", out])
+    err = user_error(capsys, [q, "model.name=resnet20_cifar", "prune.budget=flops", out])
     assert "pass through ConstantPadNdBackward0, which maps 16 channels to 32" in err and "prune.granularity weight" in err
-    err = _user_error(capsys, [q, MODEL, "prune.budget=flops", "prune.target_sparsity=0.99", out])
+    err = user_error(capsys, [q, MODEL, "prune.budget=flops", "prune.target_sparsity=0.99", out])
     assert "prune.target_sparsity 0.99 is out of reach at channel granularity" in err
     assert not (tmp_path / "o").exists()
 

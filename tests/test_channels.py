@@ -169,7 +169,6 @@ def test_channel_allocation_meets_the_budget_between_the_bound_and_the_optimum(b
     assert result.lower_bound <= optimum + 1e-12 <= result.distortion + 2e-12
 
 
-
 def _fixed_table(space: ChannelSpace) -> LatencyTable:
     """A latency table from fixed numbers: each layer's time proportional to its kept in x out channels."""
     grids = {}

@@ -24,15 +24,14 @@ import pytest
 import torch
 
 from rdprune.bench.curves import noise_statistics
-from rdprune.cli.common import run_cli
 from rdprune.core.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from rdprune.core.curves import estimate_curves, plain_curves, synthetic_inputs
 from rdprune.core.latency import LatencyTable, layer_shapes, measure_latency
 from rdprune.distributed.collectives import check_precision
 from rdprune.errors import UserError
 from rdprune.models.registry import build_model
-from rdprune.run import main
 
+from cli_errors import user_error
 from launch import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,13 +249,6 @@ def test_dali_mixed_decoding_matches_the_cpu_path(tmp_path):
 # ---------------------------------------------------------------------------------------------- bad input, any machine
 
 
-def user_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        run_cli(main, argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    return err.strip()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

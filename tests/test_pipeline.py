@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from rdprune.cli.common import run_cli
 from rdprune.core.layers import prunable_layers
 from rdprune.models.registry import build_model
-from rdprune.run import main
+
+from cli_errors import user_error
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -131,13 +131,6 @@ def test_resume_false_archives_and_starts_clean(finished_run, tmp_path):
     assert proc.returncode == 0
 
 
-def _user_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exc:
-        run_cli(main, argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    return err.strip()
 
 
 def _write(tmp_path: Path, text: str, name="cfg.yaml") -> str:
@@ -149,36 +142,36 @@ def _write(tmp_path: Path, text: str, name="cfg.yaml") -> str:
 def test_bad_input_one_line_exit_2(capsys, tmp_path):
     q = str(QUICKSTART)
     out = f"run.out_dir={tmp_path / 'o'}"
-    assert "unknown key 'prune.metod' (did you mean 'prune.method'?)" in _user_error(capsys, [q, "prune.metod=rd", out])
-    assert "prune.target_sparsity must be" in _user_error(capsys, [q, "prune.target_sparsity=1.0", out])
-    assert "finetune.steps must be" in _user_error(capsys, [q, "finetune.steps=-1", out])
-    assert "expected an integer" in _user_error(capsys, [q, "prune.levels=abc", out])
-    err = _user_error(capsys, [q, "data.name=cifar10", f"data.root={tmp_path}", out])
+    assert "unknown key 'prune.metod' (did you mean 'prune.method'?)" in user_error(capsys, [q, "prune.metod=rd", out])
+    assert "prune.target_sparsity must be" in user_error(capsys, [q, "prune.target_sparsity=1.0", out])
+    assert "finetune.steps must be" in user_error(capsys, [q, "finetune.steps=-1", out])
+    assert "expected an integer" in user_error(capsys, [q, "prune.levels=abc", out])
+    err = user_error(capsys, [q, "data.name=cifar10", f"data.root={tmp_path}", out])
     assert "is not a CIFAR-10 folder: expected cifar-10-batches-py/" in err
-    assert "does not exist" in _user_error(capsys, [q, f"model.checkpoint={tmp_path / 'none.pt'}", out])
+    assert "does not exist" in user_error(capsys, [q, f"model.checkpoint={tmp_path / 'none.pt'}", out])
     (tmp_path / "corrupt.pt").write_bytes(os.urandom(300))
-    assert "is not a readable PyTorch state_dict" in _user_error(capsys, [q, f"model.checkpoint={tmp_path / 'corrupt.pt'}", out])
+    assert "is not a readable PyTorch state_dict" in user_error(capsys, [q, f"model.checkpoint={tmp_path / 'corrupt.pt'}", out])
     torch.save(build_model("resnet20_cifar", 10).state_dict(), tmp_path / "other.pt")
-    assert "does not fit model small_cnn" in _user_error(capsys, [q, f"model.checkpoint={tmp_path / 'other.pt'}", out])
-    assert "unknown model 'nonet'" in _user_error(capsys, [q, "model.name=nonet", out])
-    assert "no_such_pkg" in _user_error(capsys, [q, "model.name=no_such_pkg.mod:build", out])
-    assert "no_such_cfg.yaml" in _user_error(capsys, [str(tmp_path / "no_such_cfg.yaml")])
-    err = _user_error(capsys, [q, "prune.target_sparsity=0.999", out])
+    assert "does not fit model small_cnn" in user_error(capsys, [q, f"model.checkpoint={tmp_path / 'other.pt'}", out])
+    assert "unknown model 'nonet'" in user_error(capsys, [q, "model.name=nonet", out])
+    assert "no_such_pkg" in user_error(capsys, [q, "model.name=no_such_pkg.mod:build", out])
+    assert "no_such_cfg.yaml" in user_error(capsys, [str(tmp_path / "no_such_cfg.yaml")])
+    err = user_error(capsys, [q, "prune.target_sparsity=0.999", out])
     assert "prune.target_sparsity 0.999 is out of reach: with every layer keeping its floor" in err
     assert "at most 0.997" in err  # small_cnn keeps one weight per output unit: 99.75 % at most
-    assert "out of reach" in _user_error(capsys, [q, "prune.target_sparsity=0.9", "prune.min_density=0.2", out])
-    assert "prune.min_density must be a number in [0, 1)" in _user_error(capsys, [q, "prune.min_density=1", out])
-    err = _user_error(capsys, [q, "model.name=resnet20_cifar", "calibration.bn_images=100000", out])
+    assert "out of reach" in user_error(capsys, [q, "prune.target_sparsity=0.9", "prune.min_density=0.2", out])
+    assert "prune.min_density must be a number in [0, 1)" in user_error(capsys, [q, "prune.min_density=1", out])
+    err = user_error(capsys, [q, "model.name=resnet20_cifar", "calibration.bn_images=100000", out])
     assert "calibration.bn_images is 100000, but the training set has 4000 images; choose at most 4000" in err
-    assert "calibration.bn_images must be an integer >= 1" in _user_error(capsys, [q, "calibration.bn_images=0", out])
+    assert "calibration.bn_images must be an integer >= 1" in user_error(capsys, [q, "calibration.bn_images=0", out])
     assert not (tmp_path / "o").exists()  # bad input is caught before the output directory is touched
 
 
 def test_output_directory_that_is_a_file_is_one_line(capsys, tmp_path):
     (tmp_path / "taken").write_text("someone's notes\n")
-    err = _user_error(capsys, [str(QUICKSTART), f"run.out_dir={tmp_path / 'taken'}"])
+    err = user_error(capsys, [str(QUICKSTART), f"run.out_dir={tmp_path / 'taken'}"])
     assert err == f"rdprune: error: run.out_dir is {tmp_path / 'taken'}, an existing file; choose a folder for run.out_dir"
-    err = _user_error(capsys, [str(QUICKSTART), f"run.out_dir={tmp_path / 'taken' / 'run'}"])
+    err = user_error(capsys, [str(QUICKSTART), f"run.out_dir={tmp_path / 'taken' / 'run'}"])
     assert f"a folder of run.out_dir {tmp_path / 'taken' / 'run'} is {tmp_path / 'taken'}, an existing file" in err
     assert (tmp_path / "taken").read_text() == "someone's notes\n"
 
@@ -187,13 +180,13 @@ def test_output_directory_in_use(capsys, tmp_path):
     from rdprune.pipeline.run_dir import RunLock
 
     with RunLock(tmp_path / "busy"):
-        err = _user_error(capsys, [str(QUICKSTART), f"run.out_dir={tmp_path / 'busy'}"])
+        err = user_error(capsys, [str(QUICKSTART), f"run.out_dir={tmp_path / 'busy'}"])
     assert "output directory" in err and "is in use by pid" in err
 
 
 def test_rerun_with_other_config_is_refused(finished_run, capsys):
     before = (finished_run / "results.jsonl").read_text()
-    err = _user_error(capsys, [str(QUICKSTART), f"run.out_dir={finished_run}", *REDUCED, "prune.method=lamp"])
+    err = user_error(capsys, [str(QUICKSTART), f"run.out_dir={finished_run}", *REDUCED, "prune.method=lamp"])
     assert "holds a run of a different config" in err
     assert (finished_run / "results.jsonl").read_text() == before
 
