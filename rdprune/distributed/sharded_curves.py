@@ -65,6 +65,15 @@ def plan_curve_shards(
     piece that starts its paid ones, and a layer with no paid level at all goes whole to rank 0.
     """
     paid, spans = curve_work(model, sample_shape, levels, grid, skip, min_density)
+    return level_pieces(paid, spans, world_size)
+
+
+def level_pieces(paid: Mapping[str, tuple[float, int]], spans: Mapping[str, tuple[int, int]], world_size: int) -> list[list[Piece]]:
+    """Shard the paid levels of every unit (layer or channel group) by cost; map them back to whole-grid indices.
+
+    ``spans[unit]`` is (free leading levels, all levels). A unit's free levels ride along with the
+    piece that starts its paid ones; a unit with no paid level goes whole to rank 0.
+    """
     plan = [
         [Piece(p.layer, 0 if p.start == 0 else p.start + spans[p.layer][0], p.stop + spans[p.layer][0]) for p in shard]
         for shard in plan_shards(paid, world_size)
@@ -110,10 +119,13 @@ def sharded_curves(
             level_ranges={p.layer: (p.start, p.stop) for p in mine}, batch_size=batch_size,
             cache_dir=cache_dir, progress=progress, min_density=min_density, bn_aware=bn_aware,
         )
+    return _gathered(partial, list(prunable_layers(model, skip)))
+
+
+def _gathered(partial: Mapping[str, Curve], order: list[str]) -> dict[str, Curve] | None:
+    """This rank's pieces gathered to rank 0 and joined there (``None`` on the other ranks)."""
     gathered = distributed.gather_objects(partial, dst=0)
-    if gathered is None:
-        return None
-    return _join(gathered, list(prunable_layers(model, skip)))
+    return None if gathered is None else _join(gathered, order)
 
 
 def _join(per_rank: list[Mapping[str, Curve]], order: list[str]) -> dict[str, Curve]:
@@ -154,15 +166,13 @@ def sharded_channel_curves(
     if dist.is_main:
         order = list(flops)
         plans = {g: group_plan(space, g, levels, grid) for g in space.groups}
-        paid, free = {}, {}
+        paid, spans = {}, {}
         for g, p in plans.items():
             first = min(order.index(s.layer) for s in space.groups[g].slices)
-            free[g] = sum(1 for c in p.counts if c <= p.zeros)
-            if len(p.counts) > free[g]:
-                paid[g] = (float(sum(flops[n] for n in order[first:])), len(p.counts) - free[g])
-        plan = [[Piece(p.layer, 0 if p.start == 0 else p.start + free[p.layer], p.stop + free[p.layer]) for p in shard]
-                for shard in plan_shards(paid, dist.world_size)]
-        plan[0].extend(Piece(g, 0, len(plans[g].counts)) for g in plans if g not in paid)
+            spans[g] = (sum(1 for c in p.counts if c <= p.zeros), len(p.counts))
+            if spans[g][1] > spans[g][0]:
+                paid[g] = (float(sum(flops[n] for n in order[first:])), spans[g][1] - spans[g][0])
+        plan = level_pieces(paid, spans, dist.world_size)
     plan = distributed.broadcast_object(plan, src=0)
     mine = plan[dist.rank]
     log.info("channel curve estimation: %d pieces over %d ranks", sum(map(len, plan)), dist.world_size)
@@ -172,7 +182,4 @@ def sharded_channel_curves(
             model, space, batches, levels, grid=grid, worst_case=worst_case, groups=[p.layer for p in mine],
             level_ranges={p.layer: (p.start, p.stop) for p in mine}, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
         )
-    gathered = distributed.gather_objects(partial, dst=0)
-    if gathered is None:
-        return None
-    return _join(gathered, list(space.groups))
+    return _gathered(partial, list(space.groups))
