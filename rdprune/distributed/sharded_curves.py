@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -104,27 +104,32 @@ def sharded_curves(
     """
     skip = list(skip)
     batches = list(inputs.split(batch_size)) if isinstance(inputs, torch.Tensor) else list(inputs)
-    distributed.check_identical([b.detach().cpu() for b in batches], "the calibration inputs")
-    distributed.check_identical(model.state_dict(), "the model weights before curve estimation")
-    plan = None
-    if dist.is_main:
-        plan = plan_curve_shards(model, tuple(batches[0].shape[1:]), levels, grid, skip, dist.world_size, min_density)
-    plan = distributed.broadcast_object(plan, src=0)
-    mine = plan[dist.rank]
-    log.info("curve estimation: %d pieces over %d ranks", sum(map(len, plan)), dist.world_size)
-    partial: dict[str, Curve] = {}
-    if mine:
-        partial = estimate_curves(
+
+    def plan() -> list[list[Piece]]:
+        return plan_curve_shards(model, tuple(batches[0].shape[1:]), levels, grid, skip, dist.world_size, min_density)
+
+    def estimate(mine: list[Piece]) -> dict[str, Curve]:
+        return estimate_curves(
             model, batches, levels, grid=grid, worst_case=worst_case, layers=[p.layer for p in mine], skip=skip,
             level_ranges={p.layer: (p.start, p.stop) for p in mine}, batch_size=batch_size,
             cache_dir=cache_dir, progress=progress, min_density=min_density, bn_aware=bn_aware,
         )
-    return _gathered(partial, list(prunable_layers(model, skip)))
+
+    return _run_shards(model, batches, dist, plan, estimate, list(prunable_layers(model, skip)), "curve estimation")
 
 
-def _gathered(partial: Mapping[str, Curve], order: list[str]) -> dict[str, Curve] | None:
-    """This rank's pieces gathered to rank 0 and joined there (``None`` on the other ranks)."""
-    gathered = distributed.gather_objects(partial, dst=0)
+def _run_shards(
+    model: nn.Module, batches: list[torch.Tensor], dist: DistInfo, plan: Callable[[], list[list[Piece]]],
+    estimate: Callable[[list[Piece]], dict[str, Curve]], order: list[str], what: str,
+) -> dict[str, Curve] | None:
+    """The rank protocol of every granularity: check every rank has the same weights and inputs, plan on
+    rank 0 and broadcast, estimate this rank's pieces, gather and join them on rank 0 (``None`` elsewhere)."""
+    distributed.check_identical([b.detach().cpu() for b in batches], "the calibration inputs")
+    distributed.check_identical(model.state_dict(), "the model weights before curve estimation")
+    pieces = distributed.broadcast_object(plan() if dist.is_main else None, src=0)
+    mine = pieces[dist.rank]
+    log.info("%s: %d pieces over %d ranks", what, sum(map(len, pieces)), dist.world_size)
+    gathered = distributed.gather_objects(estimate(mine) if mine else {}, dst=0)
     return None if gathered is None else _join(gathered, order)
 
 
@@ -160,10 +165,8 @@ def sharded_channel_curves(
     first layer on (what one level re-runs) times its levels that remove something new.
     """
     batches = list(inputs.split(batch_size))
-    distributed.check_identical([b.detach().cpu() for b in batches], "the calibration inputs")
-    distributed.check_identical(model.state_dict(), "the model weights before curve estimation")
-    plan = None
-    if dist.is_main:
+
+    def plan() -> list[list[Piece]]:
         order = list(flops)
         plans = {g: group_plan(space, g, levels, grid) for g in space.groups}
         paid, spans = {}, {}
@@ -172,14 +175,12 @@ def sharded_channel_curves(
             spans[g] = (sum(1 for c in p.counts if c <= p.zeros), len(p.counts))
             if spans[g][1] > spans[g][0]:
                 paid[g] = (float(sum(flops[n] for n in order[first:])), spans[g][1] - spans[g][0])
-        plan = level_pieces(paid, spans, dist.world_size)
-    plan = distributed.broadcast_object(plan, src=0)
-    mine = plan[dist.rank]
-    log.info("channel curve estimation: %d pieces over %d ranks", sum(map(len, plan)), dist.world_size)
-    partial: dict[str, Curve] = {}
-    if mine:
-        partial = estimate_channel_curves(
+        return level_pieces(paid, spans, dist.world_size)
+
+    def estimate(mine: list[Piece]) -> dict[str, Curve]:
+        return estimate_channel_curves(
             model, space, batches, levels, grid=grid, worst_case=worst_case, groups=[p.layer for p in mine],
             level_ranges={p.layer: (p.start, p.stop) for p in mine}, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
         )
-    return _gathered(partial, list(space.groups))
+
+    return _run_shards(model, batches, dist, plan, estimate, list(space.groups), "channel curve estimation")
