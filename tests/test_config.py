@@ -172,7 +172,7 @@ def test_unknown_key_names_the_nearest(tmp_path: Path):
 
 def test_unknown_key_without_close_match_lists_keys(tmp_path: Path):
     path = write(tmp_path, MINIMAL.replace("model:\n", "model:\n  zzz: 1\n"))
-    assert error_of(path) == f"{path}: unknown key 'model.zzz'; model has: name, checkpoint, weights, num_classes"
+    assert error_of(path) == f"{path}: unknown key 'model.zzz'; model has: name, checkpoint, weights, num_classes, kwargs, drop_path_rate"
 
 
 def test_unknown_section(tmp_path: Path):
@@ -282,6 +282,38 @@ def test_names_and_import_paths(minimal: Path):
         "path 'package.module:callable', got 'cifar' (did you mean 'cifar10'?)")
     assert error_of(minimal, ("model.name=pkg:",)).endswith(
         "model.name must be an import path 'package.module:callable', got 'pkg:'")
+
+
+def test_hub_names_kwargs_and_their_overrides(minimal: Path):
+    cfg = load_config(minimal, ["model.name=timm:vit_tiny_patch16_224", "model.kwargs={img_size: 28, depth: 2}",
+                                "model.kwargs.patch_size=7", "model.drop_path_rate=0.1"])
+    assert cfg.model.name == "timm:vit_tiny_patch16_224"  # a reserved prefix, not the import path 'timm' : 'vit_...'
+    assert cfg.model.kwargs == {"img_size": 28, "depth": 2, "patch_size": 7}  # one entry merged into the mapping
+    assert cfg.model.drop_path_rate == 0.1
+    assert load_config(minimal, ["model.name=hf:facebook/deit-tiny-patch16-224"]).model.name.startswith("hf:")
+    assert error_of(minimal, ("model.name=timm:",)).endswith("model.name must be timm:<name>, got 'timm:'")
+    assert error_of(minimal, ("model.kwargs=3",)).endswith("model.kwargs: expected a mapping of names to values, got 3")
+    assert error_of(minimal, ("model.drop_path_rate=1.5",)).endswith("model.drop_path_rate must be null or a number in [0, 1), got 1.5")
+
+
+def test_semi_structured_settings(minimal: Path):
+    cfg = load_config(minimal, ["prune.granularity=semi_structured", "prune.budget=layers"])
+    assert (cfg.prune.granularity, cfg.prune.budget) == ("semi_structured", "layers")
+    # YAML 1.1 reads an unquoted 2:4 as 2 * 60 + 4: the message says so instead of a bare "got 124".
+    assert error_of(minimal, ("prune.granularity=2:4",)).endswith(
+        "got 124 (YAML 1.1 reads an unquoted 2:4 as the number 124; write semi_structured)")
+    assert "needs prune.granularity 'semi_structured'" in error_of(minimal, ("prune.budget=layers",))
+    assert "choose weights, layers or latency" in error_of(minimal, ("prune.granularity=semi_structured", "prune.budget=flops"))
+    assert error_of(minimal, ("prune.granularity=semi_structured", "prune.method=lamp")).endswith(
+        "prune.method 'lamp' has no 2:4 form; at prune.granularity 'semi_structured' choose one of 'rd', 'glob'")
+    assert "unstructured masks run no faster" in error_of(minimal, ("prune.budget=latency",))
+
+
+def test_weight_decay_skip_kinds(minimal: Path):
+    assert load_config(minimal, ["finetune.weight_decay_skip=[norm, bias, embedding]"]).finetune.weight_decay_skip == \
+        ["norm", "bias", "embedding"]
+    assert error_of(minimal, ("finetune.weight_decay_skip=[norms]",)).endswith(
+        "finetune.weight_decay_skip entries must be among 'norm', 'bias', 'embedding', got 'norms' (did you mean 'norm'?)")
 
 
 def test_direct_construction_is_validated_too():

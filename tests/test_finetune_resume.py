@@ -60,7 +60,7 @@ def _engine():
     layers = prunable_layers(model)
     masks = apply_masks(model, {n: 0.5 for n in layers}, layers)
     section = FinetuneConfig(steps=10, lr=0.05)
-    optimizer = make_optimizer(model.parameters(), section)
+    optimizer = make_optimizer(model, section)
     engine = LocalEngine(model, optimizer, make_scheduler(optimizer, section, 10), DistInfo(), layers=layers, masks=masks)
     return model, masks, engine
 

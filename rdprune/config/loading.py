@@ -113,7 +113,8 @@ def _check_structure(data: dict) -> None:
 
 def _parse_override(text: str) -> tuple[str, str, Any]:
     """'section.key=value' -> (section, key, value); value parsed as YAML, or kept as text for
-    string fields so that run.name=2024 stays a string."""
+    string fields so that run.name=2024 stays a string. For a mapping field, 'section.key.name=value'
+    sets one entry: (section, key, {name: value}), merged into the mapping by the caller."""
     label = f"override {text!r}"
     if "=" not in text:
         raise UserError(f"{label}: expected section.key=value, e.g. prune.method=lamp")
@@ -125,6 +126,12 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     types = _field_types(SECTIONS[section])
     if not key:
         raise UserError(f"{label}: {section!r} is a section; set its keys as {section}.<key>=value")
+    field_name, _, entry = key.partition(".")
+    if entry and typing.get_origin(types.get(field_name)) is dict:
+        try:
+            return section, field_name, {entry: yaml.load(raw, Loader=_StrictLoader)}  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as err:
+            raise UserError(f"{label}: {_yaml_problem(err)}") from None
     if key not in types:
         raise UserError(f"{label}: {_unknown_key(section, key)}")
     try:
@@ -158,6 +165,9 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = (), lab
     merged: dict[str, dict] = {name: dict(data.get(name) or {}) for name in SECTIONS}
     for text in overrides:
         section, key, value = _parse_override(text)
+        entry = "." in text.split("=", 1)[0].strip().partition(".")[2]
+        if entry and isinstance(merged[section].get(key), dict):
+            value = {**merged[section][key], **value}
         merged[section][key] = value
         origin[f"{section}.{key}"] = f"override {text!r}"
 

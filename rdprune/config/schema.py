@@ -15,12 +15,11 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from rdprune.config.values import ConfigError, choices_text, coerce, did_you_mean, show_value
 from rdprune.core.baselines import BASELINES
 from rdprune.core.channel_baselines import CHANNEL_BASELINES
-from rdprune.core.channel_costs import ChannelBudget
 from rdprune.core.grid import Grid
 from rdprune.data.registry import DATASET_NAMES
 from rdprune.distributed.collectives import DEVICES
@@ -32,7 +31,13 @@ METHODS = ("rd", *BASELINES)
 """Every pruning method: rate-distortion allocation, then the baselines."""
 CHANNEL_METHODS = ("rd", *CHANNEL_BASELINES)
 """Methods at channel granularity: RD allocation, a uniform ratio per group, a global ranking across groups."""
-GRANULARITIES = ("weight", "channel")
+SEMI_STRUCTURED_METHODS = ("rd", "glob")
+"""Methods at 2:4 granularity: RD chooses the layers, or a global ranking by the weight energy 2:4 removes."""
+GRANULARITIES = ("weight", "channel", "semi_structured")
+BUDGETS = ("weights", "flops", "latency", "layers")
+HUB_PREFIXES = ("timm:", "hf:")
+"""Reserved model-name prefixes: timm:<name> and hf:<repo id or folder> are never import paths."""
+WEIGHT_DECAY_SKIPS = ("norm", "bias", "embedding")
 
 DATASETS_NEEDING_ROOT = ("cifar10", "imagenet")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -91,21 +96,37 @@ class ModelConfig(_Section):
     section: ClassVar[str] = "model"
 
     name: str
-    """Required. A registry name (small_cnn, resnet20_cifar, resnet32_cifar, vgg16_cifar, resnet50, ...)
-    or an import path 'package.module:callable' returning an nn.Module."""
+    """Required. A registry name (small_cnn, resnet20_cifar, resnet32_cifar, vgg16_cifar, resnet50, ...),
+    timm:<name> (a timm model; pip extra rdprune[timm]), hf:<repo id or local folder> (a Hugging Face
+    image classifier; pip extra rdprune[hf]), or an import path 'package.module:callable' returning an
+    nn.Module. The prefixes timm: and hf: are reserved: they never name a Python module."""
     checkpoint: Optional[str] = None
     """Path of a state_dict to start from (loaded with weights_only=True); null = no checkpoint."""
     weights: Optional[str] = None
-    """torchvision pretrained weights by name, e.g. DEFAULT; null = none."""
+    """Pretrained weights: for torchvision models a weights name (DEFAULT, IMAGENET1K_V2, ...); for timm
+    DEFAULT or a pretrained tag; for hf DEFAULT (the folder's or cached weights). timm and hf load only
+    from local files or caches, never download; null = random initialisation (or model.checkpoint)."""
     num_classes: Optional[int] = None
     """Output classes; null = taken from the dataset."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Builder arguments: timm.create_model keywords (img_size, patch_size, embed_dim, depth, ...), Hugging
+    Face config overrides, or keywords of a torchvision or import-path builder. The class count and the
+    input's channel count are passed automatically."""
+    drop_path_rate: Optional[float] = None
+    """Stochastic depth rate while training (timm and hf models that have it, e.g. ViT/DeiT, ConvNeXt, Swin);
+    null = the builder's default."""
 
     def validate(self) -> None:
-        if ":" in self.name:
+        hub = next((p for p in HUB_PREFIXES if self.name.startswith(p)), None)
+        if hub is not None:
+            self._check("name", bool(self.name[len(hub):].strip()), f"{hub}<{'name' if hub == 'timm:' else 'repo id or folder'}>")
+        elif ":" in self.name:
             self._check("name", bool(_IMPORT_PATH.match(self.name)), "an import path 'package.module:callable'")
         else:
             self._check("name", bool(_REGISTRY_NAME.match(self.name)),
-                        "a model name such as 'resnet50' or an import path 'package.module:callable'")
+                        "a model name such as 'resnet50', timm:<name>, hf:<repo id or folder>, or an import path "
+                        "'package.module:callable'")
+        self._check("drop_path_rate", self.drop_path_rate is None or 0.0 <= self.drop_path_rate < 1.0, "null or a number in [0, 1)")
         self._check("num_classes", self.num_classes is None or self.num_classes >= 1, "null or an integer >= 1")
         if self.checkpoint is not None and self.weights is not None:
             raise ConfigError("model.weights", "model.checkpoint and model.weights are exclusive: set only one",
@@ -208,11 +229,13 @@ class PruneConfig(_Section):
     granularity: Literal[GRANULARITIES] = "weight"
     """weight = unstructured masks (each layer one unit); channel = whole channels removed, each
     group of coupled channels (found by Torch-Pruning's dependency graph; pip extra
-    rdprune[channels]) one unit, and a physically smaller model exported at the end. Channel
-    granularity supports methods rd, unif and glob."""
-    budget: ChannelBudget = "weights"
-    """What target_sparsity counts: surviving weights, remaining FLOPs, or (channel granularity
-    only) the forward latency measured on the latency section's device."""
+    rdprune[channels]) one unit, and a physically smaller model exported at the end (methods rd,
+    unif, glob); semi_structured = 2:4 sparsity, each Linear layer whose shape the GPU 2:4 kernels
+    accept either dense or 2:4 (methods rd, glob)."""
+    budget: Literal[BUDGETS] = "weights"
+    """What target_sparsity counts: surviving weights, remaining FLOPs (weight and channel), the forward
+    latency measured on the latency section's device (channel; semi_structured on a CUDA GPU with 2:4
+    kernels), or (semi_structured only) the fraction of candidate layers made 2:4."""
     skip: list[str] = field(default_factory=list)
     """Names of prunable layers (as in model.named_modules) to leave dense."""
     min_density: float = 0.0
@@ -266,6 +289,10 @@ class TrainingConfig(_Section):
     """Linear warmup from 0 to lr over the first steps."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss, in [0, 1)."""
+    weight_decay_skip: list[str] = field(default_factory=list)
+    """Parameters trained without weight decay, as in DeiT-style recipes: any of norm (normalisation layers'
+    weights), bias (every bias) and embedding (position embeddings, class/distillation/register tokens and
+    relative-position tables, plus what a timm model's no_weight_decay() names)."""
 
     def validate(self) -> None:
         self._check("steps", self.steps >= 0, "an integer >= 0")
@@ -276,6 +303,11 @@ class TrainingConfig(_Section):
         self._check("warmup_steps", self.steps == 0 or self.warmup_steps <= self.steps,
                     f"at most {self.section}.steps ({self.steps})")
         self._check("label_smoothing", 0.0 <= self.label_smoothing < 1.0, "a number in [0, 1)")
+        for i, kind in enumerate(self.weight_decay_skip):
+            if kind not in WEIGHT_DECAY_SKIPS:
+                raise ConfigError(f"{self.section}.weight_decay_skip[{i}]",
+                                  f"{self.section}.weight_decay_skip entries must be among {choices_text(WEIGHT_DECAY_SKIPS)}, got "
+                                  f"{show_value(kind)}{did_you_mean(kind, WEIGHT_DECAY_SKIPS)}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ConfigError(f"{self.section}.nesterov",
                               f"{self.section}.nesterov needs optimizer 'sgd' with momentum > 0")
@@ -385,13 +417,23 @@ class Config:
                               f"data.backend 'dali' needs data.name 'imagenet', got {self.data.name!r}",
                               related=["data.name"])
         prune = self.prune
-        if prune.budget == "latency" and prune.granularity != "channel":
-            raise ConfigError("prune.budget", "prune.budget 'latency' needs prune.granularity 'channel' (masked weights run "
-                              "no faster)", related=["prune.granularity"])
+        if prune.budget == "latency" and prune.granularity == "weight":
+            raise ConfigError("prune.budget", "prune.budget 'latency' needs prune.granularity 'channel' or 'semi_structured' "
+                              "(unstructured masks run no faster)", related=["prune.granularity"])
+        if prune.budget == "layers" and prune.granularity != "semi_structured":
+            raise ConfigError("prune.budget", "prune.budget 'layers' (the fraction of candidate layers made 2:4) needs "
+                              "prune.granularity 'semi_structured'", related=["prune.granularity"])
+        if prune.budget == "flops" and prune.granularity == "semi_structured":
+            raise ConfigError("prune.budget", "prune.budget 'flops' is not offered at prune.granularity 'semi_structured': "
+                              "choose weights, layers or latency", related=["prune.granularity"])
+        if prune.granularity == "semi_structured" and prune.method not in SEMI_STRUCTURED_METHODS:
+            raise ConfigError("prune.method", f"prune.method {prune.method!r} has no 2:4 form; at prune.granularity "
+                              f"'semi_structured' choose one of {choices_text(SEMI_STRUCTURED_METHODS)}",
+                              related=["prune.granularity"])
         if prune.granularity == "channel" and prune.method not in CHANNEL_METHODS:
             raise ConfigError("prune.method", f"prune.method {prune.method!r} has no channel form; at prune.granularity "
                               f"'channel' choose one of {choices_text(CHANNEL_METHODS)}", related=["prune.granularity"])
-        if prune.granularity == "channel" and prune.bn_aware_curves:
+        if prune.granularity != "weight" and prune.bn_aware_curves:
             raise ConfigError("prune.bn_aware_curves", "prune.bn_aware_curves is for prune.granularity 'weight' only",
                               related=["prune.granularity"])
         if self.distributed.zero_stage != 0 and self.distributed.engine != "deepspeed":

@@ -14,6 +14,8 @@ from typing import Any, Literal, Union
 from rdprune.errors import UserError
 
 # PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; numbers fields accept that spelling.
+# YAML 1.1 reads 2:4 as a base-60 integer: 2 * 60 + 4.
+_SEXAGESIMAL_TWO_FOUR = 124
 _NUMBER_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -38,7 +40,7 @@ def show_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(show_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "a mapping"
+        return "{" + ", ".join(f"{k}: {show_value(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 
@@ -66,8 +68,17 @@ def coerce(key: str, value: Any, hint: Any, nullable: bool = False) -> Any:
         options = typing.get_args(hint)
         if not any(type(value) is type(o) and value == o for o in options):
             hint_text = did_you_mean(value, [str(o) for o in options]) if isinstance(value, str) else ""
+            if value == _SEXAGESIMAL_TWO_FOUR and "semi_structured" in options:
+                hint_text = " (YAML 1.1 reads an unquoted 2:4 as the number 124; write semi_structured)"
             raise ConfigError(key, f"{key} must be one of {choices_text(options)}, got {show_value(value)}{hint_text}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong_type("a mapping of names to values")
+        bad = next((k for k in value if not isinstance(k, str) or not k.strip()), None)
+        if bad is not None:
+            raise ConfigError(key, f"{key}: every key of the mapping must be a name, got {show_value(bad)}")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):

@@ -45,7 +45,7 @@ from rdprune.distributed import DistInfo
 from rdprune.distributed.sharded_curves import sharded_curves
 from rdprune.errors import UserError
 from rdprune.files import atomic_torch_save, atomic_write, write_json
-from rdprune.models.registry import build_model
+from rdprune.models import registry as models
 from rdprune.pipeline import channel_stage, feeding
 from rdprune.pipeline.channel_stage import ChannelStage
 from rdprune.pipeline.plots import plot_accuracy, plot_curves, plot_layer_sparsity
@@ -132,10 +132,10 @@ def _prepare_out_dir(cfg: Config, out: RunLayout, dist: DistInfo) -> None:
 def resume_key(cfg: Config) -> dict:
     """What a run directory's config must share with a rerun's for the rerun to continue it.
 
-    The latency section counts only for channel granularity (weight pruning never reads it).
+    The latency section counts only for channel and 2:4 granularity (weight pruning never reads it).
     """
     resolved = config_to_dict(cfg)
-    sections = [s for s in RESUME_SECTIONS if s != "latency" or cfg.prune.granularity == "channel"]
+    sections = [s for s in RESUME_SECTIONS if s != "latency" or cfg.prune.granularity != "weight"]
     return {s: {k: v for k, v in resolved[s].items() if k not in RESUME_FREE.get(s, ())} for s in sections}
 
 
@@ -161,14 +161,9 @@ def same_run(stored: dict, cfg: Config) -> bool:
 
 def _build(cfg: Config, dist: DistInfo, out: RunLayout) -> Context:
     torch.manual_seed(cfg.run.seed)
-    data = build_data(cfg.data.name, cfg.data.root, seed=cfg.run.seed)
-    model = build_model(
-        cfg.model.name,
-        cfg.model.num_classes or data.num_classes,
-        checkpoint=cfg.model.checkpoint,
-        weights=cfg.model.weights,
-        input_shape=data.input_shape,
-    ).to(dist.device)
+    data = build_data(cfg.data.name, cfg.data.root, seed=cfg.run.seed,
+                      preprocessing=models.model_preprocessing(cfg.model.name, cfg.model.kwargs))
+    model = _dense_model(cfg, data).to(dist.device)
     infos = describe_layers(model, data.input_shape, skip=cfg.prune.skip)
     everything = prunable_layers(model)
     skipped = {n: m for n, m in everything.items() if n in set(cfg.prune.skip)}
@@ -195,6 +190,14 @@ def _build(cfg: Config, dist: DistInfo, out: RunLayout) -> Context:
         _check_reachable(ctx)
     _check_recalibration(ctx)
     return ctx
+
+
+def _dense_model(cfg: Config, data: DataBundle) -> nn.Module:
+    """The model as the config names it, before any pruning: pretrained, from a checkpoint, or freshly initialised."""
+    return models.build_model(
+        cfg.model.name, cfg.model.num_classes or data.num_classes, checkpoint=cfg.model.checkpoint, weights=cfg.model.weights,
+        input_shape=data.input_shape, kwargs=cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate,
+    )
 
 
 def _recalibration_skip(cfg: Config, model: nn.Module) -> str | None:
@@ -280,7 +283,7 @@ def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc
     cfg, dist = ctx.cfg, ctx.dist
     batches = feeding.train_batches(cfg, ctx.data, dist, seed)
     torch.manual_seed(seed)
-    optimizer = make_optimizer(ctx.model.parameters(), section)
+    optimizer = make_optimizer(ctx.model, section)
     scheduler = make_scheduler(optimizer, section, steps)
     guarded = {"layers": ctx.layers, "masks": masks} if masks is not None else {}
     engine: Engine
@@ -505,10 +508,7 @@ def _rewind(ctx: Context, masks: dict[str, torch.Tensor]) -> None:
     if source.exists():
         dense = torch.load(source, map_location=ctx.dist.device, weights_only=True)["model"]
     else:
-        dense = build_model(
-            ctx.cfg.model.name, ctx.cfg.model.num_classes or ctx.data.num_classes,
-            checkpoint=ctx.cfg.model.checkpoint, weights=ctx.cfg.model.weights, input_shape=ctx.data.input_shape,
-        ).state_dict()
+        dense = _dense_model(ctx.cfg, ctx.data).state_dict()
     ctx.model.load_state_dict(dense)
     enforce_masks(ctx.layers, masks)
 

@@ -1,20 +1,57 @@
 """Optimisers and learning-rate schedules built from a pretrain/finetune config section."""
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:  # the config's schema lists OPTIMIZERS and SCHEDULERS from here
     from rdprune.config.schema import TrainingConfig
 
+log = logging.getLogger(__name__)
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "constant")
+EMBEDDING_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "mask_token", "absolute_pos_embed",
+                   "position_embeddings", "relative_position_bias_table")
+"""Parameter names (last component) of position embeddings and learned tokens, in timm and Hugging Face models."""
 
 
-def make_optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov), Adam or AdamW, with weight decay, from a pretrain/finetune section."""
+def parameter_groups(model: nn.Module, weight_decay: float, skip: Iterable[str]) -> list[dict]:
+    """The model's trainable parameters as optimiser groups: with ``weight_decay``, and without it for the
+    kinds in ``skip`` (norm, bias, embedding) that DeiT-style recipes exempt from decay.
+
+    Normalisation layers are nn's norms (BatchNorm, LayerNorm, GroupNorm, RMSNorm and subclasses) and any
+    module whose class name contains "Norm" (timm's and Hugging Face's own LayerNorms); embeddings are
+    the names in ``EMBEDDING_NAMES`` and whatever a timm model's ``no_weight_decay()`` lists.
+    """
+    skip = set(skip)
+    listed = set(model.no_weight_decay()) if "embedding" in skip and callable(getattr(model, "no_weight_decay", None)) else set()
+    decay, exempt = [], []
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) \
+            or "norm" in type(module).__name__.lower()
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            full = f"{module_name}.{name}" if module_name else name
+            free = (("norm" in skip and is_norm) or ("bias" in skip and name == "bias")
+                    or ("embedding" in skip and (name in EMBEDDING_NAMES or full in listed or name in listed)))
+            (exempt if free else decay).append(param)
+    if skip:
+        log.info("weight decay on %d parameter tensors, none on %d (%s)", len(decay), len(exempt), ", ".join(sorted(skip)))
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    return groups + ([{"params": exempt, "weight_decay": 0.0}] if exempt else [])
+
+
+def make_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov), Adam or AdamW, with weight decay (none on ``weight_decay_skip``'s
+    kinds), from a pretrain/finetune section."""
+    params = parameter_groups(model, cfg.weight_decay, cfg.weight_decay_skip)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
