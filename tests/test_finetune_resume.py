@@ -217,3 +217,25 @@ def test_torchrun_killed_during_finetuning_resumes_from_the_checkpoint(tmp_path,
         assert len(saved["rng"]) == 2  # both ranks' random states
     assert saved["engine"] == engine and saved["world_size"] == 2 and saved["iteration"] in (1, 2)
     _check_resumed(out, _run(command(out, "finetune.checkpoint_every=5")), reference)
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_zeros(one_thread):
+    """distributed.precision bf16 under the ddp engine: the forward runs in bf16 (so training differs
+    from fp32), the weights stay fp32 and pruned weights stay exactly zero."""
+    def trained(precision: str) -> tuple[nn.Module, dict]:
+        torch.manual_seed(0)
+        model = DropoutNet()
+        layers = prunable_layers(model)
+        masks = apply_masks(model, {n: 0.5 for n in layers}, layers)
+        section = FinetuneConfig(steps=5, lr=0.05)
+        optimizer = make_optimizer(model, section)
+        engine = LocalEngine(model, optimizer, make_scheduler(optimizer, section, 5), DistInfo(), layers=layers, masks=masks,
+                             precision=precision)
+        train_steps(engine, _batches(), 5, progress=False)
+        return model, {n: (layers[n], masks[n]) for n in layers}
+
+    model16, guarded = trained("bf16")
+    model32, _ = trained("fp32")
+    assert all(p.dtype == torch.float32 for p in model16.parameters())
+    assert all(torch.all(layer.weight[~mask] == 0) for layer, mask in guarded.values())
+    assert not torch.equal(model16.conv.weight, model32.conv.weight)

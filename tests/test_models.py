@@ -90,7 +90,7 @@ def test_unknown_model_name_lists_the_choices():
         build_model("resnet9000", 10)
     assert str(err.value) == (
         "unknown model 'resnet9000': choose one of " + ", ".join(MODEL_NAMES)
-        + ", or give an import path 'package.module:callable'"
+        + ", timm:<name>, hf:<folder or repo id>, or give an import path 'package.module:callable'"
     )
 
 

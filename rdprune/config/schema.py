@@ -374,7 +374,8 @@ class DistributedConfig(_Section):
     zero_stage: Literal[ZERO_STAGES] = 0
     """DeepSpeed ZeRO stage (deepspeed only)."""
     precision: Literal[PRECISIONS] = "fp32"
-    """Training precision; curves and evaluation stay fp32."""
+    """Training precision: bf16 = autocast with fp32 weights under engine ddp, DeepSpeed's bf16 under
+    deepspeed (needs native bf16 on a GPU); curves and evaluation stay fp32."""
     timeout_s: int = 600
     """Timeout of collective operations, in seconds."""
     curve_threads: Optional[int] = None

@@ -3,8 +3,15 @@
 The file lists come from the torchvision ImageFolder that ``build_data`` already validated, so
 both backends agree on classes and labels. Pipelines decode on the GPU (``mixed``) when the
 process computes on CUDA and run CPU-only (``device_id=None``) otherwise. Everything yields
-plain ``(x, y)`` tensors: x float32 (N, 3, 224, 224) normalised with the ImageNet mean and std,
-y int64.
+plain ``(x, y)`` tensors: x float32 (N, 3, size, size), y int64.
+
+Every pipeline follows a ``Preprocessing`` (default ``RESNET``) exactly as the torchvision
+transforms of ``rdprune.data.imagenet`` do: the evaluation resize goes to the same integer
+output size torchvision computes (its truncated longer side, not DALI's own rounding), with
+antialiasing when scaling down as PIL does, and the centre crop starts where torchvision's does
+(Python's round-half-to-even). EXIF orientation is ignored, as PIL's loader in ImageFolder
+ignores it. On the CPU the two backends then agree to about one grey level (see
+tests/test_preprocessing.py for the measured tolerance).
 
 DALI cannot skip a file that fails to decode, so the files are checked cheaply (format
 signature, JPEG end marker) before a pipeline starts, and a decoding error that still happens is
@@ -21,14 +28,11 @@ from typing import Any
 
 import torch
 
+from rdprune.data.preprocessing import RESNET, Preprocessing
 from rdprune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CROP = 224
-RESIZE = 256
-MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 READER = "reader"
 """Name of the file reader in every pipeline, so the iterator can count the shard exactly."""
 
@@ -125,8 +129,33 @@ def _device_id(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _train_pipeline(samples: Sequence[Sample], shard: int, shards: int, order_seed: int, gpu: bool):
+def _interp_type(preprocessing: Preprocessing) -> Any:
+    """DALI's interpolation for the model's; DALI antialiases linear and cubic when scaling down, like PIL."""
+    from nvidia.dali import types
+    return {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC,
+            "nearest": types.INTERP_NN}[preprocessing.interpolation]
+
+
+def _normalize_args(preprocessing: Preprocessing) -> dict[str, list[float]]:
+    """Mean and std for ``crop_mirror_normalize``, which works in 0..255 pixel units."""
+    return {"mean": [m * 255 for m in preprocessing.mean], "std": [s * 255 for s in preprocessing.std]}
+
+
+def _centre_offset(excess: Any) -> Any:
+    """torchvision's centre-crop offset ``int(round(excess / 2))``, rounding half to even.
+
+    Integer arithmetic only, so it works on Python ints and on DALI integer DataNodes alike:
+    an odd excess 2k + 1 starts at k when k is even and at k + 1 when k is odd.
+    """
+    half = excess // 2
+    return half + (excess - 2 * half) * (half - 2 * (half // 2))
+
+
+def _train_pipeline(samples: Sequence[Sample], shard: int, shards: int, order_seed: int, gpu: bool,
+                    preprocessing: Preprocessing):
     from nvidia.dali import fn, pipeline_def, types
+
+    pre = preprocessing
 
     @pipeline_def
     def train():
@@ -137,19 +166,22 @@ def _train_pipeline(samples: Sequence[Sample], shard: int, shards: int, order_se
             shuffle_after_epoch=True, seed=order_seed, pad_last_batch=True, name=READER,
         )
         images = fn.decoders.image_random_crop(
-            jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+            jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False,
             random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
         )
-        images = fn.resize(images, resize_x=CROP, resize_y=CROP)
-        images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), mean=list(MEAN), std=list(STD),
+        images = fn.resize(images, resize_x=pre.size, resize_y=pre.size, interp_type=_interp_type(pre), antialias=True)
+        images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), **_normalize_args(pre),
                                           dtype=types.FLOAT, output_layout="CHW")
         return images, labels
 
     return train
 
 
-def _eval_pipeline(samples: Sequence[Sample], shard: int, shards: int, gpu: bool):
+def _eval_pipeline(samples: Sequence[Sample], shard: int, shards: int, gpu: bool, preprocessing: Preprocessing):
     from nvidia.dali import fn, pipeline_def, types
+
+    pre = preprocessing
+    side = pre.resize_size
 
     @pipeline_def
     def evaluation():
@@ -159,10 +191,24 @@ def _eval_pipeline(samples: Sequence[Sample], shard: int, shards: int, gpu: bool
             files=[p for p, _ in samples], labels=[c for _, c in samples], shard_id=shard, num_shards=shards,
             random_shuffle=False, stick_to_shard=True, pad_last_batch=True, name=READER,
         )
-        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=RESIZE)
-        images = fn.crop_mirror_normalize(images, crop=(CROP, CROP), mean=list(MEAN), std=list(STD),
-                                          dtype=types.FLOAT, output_layout="CHW")
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                   adjust_orientation=False)
+        if pre.crop_mode == "center":
+            # torchvision's output size: the shorter side becomes `side`, the longer one
+            # floor(side * long / short); DALI's resize_shorter would round it and shift the scale.
+            shape = fn.peek_image_shape(jpegs, adjust_orientation=False, dtype=types.INT64)
+            height, width = shape[0], shape[1]
+            wide = fn.cast(width > height, dtype=types.INT64)  # 0 when the width is the shorter side
+            new_h = wide * side + (1 - wide) * (side * height // width)
+            new_w = (1 - wide) * side + wide * (side * width // height)
+            start = fn.cast(fn.stack(_centre_offset(new_h - pre.size), _centre_offset(new_w - pre.size)), dtype=types.INT32)
+            new_h, new_w = fn.cast(new_h, dtype=types.FLOAT), fn.cast(new_w, dtype=types.FLOAT)
+        else:
+            new_h = new_w = float(side)
+            start = [_centre_offset(side - pre.size)] * 2
+        images = fn.resize(images, resize_x=new_w, resize_y=new_h, interp_type=_interp_type(pre), antialias=True)
+        images = fn.slice(images, start=start, shape=[pre.size, pre.size], axis_names="HW")
+        images = fn.crop_mirror_normalize(images, **_normalize_args(pre), dtype=types.FLOAT, output_layout="CHW")
         return images, labels
 
     return evaluation
@@ -227,13 +273,14 @@ def _check_shard(samples: Sequence[Sample], rank: int, world_size: int, threads:
 class EvalBatches(Iterable[tuple[torch.Tensor, torch.Tensor]]):
     """This rank's contiguous shard of the validation images, once per ``iter``.
 
-    Resize of the shorter side to 256, centre crop 224, ImageNet normalisation. Each pass builds a
-    fresh pipeline (milliseconds), so nothing is held between evaluations.
+    The evaluation transform of ``preprocessing`` (for ``RESNET``: shorter side to 256, centre crop
+    224, ImageNet mean/std). Each pass builds a fresh pipeline (milliseconds), so nothing is held
+    between evaluations.
     """
 
     def __init__(self, samples: Sequence[Sample], batch_size: int, rank: int, world_size: int,
-                 device: torch.device, threads: int):
-        self._make = _eval_pipeline(samples, rank, world_size, device.type == "cuda")
+                 device: torch.device, threads: int, preprocessing: Preprocessing = RESNET):
+        self._make = _eval_pipeline(samples, rank, world_size, device.type == "cuda", preprocessing)
         self._batch_size, self._threads, self._device = batch_size, threads, device
         count = len(samples)  # DALI's shard: a contiguous range of the list
         self._paths = [p for p, _ in samples[rank * count // world_size:(rank + 1) * count // world_size]]
@@ -245,34 +292,37 @@ class EvalBatches(Iterable[tuple[torch.Tensor, torch.Tensor]]):
 
 
 def eval_batches(samples: Sequence[Sample], batch_size: int, rank: int, world_size: int, device: torch.device,
-                 threads: int) -> EvalBatches:
-    """This rank's share of the validation set: the ranks together see every image exactly once."""
+                 threads: int, *, preprocessing: Preprocessing = RESNET) -> EvalBatches:
+    """This rank's share of the validation set, preprocessed for evaluation: the ranks together see
+    every image exactly once."""
     require_dali()
     if len(samples) < world_size:
         raise UserError(f"the validation set has {len(samples)} images, fewer than the {world_size} processes")
     _check_shard(samples, rank, world_size, threads)
-    return EvalBatches(samples, batch_size, rank, world_size, device, threads)
+    return EvalBatches(samples, batch_size, rank, world_size, device, threads, preprocessing)
 
 
 def train_batches(samples: Sequence[Sample], batch_size: int, rank: int, world_size: int, device: torch.device,
-                  seed: int, threads: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  seed: int, threads: int, *, preprocessing: Preprocessing = RESNET) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless augmented batches of this rank's shard; the whole list is reshuffled every epoch.
 
-    Random resized crop to 224 (8-100 % of the area, aspect 3/4-4/3), horizontal flip, ImageNet
-    normalisation. The file order depends on ``seed`` only, the augmentation also on the rank.
+    Random resized crop to ``preprocessing.size`` (8-100 % of the area, aspect 3/4-4/3, its
+    interpolation), horizontal flip, its mean and std. The file order depends on ``seed`` only,
+    the augmentation also on the rank.
     """
     require_dali()
     if len(samples) < world_size:
         raise UserError(f"the training set has {len(samples)} images, fewer than the {world_size} processes")
     _check_shard(samples, rank, world_size, threads)
-    make = _train_pipeline(samples, rank, world_size, seed, device.type == "cuda")
+    make = _train_pipeline(samples, rank, world_size, seed, device.type == "cuda", preprocessing)
     pipe = make(batch_size=batch_size, num_threads=threads, device_id=_device_id(device), seed=seed * 1009 + rank)
     return _batches(pipe, True, [p for p, _ in samples], threads)
 
 
 def calibration_images(samples: Sequence[Sample], size: int, seed: int, batch_size: int, threads: int,
-                       key: str = "calibration.size") -> torch.Tensor:
-    """``size`` training images chosen by ``seed``, without augmentation, as one (size, 3, 224, 224) tensor.
+                       key: str = "calibration.size", *, preprocessing: Preprocessing = RESNET) -> torch.Tensor:
+    """``size`` training images chosen by ``seed``, with the evaluation transform of ``preprocessing``,
+    as one (size, 3, S, S) tensor (S = ``preprocessing.size``).
 
     Decoded on the CPU in file order, so every rank gets bit-identical inputs (the curves, and
     with them the masks, must agree across ranks).
@@ -281,7 +331,7 @@ def calibration_images(samples: Sequence[Sample], size: int, seed: int, batch_si
     chosen = [samples[i] for i in calibration_choice(len(samples), size, seed, key)]
     paths = [p for p, _ in chosen]
     check_image_files(paths, threads)
-    make = _eval_pipeline(chosen, 0, 1, gpu=False)
+    make = _eval_pipeline(chosen, 0, 1, False, preprocessing)
     pipe = make(batch_size=min(batch_size, size), num_threads=threads, device_id=None, seed=0)
     images = torch.cat([x for x, _ in _batches(pipe, False, paths, threads)])
     if len(images) != size:

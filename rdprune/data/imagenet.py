@@ -10,23 +10,39 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from rdprune.data.preprocessing import RESNET, Preprocessing
 from rdprune.errors import UserError
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 LAYOUT = "expected train/<class>/<image>.JPEG and val/<class>/<image>.JPEG, the same class folders in both"
+INTERPOLATION_MODES = {
+    "bilinear": transforms.InterpolationMode.BILINEAR,
+    "bicubic": transforms.InterpolationMode.BICUBIC,
+    "nearest": transforms.InterpolationMode.NEAREST,
+}
+"""torchvision's resampling mode for each ``Preprocessing.interpolation``."""
 
 
-def train_transform() -> transforms.Compose:
+def train_transform(preprocessing: Preprocessing = RESNET) -> transforms.Compose:
+    """Training augmentation: random resized crop of ``size`` (torchvision's default area and aspect
+    ranges, the model's interpolation), horizontal flip, the model's mean and std."""
+    p = preprocessing
     return transforms.Compose([
-        transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), transforms.Normalize(MEAN, STD),
+        transforms.RandomResizedCrop(p.size, interpolation=INTERPOLATION_MODES[p.interpolation]),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(p.mean, p.std),
     ])
 
 
-def eval_transform() -> transforms.Compose:
+def eval_transform(preprocessing: Preprocessing = RESNET) -> transforms.Compose:
+    """Evaluation transform: resize to ``floor(size / crop_pct)`` (the shorter side for crop_mode
+    "center", both sides for "squash"), centre crop ``size``, the model's mean and std.
+
+    With ``RESNET`` this is the classic Resize(256), CenterCrop(224), bilinear, ImageNet mean/std.
+    """
+    p = preprocessing
+    resize = p.resize_size if p.crop_mode == "center" else (p.resize_size, p.resize_size)
     return transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), transforms.Normalize(MEAN, STD),
+        transforms.Resize(resize, interpolation=INTERPOLATION_MODES[p.interpolation]), transforms.CenterCrop(p.size),
+        transforms.ToTensor(), transforms.Normalize(p.mean, p.std),
     ])
 
 
@@ -73,21 +89,22 @@ class CheckedImageFolder(ImageFolder):
             raise UserError(f"image {self.samples[index][0]} cannot be decoded: {reason}") from exc
 
 
-def imagenet_datasets(root: str | None) -> tuple[ImageFolder, ImageFolder, ImageFolder]:
-    """(train, val, calibration pool): the pool is the train folder with the validation transform."""
+def imagenet_datasets(root: str | None, preprocessing: Preprocessing = RESNET) -> tuple[ImageFolder, ImageFolder, ImageFolder]:
+    """(train, val, calibration pool) transformed for a model's ``preprocessing``; the pool is the
+    train folder with the validation transform."""
     if root is None:
         raise UserError(f"data 'imagenet' needs data.root: the folder holding train/ and val/ ({LAYOUT})")
     base = Path(root)
     for split in ("train", "val"):
         if not (base / split).is_dir():
             raise UserError(f"data.root {str(root)!r} is not an ImageNet folder: missing {split}/; {LAYOUT}")
-    train = CheckedImageFolder(str(base / "train"), transform=train_transform())
-    val = CheckedImageFolder(str(base / "val"), transform=eval_transform())
+    train = CheckedImageFolder(str(base / "train"), transform=train_transform(preprocessing))
+    val = CheckedImageFolder(str(base / "val"), transform=eval_transform(preprocessing))
     if val.classes != train.classes:
         only_train = sorted(set(train.classes) - set(val.classes))[:5]
         only_val = sorted(set(val.classes) - set(train.classes))[:5]
         raise UserError(f"data.root {str(root)!r}: train/ and val/ have different class folders "
                         f"(only in train: {only_train}, only in val: {only_val}); {LAYOUT}")
     pool = copy.copy(train)
-    pool.transform = eval_transform()
+    pool.transform = eval_transform(preprocessing)
     return train, val, pool

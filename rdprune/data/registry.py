@@ -1,6 +1,7 @@
 """Build a dataset by name: the bundled mnist5k, local CIFAR-10 or ImageNet folders, or user code."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,8 +11,11 @@ from torch.utils.data import Dataset
 from rdprune.data.cifar10 import cifar10_datasets
 from rdprune.data.imagenet import imagenet_datasets
 from rdprune.data.mnist5k import mnist5k_datasets
+from rdprune.data.preprocessing import RESNET, Preprocessing
 from rdprune.errors import UserError
 from rdprune.models.registry import IMPORT_FORM, accepts_keyword, load_callable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,14 +32,18 @@ class DataBundle:
     """Shape of one input, e.g. (1, 28, 28)."""
     num_classes: int
     """Number of classes; labels are 0 .. num_classes - 1."""
+    preprocessing: Preprocessing | None = None
+    """How the images were resized, cropped and normalised (image folders; the DALI backend applies
+    the same), or None for datasets that keep their own normalisation (mnist5k, cifar10, user code)."""
 
 
-Loader = Callable[[str | None], DataBundle]
+Loader = Callable[[str | None, Preprocessing | None], DataBundle]
 _LOADERS: dict[str, Loader] = {}
 
 
 def register(name: str) -> Callable[[Loader], Loader]:
-    """Decorator: register ``loader(root) -> DataBundle`` under ``name``."""
+    """Decorator: register ``loader(root, preprocessing) -> DataBundle`` under ``name``; a loader that
+    has no use for the model's preprocessing ignores it and returns a bundle whose ``preprocessing`` is None."""
     def decorate(loader: Loader) -> Loader:
         _LOADERS[name] = loader
         return loader
@@ -43,38 +51,48 @@ def register(name: str) -> Callable[[Loader], Loader]:
 
 
 @register("mnist5k")
-def _mnist5k(root: str | None) -> DataBundle:
+def _mnist5k(root: str | None, preprocessing: Preprocessing | None) -> DataBundle:
     train, test, pool = mnist5k_datasets()
     return DataBundle(train, test, pool, (1, 28, 28), 10)
 
 
 @register("cifar10")
-def _cifar10(root: str | None) -> DataBundle:
+def _cifar10(root: str | None, preprocessing: Preprocessing | None) -> DataBundle:
     train, test, pool = cifar10_datasets(root)
     return DataBundle(train, test, pool, (3, 32, 32), 10)
 
 
 @register("imagenet")
-def _imagenet(root: str | None) -> DataBundle:
-    train, test, pool = imagenet_datasets(root)
-    return DataBundle(train, test, pool, (3, 224, 224), len(train.classes))
+def _imagenet(root: str | None, preprocessing: Preprocessing | None) -> DataBundle:
+    p = preprocessing or RESNET
+    train, test, pool = imagenet_datasets(root, p)
+    return DataBundle(train, test, pool, p.input_shape, len(train.classes), p)
 
 
 DATASET_NAMES: list[str] = list(_LOADERS)
 
 
-def build_data(name: str, root: str | None = None, *, seed: int = 0) -> DataBundle:
+def build_data(name: str, root: str | None = None, *, seed: int = 0,
+               preprocessing: Preprocessing | None = None) -> DataBundle:
     """The datasets of ``name``: a registered name or ``package.module:callable``.
 
     The built-in datasets have fixed splits and ignore ``seed``; a user callable receives ``root``
-    and ``seed`` as keywords when its signature accepts them.
+    and ``seed`` as keywords when its signature accepts them. ``preprocessing`` (the model's input
+    recipe) shapes the image-folder datasets (None: ``RESNET``); the tensor datasets and user
+    callables keep their own normalisation, and a preprocessing given for them is ignored with
+    one INFO line.
     """
     if name in _LOADERS:
-        return _LOADERS[name](root)
-    if ":" in name:
-        return _user_data(name, root, seed)
-    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}, "
-                    f"or give an import path '{IMPORT_FORM}'")
+        bundle = _LOADERS[name](root, preprocessing)
+    elif ":" in name:
+        bundle = _user_data(name, root, seed)
+    else:
+        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}, "
+                        f"or give an import path '{IMPORT_FORM}'")
+    if preprocessing is not None and bundle.preprocessing is None:
+        log.info("data %r keeps its own normalisation: the model's preprocessing (size %d, %s, crop_pct %g) is not applied",
+                 name, preprocessing.size, preprocessing.interpolation, preprocessing.crop_pct)
+    return bundle
 
 
 def _user_data(spec: str, root: str | None, seed: int) -> DataBundle:

@@ -1,1 +1,1 @@
-"""Model definitions rdprune ships (CIFAR ResNets) and the registry that builds models by name."""
+"""Model definitions rdprune ships (CIFAR ResNets), the registry that builds models by name, and timm:/hf: models."""

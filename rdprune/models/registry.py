@@ -1,13 +1,24 @@
-"""Build a network by name, optionally with torchvision's pretrained weights or a local checkpoint.
+"""Build a network by name, optionally with pretrained weights or a local checkpoint.
 
-Names are the registered builders (``MODEL_NAMES``) or ``package.module:callable`` for a user's own
-network. Every mistake a user can make here (unknown name, failing import, missing, corrupt or
-ill-fitting checkpoint, weights that cannot be downloaded) is a one-line ``UserError``.
+Names take four forms:
+
+- a registered builder (``MODEL_NAMES``): rdprune's CIFAR ResNets, VGG-16 and small_cnn, and
+  torchvision models (with torchvision's pretrained weights through ``weights``);
+- ``timm:<model name>`` or ``timm:<model name>.<pretrained tag>``: ``timm.create_model``;
+- ``hf:<local folder or repo id>``: a Hugging Face image classifier, its forward returning logits;
+- ``package.module:callable`` for a user's own network.
+
+The prefixes ``timm:`` and ``hf:`` are reserved (never an import path), and their models load from
+local files and caches only (``rdprune.models.hub``). ``kwargs`` reach the timm, Hugging Face
+(config overrides), torchvision and import-path builders. Every mistake a user can make here
+(unknown name, failing import, missing extra, missing, corrupt or ill-fitting checkpoint, weights
+that cannot be downloaded or are not cached) is a one-line ``UserError``.
 
 Models take the input's channel count from ``input_shape`` (C, H, W), as they take ``num_classes``:
 the CIFAR ResNets, VGG-16 and small_cnn build their first conv for C channels, torchvision models
 get a C-channel stem in place of their RGB one (but torchvision's pretrained weights need C = 3),
-and a user's callable receives ``in_channels=C`` when its signature names that parameter.
+a user's callable receives ``in_channels=C`` when its signature names that parameter, and timm and
+Hugging Face models get ``in_chans=C`` / ``num_channels=C``.
 """
 from __future__ import annotations
 
@@ -16,15 +27,21 @@ import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision
 from torch import nn
 
 from rdprune.errors import UserError
+from rdprune.errors import one_line as _one_line
+from rdprune.models.builder_kwargs import call_with_kwargs, merge_kwargs
 from rdprune.models.cifar_resnet import resnet20, resnet32, resnet44, resnet56
 from rdprune.models.small_cnn import SmallCNN
 from rdprune.models.vgg_cifar import vgg16_cifar
+
+if TYPE_CHECKING:
+    from rdprune.data.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +116,9 @@ _TORCHVISION_STEMS: dict[str, tuple[str, str]] = {
 
 
 def _torchvision_builder(name: str) -> Builder:
-    def build(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
-        model = torchvision.models.get_model(name, num_classes=num_classes)
+    def build(num_classes: int, input_shape: tuple[int, ...] | None, **kwargs: Any) -> nn.Module:
+        kwargs = merge_kwargs(name, kwargs, {"num_classes": num_classes})
+        model = call_with_kwargs(name, torchvision.models.get_model, kwargs, name)
         channels = input_channels(input_shape)
         if channels != 3:
             _replace_stem(model, name, channels)
@@ -131,6 +149,11 @@ for _name in TORCHVISION_MODELS:
 
 MODEL_NAMES: list[str] = list(_BUILDERS)
 
+__all__ = [
+    "IMPORT_FORM", "MODEL_NAMES", "TORCHVISION_MODELS", "accepts_keyword", "build_model", "input_channels",
+    "load_callable", "load_checkpoint", "model_preprocessing", "register",
+]
+
 
 def build_model(
     name: str,
@@ -139,27 +162,49 @@ def build_model(
     checkpoint: str | None = None,
     weights: str | None = None,
     input_shape: Sequence[int] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    drop_path_rate: float | None = None,
 ) -> nn.Module:
     """Build model ``name`` with ``num_classes`` outputs, in training mode, on the CPU.
 
-    ``weights`` ("DEFAULT" or an enum name such as "IMAGENET1K_V2") loads torchvision's pretrained
-    weights for a torchvision model with 1000 classes. ``checkpoint`` loads a local state_dict and
-    takes precedence over ``weights`` (which is then validated but not downloaded), so a user
-    without network can follow the download error's advice without editing ``weights`` too.
-    ``input_shape`` (C, H, W) gives the models their input channel count C and sizes shape-dependent
-    builders (small_cnn); it is checked with one dry-run forward, so a model/data mismatch is reported
-    here and not deep inside training.
+    ``weights`` loads pretrained weights: for a torchvision model with 1000 classes "DEFAULT" or an
+    enum name such as "IMAGENET1K_V2" (downloaded by torchvision); for ``timm:`` "DEFAULT" or a
+    pretrained tag, for ``hf:`` "DEFAULT", both from local files and caches only. ``checkpoint``
+    loads a local state_dict and takes precedence over ``weights`` (which are then validated but not
+    loaded), so a user without network can follow the download error's advice without editing
+    ``weights`` too. ``input_shape`` (C, H, W) gives the models their input channel count C and sizes
+    shape-dependent builders (small_cnn); it is checked with one dry-run forward, so a model/data
+    mismatch is reported here and not deep inside training.
+
+    ``kwargs`` go to the timm builder, the Hugging Face config, ``torchvision.models.get_model`` or a
+    user's callable (rdprune's own models take none); ``drop_path_rate`` to timm and Hugging Face
+    models that have it and to callables that take it. The class and channel counts are passed
+    automatically; ``kwargs`` may repeat them only with the same values.
     """
+    from rdprune.models import hub  # here, not at the top: hub imports rdprune.data, whose registry imports this module
+
     shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
-    if weights is not None:
-        model = _pretrained_torchvision(name, num_classes, weights, download=checkpoint is None, input_shape=shape)
+    kwargs = dict(kwargs or {})
+    if hub.is_hub_name(name):
+        model = hub.build_hub_model(name, num_classes, input_channels(shape), weights=weights, kwargs=kwargs,
+                                    drop_path_rate=drop_path_rate, load_weights=checkpoint is None)
+    elif weights is not None:
+        _check_no_drop_path(name, drop_path_rate)
+        model = _pretrained_torchvision(name, num_classes, weights, download=checkpoint is None, input_shape=shape,
+                                        kwargs=kwargs)
     elif name in _BUILDERS:
-        model = _BUILDERS[name](num_classes, shape)
+        _check_no_drop_path(name, drop_path_rate)
+        if kwargs and name not in TORCHVISION_MODELS:
+            raise UserError(
+                f"model.kwargs is for timm:, hf:, torchvision and import-path models, not {name!r}: "
+                f"remove model.kwargs ({', '.join(map(str, kwargs))})"
+            )
+        model = _BUILDERS[name](num_classes, shape, **kwargs)
     elif ":" in name:
-        model = _user_model(name, num_classes, shape)
+        model = _user_model(name, num_classes, shape, kwargs=kwargs, drop_path_rate=drop_path_rate)
     else:
         raise UserError(
-            f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}, "
+            f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}, timm:<name>, hf:<folder or repo id>, "
             f"or give an import path '{IMPORT_FORM}'"
         )
     if checkpoint is not None:
@@ -167,6 +212,14 @@ def build_model(
     if shape is not None:
         _check_forward(model, name, num_classes, shape)
     return model
+
+
+def model_preprocessing(name: str, kwargs: Mapping[str, Any] | None = None, *, weights: str | None = None) -> Preprocessing | None:
+    """The preprocessing model ``name`` comes with (timm's pretrained cfg, a Hugging Face processor config),
+    or None for the dataset's default; see :func:`rdprune.models.hub.model_preprocessing`."""
+    from rdprune.models import hub  # lazily, as in build_model
+
+    return hub.model_preprocessing(name, kwargs, weights=weights)
 
 
 def load_callable(spec: str, what: str) -> Callable:
@@ -199,28 +252,47 @@ def accepts_keyword(fn: Callable, keyword: str, *, through_kwargs: bool = True) 
                for p in params)
 
 
-def _user_model(spec: str, num_classes: int, input_shape: tuple[int, ...] | None = None) -> nn.Module:
+def _check_no_drop_path(name: str, drop_path_rate: float | None) -> None:
+    if drop_path_rate is not None:
+        raise UserError(
+            f"model.drop_path_rate is for timm:, hf: and import-path models that take it, not {name!r}: "
+            f"remove model.drop_path_rate"
+        )
+
+
+def _user_model(
+    spec: str,
+    num_classes: int,
+    input_shape: tuple[int, ...] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    drop_path_rate: float | None = None,
+) -> nn.Module:
+    """Call the user's ``package.module:callable`` with the automatic keywords it takes and ``kwargs``."""
     factory = load_callable(spec, "model")
-    kwargs: dict[str, int] = {}
+    automatic: dict[str, int] = {}
     if accepts_keyword(factory, "num_classes"):
-        kwargs["num_classes"] = num_classes
+        automatic["num_classes"] = num_classes
     # in_channels only where the signature names it: builders that forward **kwargs to a constructor
     # (torchvision.models:resnet18, for one) would fail on a keyword they never asked for.
     image = input_shape is not None and len(input_shape) == 3
     if image and accepts_keyword(factory, "in_channels", through_kwargs=False):
-        kwargs["in_channels"] = input_channels(input_shape)
-    model = factory(**kwargs)
+        automatic["in_channels"] = input_channels(input_shape)
+    merged = merge_kwargs(spec, kwargs, automatic)
+    if drop_path_rate is not None:
+        merged = merge_kwargs(spec, merged, {"drop_path_rate": drop_path_rate}, source="model.drop_path_rate")
+    model = call_with_kwargs(spec, factory, merged)
     if not isinstance(model, nn.Module):
         raise UserError(f"model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
 def _pretrained_torchvision(
-    name: str, num_classes: int, weights: str, download: bool, input_shape: tuple[int, ...] | None = None
+    name: str, num_classes: int, weights: str, download: bool, input_shape: tuple[int, ...] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     if name not in TORCHVISION_MODELS:
         raise UserError(
-            f"model.weights is only for torchvision models ({', '.join(TORCHVISION_MODELS)}), "
+            f"model.weights is only for torchvision models ({', '.join(TORCHVISION_MODELS)}), timm: and hf: models, "
             f"not {name!r}; use model.checkpoint for a local state_dict"
         )
     if num_classes != 1000:
@@ -241,10 +313,10 @@ def _pretrained_torchvision(
         raise UserError(f"unknown torchvision weights {weights!r} for {name}: choose one of {', '.join(allowed)}")
     if not download:
         log.info("model.checkpoint given: not downloading torchvision weights %r for %s", weights, name)
-        return torchvision.models.get_model(name, num_classes=num_classes)
+        return _BUILDERS[name](num_classes, input_shape, **(kwargs or {}))
     url = enum[weights].url if weights != "DEFAULT" else enum.DEFAULT.url
     try:
-        return torchvision.models.get_model(name, weights=weights)
+        return call_with_kwargs(name, torchvision.models.get_model, dict(kwargs or {}, weights=weights), name)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; a broken partial file a RuntimeError
         raise UserError(
             f"cannot download torchvision weights {weights!r} for {name} ({_one_line(exc)}); "
@@ -331,9 +403,3 @@ def _check_forward(model: nn.Module, name: str, num_classes: int, shape: tuple[i
         raise UserError(
             f"model {name} returns {got} for one input of shape {list(shape)}; expected [1, {num_classes}] logits"
         )
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    """First line of an exception's message, shortened: UserErrors are one line."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

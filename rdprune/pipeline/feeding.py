@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from rdprune.config import Config
 from rdprune.core.curves import synthetic_inputs
 from rdprune.data import DataBundle, calibration_inputs, dali, infinite_batches, train_loader
+from rdprune.data.preprocessing import RESNET, Preprocessing
 from rdprune.distributed import DistInfo
 
 
@@ -30,7 +31,8 @@ def train_batches(cfg: Config, data: DataBundle, dist: DistInfo, seed: int) -> I
     per_rank = max(1, cfg.data.batch_size // dist.world_size)
     if uses_dali(cfg):
         return dali.train_batches(dali.folder_samples(data.train), per_rank, dist.rank, dist.world_size,
-                                  dist.device, seed, threads=max(1, cfg.data.workers))
+                                  dist.device, seed, threads=max(1, cfg.data.workers),
+                                  preprocessing=_preprocessing(data))
     loader = train_loader(data.train, per_rank, seed=seed, rank=dist.rank, world_size=dist.world_size, workers=cfg.data.workers)
     return infinite_batches(loader)
 
@@ -40,7 +42,7 @@ def eval_batches(cfg: Config, data: DataBundle, dist: DistInfo) -> Iterable[tupl
     per_rank = max(1, cfg.data.eval_batch_size // dist.world_size)
     if uses_dali(cfg):
         return dali.eval_batches(dali.folder_samples(data.test), per_rank, dist.rank, dist.world_size,
-                                 dist.device, threads=max(1, cfg.data.workers))
+                                 dist.device, threads=max(1, cfg.data.workers), preprocessing=_preprocessing(data))
     return DataLoader(rank_subset(data.test, dist), batch_size=per_rank, num_workers=cfg.data.workers)
 
 
@@ -63,8 +65,15 @@ def _training_draw(cfg: Config, data: DataBundle, size: int, key: str) -> torch.
     names the config key that asked for ``size`` in the error for an impossible size)."""
     if uses_dali(cfg):
         return dali.calibration_images(dali.folder_samples(data.calibration_pool), size, cfg.run.seed,
-                                       cfg.calibration.batch_size, threads=max(1, cfg.data.workers), key=key)
+                                       cfg.calibration.batch_size, threads=max(1, cfg.data.workers), key=key,
+                                       preprocessing=_preprocessing(data))
     return calibration_inputs(data.calibration_pool, size, seed=cfg.run.seed, key=key)
+
+
+def _preprocessing(data: DataBundle) -> Preprocessing:
+    """What the DALI pipelines apply: the bundle's preprocessing, or the classic ``RESNET`` recipe for
+    image folders that came without one (user data)."""
+    return data.preprocessing or RESNET
 
 
 def rank_subset(dataset: Dataset, dist: DistInfo) -> Dataset:

@@ -19,8 +19,9 @@ class LocalEngine:
     """Training in this process, wrapped in DDP when there are several ranks.
 
     Pruned weights stay exactly zero: a :class:`MaskGuard` masks their gradients and re-applies
-    the masks after every optimiser step. :class:`rdprune.training.deepspeed_engine.DeepSpeedEngine` is the
-    other :class:`rdprune.training.engine.Engine`.
+    the masks after every optimiser step. ``precision`` bf16 runs forward and loss under bf16
+    autocast; weights, gradients and the optimiser state stay fp32.
+    :class:`rdprune.training.deepspeed_engine.DeepSpeedEngine` is the other :class:`rdprune.training.engine.Engine`.
     """
 
     def __init__(
@@ -33,8 +34,10 @@ class LocalEngine:
         layers: Mapping[str, nn.Module] | None = None,
         masks: Masks | None = None,
         label_smoothing: float = 0.0,
+        precision: str = "fp32",
     ):
         self.model = distributed.wrap_ddp(model, dist)
+        self.autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         self.optimizer, self.scheduler, self.device, self.rank = optimizer, scheduler, dist.device, dist.rank
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self._guard = MaskGuard(layers, masks, optimizer) if masks is not None else None
@@ -43,7 +46,8 @@ class LocalEngine:
         """One optimiser step on this rank's batch; its loss."""
         self.model.train()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        loss = self.criterion(self.model(x), y)
+        with self.autocast:
+            loss = self.criterion(self.model(x), y)
         if not torch.isfinite(loss):
             raise ValueError(f"training loss became {loss.item()}; lower the learning rate")
         self.optimizer.zero_grad(set_to_none=True)

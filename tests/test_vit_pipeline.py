@@ -1,0 +1,122 @@
+"""A Vision Transformer from timm through every stage: exact curves with suffix reuse, allocation,
+masks, fine-tuning with DDP and DeepSpeed, resume, and torchrun at 1 and 2 ranks.
+
+The model is ``configs/vit_tiny_digits.yaml``'s tiny ViT (``timm:vit_tiny_patch16_224`` shaped by
+``model.kwargs`` for 28x28 digits), randomly initialised and pretrained briefly here: nothing is
+downloaded.
+"""
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rdprune.config import load_config
+from rdprune.core.curves import estimate_curves, plain_curves
+from rdprune.core.layers import prunable_layers
+from rdprune.core.suffix import TracedNetwork
+from rdprune.models.registry import build_model
+
+from launch import clean_env, torchrun_command
+
+timm = pytest.importorskip("timm")
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
+CONFIG = str(ROOT / "configs" / "vit_tiny_digits.yaml")
+SMALL = ["model.kwargs.depth=2", "model.kwargs.embed_dim=32", "model.kwargs.num_heads=2", "run.progress=false",
+         "run.threads=1", "distributed.curve_threads=1", "distributed.timeout_s=120"]
+FIRST_ITERATION = ["prune.target_sparsity=0.5", "finetune.steps=0", "prune.levels=11", "calibration.size=64",
+                   "calibration.batch_size=32"]
+
+
+def _run(cmd: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _pipeline(out: Path, *overrides: str) -> list[str]:
+    return ["-m", "rdprune.run", CONFIG, f"run.out_dir={out}", *SMALL, *overrides]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The small ViT pretrained once for a few steps, in one process."""
+    out = tmp_path_factory.mktemp("vit_pretrain") / "run"
+    _run([sys.executable, *_pipeline(out, "pretrain.steps=30", "pretrain.warmup_steps=3", "prune.method=glob",
+                                     "prune.target_sparsity=0.5", "finetune.steps=0")])
+    return out / "pretrained.pt"
+
+
+def test_curves_reuse_suffixes_and_equal_the_plain_loop(caplog):
+    cfg = load_config(CONFIG, SMALL)
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, 10, input_shape=(1, 28, 28), kwargs=cfg.model.kwargs)
+    # The ViT traces with its prunable layers as leaves: curves re-run only the part after each layer.
+    TracedNetwork(model, prunable_layers(model).values())
+    x = torch.randn(48, 1, 28, 28)
+    with caplog.at_level(logging.WARNING):
+        fast = estimate_curves(model, x, levels=9, batch_size=16)
+    assert "plain loop" not in caplog.text
+    plain = plain_curves(model, x, levels=9, batch_size=16)
+    assert list(fast) == list(plain) and any(".attn.qkv" in n for n in fast) and "head" in fast
+    for name, curve in plain.items():
+        np.testing.assert_array_equal(fast[name].amounts, curve.amounts)
+        scale = np.abs(curve.distortion).max()
+        assert scale > 0 and np.abs(fast[name].distortion - curve.distortion).max() <= 1e-6 * scale, name
+
+
+@pytest.mark.slow  # two pipeline runs of a small ViT
+def test_pipeline_prunes_finetunes_and_resumes(tmp_path, checkpoint):
+    out = tmp_path / "run"
+    overrides = [f"model.checkpoint={checkpoint}", "prune.target_sparsity=0.75", "prune.levels=11", "calibration.size=64",
+                 "finetune.steps=6", "finetune.warmup_steps=2"]
+    _run([sys.executable, *_pipeline(out, *overrides)])
+    rows = _rows(out)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["sparsity"] == pytest.approx(0.75, abs=0.01)
+    assert all(r["distortion_predicted"] > 0 and r["distortion_measured"] > 0 for r in rows[1:])
+    final = torch.load(out / "final" / "model.pt", weights_only=True)
+    masks = torch.load(out / "final" / "masks.pt", weights_only=True)
+    assert "blocks.0.attn.qkv" in masks and "pos_embed" in final
+    for name, mask in masks.items():  # zeros stayed zero through fine-tuning
+        assert torch.all(final[f"{name}.weight"][~mask] == 0), name
+    again = _run([sys.executable, *_pipeline(out, *overrides)])
+    assert _rows(out) == rows and "resuming" in again.stderr + again.stdout
+
+
+@pytest.mark.slow  # two pipeline runs, ~20 s each
+@pytest.mark.distributed
+def test_first_iteration_equal_at_1_and_2_ranks(tmp_path, checkpoint):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, *_pipeline(one, f"model.checkpoint={checkpoint}", *FIRST_ITERATION)])
+    _run(torchrun_command(2, *_pipeline(two, f"model.checkpoint={checkpoint}", *FIRST_ITERATION)))
+    with np.load(one / "curves" / "iter_01" / "curves.npz") as a, np.load(two / "curves" / "iter_01" / "curves.npz") as b:
+        assert sorted(a) == sorted(b) and len(a) == 2 * 10  # patch embedding, 4 Linear layers per block, head
+        for key in a:
+            assert np.abs(a[key] - b[key]).max() <= 1e-6 * max(np.abs(a[key]).max(), 1e-30), key
+    allocation = [json.loads((p / "allocation" / "iter_01.json").read_text()) for p in (one, two)]
+    assert allocation[0] == allocation[1]
+    masks = [torch.load(p / "checkpoints" / "last.pt", weights_only=True)["masks"] for p in (one, two)]
+    assert list(masks[0]) == list(masks[1]) and all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+
+
+@pytest.mark.slow  # DDP ~15 s; DeepSpeed starts slowly
+@pytest.mark.distributed
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_finetuning_keeps_zeros_and_ranks_equal(tmp_path, engine):
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
+    overrides = [*SMALL, "finetune.steps=4", f"run.out_dir={tmp_path / 'run'}", f"distributed.engine={engine}",
+                 ] + (["distributed.zero_stage=2"] if engine == "deepspeed" else [])
+    proc = _run(torchrun_command(2, str(SCRIPTS / "finetune_masks.py"), CONFIG, *overrides), timeout=500)
+    assert all(f"{engine} fine-tuning ok on rank {r}" in proc.stdout for r in (0, 1)), proc.stdout
