@@ -13,6 +13,7 @@ curves within CPU_TOLERANCE["off"] of max|D| with TF32 off (fp32 summation order
 CPU_TOLERANCE["on"] with PyTorch's default (TF32 keeps 10 mantissa bits: about 1e-3 relative error
 per activation).
 """
+import copy
 import json
 import os
 import subprocess
@@ -27,6 +28,16 @@ from rdprune.bench.curves import noise_statistics
 from rdprune.core.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from rdprune.core.curves import estimate_curves, plain_curves, synthetic_inputs
 from rdprune.core.latency import LatencyTable, layer_shapes, measure_latency
+from rdprune.core.semi_structured import apply_two_four, candidates, is_two_four
+from rdprune.core.semi_structured_latency import (
+    EXPORT_TOLERANCE,
+    export_difference,
+    kernels_missing,
+    layer_latency_us,
+    linear_input_shapes,
+    model_latency_s,
+    to_semi_structured,
+)
 from rdprune.distributed.collectives import check_precision
 from rdprune.errors import UserError
 from rdprune.models.registry import build_model
@@ -45,6 +56,11 @@ CHANNEL_RUN = [BN_MODEL, "run.device=cuda", "pretrain.steps=30", "finetune.steps
                "prune.target_sparsity=0.4", "prune.amount_per_iteration=0.25", "calibration.size=64",
                "calibration.batch_size=32", "calibration.bn_images=128", "latency.batch_size=16", "latency.time_limit_s=10",
                "latency.repeats=5", "run.progress=false", "run.threads=1"]
+TWO_FOUR_RUN = ["model.name=dist_scripts.vit_models:small_vit", "run.device=cuda", "prune.granularity=semi_structured",
+                "prune.budget=latency", "prune.target_sparsity=0.02", "prune.amount_per_iteration=1.0", "pretrain.steps=30",
+                "pretrain.optimizer=adamw", "pretrain.lr=0.001", "finetune.steps=4", "finetune.optimizer=adamw", "finetune.lr=0.0003",
+                "calibration.size=64", "calibration.batch_size=64", "latency.batch_size=1024", "latency.repeats=10",
+                "run.progress=false", "run.threads=1"]
 CORE_TOLERANCE = 1e-6
 CPU_TOLERANCE = {"off": 1e-4, "on": 2e-2}
 """Largest |CUDA - CPU| / max|D| per layer, with TF32 off and with PyTorch's default (TF32 convolutions)."""
@@ -214,6 +230,68 @@ def test_channel_run_measures_latency_on_cuda(tmp_path):
     check_final_model_on_cpu(out)
     report(check="channel run", latency_ms=[r["latency_ms"] for r in rows[1:]],
            predicted_ms=[r["latency_predicted_ms"] for r in rows[1:]])
+
+
+# ---------------------------------------------------------------------------------------------- 2:4
+
+
+def two_four_kernels() -> None:
+    """Skip, with the reason, on a GPU without 2:4 kernels (compute capability below 8.0)."""
+    reason = kernels_missing()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@gpu
+def test_two_four_export_equals_the_masked_dense_model_and_is_timed():
+    two_four_kernels()
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224").cuda().eval()  # random weights: speed and exactness only
+    layers, _ = candidates(model)
+    apply_two_four(layers, list(layers))
+    sparse = to_semi_structured(model, list(layers))
+    dense = copy.deepcopy(model).to(dtype=torch.bfloat16).eval()
+    x = torch.randn(64, 3, 224, 224)
+    difference = export_difference(dense, sparse, x)
+    modules = dict(dense.named_modules())
+    shapes = linear_input_shapes(dense, layers, x.cuda().bfloat16())
+    dense_us, sparse_us = layer_latency_us({n: modules[n] for n in layers}, shapes)
+    dense_s, sparse_s = model_latency_s([dense, sparse], x, repeats=20)
+    first = list(layers)[:4]
+    report(check="2:4 export deit_small bf16 batch 64", max_output_difference=difference, dense_ms=round(1e3 * dense_s, 3),
+           two_four_ms=round(1e3 * sparse_s, 3), speedup=round(dense_s / sparse_s, 3),
+           block0_us={n: (dense_us[n], sparse_us[n]) for n in first})
+    assert difference <= EXPORT_TOLERANCE
+    assert all(isinstance(v, int) and v >= 1 for v in [*dense_us.values(), *sparse_us.values()])
+    assert len(layers) == 48 and shapes[first[0]] == (64, 197, 384)
+
+
+@gpu
+def test_two_four_run_with_a_latency_budget_exports_and_times_the_model(tmp_path):
+    two_four_kernels()
+    pytest.importorskip("timm")
+    out = tmp_path / "two_four"
+    run_pipeline(QUICKSTART, out, *TWO_FOUR_RUN)
+    rows = results(out)
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert rows[1]["cost_remaining"] <= 1 - rows[1]["target_sparsity"] + 1e-9 and rows[1]["layers_2to4"] >= 1
+    table = json.loads((out / "latency_table.json").read_text())
+    final = json.loads((out / "final" / "semi_structured.json").read_text())
+    export = final["export"]
+    report(check="2:4 run, latency budget", predicted_ms=rows[1]["latency_predicted_ms"], model_us=table["model_us"],
+           layers_2to4=final["layers_2to4"], left_out=[e["layer"] for e in final["left_out"]], export=export)
+    assert export["run"] and export["within_tolerance"] and export["dense_ms"] > 0 and export["two_four_ms"] > 0
+    state = torch.load(out / "final" / "model.pt", map_location="cpu", weights_only=True)
+    assert all(is_two_four(state[f"{n}.weight"]) for n in final["layers_2to4"])
+
+
+def test_two_four_kernels_on_an_old_gpu_are_refused_with_the_reason(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert kernels_missing("cuda") == "2:4 kernels need compute capability 8.0 or newer; Tesla V100-SXM2-16GB has 7.0"
+    assert "not on cpu" in kernels_missing("cpu")
 
 
 # ---------------------------------------------------------------------------------------------- DALI

@@ -281,18 +281,18 @@ def test_imagenet_input_shape_follows_the_size(tmp_path):
     assert bundle.test[0][0].shape == bundle.calibration_pool[1][0].shape == bundle.train[1][0].shape == (3, 160, 160)
 
 
-def test_tensor_datasets_keep_their_normalisation_with_one_info_line(caplog):
-    with caplog.at_level(logging.INFO, logger="rdprune.data.registry"):
+def test_tensor_datasets_keep_their_normalisation_with_one_debug_line(caplog):
+    with caplog.at_level(logging.DEBUG, logger="rdprune.data.registry"):
         plain = build_data("mnist5k")
         assert not caplog.records
         bundle = build_data("mnist5k", preprocessing=VIT)
     assert bundle.preprocessing is None and plain.preprocessing is None and bundle.input_shape == (1, 28, 28)
     assert torch.equal(bundle.test[0][0], plain.test[0][0])
-    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
     assert caplog.records[0].getMessage() == ("data 'mnist5k' keeps its own normalisation: the model's preprocessing "
                                               "(size 224, bicubic, crop_pct 0.9) is not applied")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="rdprune.data.registry"):
+    with caplog.at_level(logging.DEBUG, logger="rdprune.data.registry"):
         user = build_data("test_data:user_datasets", preprocessing=VIT)
     assert user.preprocessing is None and len(caplog.records) == 1 and "'test_data:user_datasets' keeps" in caplog.text
 

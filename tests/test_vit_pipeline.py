@@ -21,6 +21,7 @@ from rdprune.core.layers import prunable_layers
 from rdprune.core.suffix import TracedNetwork
 from rdprune.models.registry import build_model
 
+from cli_errors import user_error
 from launch import clean_env, torchrun_command
 
 timm = pytest.importorskip("timm")
@@ -55,6 +56,20 @@ def checkpoint(tmp_path_factory) -> Path:
     _run([sys.executable, *_pipeline(out, "pretrain.steps=30", "pretrain.warmup_steps=3", "prune.method=glob",
                                      "prune.target_sparsity=0.5", "finetune.steps=0")])
     return out / "pretrained.pt"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.name=timm:vit_tiny_patch16_22", "unknown timm model 'vit_tiny_patch16_22'"),
+    ("model.kwargs.pach_size=7", "does not take keyword argument 'pach_size' (from model.kwargs)"),
+    ("model.weights=DEFAULT", "not in the local cache"),
+])
+def test_bad_model_input_is_one_line_and_writes_nothing(capsys, tmp_path, monkeypatch, override, expected):
+    for variable in ("HF_HOME", "HF_HUB_CACHE", "TORCH_HOME"):
+        monkeypatch.setenv(variable, str(tmp_path / "empty_cache"))
+    out = tmp_path / "run"
+    line = user_error(capsys, [CONFIG, f"run.out_dir={out}", *SMALL, override])
+    assert expected in line, line
+    assert not out.exists()
 
 
 def test_curves_reuse_suffixes_and_equal_the_plain_loop(caplog):
@@ -116,7 +131,7 @@ def test_first_iteration_equal_at_1_and_2_ranks(tmp_path, checkpoint):
 def test_finetuning_keeps_zeros_and_ranks_equal(tmp_path, engine):
     if engine == "deepspeed":
         pytest.importorskip("deepspeed")
-    overrides = [*SMALL, "finetune.steps=4", f"run.out_dir={tmp_path / 'run'}", f"distributed.engine={engine}",
+    overrides = [*SMALL, "finetune.steps=4", "finetune.warmup_steps=1", f"run.out_dir={tmp_path / 'run'}", f"distributed.engine={engine}",
                  ] + (["distributed.zero_stage=2"] if engine == "deepspeed" else [])
     proc = _run(torchrun_command(2, str(SCRIPTS / "finetune_masks.py"), CONFIG, *overrides), timeout=500)
     assert all(f"{engine} fine-tuning ok on rank {r}" in proc.stdout for r in (0, 1)), proc.stdout

@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("curves", "allocate", "shard", "latency")
+BENCHMARKS = ("curves", "allocate", "shard", "latency", "semi_structured")
 
 
 def main(argv: list[str]) -> int:

@@ -22,6 +22,7 @@ from rdprune.core.curves import curve_costs, estimate_curves, layer_amounts, mer
 from rdprune.core.grid import Curve, Grid
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import pruned_count
+from rdprune.core.semi_structured import estimate_semi_structured_curves, unit_plan
 from rdprune.distributed import DistInfo
 from rdprune.distributed.sharding import Piece, plan_shards
 
@@ -184,3 +185,41 @@ def sharded_channel_curves(
         )
 
     return _run_shards(model, batches, dist, plan, estimate, list(space.groups), "channel curve estimation")
+
+
+def sharded_semi_structured_curves(
+    model: nn.Module,
+    layers: Mapping[str, nn.Linear],
+    inputs: torch.Tensor,
+    *,
+    worst_case: bool,
+    batch_size: int,
+    flops: Mapping[str, int],
+    cache_dir: str | os.PathLike | None,
+    dist: DistInfo,
+    progress: bool,
+) -> dict[str, Curve] | None:
+    """Every 2:4 candidate's curve on rank 0 (``None`` elsewhere); equal to :func:`estimate_semi_structured_curves`.
+
+    A candidate's one paid level (its 2:4 mask) is a piece, balanced by the FLOPs from that layer
+    on in execution order (``flops``; what the level re-runs); layers already 2:4 cost nothing.
+    """
+    batches = list(inputs.split(batch_size))
+
+    def plan() -> list[list[Piece]]:
+        order = list(flops)
+        paid, spans = {}, {}
+        for name, module in layers.items():
+            p = unit_plan(module)
+            spans[name] = (sum(1 for c in p.counts if c <= p.zeros), len(p.counts))
+            if spans[name][1] > spans[name][0]:
+                paid[name] = (float(sum(flops[n] for n in order[order.index(name):])), spans[name][1] - spans[name][0])
+        return level_pieces(paid, spans, dist.world_size)
+
+    def estimate(mine: list[Piece]) -> dict[str, Curve]:
+        return estimate_semi_structured_curves(
+            model, layers, batches, worst_case=worst_case, units=[p.layer for p in mine],
+            level_ranges={p.layer: (p.start, p.stop) for p in mine}, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
+        )
+
+    return _run_shards(model, batches, dist, plan, estimate, list(layers), "2:4 curve estimation")

@@ -45,11 +45,12 @@ from rdprune.distributed import DistInfo
 from rdprune.distributed.sharded_curves import sharded_curves
 from rdprune.errors import UserError
 from rdprune.files import atomic_torch_save, atomic_write, write_json
-from rdprune.models import registry as models
-from rdprune.pipeline import channel_stage, feeding
+from rdprune.models.registry import build_model, model_preprocessing
+from rdprune.pipeline import channel_stage, feeding, semi_structured_stage
 from rdprune.pipeline.channel_stage import ChannelStage
 from rdprune.pipeline.plots import plot_accuracy, plot_curves, plot_layer_sparsity
 from rdprune.pipeline.run_dir import RunLayout, RunLock, append_result, archive_previous, provenance, read_results
+from rdprune.pipeline.semi_structured_stage import SemiStructuredStage
 from rdprune.training import checkpoint
 from rdprune.training.engine import Engine, train_steps
 from rdprune.training.evaluation import evaluate
@@ -81,6 +82,7 @@ class Context:
     recalibration_skip: str | None = None  # why BatchNorm statistics are not re-estimated, if they are not
     recalibration_images: torch.Tensor | None = None  # loaded at the first recalibration
     channels: ChannelStage | None = None  # channel granularity: groups, costs, latency model
+    semi: SemiStructuredStage | None = None  # 2:4 granularity: candidate layers, costs
 
     @property
     def show(self) -> bool:
@@ -98,6 +100,8 @@ def run(cfg: Config, dist: DistInfo) -> list[dict]:
             _prepare_out_dir(cfg, out, dist)
             if ctx.channels is not None:
                 channel_stage.save_table(ctx.channels, out)
+            if ctx.semi is not None:
+                semi_structured_stage.save_table(ctx.semi, out)
         distributed.barrier()
         if cfg.calibration.bn_recalibration and ctx.recalibration_skip is not None:
             log.info("BatchNorm statistics are not re-estimated after pruning: %s", ctx.recalibration_skip)
@@ -162,7 +166,7 @@ def same_run(stored: dict, cfg: Config) -> bool:
 def _build(cfg: Config, dist: DistInfo, out: RunLayout) -> Context:
     torch.manual_seed(cfg.run.seed)
     data = build_data(cfg.data.name, cfg.data.root, seed=cfg.run.seed,
-                      preprocessing=models.model_preprocessing(cfg.model.name, cfg.model.kwargs))
+                      preprocessing=model_preprocessing(cfg.model.name, cfg.model.kwargs, weights=cfg.model.weights))
     model = _dense_model(cfg, data).to(dist.device)
     infos = describe_layers(model, data.input_shape, skip=cfg.prune.skip)
     everything = prunable_layers(model)
@@ -186,6 +190,9 @@ def _build(cfg: Config, dist: DistInfo, out: RunLayout) -> Context:
         ctx.channels, ctx.layers, ctx.flops = stage, stage.space.layers, stage.flops
         ctx.dense_weights = ctx.dense_flops = 0
         channel_stage.check_reachable(stage, cfg.prune.target_sparsity)
+    elif cfg.prune.granularity == "semi_structured":
+        total = sum(m.weight.numel() for m in ctx.layers.values()) + ctx.dense_weights
+        ctx.semi = semi_structured_stage.build_stage(cfg, model, data.input_shape, dist, out, ctx.flops, total)
     else:
         _check_reachable(ctx)
     _check_recalibration(ctx)
@@ -194,7 +201,7 @@ def _build(cfg: Config, dist: DistInfo, out: RunLayout) -> Context:
 
 def _dense_model(cfg: Config, data: DataBundle) -> nn.Module:
     """The model as the config names it, before any pruning: pretrained, from a checkpoint, or freshly initialised."""
-    return models.build_model(
+    return build_model(
         cfg.model.name, cfg.model.num_classes or data.num_classes, checkpoint=cfg.model.checkpoint, weights=cfg.model.weights,
         input_shape=data.input_shape, kwargs=cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate,
     )
@@ -295,7 +302,8 @@ def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc
             global_batch=cfg.data.batch_size, scheduler=scheduler, label_smoothing=section.label_smoothing, **guarded,
         )
     else:
-        engine = LocalEngine(ctx.model, optimizer, scheduler, dist, label_smoothing=section.label_smoothing, **guarded)
+        engine = LocalEngine(ctx.model, optimizer, scheduler, dist, label_smoothing=section.label_smoothing,
+                             precision=cfg.distributed.precision, **guarded)
     checkpoints = ctx.out.checkpoints
     try:
         start = 0 if iteration is None else checkpoint.resume_step(checkpoints, iteration, cfg.distributed.engine, dist)
@@ -345,7 +353,8 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
     torch.manual_seed(seed)
     inputs = feeding.calibration(cfg, ctx.data).to(dist.device) if cfg.prune.method == "rd" else None
     reference = _outputs(ctx, inputs) if inputs is not None else None
-    masks, extras = (_channel_masks if ctx.channels is not None else _weight_masks)(ctx, t, target, inputs)
+    masks_of = _channel_masks if ctx.channels is not None else _semi_structured_masks if ctx.semi is not None else _weight_masks
+    masks, extras = masks_of(ctx, t, target, inputs)
     distributed.check_identical({n: m.cpu() for n, m in masks.items()}, f"masks of iteration {t}")
     # Additivity: the allocation's predicted distortion against all units pruned together. BatchNorm-aware
     # curves measure renormalised networks, which this stale-statistics pass is not: no like-for-like figure.
@@ -404,6 +413,16 @@ def _channel_masks(ctx: Context, t: int, target: float, inputs: torch.Tensor | N
     info.pop("curves", None)
     masks = stage.space.masks(removal)
     enforce_masks(ctx.layers, masks)
+    return masks, info
+
+
+def _semi_structured_masks(ctx: Context, t: int, target: float, inputs: torch.Tensor | None) -> tuple[Masks, dict]:
+    """2:4 granularity: this iteration's 2:4 layers (rank 0, broadcast) as their masks, applied on every rank."""
+    with _curve_threads(ctx.cfg):
+        masks, info, curves = semi_structured_stage.masks_for(ctx.cfg, ctx.dist, ctx.semi, ctx.model, inputs, target,
+                                                              ctx.cfg.calibration.curve_cache or ctx.out.curve_cache(t), ctx.show)
+    if curves and ctx.dist.is_main:
+        _save_curves(ctx, t, curves)
     return masks, info
 
 
@@ -544,3 +563,5 @@ def _finish(ctx: Context, rows: list[dict]) -> None:
             log.error("the physically smaller model was not exported: %s", str(exc).splitlines()[0] if str(exc) else exc)
         else:
             write_json(ctx.out.final_export / "latency.json", speed)
+    if ctx.semi is not None:  # last, as the channel export: it reports its own failure
+        semi_structured_stage.finish(ctx.cfg, ctx.semi, ctx.model, ctx.out, ctx.dist.device)

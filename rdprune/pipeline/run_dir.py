@@ -110,6 +110,11 @@ class RunLayout:
         """Channel granularity: the physically smaller model as ``model.pt2`` (torch.export) and ``model.onnx``."""
         return self.root / "final" / "smaller"
 
+    @property
+    def final_semi_structured(self) -> Path:
+        """2:4 granularity: the layers made 2:4, the candidates, those left out and why, the export's check and speed."""
+        return self.root / "final" / "semi_structured.json"
+
     def chosen_removal(self, iteration: int) -> Path:
         """Channel granularity: the removal chosen for ``iteration``, kept until the iteration is recorded.
 
