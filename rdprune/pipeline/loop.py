@@ -378,8 +378,10 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
         ctx.out.chosen_removal(t).unlink(missing_ok=True)
     distributed.barrier()
     log.info(
-        "iteration %d: sparsity %.2f %% (target %.2f %%), top-1 %.2f %% after pruning, %.2f %% after fine-tuning (train loss %.4f)",
-        t, 100 * row["sparsity"], 100 * target, top1_pruned, top1, train_loss,
+        "iteration %d: sparsity %.2f %% of the weights (target: %.2f %% of the %s), top-1 %.2f %% after pruning, "
+        "%.2f %% after fine-tuning (train loss %.4f)",
+        t, 100 * row["sparsity"], 100 * target,
+        "candidate layers made 2:4" if cfg.prune.budget == "layers" else f"{cfg.prune.budget} removed", top1_pruned, top1, train_loss,
     )
     return row
 

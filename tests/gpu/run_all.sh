@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU proof in one call, offline, on one GPU: the gpu tests, then the ResNet-50 curve benchmark.
+# The GPU proof in one call, offline, on one GPU: the gpu tests, the ResNet-50 curve benchmark, then
+# the 2:4 benchmark (DeiT-S in bf16 at batch 64: dense, all candidates 2:4, RD's half).
 #
 #   bash tests/gpu/run_all.sh [OUT_DIR]          # OUT_DIR defaults to $OUT, else a fresh temporary folder
 #
@@ -8,10 +9,10 @@
 # $RDPRUNE_GPU_WHEELS (default dist/gpu-wheels, prepared with tests/gpu/fetch_wheels.sh and carried
 # with the call) and are installed into a private folder put first on PYTHONPATH. Optional packages
 # that are missing (DALI, DeepSpeed) make their checks skip with the reason, not fail.
-# Time limits (seconds): TEST_LIMIT_S (default 210) for the tests, BENCH_LIMIT_S (default 240) for
-# the benchmark, so the whole script stays under 8 minutes. Writes to OUT_DIR: tests.log,
-# gpu-tests.xml, gpu-figures.jsonl, bench.log, curves_trace.json.gz, steps.tsv and summary.txt; the
-# summary is printed last. Exit 0 when nothing failed (skips allowed), 1 otherwise.
+# Time limits (seconds): TEST_LIMIT_S (default 210) for the tests, BENCH_LIMIT_S (default 200) for
+# the curve benchmark, SEMI_LIMIT_S (default 75) for the 2:4 benchmark, so the whole script stays
+# under 8 minutes. Writes to OUT_DIR: tests.log, gpu-tests.xml, gpu-figures.jsonl, bench.log,
+# curves_trace.json.gz, semi_structured.log, steps.tsv and summary.txt; the summary is printed last. Exit 0 when nothing failed (skips allowed), 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 REPO=$(pwd)
@@ -22,7 +23,8 @@ PY=${PYTHON:-python3}
 WHEELS=${RDPRUNE_GPU_WHEELS:-dist/gpu-wheels}
 SITE=${TMPDIR:-/tmp}/rdprune-gpu-site
 TEST_LIMIT_S=${TEST_LIMIT_S:-210}
-BENCH_LIMIT_S=${BENCH_LIMIT_S:-240}
+BENCH_LIMIT_S=${BENCH_LIMIT_S:-200}
+SEMI_LIMIT_S=${SEMI_LIMIT_S:-75}
 STEPS="$OUT_DIR/steps.tsv"
 export PYTHONUNBUFFERED=1 RDPRUNE_GPU_REPORT="$OUT_DIR/gpu-figures.jsonl"
 : >"$STEPS"
@@ -100,6 +102,17 @@ case $rc in
     0) step "benchmark" PASS $(($(date +%s) - t0)) "ResNet-50 curves on CUDA" ;;
     124 | 137) step "benchmark" FAIL $(($(date +%s) - t0)) "stopped at the ${BENCH_LIMIT_S} s limit: see the figures it printed" ;;
     *) step "benchmark" FAIL $(($(date +%s) - t0)) "exit code $rc" ;;
+esac
+
+echo "== benchmark: python -m rdprune.bench semi_structured (limit ${SEMI_LIMIT_S} s)"
+t0=$(date +%s)
+timeout -k 10 "$SEMI_LIMIT_S" "$PY" -m rdprune.bench semi_structured --model deit_small_patch16_224 --batch 64 \
+    2>&1 | tee "$OUT_DIR/semi_structured.log"
+rc=${PIPESTATUS[0]}
+case $rc in
+    0) step "2:4 benchmark" PASS $(($(date +%s) - t0)) "DeiT-S bf16 batch 64: see semi_structured.log" ;;
+    124 | 137) step "2:4 benchmark" FAIL $(($(date +%s) - t0)) "stopped at the ${SEMI_LIMIT_S} s limit" ;;
+    *) step "2:4 benchmark" FAIL $(($(date +%s) - t0)) "exit code $rc" ;;
 esac
 
 "$PY" tests/gpu/summarize.py "$OUT_DIR" $(($(date +%s) - START)) | tee "$OUT_DIR/summary.txt"

@@ -65,6 +65,17 @@ def benchmark(out: Path) -> list[str]:
     return [line.strip() for line in lines if line.strip().startswith(keep)] or [line.strip() for line in lines[-3:]]
 
 
+def semi_structured(out: Path) -> list[str]:
+    """The 2:4 benchmark's figures: its model line and one line per timed model (or its last lines)."""
+    path = out / "semi_structured.log"
+    if not path.exists():
+        return ["no 2:4 benchmark log"]
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if "candidate Linear layers" in line or line.startswith(("bf16,", "dense:", "all candidates",
+                                                                                              "RD's half", "no 2:4"))]
+    return keep or lines[-3:]
+
+
 def main(out: Path, total_s: str) -> int:
     rows = steps(out)
     tests = test_rows(out)
@@ -82,6 +93,9 @@ def main(out: Path, total_s: str) -> int:
             print(f"  {line}")
     print("benchmark:")
     for line in benchmark(out):
+        print(f"  {line}")
+    print("2:4 benchmark:")
+    for line in semi_structured(out):
         print(f"  {line}")
     return 1 if failed else 0
 
