@@ -135,3 +135,37 @@ def test_finetuning_keeps_zeros_and_ranks_equal(tmp_path, engine):
                  ] + (["distributed.zero_stage=2"] if engine == "deepspeed" else [])
     proc = _run(torchrun_command(2, str(SCRIPTS / "finetune_masks.py"), CONFIG, *overrides), timeout=500)
     assert all(f"{engine} fine-tuning ok on rank {r}" in proc.stdout for r in (0, 1)), proc.stdout
+
+
+def _hf_vit(folder: Path) -> str:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=2,
+                                    num_attention_heads=3, intermediate_size=96, num_labels=10)
+    transformers.ViTForImageClassification(config).save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+@pytest.mark.parametrize("family", [
+    "swin", "hf_vit", pytest.param("convnext", marks=pytest.mark.slow)])
+def test_curves_of_other_families_equal_the_plain_loop(family, tmp_path, caplog, one_thread):
+    """Swin and ConvNeXt (timm) trace, so curves re-run suffixes only; a Hugging Face ViT does not trace
+    (control flow on traced values) and falls back to the plain loop with one warning. All exact."""
+    name, kwargs = {
+        "swin": ("timm:swin_tiny_patch4_window7_224",
+                 dict(img_size=56, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=7)),
+        "convnext": ("timm:convnext_atto", {}),
+        "hf_vit": (None, {}),
+    }[family]
+    name = name or _hf_vit(tmp_path / "hf_vit")
+    shape = (3, 56, 56) if family == "swin" else (3, 32, 32)
+    torch.manual_seed(0)
+    model = build_model(name, 10, input_shape=shape, kwargs=kwargs)
+    x = torch.randn(8, *shape)
+    with caplog.at_level(logging.WARNING):
+        fast = estimate_curves(model, x, levels=4, batch_size=4, progress=False)
+    assert ("plain loop" in caplog.text) == (family == "hf_vit"), caplog.text
+    plain = plain_curves(model, x, levels=4, batch_size=4)
+    assert list(fast) == list(plain) and len(fast) > 8
+    for layer, curve in plain.items():
+        scale = np.abs(curve.distortion).max()
+        assert scale > 0 and np.abs(fast[layer].distortion - curve.distortion).max() <= 1e-6 * scale, layer
