@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from rdprune.cli.common import run_cli
@@ -213,3 +214,11 @@ def test_sweep_under_torchrun_runs_every_run_on_both_ranks_and_resumes(tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert _mtimes(out / "runs") == runs
     assert len(list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))) == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is missing")
+def test_a_two_four_latency_sweep_without_kernels_stops_before_pretraining(capsys, tmp_path):
+    vit = ROOT / "configs" / "compare_vit_2to4.yaml"
+    err = _error(capsys, str(vit), f"run.out_dir={tmp_path / 'sweep'}", "prune.budget=latency")
+    assert "2:4 kernels" in err and "choose prune.budget weights or layers" in err
+    assert not (tmp_path / "sweep").exists()

@@ -307,6 +307,8 @@ def test_semi_structured_settings(minimal: Path):
     assert error_of(minimal, ("prune.granularity=semi_structured", "prune.method=lamp")).endswith(
         "prune.method 'lamp' has no 2:4 form; at prune.granularity 'semi_structured' choose one of 'rd', 'glob'")
     assert "unstructured masks run no faster" in error_of(minimal, ("prune.budget=latency",))
+    assert error_of(minimal, ("prune.granularity=semi_structured", "prune.min_density=0.6")).endswith(
+        "a 2:4 layer keeps half of its weights; choose at most 0.5")
 
 
 def test_weight_decay_skip_kinds(minimal: Path):

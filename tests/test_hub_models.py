@@ -3,6 +3,7 @@
 Nothing here downloads: models are randomly initialised, and "cached" weights are files the tests
 write into a temporary Hugging Face or torch.hub cache.
 """
+import dataclasses
 import json
 import logging
 import os
@@ -243,6 +244,90 @@ def test_hf_preprocessing_reads_the_processor_config(hf_folder, tmp_path):
 def test_hf_processor_kinds(processor, expected, tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
     assert model_preprocessing(f"hf:{tmp_path}") == expected
+
+
+@pytest.mark.parametrize("shortest_edge, expected", [
+    (224, Preprocessing(size=224, interpolation="bicubic", crop_pct=0.875, crop_mode="center", mean=(0.5,) * 3, std=(0.5,) * 3)),
+    # from 384 on ConvNextImageProcessor warps the whole image to 384 x 384: no crop, whatever crop_pct says
+    (384, Preprocessing(size=384, interpolation="bicubic", crop_pct=1.0, crop_mode="squash", mean=(0.5,) * 3, std=(0.5,) * 3)),
+])
+def test_hf_convnext_processor_crops_below_384_and_warps_from_384(shortest_edge, expected, tmp_path):
+    processor = transformers.ConvNextImageProcessor(size={"shortest_edge": shortest_edge})
+    processor.save_pretrained(tmp_path)
+    assert processor.crop_pct == pytest.approx(0.875)
+    assert model_preprocessing(f"hf:{tmp_path}") == expected
+    image = torch.randint(0, 256, (3, 500, 700), dtype=torch.uint8)
+    assert tuple(processor(image, return_tensors="pt")["pixel_values"].shape[-2:]) == (expected.size, expected.size)
+
+
+def test_hf_image_size_override_sets_the_preprocessing_size(hf_folder, tmp_path):
+    folder, _ = hf_folder
+    squash = model_preprocessing(f"hf:{folder}")
+    assert model_preprocessing(f"hf:{folder}", {"image_size": 35}) == dataclasses.replace(squash, size=35)
+    assert model_preprocessing(f"hf:{folder}", {"image_size": [42, 42], "hidden_size": 48}).size == 42
+    model = build_model(f"hf:{folder}", 10, weights="DEFAULT", input_shape=(1, 35, 35), kwargs={"image_size": 35})
+    assert model.config.image_size == 35
+    crop = tmp_path / "deit"
+    crop.mkdir()
+    (crop / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"height": 256, "width": 256}, "do_center_crop": True, "crop_size": {"height": 224, "width": 224}}))
+    larger = model_preprocessing(f"hf:{crop}", {"image_size": 384})
+    assert larger.size == 384 and larger.crop_pct == pytest.approx(0.875) and larger.resize_size == 438
+    with pytest.raises(UserError) as excinfo:
+        model_preprocessing(f"hf:{folder}", {"image_size": [28, 35]})
+    assert message(excinfo) == (f"model 'hf:{folder}': model.kwargs image_size must be a positive int (or a square "
+                                f"[height, width]) for rdprune's square image data, not [28, 35]")
+
+
+def hf_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "rdprune.models.hf_models" and r.levelno == logging.WARNING]
+
+
+def test_hf_weights_that_do_not_fit_the_config_are_named(hf_folder, tmp_path, caplog):
+    folder, _ = hf_folder
+    rgb = transformers.ViTForImageClassification(transformers.ViTConfig.from_pretrained(folder, num_channels=3))
+    rgb.save_pretrained(tmp_path / "rgb-vit")
+    with caplog.at_level(logging.INFO, logger="rdprune.models.hf_models"):
+        model = build_model(f"hf:{tmp_path / 'rgb-vit'}", 5, weights="DEFAULT", input_shape=DIGITS)
+    assert model.model.vit.embeddings.patch_embeddings.projection.in_channels == 1
+    [warning] = hf_warnings(caplog)
+    assert warning == (f"model 'hf:{tmp_path / 'rgb-vit'}': 1 weight is initialised at random, not loaded from the saved "
+                       f"weights (model.kwargs or the data's channel count change their shapes, or the saved weights lack them): "
+                       f"vit.embeddings.patch_embeddings.projection.weight (saved [48, 3, 7, 7], model [48, 1, 7, 7])")
+    assert "classifier" not in warning
+    assert "the classifier of hf:" in caplog.text and "its weights have 10 labels, num_classes is 5" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rdprune.models.hf_models"):
+        build_model(f"hf:{folder}", 10, weights="DEFAULT", input_shape=(1, 35, 35), kwargs={"image_size": 35})
+    [warning] = hf_warnings(caplog)
+    assert "vit.embeddings.position_embeddings (saved [1, 17, 48], model [1, 26, 48])" in warning
+    assert "classifier" not in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rdprune.models.hf_models"):
+        build_model(f"hf:{folder}", 10, weights="DEFAULT", input_shape=DIGITS)
+    assert hf_warnings(caplog) == []
+
+
+def test_hf_checkpoint_of_the_bare_transformers_model(hf_folder, tmp_path, one_thread):
+    folder, saved = hf_folder
+    torch.save(saved.state_dict(), tmp_path / "bare.pt")
+    assert not any(key.startswith("model.") for key in saved.state_dict())
+    x = torch.randn(3, *DIGITS)
+    for weights in (None, "DEFAULT"):
+        model = build_model(f"hf:{folder}", 10, weights=weights, input_shape=DIGITS, checkpoint=str(tmp_path / "bare.pt"))
+        with torch.no_grad():
+            assert torch.equal(model.eval()(x), saved(pixel_values=x).logits)
+    wrapper = build_model(f"hf:{folder}", 10, input_shape=DIGITS)
+    wrapper.load_state_dict(saved.state_dict())
+    with torch.no_grad():
+        assert torch.equal(wrapper.eval()(x), saved(pixel_values=x).logits)
+    partial = {k: v for k, v in saved.state_dict().items() if k != "classifier.bias"}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(UserError) as excinfo:
+        build_model(f"hf:{folder}", 10, input_shape=DIGITS, checkpoint=str(tmp_path / "partial.pt"))
+    assert message(excinfo).endswith(f"does not fit model hf:{folder}: 1 missing key (model.classifier.bias)")
 
 
 # ---------------------------------------------------------------- other families

@@ -57,3 +57,19 @@ def test_exempt_parameters_do_not_decay():
     for name, param in model.named_parameters():
         expected = before[name] if name in free else before[name] * (1 - 0.1 * 0.5)
         torch.testing.assert_close(param.detach(), expected, msg=name)
+
+
+def test_a_shared_parameter_is_stepped_once():
+    """Tied weights (one parameter in two modules) appear in one group once, as model.parameters() lists them."""
+    first = nn.Linear(4, 4, bias=False)
+    second = nn.Linear(4, 4, bias=False)
+    second.weight = first.weight
+    model = nn.Sequential(first, second)
+    for skip in ([], ["bias"]):
+        groups = parameter_groups(model, 0.0, skip)
+        assert sum(len(g["params"]) for g in groups) == 1
+    optimizer = make_optimizer(model, FinetuneConfig(lr=1.0, momentum=0.0, weight_decay=0.0))
+    before = first.weight.detach().clone()
+    first.weight.grad = torch.ones_like(first.weight)
+    optimizer.step()
+    torch.testing.assert_close(first.weight.detach(), before - 1.0)

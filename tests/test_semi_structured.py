@@ -290,7 +290,7 @@ def test_resume_after_kill_between_iterations_matches_uninterrupted(two_four_run
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(two_four_run)]
 
 
-def test_latency_budget_path_with_the_gpu_timings_faked(monkeypatch, tmp_path, one_thread):
+def test_latency_budget_path_with_the_gpu_timings_faked(monkeypatch, tmp_path, one_thread, capsys):
     """Everything of a latency budget but the CUDA timings: the table (saved, reused on resume), slow layers
     left out, the allocation on measured microseconds, the rows; the export is then not run on this CPU."""
     from rdprune.cli.run import main
@@ -302,10 +302,11 @@ def test_latency_budget_path_with_the_gpu_timings_faked(monkeypatch, tmp_path, o
         timed.append(shapes)
         return {n: 100 for n in layers}, {n: 60 if ".mlp." in n else 100 for n in layers}  # 2:4 pays off in the MLPs only
 
-    monkeypatch.setattr(stage, "_latency_device", lambda cfg, dist: torch.device("cpu"))
+    monkeypatch.setattr(stage, "latency_device", lambda cfg, dist: torch.device("cpu"))
     monkeypatch.setattr(stage, "layer_latency_us", fake_layers)
     monkeypatch.setattr(stage, "model_latency_s", lambda models, example, repeats: [1e-3] * len(models))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(stage, "kernels_missing", lambda device: "the export is not part of this test")  # also on a GPU machine
     out = tmp_path / "run"
     argv = [str(QUICKSTART), f"run.out_dir={out}", *RUN, "prune.budget=latency", "prune.target_sparsity=0.1",
             "prune.amount_per_iteration=1.0", "latency.batch_size=3"]
@@ -322,6 +323,22 @@ def test_latency_budget_path_with_the_gpu_timings_faked(monkeypatch, tmp_path, o
                                                                                        for n in ("qkv", "proj")}
     assert report["export"]["run"] is False
     assert main(argv) == 0 and len(timed) == 1  # the rerun reuses the saved table
+    # A table measured at another batch size is not reused silently
+    capsys.readouterr()
+    assert "at latency.batch_size 5; delete it" in user_error(capsys, argv[:-1] + ["latency.batch_size=5", "run.resume=true"])
+
+
+def test_a_layer_the_forward_never_calls_is_refused_until_skipped(tmp_path, capsys, one_thread):
+    """Every granularity refuses a prunable layer the forward pass never calls (its distortion and cost mean
+    nothing); prune.skip leaves it out, and it is then no 2:4 candidate."""
+    from rdprune.cli.run import main
+
+    argv = [str(QUICKSTART), f"run.out_dir={tmp_path / 'run'}", *RUN, "model.name=dist_scripts.vit_models:tiny_vit_with_unused_layer",
+            "prune.amount_per_iteration=1.0", "pretrain.steps=2"]
+    assert "layers never called in a forward pass: ['unused']; skip them" in user_error(capsys, argv)
+    assert main([*argv, "prune.skip=[unused]"]) == 0
+    report = json.loads((tmp_path / "run" / "final" / "semi_structured.json").read_text())
+    assert "unused" not in report["candidates"] and len(report["candidates"]) == 8
 
 
 def test_latency_budget_keeps_layers_already_two_four_where_it_is_not_faster(monkeypatch, tmp_path, one_thread):
@@ -333,7 +350,7 @@ def test_latency_budget_keeps_layers_already_two_four_where_it_is_not_faster(mon
     def fake_layers(layers, shapes, **_):
         return {n: 100 for n in layers}, {n: 60 if ".attn." in n else 100 for n in layers}
 
-    monkeypatch.setattr(stage, "_latency_device", lambda cfg, dist: torch.device("cpu"))
+    monkeypatch.setattr(stage, "latency_device", lambda cfg, dist: torch.device("cpu"))
     monkeypatch.setattr(stage, "layer_latency_us", fake_layers)
     monkeypatch.setattr(stage, "model_latency_s", lambda models, example, repeats: [1e-3] * len(models))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
@@ -373,3 +390,13 @@ def test_bench_smoke_on_cpu(capsys):
     assert main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "sm80" in out and "smoke" in out and "masks valid 2:4: True" in out
+
+
+def test_the_final_table_shows_the_two_four_layers_and_predicted_latency():
+    from rdprune.pipeline.report import results_table
+
+    base = {"method": "rd", "sparsity": 0.0, "flops_remaining": 1.0, "top1_pruned": 97.0, "top1": 97.0, "loss": 0.2, "seconds": 1.0}
+    rows = [{**base, "iteration": 0}, {**base, "iteration": 1, "layers_2to4": 8, "candidates": 16, "latency_predicted_ms": 0.88}]
+    header, _, dense, pruned = results_table(rows).splitlines()
+    assert header.split()[-2:] == ["layers", "predicted"] and "2:4 layers" in header
+    assert pruned.endswith("8 of  16     0.880 ms") and dense.rstrip().endswith("1.0s")

@@ -125,6 +125,27 @@ def test_first_iteration_equal_at_1_and_2_ranks(tmp_path, checkpoint):
     assert list(masks[0]) == list(masks[1]) and all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
 
 
+@pytest.mark.slow  # two pipeline runs, ~15 s each
+@pytest.mark.distributed
+def test_two_four_choice_equal_at_1_and_2_ranks(tmp_path, checkpoint):
+    """2:4 granularity: each candidate's 2:4 level is a piece sharded over the ranks; rank 0 chooses, all apply."""
+    two_four = [f"model.checkpoint={checkpoint}", *FIRST_ITERATION, "prune.granularity=semi_structured", "prune.budget=layers"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, *_pipeline(one, *two_four)])
+    _run(torchrun_command(2, *_pipeline(two, *two_four)))
+    with np.load(one / "curves" / "iter_01" / "curves.npz") as a, np.load(two / "curves" / "iter_01" / "curves.npz") as b:
+        # at width 32 only the fc2 layers (32 x 64) have a shape the 2:4 kernels take: one piece per rank
+        assert sorted(a) == sorted(b) == ["blocks.0.mlp.fc2/amounts", "blocks.0.mlp.fc2/distortion", "blocks.1.mlp.fc2/amounts",
+                                          "blocks.1.mlp.fc2/distortion"]
+        for key in a:
+            assert np.abs(a[key] - b[key]).max() <= 1e-6 * max(np.abs(a[key]).max(), 1e-30), key
+    reports = [json.loads((p / "final" / "semi_structured.json").read_text()) for p in (one, two)]
+    assert reports[0]["layers_2to4"] == reports[1]["layers_2to4"] and len(reports[0]["layers_2to4"]) == 1
+    masks = [torch.load(p / "checkpoints" / "last.pt", weights_only=True)["masks"] for p in (one, two)]
+    assert sorted(masks[0]) == sorted(reports[0]["layers_2to4"])
+    assert list(masks[0]) == list(masks[1]) and all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+
+
 @pytest.mark.slow  # DDP ~15 s; DeepSpeed starts slowly
 @pytest.mark.distributed
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])

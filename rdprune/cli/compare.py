@@ -15,6 +15,7 @@ import torch
 from rdprune import distributed
 from rdprune.cli.common import build_run_parser, check_gpu_decoding
 from rdprune.distributed.collectives import check_precision
+from rdprune.pipeline.semi_structured_stage import latency_device
 from rdprune.sweep.plan import load_sweep, plan_hash, run_sweep
 from rdprune.sweep.tables import write_comparison
 
@@ -52,6 +53,8 @@ def main(argv: list[str]) -> int:
     with distributed.distributed_session(base.run.device, base.distributed.timeout_s, single_group=single_group) as dist:
         distributed.setup_logging(dist.rank)
         check_precision(base.distributed.precision, dist.device)
+        if base.prune.granularity == "semi_structured" and base.prune.budget == "latency":
+            latency_device(base, dist)  # the GPU's 2:4 kernels, checked before the shared pretraining
         distributed.check_same_config(plan_hash(plan))
         results = run_sweep(plan, dist, on_progress=lambda r: write_comparison(plan.out, r, plan.seeds, title))
         if dist.is_main:

@@ -23,6 +23,7 @@ from rdprune.core.channel_baselines import CHANNEL_BASELINES
 from rdprune.core.grid import Grid
 from rdprune.data.registry import DATASET_NAMES
 from rdprune.distributed.collectives import DEVICES
+from rdprune.models.hub import HUB_PREFIXES
 from rdprune.training.deepspeed_engine import PRECISIONS, ZERO_STAGES
 from rdprune.training.engine import ENGINES
 from rdprune.training.optim import OPTIMIZERS, SCHEDULERS
@@ -35,8 +36,6 @@ SEMI_STRUCTURED_METHODS = ("rd", "glob")
 """Methods at 2:4 granularity: RD chooses the layers, or a global ranking by the weight energy 2:4 removes."""
 GRANULARITIES = ("weight", "channel", "semi_structured")
 BUDGETS = ("weights", "flops", "latency", "layers")
-HUB_PREFIXES = ("timm:", "hf:")
-"""Reserved model-name prefixes: timm:<name> and hf:<repo id or folder> are never import paths."""
 WEIGHT_DECAY_SKIPS = ("norm", "bias", "embedding")
 
 DATASETS_NEEDING_ROOT = ("cifar10", "imagenet")
@@ -434,6 +433,10 @@ class Config:
         if prune.granularity == "channel" and prune.method not in CHANNEL_METHODS:
             raise ConfigError("prune.method", f"prune.method {prune.method!r} has no channel form; at prune.granularity "
                               f"'channel' choose one of {choices_text(CHANNEL_METHODS)}", related=["prune.granularity"])
+        if prune.granularity == "semi_structured" and prune.min_density > 0.5:
+            raise ConfigError("prune.min_density", f"prune.min_density {prune.min_density} cannot hold at prune.granularity "
+                              "'semi_structured': a 2:4 layer keeps half of its weights; choose at most 0.5",
+                              related=["prune.granularity"])
         if prune.granularity != "weight" and prune.bn_aware_curves:
             raise ConfigError("prune.bn_aware_curves", "prune.bn_aware_curves is for prune.granularity 'weight' only",
                               related=["prune.granularity"])

@@ -62,13 +62,14 @@ def prunable_layers(
 
 
 def layer_flops(
-    model: nn.Module, layers: dict[str, nn.Module], input_shape: Sequence[int]
+    model: nn.Module, layers: dict[str, nn.Module], input_shape: Sequence[int], *, uncalled_ok: bool = False
 ) -> dict[str, int]:
     """Dense FLOPs per sample of each layer, counted by ``torch.utils.flop_counter``.
 
     Each layer is measured on the input it really receives in one forward pass of a single
     sample, so declaration order, branches and concatenation do not matter. The dict is in
-    execution order (first call of each layer).
+    execution order (first call of each layer). A layer the forward pass never calls is an error
+    (its pruning would mean nothing), or with ``uncalled_ok`` (layers left dense) costs 0 FLOPs.
     """
     counts: dict[str, int] = {}
 
@@ -92,6 +93,8 @@ def layer_flops(
             h.remove()
         model.train(was_training)
     missing = [n for n in layers if n not in counts]
+    if uncalled_ok:
+        return {**counts, **dict.fromkeys(missing, 0)}
     if missing:
         raise ValueError(f"layers never called in a forward pass: {missing[:5]}; skip them")
     return counts

@@ -80,7 +80,7 @@ def build_data(name: str, root: str | None = None, *, seed: int = 0,
     and ``seed`` as keywords when its signature accepts them. ``preprocessing`` (the model's input
     recipe) shapes the image-folder datasets (None: ``RESNET``); the tensor datasets and user
     callables keep their own normalisation, and a preprocessing given for them is ignored with
-    one INFO line.
+    one DEBUG line.
     """
     if name in _LOADERS:
         bundle = _LOADERS[name](root, preprocessing)

@@ -3,10 +3,12 @@
 The model comes from a folder written by ``save_pretrained()`` or from a repo already in the local
 Hugging Face cache; nothing is downloaded. ``model.kwargs`` override attributes of its config. The
 transformers model is wrapped in :class:`HFImageClassifier`, whose forward returns the logits tensor
-that rdprune's curves, training loop and export expect.
+that rdprune's curves, training loop and export expect, and which also loads state_dicts saved from
+the bare transformers model. Needs transformers >= 4.56 (``dtype=`` in ``from_pretrained``).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 PREFIX = "hf:"
 PROCESSOR_FILE = "preprocessor_config.json"
 _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+INNER = "model."  # where HFImageClassifier keeps the transformers model: the prefix of its state_dict keys
+CONVNEXT_WARP = 384  # ConvNextImageProcessor warps to size x size from this shortest_edge on, ignoring crop_pct
+_SHOWN = 8  # re-initialised weights named in the warning
 
 
 class HFImageClassifier(nn.Module):
@@ -35,6 +40,21 @@ class HFImageClassifier(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self._register_load_state_dict_pre_hook(_accept_bare_keys, with_module=True)
+
+    def adapt_state_dict(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` with this wrapper's keys: a state_dict of the bare transformers model (``vit.embeddings...``)
+        gets the ``model.`` prefix; any other state_dict comes back as it is.
+
+        ``load_state_dict`` does this by itself; ``rdprune.models.registry.load_checkpoint`` calls it
+        before comparing the checkpoint's keys with the model's.
+        """
+        return {INNER + k: v for k, v in state.items()} if self._is_bare(state) else dict(state)
+
+    def _is_bare(self, state: Mapping[str, Any]) -> bool:
+        """Whether ``state`` has the inner model's keys: none of this wrapper's, some once prefixed with ``model.``."""
+        own = self.state_dict().keys()
+        return bool(state) and not any(k in own for k in state) and any(INNER + k in own for k in state)
 
     @property
     def config(self) -> Any:
@@ -43,6 +63,14 @@ class HFImageClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=x).logits
+
+
+def _accept_bare_keys(module: HFImageClassifier, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """load_state_dict pre-hook: rename the bare transformers model's keys to the wrapper's, in place."""
+    ours = {key[len(prefix):]: key for key in list(state_dict) if key.startswith(prefix)}
+    if module._is_bare(ours):
+        for rest, key in ours.items():
+            state_dict[prefix + INNER + rest] = state_dict.pop(key)
 
 
 def build_hf_model(
@@ -57,11 +85,11 @@ def build_hf_model(
 ) -> HFImageClassifier:
     """Build the image classifier in folder or cached repo ``path`` (without the prefix), in fp32 and training mode.
 
-    ``weights`` "DEFAULT" loads the saved weights (re-initialising those whose shapes the config
-    changes, such as a classifier for another class count); None builds from the config with random
-    weights; ``load_weights`` False validates without loading (a checkpoint follows). ``kwargs``
-    override config attributes; ``num_labels`` and (where the config has it) ``num_channels`` come from
-    the data and may be repeated only with the same values.
+    ``weights`` "DEFAULT" loads the saved weights, re-initialising those whose shapes the config
+    changes or that the saved weights lack (a WARNING names them, apart from the classifier: an INFO
+    line); None builds from the config with random weights; ``load_weights`` False validates without
+    loading (a checkpoint follows). ``kwargs`` override config attributes; ``num_labels`` and (where
+    the config has it) ``num_channels`` come from the data and may be repeated only with the same values.
     """
     spec = PREFIX + path
     if weights not in (None, "DEFAULT"):
@@ -76,21 +104,56 @@ def build_hf_model(
             raise UserError(f"model {spec!r}: cannot read its config.json ({one_line(exc)})") from exc
         saved_labels = config.num_labels
         _configure(spec, config, num_classes, channels, kwargs, drop_path_rate)
-        model = _instantiate(transformers, spec, source, config, pretrained=weights is not None and load_weights)
+        model, loading_info = _instantiate(transformers, spec, source, config, pretrained=weights is not None and load_weights)
     if weights is not None and not load_weights:
         log.info("model.checkpoint given: not loading the saved weights of %s", spec)
-    elif weights is not None and saved_labels != num_classes:
-        log.info("the classifier of %s is re-initialised: its weights have %d labels, num_classes is %d",
-                 spec, saved_labels, num_classes)
+    elif loading_info is not None:
+        _report_reinitialised(spec, model, loading_info, saved_labels, num_classes)
     return HFImageClassifier(model.float()).train()
 
 
-def hf_preprocessing(path: str) -> Preprocessing | None:
+def _report_reinitialised(spec: str, model: nn.Module, info: Mapping[str, Any], saved_labels: int, num_classes: int) -> None:
+    """Say which weights ``from_pretrained`` initialised at random instead of loading them: those whose
+    shapes the config changed (``mismatched_keys``) and those the saved weights lack (``missing_keys``).
+    The classifier's are an INFO line (the expected head reset); every other is named in a WARNING."""
+    head = _classifier_parameters(model)
+    changed: dict[str, str] = {}
+    for entry in info.get("mismatched_keys") or ():  # (key, saved shape, model shape); a set in 5.x, a list in 4.x
+        key, *shapes = entry if isinstance(entry, (tuple, list)) else (entry,)
+        changed[str(key)] = (f" (saved {list(shapes[0])}, model {list(shapes[1])})"
+                             if len(shapes) == 2 and shapes[0] is not None and shapes[1] is not None else " (shape changed)")
+    for key in info.get("missing_keys") or ():
+        changed.setdefault(str(key), " (not saved)")
+    if saved_labels != num_classes:
+        log.info("the classifier of %s is re-initialised: its weights have %d labels, num_classes is %d",
+                 spec, saved_labels, num_classes)
+    elif head & set(changed):
+        log.info("the classifier of %s is initialised at random: its saved weights do not have it", spec)
+    others = sorted(k for k in changed if k not in head)
+    if others:
+        listed = ", ".join(k + changed[k] for k in others[:_SHOWN])
+        more = f", and {len(others) - _SHOWN} more" if len(others) > _SHOWN else ""
+        log.warning("model %r: %d weight%s initialised at random, not loaded from the saved weights (model.kwargs or "
+                    "the data's channel count change their shapes, or the saved weights lack them): %s%s",
+                    spec, len(others), "s are" if len(others) != 1 else " is", listed, more)
+
+
+def _classifier_parameters(model: nn.Module) -> set[str]:
+    """Names of the classifier's parameters: those of the linear layers with one output per label."""
+    labels = model.config.num_labels
+    return {f"{name}.{param}" if name else param
+            for name, module in model.named_modules() if isinstance(module, nn.Linear) and module.out_features == labels
+            for param, _ in module.named_parameters(recurse=False)}
+
+
+def hf_preprocessing(path: str, kwargs: Mapping[str, Any] | None = None) -> Preprocessing | None:
     """The data config in the folder's or cached repo's ``preprocessor_config.json``, or None without one.
 
     A square ``crop_size`` after a resize of the shorter edge is a centre crop; after a resize to a
     fixed height and width, a squash. ConvNeXt-style ``crop_pct`` with ``shortest_edge`` is a centre
-    crop below 384 pixels and a plain resize from 384 on, as in transformers.
+    crop below 384 pixels and, from 384 on, a warp of the whole image to a square (a squash with
+    crop_pct 1), as in transformers' ConvNextImageProcessor. An ``image_size`` in ``kwargs`` (the
+    config override that changes the model's input size) replaces the size, keeping the crop fraction.
     """
     spec = PREFIX + path
     folder = os.path.expanduser(path)
@@ -108,7 +171,21 @@ def hf_preprocessing(path: str) -> Preprocessing | None:
             processor = json.load(stream)
     except (OSError, ValueError) as exc:
         raise UserError(f"model {spec!r}: cannot read {file} ({one_line(exc)})") from exc
-    return _processor_preprocessing(spec, processor)
+    preprocessing = _processor_preprocessing(spec, processor)
+    image_size = (kwargs or {}).get("image_size")
+    if image_size is not None:
+        preprocessing = dataclasses.replace(preprocessing, size=_image_size(spec, image_size))
+    return preprocessing
+
+
+def _image_size(spec: str, value: Any) -> int:
+    """The side of a square ``image_size`` from model.kwargs (an int or a [height, width] pair), or a UserError."""
+    sides = list(value) if isinstance(value, (list, tuple)) else [value]
+    if (len(sides) in (1, 2) and len(set(sides)) == 1 and isinstance(sides[0], int) and not isinstance(sides[0], bool)
+            and sides[0] > 0):
+        return sides[0]
+    raise UserError(f"model {spec!r}: model.kwargs image_size must be a positive int (or a square [height, width]) for "
+                    f"rdprune's square image data, not {value!r}")
 
 
 def _locate(spec: str, path: str) -> str:
@@ -152,13 +229,15 @@ def _configure(spec: str, config: Any, num_classes: int, channels: int, kwargs: 
         setattr(config, key, value)
 
 
-def _instantiate(transformers: Any, spec: str, source: str, config: Any, pretrained: bool) -> nn.Module:
+def _instantiate(transformers: Any, spec: str, source: str, config: Any,
+                 pretrained: bool) -> tuple[nn.Module, Mapping[str, Any] | None]:
+    """The model, and with ``pretrained`` from_pretrained's loading info (missing and mismatched keys)."""
     auto = transformers.AutoModelForImageClassification
     try:
         if not pretrained:
-            return auto.from_config(config, dtype=torch.float32)
+            return auto.from_config(config, dtype=torch.float32), None
         return auto.from_pretrained(source, config=config, local_files_only=True, ignore_mismatched_sizes=True,
-                                    cache_dir=hf_hub_cache(), dtype=torch.float32)
+                                    cache_dir=hf_hub_cache(), dtype=torch.float32, output_loading_info=True)
     except OSError as exc:  # no weight file in the folder or the cache
         raise UserError(f"model {spec!r}: cannot load its saved weights ({one_line(exc)}); set model.weights to null "
                         f"for random weights, or model.checkpoint to a local state_dict") from exc
@@ -177,7 +256,9 @@ def _processor_preprocessing(spec: str, processor: Mapping[str, Any]) -> Preproc
     if crop is not None:
         final = crop if isinstance(crop, int) else _side(spec, crop)
         mode, crop_pct = ("center" if shortest is not None else "squash"), final / resized
-    elif shortest is not None and processor.get("crop_pct") is not None and shortest < 384:
+    elif shortest is not None and "crop_pct" in processor and shortest >= CONVNEXT_WARP:  # ConvNeXt: a warp, no crop
+        final, mode, crop_pct = shortest, "squash", 1.0
+    elif shortest is not None and processor.get("crop_pct") is not None:  # ConvNeXt below 384: resize, centre crop
         final, mode, crop_pct = shortest, "center", float(processor["crop_pct"])
     else:  # a plain resize: to a square, or of the shorter edge (taken here as a full centre crop)
         final, mode, crop_pct = resized, ("center" if shortest is not None else "squash"), 1.0

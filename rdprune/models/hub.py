@@ -48,10 +48,11 @@ def model_preprocessing(name: str, kwargs: Mapping[str, Any] | None = None, *, w
 
     timm models: their pretrained cfg (the tag of the name, else of ``weights`` when that is a tag,
     else timm's default), with an ``img_size`` in ``kwargs`` as the size. Hugging Face models: their
-    ``preprocessor_config.json`` (None without one). Every other model: None.
+    ``preprocessor_config.json`` (None without one), with an ``image_size`` in ``kwargs`` as the size.
+    Every other model: None.
     """
     if name.startswith(TIMM_PREFIX):
         return timm_models.timm_preprocessing(name[len(TIMM_PREFIX):], kwargs, weights)
     if name.startswith(HF_PREFIX):
-        return hf_models.hf_preprocessing(name[len(HF_PREFIX):])
+        return hf_models.hf_preprocessing(name[len(HF_PREFIX):], kwargs)
     return None

@@ -328,7 +328,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, model_name: str |
     """Load a state_dict file into ``model`` (CPU, ``weights_only=True``), or raise a one-line UserError.
 
     Accepts a plain state_dict or a dict holding it under "state_dict" or "model", and strips the
-    "module." prefix that DistributedDataParallel adds.
+    "module." prefix that DistributedDataParallel adds; a model with an ``adapt_state_dict`` method
+    (``HFImageClassifier``) maps the keys before they are compared.
     """
     path = os.fspath(path)
     model_name = model_name or type(model).__name__
@@ -339,6 +340,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, model_name: str |
     except Exception as exc:  # torch raises many types for a bad file (UnpicklingError, RuntimeError, EOFError)
         raise UserError(f"checkpoint {path} is not a readable PyTorch state_dict: {_one_line(exc)}") from exc
     state = _unwrap_state_dict(loaded, path)
+    adapt = getattr(model, "adapt_state_dict", None)  # a wrapper that also takes its inner model's keys (hf: models)
+    if callable(adapt):
+        state = adapt(state)
     mismatch = _mismatch(model.state_dict(), state)
     if mismatch:
         raise UserError(f"checkpoint {path} does not fit model {model_name}: {mismatch}")

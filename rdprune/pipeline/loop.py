@@ -171,7 +171,7 @@ def _build(cfg: Config, dist: DistInfo, out: RunLayout) -> Context:
     infos = describe_layers(model, data.input_shape, skip=cfg.prune.skip)
     everything = prunable_layers(model)
     skipped = {n: m for n, m in everything.items() if n in set(cfg.prune.skip)}
-    skipped_flops = layer_flops(model, skipped, data.input_shape) if skipped else {}
+    skipped_flops = layer_flops(model, skipped, data.input_shape, uncalled_ok=True) if skipped else {}
     ctx = Context(
         cfg=cfg,
         dist=dist,

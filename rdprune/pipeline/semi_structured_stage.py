@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,7 @@ def build_stage(cfg: Config, model: nn.Module, input_shape: tuple[int, ...], dis
     run being resumed) and every rank gets the table; candidates that 2:4 does not make faster
     there are left out.
     """
-    device = _latency_device(cfg, dist) if cfg.prune.budget == "latency" else None
+    device = latency_device(cfg, dist) if cfg.prune.budget == "latency" else None
     layers, left_out = candidates(model, cfg.prune.skip)
     if not layers:
         linear_first = sorted(left_out, key=lambda entry: "nn.Linear layers only" in entry[1])  # the telling reasons
@@ -108,7 +109,7 @@ def build_stage(cfg: Config, model: nn.Module, input_shape: tuple[int, ...], dis
     return SemiStructuredStage(layers, left_out, cost, flops, tuple(input_shape), table)
 
 
-def _latency_device(cfg: Config, dist: DistInfo) -> torch.device:
+def latency_device(cfg: Config, dist: DistInfo) -> torch.device:
     """The CUDA device a latency budget is measured on, or the one-line reason there is none."""
     if cfg.latency.device is not None:
         device = torch.device(cfg.latency.device)
@@ -128,9 +129,10 @@ def _latency_table(cfg: Config, model: nn.Module, input_shape: tuple[int, ...], 
     if dist.is_main:
         if cfg.run.resume and out.latency_table.is_file():
             data = json.loads(out.latency_table.read_text())
-            if data.get("format") != TABLE_FORMAT or not set(layers) <= set(data.get("dense_us", {})):
-                raise UserError(f"{out.latency_table} is not a 2:4 latency table of this model; delete it to measure a new one, "
-                                "or set run.resume=false")
+            if (data.get("format") != TABLE_FORMAT or not set(layers) <= set(data.get("dense_us", {}))
+                    or data.get("batch_size") != cfg.latency.batch_size):
+                raise UserError(f"{out.latency_table} is not a 2:4 latency table of this model at latency.batch_size "
+                                f"{cfg.latency.batch_size}; delete it to measure a new one, or set run.resume=false")
             log.info("2:4 latency table: reusing %s", out.latency_table)
         else:
             probe = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16).eval()
@@ -160,7 +162,7 @@ def save_table(stage: SemiStructuredStage, out: RunLayout) -> None:
 
 
 def masks_for(cfg: Config, dist: DistInfo, stage: SemiStructuredStage, model: nn.Module, inputs: torch.Tensor | None,
-              target: float, cache_dir: object, progress: bool) -> tuple[Masks, dict, dict[str, Curve] | None]:
+              target: float, cache_dir: str | os.PathLike, progress: bool) -> tuple[Masks, dict, dict[str, Curve] | None]:
     """This iteration's 2:4 layers (chosen on rank 0, the same on every rank) applied as masks; what the row records; the curves.
 
     ``inputs`` are the calibration inputs (RD only). Layers that are 2:4 already stay 2:4; the

@@ -17,8 +17,11 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "constant")
 EMBEDDING_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "mask_token", "absolute_pos_embed",
-                   "position_embeddings", "relative_position_bias_table")
+                   "position_embeddings", "relative_position_bias_table", "distillation_token", "register_tokens")
 """Parameter names (last component) of position embeddings and learned tokens, in timm and Hugging Face models."""
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, skip: Iterable[str]) -> list[dict]:
@@ -31,13 +34,13 @@ def parameter_groups(model: nn.Module, weight_decay: float, skip: Iterable[str])
     """
     skip = set(skip)
     listed = set(model.no_weight_decay()) if "embedding" in skip and callable(getattr(model, "no_weight_decay", None)) else set()
-    decay, exempt = [], []
+    decay, exempt, seen = [], [], set()
     for module_name, module in model.named_modules():
-        is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) \
-            or "norm" in type(module).__name__.lower()
+        is_norm = isinstance(module, _NORMS) or "norm" in type(module).__name__.lower()
         for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
+            if not param.requires_grad or id(param) in seen:  # a shared parameter (tied weights) is stepped once
                 continue
+            seen.add(id(param))
             full = f"{module_name}.{name}" if module_name else name
             free = (("norm" in skip and is_norm) or ("bias" in skip and name == "bias")
                     or ("embedding" in skip and (name in EMBEDDING_NAMES or full in listed or name in listed)))

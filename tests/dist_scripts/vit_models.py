@@ -17,3 +17,10 @@ def small_vit(num_classes: int, in_channels: int = 1) -> nn.Module:
     """Two DeiT-S-wide blocks (384, MLP 1536) on 28x28 digits: layers large enough for 2:4 kernels to pay off on a GPU."""
     return timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, img_size=28, patch_size=7, in_chans=in_channels,
                              embed_dim=384, depth=2, num_heads=6)
+
+
+def tiny_vit_with_unused_layer(num_classes: int, in_channels: int = 1) -> nn.Module:
+    """``tiny_vit`` with a 2:4-shaped Linear layer its forward never calls (as an auxiliary head left behind)."""
+    model = tiny_vit(num_classes, in_channels)
+    model.unused = nn.Linear(64, 64)
+    return model
