@@ -319,3 +319,28 @@ def test_feeding_hands_the_bundle_preprocessing_to_dali(monkeypatch):
         feeding.eval_batches(cfg, data, dist)
         feeding.calibration(cfg, data)
         assert calls == dict.fromkeys(("train_batches", "eval_batches", "calibration_images"), expected)
+
+
+def test_a_timm_model_named_in_the_config_preprocesses_both_backends_alike(folder, one_thread, tmp_path):
+    """From the config to the batches: timm:deit_tiny's data config (bicubic, crop 0.9, ImageNet mean/std),
+    sized by model.kwargs.img_size, shapes the ImageNet folder in the run, and the torchvision and DALI
+    evaluation batches the loop reads agree within the bounds above."""
+    pytest.importorskip("timm")
+    from rdprune.config import load_config
+    from rdprune.pipeline import loop
+    from rdprune.pipeline.run_dir import RunLayout
+
+    overrides = ["model.name=timm:deit_tiny_patch16_224", "model.kwargs={img_size: 64, depth: 1}", "data.name=imagenet",
+                 f"data.root={folder}", "data.workers=1", "data.eval_batch_size=3", f"run.out_dir={tmp_path / 'run'}"]
+    batches = {}
+    for backend in ("torchvision", "dali"):
+        cfg = load_config(Path(__file__).parent.parent / "configs" / "quickstart.yaml", [*overrides, f"data.backend={backend}"])
+        ctx = loop._build(cfg, DistInfo(), RunLayout(cfg.out_path))
+        assert ctx.data.preprocessing == Preprocessing(size=64, interpolation="bicubic", crop_pct=0.9)
+        assert ctx.data.input_shape == (3, 64, 64)
+        xs, ys = zip(*feeding.eval_batches(cfg, ctx.data, ctx.dist))
+        batches[backend] = torch.cat(xs), torch.cat(ys)
+    (ref_x, ref_y), (x, y) = batches["torchvision"], batches["dali"]
+    assert torch.equal(y, ref_y) and x.shape == ref_x.shape == (len(SIZES), 3, 64, 64)
+    assert within_bounds(x, ref_x), differences(x, ref_x)
+    assert not (tmp_path / "run").exists()  # building checks everything and writes nothing
