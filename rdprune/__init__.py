@@ -21,6 +21,18 @@ coupled channels, with weights, FLOPs or a measured latency as the budget::
     removal = rdprune.allocate_channels(curves, plans, cost, 0.5 * cost.dense).removal
     smaller = rdprune.remove_channels(model, example_input, space.removed_indices(removal))
 
+2:4 granularity chooses which Linear layers become 2:4 sparse (the pattern GPUs run faster)::
+
+    layers, left_out = rdprune.two_four_candidates(model)
+    curves = rdprune.estimate_semi_structured_curves(model, layers, calibration_inputs)
+    cost = rdprune.two_four_weight_cost(layers, sum(m.weight.numel() for m in rdprune.prunable_layers(model).values()))
+    chosen = rdprune.allocate_two_four(curves, cost, 0.25).layers
+    masks = rdprune.apply_two_four(layers, chosen)
+    fast = rdprune.to_semi_structured(model, chosen)  # bf16 on a CUDA GPU of compute capability 8.0+
+
+Models by name, from local files and caches only: ``rdprune.build_model("timm:deit_small_patch16_224",
+1000, weights="DEFAULT")``, ``rdprune.build_model("hf:path/to/folder", 10)``.
+
 The command line (``python -m rdprune.run CONFIG``) composes the same calls with data, training and
 torchrun.
 """
@@ -46,6 +58,11 @@ from rdprune.core.masks import (
     pruned_state_dict,
     save_masks,
 )
+from rdprune.core.semi_structured import allocate_two_four, apply_two_four, estimate_semi_structured_curves
+from rdprune.core.semi_structured import candidates as two_four_candidates
+from rdprune.core.semi_structured import weight_cost as two_four_weight_cost
+from rdprune.core.semi_structured_latency import to_semi_structured
+from rdprune.models.registry import build_model
 
 __version__ = "0.1.0"
 
@@ -58,12 +75,16 @@ __all__ = [
     "MaskGuard",
     "allocate",
     "allocate_channels",
+    "allocate_two_four",
+    "apply_two_four",
+    "build_model",
     "apply_masks",
     "baseline_amounts",
     "channel_baseline",
     "describe_layers",
     "estimate_channel_curves",
     "estimate_curves",
+    "estimate_semi_structured_curves",
     "group_plan",
     "layer_shapes",
     "layer_sparsity",
@@ -80,4 +101,7 @@ __all__ = [
     "save_exported",
     "save_masks",
     "synthetic_inputs",
+    "to_semi_structured",
+    "two_four_candidates",
+    "two_four_weight_cost",
 ]

@@ -400,3 +400,20 @@ def test_the_final_table_shows_the_two_four_layers_and_predicted_latency():
     header, _, dense, pruned = results_table(rows).splitlines()
     assert header.split()[-2:] == ["layers", "predicted"] and "2:4 layers" in header
     assert pruned.endswith("8 of  16     0.880 ms") and dense.rstrip().endswith("1.0s")
+
+
+def test_the_public_api_as_the_package_docstring_shows_it():
+    import rdprune
+
+    torch.manual_seed(0)
+    model = rdprune.build_model("timm:vit_tiny_patch16_224", 10, input_shape=(1, 28, 28),
+                                kwargs=dict(img_size=28, patch_size=7, embed_dim=64, depth=2, num_heads=4)).eval()
+    layers, left_out = rdprune.two_four_candidates(model)
+    curves = rdprune.estimate_semi_structured_curves(model, layers, rdprune.synthetic_inputs(16, (1, 28, 28)), progress=False)
+    total = sum(m.weight.numel() for m in rdprune.prunable_layers(model).values())
+    chosen = rdprune.allocate_two_four(curves, rdprune.two_four_weight_cost(layers, total), 0.25).layers
+    masks = rdprune.apply_two_four(layers, chosen)
+    assert len(layers) == 8 and [n for n, _ in left_out] == ["patch_embed.proj", "head"]
+    assert set(masks) == set(chosen) and all(is_two_four(layers[n].weight) for n in chosen)
+    removed = sum(int((~m).sum()) for m in masks.values())
+    assert removed >= 0.25 * total  # the budget: a quarter of all prunable weights
