@@ -23,6 +23,7 @@ from rdprune.core.semi_structured import (
     estimate_semi_structured_curves,
     glob_two_four,
     is_two_four,
+    latency_cost,
     layer_cost,
     plain_semi_structured_curves,
     removed_energy,
@@ -417,3 +418,13 @@ def test_the_public_api_as_the_package_docstring_shows_it():
     assert set(masks) == set(chosen) and all(is_two_four(layers[n].weight) for n in chosen)
     removed = sum(int((~m).sum()) for m in masks.values())
     assert removed >= 0.25 * total  # the budget: a quarter of all prunable weights
+
+
+def test_layers_timed_alone_that_outlast_the_whole_model_bound_the_latency_cost():
+    """Timed one by one, two layers may add up to more than the model timed at once (overlapping launch
+    overheads): the model then counts as their sum, and every 2:4 choice still costs a fraction in [0, 1]."""
+    cost = latency_cost({"a": 600, "b": 600}, {"a": 300, "b": 400}, 1000)
+    assert (cost.total, cost.fixed) == (1200, 0)
+    assert cost(["a", "b"]) == 700 and 0 < cost.reachable < 1
+    with pytest.raises(ValueError, match="no choice changes must be >= 0"):
+        TwoFourCost("latency", {"a": 600}, {"a": 300}, 500, -100)

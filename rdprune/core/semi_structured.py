@@ -224,6 +224,8 @@ class TwoFourCost:
             raise ValueError("2:4 costs need the same layers at both levels, 0 <= cost at 2:4 <= cost dense")
         if self.total <= 0:
             raise ValueError(f"the model's dense cost must be positive, got {self.total}")
+        if self.fixed < 0:
+            raise ValueError(f"the cost no choice changes must be >= 0, got {self.fixed}")
 
     def __call__(self, two_four: Iterable[str]) -> int:
         chosen = set(two_four)
@@ -257,8 +259,13 @@ def layer_cost(layers: Iterable[str]) -> TwoFourCost:
 
 
 def latency_cost(dense_us: Mapping[str, int], sparse_us: Mapping[str, int], model_us: int) -> TwoFourCost:
-    """Measured microseconds: the model's dense latency less what each 2:4 layer saves, savings taken as additive."""
-    return TwoFourCost("latency", dict(dense_us), dict(sparse_us), int(model_us), int(model_us) - sum(dense_us.values()))
+    """Measured microseconds: the model's dense latency less what each 2:4 layer saves, savings taken as additive.
+
+    The layers, timed one by one, may add up to more than the whole model timed at once (launch
+    overheads overlap there); the model then counts as the sum, so no choice can cost below zero.
+    """
+    model_us = max(int(model_us), sum(dense_us.values()))
+    return TwoFourCost("latency", dict(dense_us), dict(sparse_us), model_us, model_us - sum(dense_us.values()))
 
 
 @dataclass(frozen=True)

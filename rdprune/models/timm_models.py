@@ -89,6 +89,8 @@ def timm_preprocessing(name: str, kwargs: Mapping[str, Any] | None = None, weigh
     mode = cfg.crop_mode if cfg.crop_mode in CROP_MODES else "center"
     if mode != cfg.crop_mode:
         log.info("timm crop_mode %r of %s is not supported: using 'center'", cfg.crop_mode, name)
+    if cfg.interpolation not in INTERPOLATIONS:
+        log.info("timm interpolation %r of %s is not supported: using 'bicubic'", cfg.interpolation, name)
     if cfg.crop_pct and cfg.crop_pct > 1:
         log.info("timm crop_pct %s of %s is over 1: using 1 (no crop)", cfg.crop_pct, name)
     try:
