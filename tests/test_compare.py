@@ -222,3 +222,16 @@ def test_a_two_four_latency_sweep_without_kernels_stops_before_pretraining(capsy
     err = _error(capsys, str(vit), f"run.out_dir={tmp_path / 'sweep'}", "prune.budget=latency")
     assert "2:4 kernels" in err and "choose prune.budget weights or layers" in err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_two_four_runs_show_their_layer_count_in_the_tables():
+    from rdprune.sweep.tables import csv_table, markdown_table, summarise
+
+    def rows(top1: float, layers: int) -> list[dict]:
+        base = {"method": "rd", "sparsity": 0.2, "flops_remaining": 0.8, "top1_pruned": top1, "top1": top1, "loss": 0.1}
+        return [{**base, "iteration": 0, "target_sparsity": 0.0}, {**base, "iteration": 1, "target_sparsity": 0.5,
+                                                                    "layers_2to4": layers, "candidates": 16}]
+    results = {"rd": {"s0": rows(97.0, 8), "s1": rows(96.0, 8)}, "glob": {"s0": rows(95.0, 8), "s1": rows(95.5, 8)}}
+    table = markdown_table(summarise(results))
+    assert "| 2:4 layers | seeds |" in table.splitlines()[0] and "| 8.0 | 2 |" in table.splitlines()[2]
+    assert csv_table(summarise(results)).splitlines()[1].endswith(",8")

@@ -71,6 +71,7 @@ class LevelRow:
     top1_pruned: Stat  # right after pruning, before fine-tuning
     flops_remaining: Stat
     speedup: Stat | None = None  # measured latency speedup (latency budgets at channel granularity)
+    layers_2to4: Stat | None = None  # candidate layers made 2:4 (2:4 granularity)
     mark_top1: str = ""
     gap_top1: float = math.nan  # points below the level's best mean
     mark_pruned: str = ""
@@ -102,6 +103,7 @@ def summarise(results: Results) -> list[LevelRow]:
             top1_pruned=Stat.of([r["top1_pruned"] for r in rs]),
             flops_remaining=Stat.of([r["flops_remaining"] for r in rs]),
             speedup=Stat.of([r["latency_speedup"] for r in rs]) if all("latency_speedup" in r for r in rs) else None,
+            layers_2to4=Stat.of([r["layers_2to4"] for r in rs]) if all("layers_2to4" in r for r in rs) else None,
         )
         for (level, entry), rs in sorted(grouped.items(), key=lambda kv: (kv[0][0], order[kv[0][1]]))
     ]
@@ -155,18 +157,21 @@ def markdown_table(rows: Sequence[LevelRow], dense: Stat | None = None, seeds: S
     if lines:
         lines.append("")
     timed = any(r.speedup is not None for r in rows)
+    two_four = any(r.layers_2to4 is not None for r in rows)
     lines += [
         "| level | method | weights pruned (%) | top-1 after fine-tuning (%) | vs best | "
-        "top-1 right after pruning (%) | vs best | FLOPs left (%) |" + (" measured speedup |" if timed else "") + " seeds |",
-        "|---:|---|---:|---:|---|---:|---|---:|" + ("---:|" if timed else "") + "---:|",
+        "top-1 right after pruning (%) | vs best | FLOPs left (%) |" + (" measured speedup |" if timed else "")
+        + (" 2:4 layers |" if two_four else "") + " seeds |",
+        "|---:|---|---:|---:|---|---:|---|---:|" + ("---:|" if timed else "") + ("---:|" if two_four else "") + "---:|",
     ]
     for r in rows:
         level = f"{100 * r.level:.2f} %"
         speedup = (f" {r.speedup.text()}x |" if r.speedup is not None else " |") if timed else ""
+        layers = (f" {r.layers_2to4.mean:.1f} |" if r.layers_2to4 is not None else " |") if two_four else ""
         lines.append(
             f"| {level} | {r.entry} | {100 * r.sparsity.mean:.2f} | {r.top1.text()} | "
             f"{_vs_best(r.mark_top1, r.gap_top1)} | {r.top1_pruned.text()} | "
-            f"{_vs_best(r.mark_pruned, r.gap_pruned)} | {100 * r.flops_remaining.mean:.2f} |{speedup} {r.seeds} |"
+            f"{_vs_best(r.mark_pruned, r.gap_pruned)} | {100 * r.flops_remaining.mean:.2f} |{speedup}{layers} {r.seeds} |"
         )
     return "\n".join(lines)
 
@@ -174,7 +179,7 @@ def markdown_table(rows: Sequence[LevelRow], dense: Stat | None = None, seeds: S
 CSV_COLUMNS = (
     "level", "method", "seeds", "sparsity_mean", "top1_mean", "top1_std", "top1_gap", "top1_mark",
     "top1_pruned_mean", "top1_pruned_std", "top1_pruned_gap", "top1_pruned_mark", "flops_remaining_mean",
-    "latency_speedup_mean",
+    "latency_speedup_mean", "layers_2to4_mean",
 )
 
 
@@ -194,6 +199,7 @@ def csv_table(rows: Sequence[LevelRow]) -> str:
             number(r.top1.mean), number(r.top1.std), number(r.gap_top1), r.mark_top1,
             number(r.top1_pruned.mean), number(r.top1_pruned.std), number(r.gap_pruned), r.mark_pruned,
             number(r.flops_remaining.mean), "" if r.speedup is None else number(r.speedup.mean),
+            "" if r.layers_2to4 is None else number(r.layers_2to4.mean),
         ])
     return buffer.getvalue()
 
