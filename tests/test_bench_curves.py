@@ -37,6 +37,16 @@ def test_small_model_smoke_run_prints_the_scale_figures():
     assert out.rstrip().endswith("values within tolerance")
 
 
+def test_transformer_smoke_run_is_exact_on_a_timm_vit():
+    pytest.importorskip("timm")
+    cmd = [sys.executable, "-m", "rdprune.bench", "curves", "--device", "cpu", "--model", "vit_small", "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=clean_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "plain loop on 3 of 18 layers (patch_embed.proj, blocks.1.mlp.fc2, head)" in proc.stdout
+    summary = dict(kv.split("=", 1) for kv in proc.stdout.split("summary: ", 1)[1].splitlines()[0].split())
+    assert summary["model"] == "vit_small" and summary["layers"] == "18" and summary["within_tolerance"] == "yes"
+
+
 def test_layers_are_sampled_evenly_with_both_ends():
     names = [f"l{i}" for i in range(54)]
     assert curves.spread_layers(names, 3) == ["l0", "l26", "l53"]

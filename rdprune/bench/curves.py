@@ -358,17 +358,21 @@ class ScaleModel:
     """A model of the ``--model`` scale run, with its defaults (the published settings for ResNet-50)."""
 
     label: str
-    arch: str  # a name in rdprune's model registry
+    arch: str  # a name in rdprune's model registry (timm:<name> included)
     classes: int
     image_size: int
     samples: int
     batch_size: int
     levels: int
+    kwargs: tuple[tuple[str, object], ...] = ()  # builder keywords (model.kwargs)
 
 
 SCALE_MODELS = {
     "resnet50": ScaleModel("torchvision ResNet-50, random weights", "resnet50", 1000, 224, 256, 64, 101),
     "small": ScaleModel("CIFAR ResNet-20, random weights (smoke test)", "resnet20_cifar", 10, 32, 16, 8, 6),
+    "deit_small": ScaleModel("timm DeiT-S, random weights", "timm:deit_small_patch16_224", 1000, 224, 256, 64, 101),
+    "vit_small": ScaleModel("timm ViT, 4 blocks of DeiT-S width on 32x32, random weights (transformer smoke test)",
+                            "timm:deit_small_patch16_224", 10, 32, 16, 8, 6, (("img_size", 32), ("patch_size", 8), ("depth", 4))),
 }
 MODELS = ("resnet32_cifar", *SCALE_MODELS)
 MEMORY_SLACK = 1.1
@@ -378,7 +382,7 @@ MEMORY_SLACK = 1.1
 def scale_model(spec: ScaleModel, seed: int, device: torch.device) -> nn.Module:
     """``spec``'s model, seeded random weights, BatchNorm statistics from 32 noise images, on ``device``."""
     torch.manual_seed(seed)
-    model = build_model(spec.arch, spec.classes, input_shape=(3, spec.image_size, spec.image_size)).to(device)
+    model = build_model(spec.arch, spec.classes, input_shape=(3, spec.image_size, spec.image_size), kwargs=dict(spec.kwargs)).to(device)
     return noise_statistics(model, torch.randn(32, 3, spec.image_size, spec.image_size, device=device))
 
 
@@ -546,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=MODELS, default=None,
                         help="resnet32_cifar: interleaved comparison on CIFAR ResNet-32 (default on CPU); resnet50: "
                              "ImageNet scale, one full curve set and a sampled plain loop (default on CUDA); small: "
-                             "the resnet50 run on CIFAR ResNet-20, seconds on a CPU")
+                             "the resnet50 run on CIFAR ResNet-20, seconds on a CPU; deit_small: the resnet50 run on timm's "
+                             "DeiT-S (timm extra); vit_small: the same on a 4-block DeiT-S-wide ViT at 32x32, a CPU smoke test")
     parser.add_argument("--levels", type=int, default=None, help="levels of the absolute grid (default 11; resnet50 101)")
     parser.add_argument("--samples", type=int, default=None,
                         help="calibration inputs (default 64, one batch; resnet50 256)")
