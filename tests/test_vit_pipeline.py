@@ -62,6 +62,7 @@ def checkpoint(tmp_path_factory) -> Path:
     ("model.name=timm:vit_tiny_patch16_22", "unknown timm model 'vit_tiny_patch16_22'"),
     ("model.kwargs.pach_size=7", "does not take keyword argument 'pach_size' (from model.kwargs)"),
     ("model.weights=DEFAULT", "not in the local cache"),
+    ("model.kwargs={patch_size: 7}", "doesn't match model (224); set the model's input size with model.kwargs.img_size: 28"),
 ])
 def test_bad_model_input_is_one_line_and_writes_nothing(capsys, tmp_path, monkeypatch, override, expected):
     for variable in ("HF_HOME", "HF_HUB_CACHE", "TORCH_HOME"):

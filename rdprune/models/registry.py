@@ -399,7 +399,10 @@ def _check_forward(model: nn.Module, name: str, num_classes: int, shape: tuple[i
         with torch.no_grad():
             out = model(torch.zeros(1, *shape))
     except Exception as exc:  # a shape error can surface as any exception type in user code
-        raise UserError(f"model {name} does not accept inputs of shape {list(shape)}: {_one_line(exc)}") from exc
+        size_key = "img_size" if name.startswith("timm:") else "image_size" if name.startswith("hf:") else None
+        hint = f"; set the model's input size with model.kwargs.{size_key}: {shape[-1]}" if size_key and len(shape) == 3 else ""
+        reason = _one_line(exc).rstrip(".") if hint else _one_line(exc)
+        raise UserError(f"model {name} does not accept inputs of shape {list(shape)}: {reason}{hint}") from exc
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
