@@ -31,7 +31,7 @@ coupled channels, with weights, FLOPs or a measured latency as the budget::
     fast = rdprune.to_semi_structured(model, chosen)  # bf16 on a CUDA GPU of compute capability 8.0+
 
 Models by name, from local files and caches only: ``rdprune.build_model("timm:deit_small_patch16_224",
-1000, weights="DEFAULT")``, ``rdprune.build_model("hf:path/to/folder", 10)``.
+1000, weights="DEFAULT")``, ``rdprune.build_model("hf:path/to/folder", 10, weights="DEFAULT")``.
 
 The command line (``python -m rdprune.run CONFIG``) composes the same calls with data, training and
 torchrun.
@@ -62,9 +62,19 @@ from rdprune.core.semi_structured import allocate_two_four, apply_two_four, esti
 from rdprune.core.semi_structured import candidates as two_four_candidates
 from rdprune.core.semi_structured import weight_cost as two_four_weight_cost
 from rdprune.core.semi_structured_latency import to_semi_structured
-from rdprune.models.registry import build_model
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``rdprune.build_model``, imported on first use: the model registry brings torchvision, which the
+    pruning core does not need."""
+    if name == "build_model":
+        from rdprune.models.registry import build_model
+
+        return build_model
+    raise AttributeError(f"module 'rdprune' has no attribute {name!r}")
+
 
 __all__ = [
     "BASELINES",
@@ -76,10 +86,10 @@ __all__ = [
     "allocate",
     "allocate_channels",
     "allocate_two_four",
-    "apply_two_four",
-    "build_model",
     "apply_masks",
+    "apply_two_four",
     "baseline_amounts",
+    "build_model",
     "channel_baseline",
     "describe_layers",
     "estimate_channel_curves",

@@ -219,9 +219,10 @@ def test_sweep_under_torchrun_runs_every_run_on_both_ranks_and_resumes(tmp_path)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is missing")
 def test_a_two_four_latency_sweep_without_kernels_stops_before_pretraining(capsys, tmp_path):
     vit = ROOT / "configs" / "compare_vit_2to4.yaml"
-    err = _error(capsys, str(vit), f"run.out_dir={tmp_path / 'sweep'}", "prune.budget=latency")
-    assert "2:4 kernels" in err and "choose prune.budget weights or layers" in err
-    assert not (tmp_path / "sweep").exists()
+    for ask in (["prune.budget=latency"], ["sweep.variants={rd_latency: {prune.budget: latency}}"]):  # base or one variant
+        err = _error(capsys, str(vit), f"run.out_dir={tmp_path / 'sweep'}", *ask)
+        assert "2:4 kernels" in err and "choose prune.budget weights or layers" in err
+        assert not (tmp_path / "sweep").exists()
 
 
 def test_two_four_runs_show_their_layer_count_in_the_tables():

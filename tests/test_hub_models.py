@@ -8,13 +8,14 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 
 import pytest
 import torch
 from torch import nn
 
-from rdprune.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from rdprune.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, RESNET, Preprocessing
 from rdprune.errors import UserError
 from rdprune.models.hf_models import HFImageClassifier
 from rdprune.models.registry import build_model, model_preprocessing
@@ -273,6 +274,12 @@ def test_hf_image_size_override_sets_the_preprocessing_size(hf_folder, tmp_path)
         {"size": {"height": 256, "width": 256}, "do_center_crop": True, "crop_size": {"height": 224, "width": 224}}))
     larger = model_preprocessing(f"hf:{crop}", {"image_size": 384})
     assert larger.size == 384 and larger.crop_pct == pytest.approx(0.875) and larger.resize_size == 438
+    bare = tmp_path / "no_processor"  # no recipe of its own: the default one, at the size asked for
+    bare.mkdir()
+    assert model_preprocessing(f"hf:{bare}") is None
+    assert model_preprocessing(f"hf:{bare}", {"image_size": 384}) == dataclasses.replace(RESNET, size=384)
+    with pytest.raises(UserError):
+        model_preprocessing(f"hf:{folder}", {"image_size": [[224]]})
     with pytest.raises(UserError) as excinfo:
         model_preprocessing(f"hf:{folder}", {"image_size": [28, 35]})
     assert message(excinfo) == (f"model 'hf:{folder}': model.kwargs image_size must be a positive int (or a square "
@@ -476,3 +483,12 @@ def test_hf_weights_are_default_or_null(hf_folder):
         build_model(f"hf:{folder}", 10, weights="IMAGENET1K_V1")
     assert message(excinfo) == (f"model 'hf:{folder}': model.weights is DEFAULT (the saved weights) or null "
                                 f"(random init) for hf: models, not 'IMAGENET1K_V1'")
+
+
+def test_importing_rdprune_loads_neither_extra():
+    """timm and transformers are optional extras: importing the package, its config or its run loop must not load
+    them (nor torchvision for the pruning core); only naming a timm: or hf: model does."""
+    code = ("import sys, rdprune; core = 'torchvision' in sys.modules; import rdprune.config, rdprune.pipeline.loop; "
+            "print(core, 'timm' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.split() == ["False", "False", "False"]

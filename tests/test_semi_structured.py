@@ -326,7 +326,7 @@ def test_latency_budget_path_with_the_gpu_timings_faked(monkeypatch, tmp_path, o
     assert main(argv) == 0 and len(timed) == 1  # the rerun reuses the saved table
     # A table measured at another batch size is not reused silently
     capsys.readouterr()
-    assert "at latency.batch_size 5; delete it" in user_error(capsys, argv[:-1] + ["latency.batch_size=5", "run.resume=true"])
+    assert "at latency.batch_size 5 on Fake GPU; delete it" in user_error(capsys, argv[:-1] + ["latency.batch_size=5", "run.resume=true"])
 
 
 def test_a_layer_the_forward_never_calls_is_refused_until_skipped(tmp_path, capsys, one_thread):
@@ -400,7 +400,8 @@ def test_the_final_table_shows_the_two_four_layers_and_predicted_latency():
     rows = [{**base, "iteration": 0}, {**base, "iteration": 1, "layers_2to4": 8, "candidates": 16, "latency_predicted_ms": 0.88}]
     header, _, dense, pruned = results_table(rows).splitlines()
     assert header.split()[-2:] == ["layers", "predicted"] and "2:4 layers" in header
-    assert pruned.endswith("8 of  16     0.880 ms") and dense.rstrip().endswith("1.0s")
+    assert pruned.endswith("  8 of  16     0.880 ms") and dense.rstrip().endswith("1.0s")
+    assert len(header) == len(pruned) == len(dense)  # the columns line up
 
 
 def test_the_public_api_as_the_package_docstring_shows_it():

@@ -23,7 +23,9 @@ forward passes), then one full curve set by the fast estimator, checks the sampl
 agree, and reports peak memory; on CUDA ``torch.cuda.max_memory_allocated``, and the peak of one
 layer's curve on one batch against the whole calibration set (:func:`memory_by_set_size`: memory
 must follow the batch size, not the set). ``--model small`` is the same run on CIFAR ResNet-20
-with a few images: a smoke test of seconds on a CPU. There, ``--profile`` first records the fast
+with a few images: a smoke test of seconds on a CPU; ``--model deit_small`` runs timm's DeiT-S at
+ImageNet scale, ``--model vit_small`` a 4-block DeiT-S-wide ViT at 32x32 (the transformer smoke test).
+There, ``--profile`` first records the fast
 estimator on the sampled layers (one calibration batch) with ``torch.profiler``
 (:func:`profiler_run`): the operators that take the device's time, and how busy the device was
 (kernel time over wall time); ``--trace FILE`` keeps the Chrome trace. ``--tf32`` sets TF32 for
@@ -556,17 +558,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=None,
                         help="calibration inputs (default 64, one batch; resnet50 256)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="calibration batch size of the resnet50/small run (default 64; small 8)")
+                        help="calibration batch size of the scale run (default 64; small, vit_small 8)")
     parser.add_argument("--plain-layers", type=int, default=3,
-                        help="resnet50/small: layers the plain loop is timed on, spread over the network (default 3)")
+                        help="scale runs: layers the plain loop is timed on, spread over the network (default 3)")
     parser.add_argument("--repeats", type=int, default=MIN_QUOTABLE_REPEATS,
                         help=f"resnet32_cifar: repetitions of each side, interleaved (default {MIN_QUOTABLE_REPEATS}; "
                              f"at least {MIN_QUOTABLE_REPEATS} for a figure to quote)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)} (default both)")
     parser.add_argument("--profile", action="store_true",
                         help="resnet32_cifar: where the fast estimator's time goes, per layer, instead of timing both "
-                             "estimators; resnet50/small: also record the sampled layers' curves with torch.profiler")
-    parser.add_argument("--trace", default=None, help="resnet50/small with --profile: write the Chrome trace to this file")
+                             "estimators; scale runs: also record the sampled layers' curves with torch.profiler")
+    parser.add_argument("--trace", default=None, help="scale runs with --profile: write the Chrome trace to this file")
     parser.add_argument("--tf32", choices=("default", "on", "off"), default="default",
                         help="TF32 for CUDA convolutions and matmuls (default: PyTorch's own settings)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")

@@ -53,8 +53,9 @@ def main(argv: list[str]) -> int:
     with distributed.distributed_session(base.run.device, base.distributed.timeout_s, single_group=single_group) as dist:
         distributed.setup_logging(dist.rank)
         check_precision(base.distributed.precision, dist.device)
-        if base.prune.granularity == "semi_structured" and base.prune.budget == "latency":
-            latency_device(base, dist)  # the GPU's 2:4 kernels, checked before the shared pretraining
+        for planned in plan.runs:  # a variant may ask for it: the GPU's 2:4 kernels, checked before the shared pretraining
+            if planned.cfg.prune.granularity == "semi_structured" and planned.cfg.prune.budget == "latency":
+                latency_device(planned.cfg, dist)
         distributed.check_same_config(plan_hash(plan))
         results = run_sweep(plan, dist, on_progress=lambda r: write_comparison(plan.out, r, plan.seeds, title))
         if dist.is_main:

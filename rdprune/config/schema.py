@@ -240,7 +240,8 @@ class PruneConfig(_Section):
     min_density: float = 0.0
     """Least fraction of its weights every layer keeps, on top of the floor that always holds: one
     weight per output unit on average (a Conv2d's out_channels, a Linear's out_features), so that
-    no layer is pruned whole. Every method respects it, and every curve's grid stops at it."""
+    no layer is pruned whole. Every method respects it, and every curve's grid stops at it. At
+    granularity semi_structured a 2:4 layer keeps half of its weights, so at most 0.5."""
 
     def validate(self) -> None:
         self._check("target_sparsity", 0.0 <= self.target_sparsity < 1.0, "a number in [0, 1)")

@@ -91,7 +91,7 @@ def build_data(name: str, root: str | None = None, *, seed: int = 0,
                         f"or give an import path '{IMPORT_FORM}'")
     if preprocessing is not None and bundle.preprocessing is None:
         log.debug("data %r keeps its own normalisation: the model's preprocessing (size %d, %s, crop_pct %g) is not applied",
-                 name, preprocessing.size, preprocessing.interpolation, preprocessing.crop_pct)
+                  name, preprocessing.size, preprocessing.interpolation, preprocessing.crop_pct)
     return bundle
 
 

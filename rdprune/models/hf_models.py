@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rdprune.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from rdprune.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, RESNET, Preprocessing
 from rdprune.errors import UserError, one_line
 from rdprune.models.builder_kwargs import merge_kwargs
 from rdprune.models.offline import cached_hub_file, hf_hub_cache, hub_offline, require_extra
@@ -147,7 +147,8 @@ def _classifier_parameters(model: nn.Module) -> set[str]:
 
 
 def hf_preprocessing(path: str, kwargs: Mapping[str, Any] | None = None) -> Preprocessing | None:
-    """The data config in the folder's or cached repo's ``preprocessor_config.json``, or None without one.
+    """The data config in the folder's or cached repo's ``preprocessor_config.json``; without one None (the
+    dataset's default), or with an ``image_size`` override the default recipe at that size.
 
     A square ``crop_size`` after a resize of the shorter edge is a centre crop; after a resize to a
     fixed height and width, a squash. ConvNeXt-style ``crop_pct`` with ``shortest_edge`` is a centre
@@ -164,15 +165,15 @@ def hf_preprocessing(path: str, kwargs: Mapping[str, Any] | None = None) -> Prep
         require_extra("huggingface_hub", spec, "hf")
         _locate(spec, path)
         file = cached_hub_file(path, PROCESSOR_FILE)
-    if file is None:
-        return None
+    image_size = (kwargs or {}).get("image_size")
+    if file is None:  # no recipe of its own: the dataset's default, at the size the override asks for
+        return None if image_size is None else dataclasses.replace(RESNET, size=_image_size(spec, image_size))
     try:
         with open(file, encoding="utf-8") as stream:
             processor = json.load(stream)
     except (OSError, ValueError) as exc:
         raise UserError(f"model {spec!r}: cannot read {file} ({one_line(exc)})") from exc
     preprocessing = _processor_preprocessing(spec, processor)
-    image_size = (kwargs or {}).get("image_size")
     if image_size is not None:
         preprocessing = dataclasses.replace(preprocessing, size=_image_size(spec, image_size))
     return preprocessing
@@ -181,8 +182,8 @@ def hf_preprocessing(path: str, kwargs: Mapping[str, Any] | None = None) -> Prep
 def _image_size(spec: str, value: Any) -> int:
     """The side of a square ``image_size`` from model.kwargs (an int or a [height, width] pair), or a UserError."""
     sides = list(value) if isinstance(value, (list, tuple)) else [value]
-    if (len(sides) in (1, 2) and len(set(sides)) == 1 and isinstance(sides[0], int) and not isinstance(sides[0], bool)
-            and sides[0] > 0):
+    if (len(sides) in (1, 2) and all(isinstance(side, int) and not isinstance(side, bool) for side in sides)
+            and len(set(sides)) == 1 and sides[0] > 0):
         return sides[0]
     raise UserError(f"model {spec!r}: model.kwargs image_size must be a positive int (or a square [height, width]) for "
                     f"rdprune's square image data, not {value!r}")

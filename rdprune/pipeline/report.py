@@ -27,7 +27,7 @@ def results_table(rows: Sequence[dict]) -> str:
         if timed:
             line += (f" {r['latency_ms']:>7.2f} ms {r['latency_speedup']:>7.2f}x" if "latency_ms" in r else f" {'':>10} {'':>8}")
         if two_four:
-            line += f" {r['layers_2to4']:>4} of {r['candidates']:>3}" if "layers_2to4" in r else f" {'':>10}"
+            line += f" {r['layers_2to4']:>3} of {r['candidates']:>3}" if "layers_2to4" in r else f" {'':>10}"
         if predicted:
             line += f" {r['latency_predicted_ms']:>9.3f} ms" if "latency_predicted_ms" in r else f" {'':>12}"
         lines.append(line)

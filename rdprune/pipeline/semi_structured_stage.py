@@ -130,9 +130,10 @@ def _latency_table(cfg: Config, model: nn.Module, input_shape: tuple[int, ...], 
         if cfg.run.resume and out.latency_table.is_file():
             data = json.loads(out.latency_table.read_text())
             if (data.get("format") != TABLE_FORMAT or not set(layers) <= set(data.get("dense_us", {}))
-                    or data.get("batch_size") != cfg.latency.batch_size):
+                    or data.get("batch_size") != cfg.latency.batch_size or data.get("device") != torch.cuda.get_device_name(device)):
                 raise UserError(f"{out.latency_table} is not a 2:4 latency table of this model at latency.batch_size "
-                                f"{cfg.latency.batch_size}; delete it to measure a new one, or set run.resume=false")
+                                f"{cfg.latency.batch_size} on {torch.cuda.get_device_name(device)}; delete it to measure a new "
+                                "one, or set run.resume=false")
             log.info("2:4 latency table: reusing %s", out.latency_table)
         else:
             probe = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16).eval()
