@@ -20,10 +20,8 @@ import torch
 from torch import nn
 
 from rdprune.core.channels import ChannelSpace
-from rdprune.core.curve_cache import CurveCache, fingerprint_inputs
-from rdprune.core.curves import LayerPlan, _as_batches, _model_device, _reference_outputs, batch_distortion, unit_curves
+from rdprune.core.curves import LayerPlan, _as_batches, curve_cache, plain_unit_curves, select_units, unit_curves
 from rdprune.core.grid import Curve, Grid, level_amounts
-from rdprune.core.layers import evaluation
 
 
 class ChannelUnit:
@@ -91,46 +89,20 @@ def estimate_channel_curves(
     each finished group is saved and reused by a later call with identical model, inputs and
     settings. The model is left exactly as it was.
     """
-    chosen = list(space.groups) if groups is None else [g for g in space.groups if g in set(groups)]
-    unknown = sorted(set(groups or ()) - set(space.groups))
-    if unknown or not chosen:
-        raise ValueError(f"unknown or no channel groups requested: {unknown[:5]}; groups are {list(space.groups)[:8]} ...")
+    chosen = select_units(space.groups, groups, "channel groups")
     batches = _as_batches(inputs, batch_size)
     ranges = dict(level_ranges or {})
     plans = {g: (ChannelUnit(space, g), group_plan(space, g, levels, grid, ranges.get(g))) for g in chosen}
-    cache = None
-    if cache_dir is not None:
-        floors = ",".join(f"{g.min_kept}" for g in space.groups.values())
-        settings = f"granularity=channel:levels={levels}:grid={grid}:worst_case={bool(worst_case)}:floors={floors}"
-        cache = CurveCache(cache_dir, fingerprint_inputs(model, batches), settings)
+    floors = ",".join(f"{g.min_kept}" for g in space.groups.values())
+    cache = curve_cache(cache_dir, model, batches,
+                        f"granularity=channel:levels={levels}:grid={grid}:worst_case={bool(worst_case)}:floors={floors}")
     return unit_curves(model, space.layers.values(), plans, batches, worst_case, cache, progress)
 
 
-@torch.no_grad()
 def plain_channel_curves(
     model: nn.Module, space: ChannelSpace, inputs: torch.Tensor | Iterable[torch.Tensor], levels: int = 11, *,
     grid: Grid = "relative", worst_case: bool = False, batch_size: int = 64,
 ) -> dict[str, Curve]:
     """The definition run literally: for every group and level, mask, run the whole model, compare."""
-    batches = _as_batches(inputs, batch_size)
-    device = _model_device(model)
-    curves = {}
-    with evaluation(model):
-        references = _reference_outputs(model, batches, device)
-        for group in space.groups:
-            plan = group_plan(space, group, levels, grid)
-            unit = ChannelUnit(space, group)
-            distortion = np.zeros(len(plan.counts), np.float64)
-            unit.hold()
-            try:
-                for k, count in enumerate(plan.counts):
-                    unit.prune(count)
-                    for x, reference in zip(batches, references):
-                        value = batch_distortion(reference, model(x.to(device)), worst_case)
-                        distortion[k] = max(distortion[k], value) if worst_case else distortion[k] + value
-            finally:
-                unit.restore()
-            if not worst_case:
-                distortion /= sum(r.numel() for r in references)
-            curves[group] = Curve(plan.amounts, distortion)
-    return curves
+    units = {g: (ChannelUnit(space, g), group_plan(space, g, levels, grid)) for g in space.groups}
+    return plain_unit_curves(model, units, _as_batches(inputs, batch_size), worst_case)

@@ -383,6 +383,49 @@ def _group_distortions(
         finish(unit.name, totals[unit.name])
 
 
+def select_units(available: Iterable[str], requested: Iterable[str] | None, what: str) -> list[str]:
+    """The ``requested`` units (None: all) in ``available``'s order; ValueError for an unknown or empty request."""
+    available = list(available)
+    chosen = available if requested is None else [n for n in available if n in set(requested)]
+    unknown = sorted(set(requested or ()) - set(available))
+    if unknown or not chosen:
+        raise ValueError(f"unknown or no {what} requested: {unknown[:5]}; {what} are {available[:8]} ...")
+    return chosen
+
+
+def curve_cache(cache_dir: str | os.PathLike | None, model: nn.Module, batches: list[torch.Tensor],
+                settings: str) -> CurveCache | None:
+    """The cache of finished curves for this model, these inputs and ``settings`` (None without ``cache_dir``)."""
+    return None if cache_dir is None else CurveCache(cache_dir, fingerprint_inputs(model, batches), settings)
+
+
+@torch.no_grad()
+def plain_unit_curves(
+    model: nn.Module, units: Mapping[str, tuple[PruningUnit, LayerPlan]], batches: list[torch.Tensor], worst_case: bool
+) -> dict[str, Curve]:
+    """The definition run literally for units of any kind: prune each unit to each level of its plan, run the whole
+    model on every batch, compare with the unpruned output (the reference the fast engine is checked against)."""
+    device = _model_device(model)
+    curves = {}
+    with evaluation(model):
+        references = _reference_outputs(model, batches, device)
+        for name, (unit, plan) in units.items():
+            distortion = np.zeros(len(plan.counts), np.float64)
+            unit.hold()
+            try:
+                for k, count in enumerate(plan.counts):
+                    unit.prune(count)
+                    for x, reference in zip(batches, references):
+                        value = batch_distortion(reference, model(x.to(device)), worst_case)
+                        distortion[k] = max(distortion[k], value) if worst_case else distortion[k] + value
+            finally:
+                unit.restore()
+            if not worst_case:
+                distortion /= sum(r.numel() for r in references)
+            curves[name] = Curve(plan.amounts, distortion)
+    return curves
+
+
 def unit_curves(
     model: nn.Module,
     leaves: Iterable[nn.Module],
@@ -467,13 +510,10 @@ def estimate_curves(
     batches = _as_batches(inputs, batch_size)
     device = _model_device(model)
     plans = {n: layer_plan(n, m, levels, grid, level_ranges.get(n), min_density) for n, m in chosen.items()}
-    cache = None
-    if cache_dir is not None:
-        # The floor rule is part of the grid: "floor=units" marks grids capped at one weight per
-        # output unit, so curves cached before the floor existed (top level 1) are not reused.
-        settings = (f"levels={levels}:grid={grid}:worst_case={bool(worst_case)}:floor=units:min_density={min_density!r}"
-                    f":bn_aware={bool(bn_aware)}")
-        cache = CurveCache(cache_dir, fingerprint_inputs(model, batches), settings)
+    # The floor rule is part of the grid: "floor=units" marks grids capped at one weight per
+    # output unit, so curves cached before the floor existed (top level 1) are not reused.
+    cache = curve_cache(cache_dir, model, batches, f"levels={levels}:grid={grid}:worst_case={bool(worst_case)}:floor=units"
+                                                   f":min_density={min_density!r}:bn_aware={bool(bn_aware)}")
     bn_aware = bn_aware and bool(batchnorm_layers(model))
     if not (bn_aware and len(batches) > 1):
         renormalised = batch_statistics(model) if bn_aware else contextlib.nullcontext()

@@ -33,10 +33,9 @@ import torch
 from torch import nn
 
 from rdprune.core.allocation import allocate_levels
-from rdprune.core.curve_cache import CurveCache, fingerprint_inputs
-from rdprune.core.curves import LayerPlan, _as_batches, _model_device, _reference_outputs, batch_distortion, unit_curves
+from rdprune.core.curves import LayerPlan, _as_batches, curve_cache, plain_unit_curves, select_units, unit_curves
 from rdprune.core.grid import Curve
-from rdprune.core.layers import evaluation, prunable_layers
+from rdprune.core.layers import prunable_layers
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +115,8 @@ class TwoFourUnit:
         self._original = self._weight.detach().clone()
 
     def prune(self, count: int) -> None:
-        # The only level that runs: count is half the weights (unit_plan), what the 2:4 mask prunes.
-        self._weight.copy_(self._original * two_four_mask(self._original))
+        # Two levels (unit_plan): count 0 is the dense weight, half the weights is the 2:4 mask.
+        self._weight.copy_(self._original * two_four_mask(self._original) if count else self._original)
 
     def restore(self) -> None:
         self._weight.copy_(self._original)
@@ -155,45 +154,21 @@ def estimate_semi_structured_curves(
     no forward pass, and with ``cache_dir`` each finished layer is saved and reused by a later call
     with identical model, inputs and settings. The model is left exactly as it was.
     """
-    chosen = list(layers) if units is None else [n for n in layers if n in set(units)]
-    unknown = sorted(set(units or ()) - set(layers))
-    if unknown or not chosen:
-        raise ValueError(f"unknown or no 2:4 candidates requested: {unknown[:5]}; candidates are {list(layers)[:8]} ...")
+    chosen = select_units(layers, units, "2:4 candidates")
     batches = _as_batches(inputs, batch_size)
     ranges = dict(level_ranges or {})
     plans = {n: (TwoFourUnit(n, layers[n]), unit_plan(layers[n], ranges.get(n))) for n in chosen}
-    cache = None
-    if cache_dir is not None:
-        settings = f"granularity=semi_structured:pattern=2:4:worst_case={bool(worst_case)}"
-        cache = CurveCache(cache_dir, fingerprint_inputs(model, batches), settings)
+    cache = curve_cache(cache_dir, model, batches, f"granularity=semi_structured:pattern=2:4:worst_case={bool(worst_case)}")
     return unit_curves(model, layers.values(), plans, batches, worst_case, cache, progress)
 
 
-@torch.no_grad()
 def plain_semi_structured_curves(
     model: nn.Module, layers: Mapping[str, nn.Linear], inputs: torch.Tensor | Iterable[torch.Tensor], *,
     worst_case: bool = False, batch_size: int = 64,
 ) -> dict[str, Curve]:
     """The definition run literally: for every candidate, apply its 2:4 mask, run the whole model, compare."""
-    batches = _as_batches(inputs, batch_size)
-    device = _model_device(model)
-    curves = {}
-    with evaluation(model):
-        references = _reference_outputs(model, batches, device)
-        for name, module in layers.items():
-            original = module.weight.detach().clone()
-            distortion = np.zeros(2, np.float64)
-            try:
-                module.weight.mul_(two_four_mask(original))
-                for x, reference in zip(batches, references):
-                    value = batch_distortion(reference, model(x.to(device)), worst_case)
-                    distortion[1] = max(distortion[1], value) if worst_case else distortion[1] + value
-            finally:
-                module.weight.copy_(original)
-            if not worst_case:
-                distortion /= sum(r.numel() for r in references)
-            curves[name] = Curve(AMOUNTS, distortion)
-    return curves
+    units = {n: (TwoFourUnit(n, m), unit_plan(m)) for n, m in layers.items()}
+    return plain_unit_curves(model, units, _as_batches(inputs, batch_size), worst_case)
 
 
 def current_two_four(layers: Mapping[str, nn.Linear]) -> list[str]:
