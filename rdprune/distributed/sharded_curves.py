@@ -18,7 +18,7 @@ from torch import nn
 from rdprune import distributed
 from rdprune.core.channel_curves import estimate_channel_curves, group_plan
 from rdprune.core.channels import ChannelSpace
-from rdprune.core.curves import curve_costs, estimate_curves, layer_amounts, merge_curve_pieces
+from rdprune.core.curves import LayerPlan, curve_costs, estimate_curves, layer_amounts, merge_curve_pieces
 from rdprune.core.grid import Curve, Grid
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import pruned_count
@@ -81,6 +81,23 @@ def level_pieces(paid: Mapping[str, tuple[float, int]], spans: Mapping[str, tupl
     ]
     plan[0].extend(Piece(n, 0, total) for n, (free, total) in spans.items() if n not in paid)
     return plan
+
+
+def suffix_pieces(plans: Mapping[str, LayerPlan], first: Mapping[str, str], flops: Mapping[str, int],
+                  world_size: int) -> list[list[Piece]]:
+    """:func:`level_pieces` for units whose levels each re-run the network from their first layer on.
+
+    ``plans`` are the units' level plans (levels up to ``zeros`` are free); ``first[unit]`` names the
+    unit's first layer in ``flops``, which lists every layer's FLOPs in execution order, so a paid
+    level costs the FLOPs from that layer to the output.
+    """
+    order = list(flops)
+    paid, spans = {}, {}
+    for unit, plan in plans.items():
+        spans[unit] = (sum(1 for c in plan.counts if c <= plan.zeros), len(plan.counts))
+        if spans[unit][1] > spans[unit][0]:
+            paid[unit] = (float(sum(flops[n] for n in order[order.index(first[unit]):])), spans[unit][1] - spans[unit][0])
+    return level_pieces(paid, spans, world_size)
 
 
 def sharded_curves(
@@ -169,14 +186,8 @@ def sharded_channel_curves(
 
     def plan() -> list[list[Piece]]:
         order = list(flops)
-        plans = {g: group_plan(space, g, levels, grid) for g in space.groups}
-        paid, spans = {}, {}
-        for g, p in plans.items():
-            first = min(order.index(s.layer) for s in space.groups[g].slices)
-            spans[g] = (sum(1 for c in p.counts if c <= p.zeros), len(p.counts))
-            if spans[g][1] > spans[g][0]:
-                paid[g] = (float(sum(flops[n] for n in order[first:])), spans[g][1] - spans[g][0])
-        return level_pieces(paid, spans, dist.world_size)
+        first = {g: min((s.layer for s in group.slices), key=order.index) for g, group in space.groups.items()}
+        return suffix_pieces({g: group_plan(space, g, levels, grid) for g in space.groups}, first, flops, dist.world_size)
 
     def estimate(mine: list[Piece]) -> dict[str, Curve]:
         return estimate_channel_curves(
@@ -207,14 +218,7 @@ def sharded_semi_structured_curves(
     batches = list(inputs.split(batch_size))
 
     def plan() -> list[list[Piece]]:
-        order = list(flops)
-        paid, spans = {}, {}
-        for name, module in layers.items():
-            p = unit_plan(module)
-            spans[name] = (sum(1 for c in p.counts if c <= p.zeros), len(p.counts))
-            if spans[name][1] > spans[name][0]:
-                paid[name] = (float(sum(flops[n] for n in order[order.index(name):])), spans[name][1] - spans[name][0])
-        return level_pieces(paid, spans, dist.world_size)
+        return suffix_pieces({n: unit_plan(m) for n, m in layers.items()}, {n: n for n in layers}, flops, dist.world_size)
 
     def estimate(mine: list[Piece]) -> dict[str, Curve]:
         return estimate_semi_structured_curves(
