@@ -12,7 +12,6 @@ not swamp kernels of tens of microseconds.
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 import statistics
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rdprune.core.latency import measure_latency
+from rdprune.core.latency import layer_shapes, measure_latency
 from rdprune.core.semi_structured import is_two_four, two_four_mask
 
 log = logging.getLogger(__name__)
@@ -63,24 +62,13 @@ def _two_four_tensor(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear_input_shapes(model: nn.Module, names: Iterable[str], example: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    """The input shape of each named layer in one forward pass of ``example`` (its first call)."""
-    modules = dict(model.named_modules())
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str, module: nn.Module, args: tuple) -> None:
-        shapes.setdefault(name, tuple(args[0].shape))
-
-    handles = [modules[n].register_forward_pre_hook(functools.partial(record, n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    """(batch, rows per sample, in_features) of each named Linear layer's input in one forward pass of ``example``
+    (its first call), from :func:`rdprune.core.latency.layer_shapes`: what ``F.linear`` multiplies."""
+    names, shapes = list(names), layer_shapes(model, example)
     missing = [n for n in names if n not in shapes]
     if missing:
         raise ValueError(f"layers never called in a forward pass: {missing[:5]}")
-    return shapes
+    return {n: (len(example), shapes[n].in_hw[0], shapes[n].in_channels) for n in names}
 
 
 def _event_medians(fns: Sequence[Callable[[], object]], rounds: int = _ROUNDS, warmup: int = _WARMUP,
