@@ -54,14 +54,15 @@ def _batches():
         yield x + 0.1 * torch.randn_like(x), torch.randint(0, 5, (8,), generator=g)
 
 
-def _engine():
+def _engine(precision: str = "fp32"):
     torch.manual_seed(0)
     model = DropoutNet()
     layers = prunable_layers(model)
     masks = apply_masks(model, {n: 0.5 for n in layers}, layers)
     section = FinetuneConfig(steps=10, lr=0.05)
     optimizer = make_optimizer(model, section)
-    engine = LocalEngine(model, optimizer, make_scheduler(optimizer, section, 10), DistInfo(), layers=layers, masks=masks)
+    engine = LocalEngine(model, optimizer, make_scheduler(optimizer, section, 10), DistInfo(), layers=layers, masks=masks,
+                         precision=precision)
     return model, masks, engine
 
 
@@ -223,19 +224,13 @@ def test_bf16_autocast_keeps_fp32_weights_and_zeros(one_thread):
     """distributed.precision bf16 under the ddp engine: the forward runs in bf16 (so training differs
     from fp32), the weights stay fp32 and pruned weights stay exactly zero."""
     def trained(precision: str) -> tuple[nn.Module, dict]:
-        torch.manual_seed(0)
-        model = DropoutNet()
-        layers = prunable_layers(model)
-        masks = apply_masks(model, {n: 0.5 for n in layers}, layers)
-        section = FinetuneConfig(steps=5, lr=0.05)
-        optimizer = make_optimizer(model, section)
-        engine = LocalEngine(model, optimizer, make_scheduler(optimizer, section, 5), DistInfo(), layers=layers, masks=masks,
-                             precision=precision)
+        model, masks, engine = _engine(precision)
         train_steps(engine, _batches(), 5, progress=False)
-        return model, {n: (layers[n], masks[n]) for n in layers}
+        return model, masks
 
-    model16, guarded = trained("bf16")
+    model16, masks = trained("bf16")
     model32, _ = trained("fp32")
     assert all(p.dtype == torch.float32 for p in model16.parameters())
-    assert all(torch.all(layer.weight[~mask] == 0) for layer, mask in guarded.values())
+    layers = prunable_layers(model16)
+    assert all(torch.all(layers[n].weight[~mask] == 0) for n, mask in masks.items())
     assert not torch.equal(model16.conv.weight, model32.conv.weight)
