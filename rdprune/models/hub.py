@@ -24,6 +24,11 @@ def is_hub_name(name: str) -> bool:
     return name.startswith(HUB_PREFIXES)
 
 
+def input_size_key(name: str) -> str | None:
+    """The model.kwargs key that sets a timm (img_size) or Hugging Face (image_size) model's input size; None otherwise."""
+    return "img_size" if name.startswith(TIMM_PREFIX) else "image_size" if name.startswith(HF_PREFIX) else None
+
+
 def build_hub_model(
     name: str,
     num_classes: int,

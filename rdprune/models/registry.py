@@ -399,7 +399,9 @@ def _check_forward(model: nn.Module, name: str, num_classes: int, shape: tuple[i
         with torch.no_grad():
             out = model(torch.zeros(1, *shape))
     except Exception as exc:  # a shape error can surface as any exception type in user code
-        size_key = "img_size" if name.startswith("timm:") else "image_size" if name.startswith("hf:") else None
+        from rdprune.models.hub import input_size_key  # here: hub imports rdprune.data, whose registry imports this module
+
+        size_key = input_size_key(name)
         hint = f"; set the model's input size with model.kwargs.{size_key}: {shape[-1]}" if size_key and len(shape) == 3 else ""
         reason = _one_line(exc).rstrip(".") if hint else _one_line(exc)
         raise UserError(f"model {name} does not accept inputs of shape {list(shape)}: {reason}{hint}") from exc
