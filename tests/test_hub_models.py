@@ -261,6 +261,38 @@ def test_hf_convnext_processor_crops_below_384_and_warps_from_384(shortest_edge,
     assert tuple(processor(image, return_tensors="pt")["pixel_values"].shape[-2:]) == (expected.size, expected.size)
 
 
+def grey_image():
+    """A smooth 550 x 400 RGB photo-like image: random colours upsampled bicubically."""
+    from PIL import Image
+    small = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(40, 55, 3, generator=small) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels).resize((550, 400), Image.BICUBIC)
+
+
+@pytest.mark.parametrize("processor", [
+    transformers.ViTImageProcessor(),
+    transformers.DeiTImageProcessor(),
+    transformers.ConvNextImageProcessor(),
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 160}),
+    transformers.PoolFormerImageProcessor(),  # crop_pct with crop_size: the shorter edge to int(224 / 0.9), then 224
+    transformers.ViTImageProcessor(do_rescale=False, do_normalize=False),  # a model that takes 0..255
+    transformers.ViTImageProcessor(do_rescale=False, image_mean=[127.5] * 3, image_std=[60.0] * 3),
+    transformers.EfficientNetImageProcessor(),  # include_top divides by image_std twice
+    transformers.EfficientNetImageProcessor(rescale_factor=1 / 127.5, rescale_offset=True, include_top=False),
+], ids=["vit", "deit", "convnext-384", "convnext-160", "poolformer", "0-255", "0-255-normalised", "efficientnet",
+        "efficientnet-offset"])
+def test_hf_processor_is_reproduced_by_the_eval_transform(processor, tmp_path):
+    from rdprune.data.imagenet import eval_transform
+    processor.save_pretrained(tmp_path)
+    preprocessing = model_preprocessing(f"hf:{tmp_path}")
+    image = grey_image()
+    ours = eval_transform(preprocessing)(image)
+    theirs = processor(image, return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == theirs.shape
+    grey_levels = (ours - theirs).abs() * torch.tensor(preprocessing.std).view(3, 1, 1) * 255  # back to 0..255 pixels
+    assert grey_levels.mean() < 0.05 and grey_levels.max() <= 2.01, (grey_levels.mean(), grey_levels.max())
+
+
 def test_hf_image_size_override_sets_the_preprocessing_size(hf_folder, tmp_path):
     folder, _ = hf_folder
     squash = model_preprocessing(f"hf:{folder}")
@@ -315,6 +347,18 @@ def test_hf_weights_that_do_not_fit_the_config_are_named(hf_folder, tmp_path, ca
     with caplog.at_level(logging.INFO, logger="rdprune.models.hf_models"):
         build_model(f"hf:{folder}", 10, weights="DEFAULT", input_shape=DIGITS)
     assert hf_warnings(caplog) == []
+
+
+def test_hf_hidden_layer_as_wide_as_the_classifier_is_still_named(tmp_path, caplog):
+    """The classifier is what lies outside the backbone, not any Linear with one output per label."""
+    config = transformers.ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=48, num_hidden_layers=1,
+                                    num_attention_heads=3, intermediate_size=64, num_labels=96)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    with caplog.at_level(logging.INFO, logger="rdprune.models.hf_models"):
+        build_model(f"hf:{tmp_path / 'vit'}", 96, weights="DEFAULT", input_shape=DIGITS, kwargs={"intermediate_size": 96})
+    [warning] = hf_warnings(caplog)
+    assert re.search(r"vit\.\S+\.weight \(saved \[64, 48\], model \[96, 48\]\)", warning)  # the MLP's first layer
+    assert "classifier" not in warning
 
 
 def test_hf_checkpoint_of_the_bare_transformers_model(hf_folder, tmp_path, one_thread):

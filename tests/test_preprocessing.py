@@ -42,7 +42,7 @@ from torchvision import transforms as T
 
 from rdprune.data import build_data
 from rdprune.data.imagenet import eval_transform, train_transform
-from rdprune.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, RESNET, Preprocessing
+from rdprune.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, RESNET, Preprocessing, crop_fraction
 from rdprune.distributed import DistInfo
 from rdprune.pipeline import feeding
 
@@ -238,6 +238,14 @@ def test_resize_size_follows_timm():
     assert [Preprocessing(size=s, crop_pct=c).resize_size for s, c in
             ((224, 0.875), (224, 0.9), (224, 0.95), (224, 1.0), (384, 1.0), (288, 0.95))] == [256, 248, 235, 224, 384, 303]
     assert all(Preprocessing(size=s, crop_pct=c).resize_size == math.floor(s / c) for s in (160, 224, 256) for c in (0.8, 0.96))
+
+
+def test_crop_fraction_resizes_to_exactly_the_side_asked_for():
+    """crop / resized alone floors to resized - 1 for some pairs (17 of 25 is one): the fraction is moved by its last bits."""
+    assert math.floor(17 / (17 / 25)) == 24
+    pairs = [(crop, resized) for crop in range(8, 400, 3) for resized in range(crop, 2 * crop)]
+    assert all(Preprocessing(size=c, crop_pct=crop_fraction(c, r)).resize_size == r for c, r in pairs)
+    assert crop_fraction(224, 256) == 0.875
 
 
 @pytest.mark.parametrize("field, value, message", [

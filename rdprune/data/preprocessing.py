@@ -62,6 +62,17 @@ class Preprocessing:
         return (3, self.size, self.size)
 
 
+def crop_fraction(crop: int, resized: int) -> float:
+    """The ``crop_pct`` for a ``crop`` x ``crop`` centre crop of an image resized to ``resized``: ``crop / resized``,
+    moved by the last bits where needed so that ``Preprocessing.resize_size`` floors back to ``resized``."""
+    fraction = crop / resized
+    while math.floor(crop / fraction) < resized:
+        fraction = math.nextafter(fraction, 0.0)
+    while math.floor(crop / fraction) > resized:
+        fraction = math.nextafter(fraction, 1.0)
+    return fraction
+
+
 def _channels(name: str, values: object, low_open: bool) -> tuple[float, ...]:
     """``values`` as a tuple of 3 floats in [0, 1] ((0, 1] when ``low_open``), else a ValueError."""
     try:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rdprune.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, RESNET, Preprocessing
+from rdprune.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, RESNET, Preprocessing, crop_fraction
 from rdprune.errors import UserError, one_line
 from rdprune.models.builder_kwargs import merge_kwargs
 from rdprune.models.offline import cached_hub_file, hf_hub_cache, hub_offline, require_extra
@@ -139,7 +139,13 @@ def _report_reinitialised(spec: str, model: nn.Module, info: Mapping[str, Any], 
 
 
 def _classifier_parameters(model: nn.Module) -> set[str]:
-    """Names of the classifier's parameters: those of the linear layers with one output per label."""
+    """Names of the classifier's parameters: every parameter outside the backbone (``base_model_prefix``),
+    as transformers lays out its ``*ForImageClassification`` models; for a model without that layout,
+    those of the linear layers with one output per label."""
+    prefix = getattr(model, "base_model_prefix", "")
+    names = [name for name, _ in model.named_parameters()]
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+        return {name for name in names if not name.startswith(prefix + ".")}
     labels = model.config.num_labels
     return {f"{name}.{param}" if name else param
             for name, module in model.named_modules() if isinstance(module, nn.Linear) and module.out_features == labels
@@ -151,10 +157,13 @@ def hf_preprocessing(path: str, kwargs: Mapping[str, Any] | None = None) -> Prep
     dataset's default), or with an ``image_size`` override the default recipe at that size.
 
     A square ``crop_size`` after a resize of the shorter edge is a centre crop; after a resize to a
-    fixed height and width, a squash. ConvNeXt-style ``crop_pct`` with ``shortest_edge`` is a centre
+    fixed height and width, a squash; with a ``crop_pct`` too (PoolFormer) the shorter edge goes to
+    ``int(size / crop_pct)`` first. ConvNeXt-style ``crop_pct`` with ``shortest_edge`` is a centre
     crop below 384 pixels and, from 384 on, a warp of the whole image to a square (a squash with
-    crop_pct 1), as in transformers' ConvNextImageProcessor. An ``image_size`` in ``kwargs`` (the
-    config override that changes the model's input size) replaces the size, keeping the crop fraction.
+    crop_pct 1), as in transformers' ConvNextImageProcessor. Rescaling other than to [0, 1] (0..255
+    inputs, EfficientNet's offset and ``include_top``) is folded into mean and std. An ``image_size``
+    in ``kwargs`` (the config override that changes the model's input size) replaces the size,
+    keeping the crop fraction.
     """
     spec = PREFIX + path
     folder = os.path.expanduser(path)
@@ -248,6 +257,21 @@ def _instantiate(transformers: Any, spec: str, source: str, config: Any,
 
 
 def _processor_preprocessing(spec: str, processor: Mapping[str, Any]) -> Preprocessing:
+    """The ``Preprocessing`` equal to an image processor's resize, crop, rescale and normalisation."""
+    resample = processor.get("resample", 2)
+    if resample not in _PIL_RESAMPLE:
+        log.info("%s: PIL resample %r is not supported, using bicubic", spec, resample)
+    try:
+        final, mode, crop_pct = _geometry(spec, processor)
+        mean, std = _pixel_statistics(processor)
+        return Preprocessing(size=int(final), interpolation=_PIL_RESAMPLE.get(resample, "bicubic"), crop_pct=float(crop_pct),
+                             crop_mode=mode, mean=mean, std=std)
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise UserError(f"model {spec!r}: its {PROCESSOR_FILE} does not fit rdprune's image pipeline ({one_line(exc)})") from exc
+
+
+def _geometry(spec: str, processor: Mapping[str, Any]) -> tuple[int, str, float]:
+    """The processor's final side, crop mode and crop fraction (``Preprocessing``'s size, crop_mode, crop_pct)."""
     size = processor.get("size", 224)
     if isinstance(size, int):  # old processors: an int is the shorter edge for ConvNeXt-style crop_pct, else a square
         size = {"shortest_edge": size} if "crop_pct" in processor else {"height": size, "width": size}
@@ -256,28 +280,37 @@ def _processor_preprocessing(spec: str, processor: Mapping[str, Any]) -> Preproc
     crop = processor.get("crop_size") if processor.get("do_center_crop", "crop_size" in processor) else None
     if crop is not None:
         final = crop if isinstance(crop, int) else _side(spec, crop)
-        mode, crop_pct = ("center" if shortest is not None else "squash"), final / resized
+        if processor.get("crop_pct") is not None:  # PoolFormer: the shorter edge goes to int(size / crop_pct), then the crop
+            resized, shortest = int(resized / float(processor["crop_pct"])), resized
+        mode, crop_pct = ("center" if shortest is not None else "squash"), crop_fraction(final, resized)
     elif shortest is not None and "crop_pct" in processor and shortest >= CONVNEXT_WARP:  # ConvNeXt: a warp, no crop
         final, mode, crop_pct = shortest, "squash", 1.0
     elif shortest is not None and processor.get("crop_pct") is not None:  # ConvNeXt below 384: resize, centre crop
         final, mode, crop_pct = shortest, "center", float(processor["crop_pct"])
     else:  # a plain resize: to a square, or of the shorter edge (taken here as a full centre crop)
         final, mode, crop_pct = resized, ("center" if shortest is not None else "squash"), 1.0
-    resample = processor.get("resample", 2)
-    if resample not in _PIL_RESAMPLE:
-        log.info("%s: PIL resample %r is not supported, using bicubic", spec, resample)
+    return final, mode, crop_pct
+
+
+def _pixel_statistics(processor: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std in [0, 1] pixel units equal to the processor's rescale and normalisation.
+
+    The processor feeds the model ``(f * x - offset - mean) / std`` for pixels ``x`` in [0, 1], where
+    ``f`` is 255 times ``rescale_factor`` (255 with ``do_rescale`` false: models that take 0..255),
+    ``offset`` 1 with EfficientNet's ``rescale_offset``, and mean 0, std 1 without ``do_normalize``.
+    That is ``(x - (offset + mean) / f) / (std / f)``. EfficientNet's ``include_top`` (its default)
+    divides once more by ``image_std``, whether or not it normalised.
+    """
+    rescale = processor.get("do_rescale", True)
+    factor = 255.0 * float(processor.get("rescale_factor", 1 / 255)) if rescale else 255.0
+    offset = 1.0 if rescale and processor.get("rescale_offset", False) else 0.0
+    image_std = _rgb(processor.get("image_std", IMAGENET_STD))
     normalize = processor.get("do_normalize", True)
-    try:
-        return Preprocessing(
-            size=int(final),
-            interpolation=_PIL_RESAMPLE.get(resample, "bicubic"),
-            crop_pct=float(crop_pct),
-            crop_mode=mode,
-            mean=_rgb(processor.get("image_mean", IMAGENET_MEAN)) if normalize else (0.0, 0.0, 0.0),
-            std=_rgb(processor.get("image_std", IMAGENET_STD)) if normalize else (1.0, 1.0, 1.0),
-        )
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"model {spec!r}: its {PROCESSOR_FILE} does not fit rdprune's image pipeline ({one_line(exc)})") from exc
+    mean = _rgb(processor.get("image_mean", IMAGENET_MEAN)) if normalize else (0.0,) * 3
+    std = image_std if normalize else (1.0,) * 3
+    if processor.get("include_top", str(processor.get("image_processor_type", "")).startswith("EfficientNet")):
+        std = tuple(s * t for s, t in zip(std, image_std))
+    return tuple((offset + m) / factor for m in mean), tuple(s / factor for s in std)
 
 
 def _side(spec: str, size: Mapping[str, Any]) -> int:
