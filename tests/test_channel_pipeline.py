@@ -124,3 +124,8 @@ def test_run_directories_of_earlier_versions_stay_resumable():
     assert same_run(old, cfg)
     assert not same_run(old, load_config(ROOT / "configs" / "quickstart.yaml", ["prune.granularity=channel"]))
     assert not same_run(old, load_config(ROOT / "configs" / "quickstart.yaml", ["prune.levels=7"]))
+    del old["distributed"]  # before the precision counted: those runs trained fp32 under ddp
+    assert same_run(old, cfg)
+    assert not same_run(old, load_config(ROOT / "configs" / "quickstart.yaml", ["distributed.precision=bf16"]))
+    assert same_run(old, load_config(ROOT / "configs" / "quickstart.yaml", ["distributed.engine=deepspeed"]))
+    assert resume_key(cfg)["distributed"] == {"precision": "fp32"}

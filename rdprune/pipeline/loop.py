@@ -59,11 +59,14 @@ from rdprune.training.optim import make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
 
-RESUME_SECTIONS = ("model", "data", "calibration", "prune", "finetune", "pretrain", "latency")
+RESUME_SECTIONS = ("model", "data", "calibration", "prune", "finetune", "pretrain", "latency", "distributed")
 """Config sections that must match for a rerun to continue an earlier run's directory."""
 _NO_DEFAULT = object()
 RESUME_FREE = {"finetune": ("checkpoint_every",), "calibration": ("curve_cache",)}
 """Keys of those sections that do not change results: a rerun may change them."""
+RESUME_ONLY = {"distributed": ("precision",)}
+"""Sections of which only these keys count: the training precision changes results, the engine,
+timeouts and threads do not (a run may resume under DeepSpeed what DDP started)."""
 
 
 @dataclass
@@ -140,7 +143,8 @@ def resume_key(cfg: Config) -> dict:
     """
     resolved = config_to_dict(cfg)
     sections = [s for s in RESUME_SECTIONS if s != "latency" or cfg.prune.granularity != "weight"]
-    return {s: {k: v for k, v in resolved[s].items() if k not in RESUME_FREE.get(s, ())} for s in sections}
+    return {s: {k: v for k, v in resolved[s].items()
+                if k not in RESUME_FREE.get(s, ()) and (s not in RESUME_ONLY or k in RESUME_ONLY[s])} for s in sections}
 
 
 def same_run(stored: dict, cfg: Config) -> bool:
