@@ -129,3 +129,16 @@ def test_run_directories_of_earlier_versions_stay_resumable():
     assert not same_run(old, load_config(ROOT / "configs" / "quickstart.yaml", ["distributed.precision=bf16"]))
     assert same_run(old, load_config(ROOT / "configs" / "quickstart.yaml", ["distributed.engine=deepspeed"]))
     assert resume_key(cfg)["distributed"] == {"precision": "fp32"}
+
+
+@pytest.mark.distributed
+def test_collective_timeout_shorter_than_the_latency_build_is_refused_up_front(tmp_path):
+    from launch import torchrun
+    out = tmp_path / "run"
+    proc = torchrun(2, "-m", "rdprune.run", str(CONFIG), f"run.out_dir={out}", *REDUCED, "distributed.timeout_s=15", timeout=180)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("rdprune: error: ")]
+    assert errors == ["rdprune: error: distributed.timeout_s 15 is too short for latency.time_limit_s 10: the other ranks wait "
+                      "while rank 0 times the layers, which can take longer than the limit; set distributed.timeout_s to at "
+                      "least 20 or lower latency.time_limit_s"], proc.stderr[-3000:]
+    assert not (out / "results.jsonl").exists() and not (out / "pretrained.pt").exists()

@@ -349,7 +349,8 @@ class LatencyConfig(_Section):
     points: int = 11
     """Channel counts per layer dimension at which the latency table is measured (then interpolated)."""
     time_limit_s: float = 300.0
-    """Cap on the time spent building the latency table; past it the grid is coarsened."""
+    """Target for the time spent building the latency table (the grid is coarsened to meet it); under
+    several ranks distributed.timeout_s must be at least twice it, as the others wait meanwhile."""
     repeats: int = 20
     """Timed forward passes per model when the real latency is measured (median, interleaved)."""
     correction_rounds: int = 3

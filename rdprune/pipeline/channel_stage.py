@@ -36,6 +36,10 @@ from rdprune.pipeline.run_dir import RunLayout
 
 log = logging.getLogger(__name__)
 
+WAIT_FACTOR = 2
+"""distributed.timeout_s must be this many times latency.time_limit_s under several ranks: the limit
+steers the table's build, it does not stop it, and the other ranks wait at a collective meanwhile."""
+
 
 @dataclass
 class ChannelStage:
@@ -72,6 +76,12 @@ def build_stage(cfg: Config, model: nn.Module, input_shape: tuple[int, ...], dis
 
 
 def _latency_table(cfg: Config, model: nn.Module, example: torch.Tensor, dist: DistInfo, out: RunLayout) -> LatencyTable:
+    """The latency table: built (or reused) on rank 0 while the other ranks wait at the broadcast."""
+    if dist.is_distributed and cfg.distributed.timeout_s < WAIT_FACTOR * cfg.latency.time_limit_s:
+        raise UserError(f"distributed.timeout_s {cfg.distributed.timeout_s} is too short for latency.time_limit_s "
+                        f"{cfg.latency.time_limit_s:g}: the other ranks wait while rank 0 times the layers, which can take "
+                        f"longer than the limit; set distributed.timeout_s to at least {WAIT_FACTOR * cfg.latency.time_limit_s:g} "
+                        f"or lower latency.time_limit_s")
     data = None
     if dist.is_main:
         if cfg.run.resume and out.latency_table.is_file():
