@@ -236,3 +236,19 @@ def test_two_four_runs_show_their_layer_count_in_the_tables():
     table = markdown_table(summarise(results))
     assert "| 2:4 layers | seeds |" in table.splitlines()[0] and "| 8.0 | 2 |" in table.splitlines()[2]
     assert csv_table(summarise(results)).splitlines()[1].endswith(",8")
+
+
+@pytest.mark.parametrize("ask, expected", [
+    (["sweep.targets=[0.5, 0.97]", "prune.min_density=0.05"],
+     "sweep run 'rd' at sweep.targets 0.97: prune.target_sparsity 0.97 is out of reach: with every layer keeping its floor"),
+    (["sweep.variants={dense_floor: {prune.min_density: 0.5}}"], "sweep run 'dense_floor': prune.target_sparsity 0.75 is out of"),
+    (["sweep.variants={chan: {prune.granularity: channel, prune.budget: flops, prune.min_density: 0.6}}"],
+     "sweep run 'chan': prune.target_sparsity 0.75 is out of reach at channel granularity"),
+    (["sweep.variants={two_four: {prune.granularity: semi_structured, prune.budget: weights}}"],
+     "sweep run 'two_four': prune.target_sparsity 0.75 is out of reach at granularity semi_structured"),
+])
+def test_a_run_that_would_be_refused_stops_the_sweep_before_pretraining(capsys, tmp_path, ask, expected):
+    """Each run's model, floors and target are checked with random weights before the shared pretraining."""
+    err = _error(capsys, str(CONFIG), f"run.out_dir={tmp_path / 'sweep'}", *REDUCED, *ask)
+    assert expected in err, err
+    assert not (tmp_path / "sweep").exists()

@@ -16,7 +16,7 @@ from rdprune import distributed
 from rdprune.cli.common import build_run_parser, check_gpu_decoding
 from rdprune.distributed.collectives import check_precision
 from rdprune.pipeline.semi_structured_stage import latency_device
-from rdprune.sweep.plan import load_sweep, plan_hash, run_sweep
+from rdprune.sweep.plan import check_plan, load_sweep, plan_hash, run_sweep
 from rdprune.sweep.tables import write_comparison
 
 PROG = "python -m rdprune.compare"
@@ -57,6 +57,7 @@ def main(argv: list[str]) -> int:
             if planned.cfg.prune.granularity == "semi_structured" and planned.cfg.prune.budget == "latency":
                 latency_device(planned.cfg, dist)
         distributed.check_same_config(plan_hash(plan))
+        check_plan(plan, dist)
         results = run_sweep(plan, dist, on_progress=lambda r: write_comparison(plan.out, r, plan.seeds, title))
         if dist.is_main:
             table = write_comparison(plan.out, results, plan.seeds, title)

@@ -8,6 +8,7 @@ same command continues after the last recorded iteration and reuses cached curve
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -167,10 +168,39 @@ def same_run(stored: dict, cfg: Config) -> bool:
     return True
 
 
-def _build(cfg: Config, dist: DistInfo, out: RunLayout) -> Context:
-    torch.manual_seed(cfg.run.seed)
-    data = build_data(cfg.data.name, cfg.data.root, seed=cfg.run.seed,
+def check_run(cfg: Config, dist: DistInfo, data: DataBundle | None = None) -> DataBundle | None:
+    """Refuse now what ``run(cfg)`` would refuse about its model, data and pruning (an unreachable
+    target, no prunable or 2:4 layer, too few images to recalibrate), without weights, timing or
+    writing anything: a sweep checks every run so before its shared pretraining.
+
+    The model is built with random weights (the checkpoint may not exist yet). A latency budget is
+    left to the run: its reach is known only once the layers are timed. Returns the data it built,
+    for the next call with the same data to reuse (``data``).
+    """
+    if cfg.prune.budget == "latency":
+        return data
+    data = data if data is not None else _data(cfg)
+    probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=None, weights=None))
+    quiet = logging.getLogger("rdprune")
+    level = quiet.level
+    quiet.setLevel(max(level, logging.WARNING))  # the run itself logs what it finds
+    try:
+        with torch.random.fork_rng(devices=[]):
+            _build(probe, dist, RunLayout(cfg.out_path), data)
+    finally:
+        quiet.setLevel(level)
+    return data
+
+
+def _data(cfg: Config) -> DataBundle:
+    """The run's datasets, shaped by its model's preprocessing."""
+    return build_data(cfg.data.name, cfg.data.root, seed=cfg.run.seed,
                       preprocessing=model_preprocessing(cfg.model.name, cfg.model.kwargs, weights=cfg.model.weights))
+
+
+def _build(cfg: Config, dist: DistInfo, out: RunLayout, data: DataBundle | None = None) -> Context:
+    torch.manual_seed(cfg.run.seed)
+    data = data if data is not None else _data(cfg)
     model = _dense_model(cfg, data).to(dist.device)
     infos = describe_layers(model, data.input_shape, skip=cfg.prune.skip)
     everything = prunable_layers(model)

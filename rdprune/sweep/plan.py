@@ -25,7 +25,7 @@ from rdprune.config import Config, config_from_dict, config_hash, config_to_dict
 from rdprune.config.schema import METHODS
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
-from rdprune.pipeline.loop import run, same_run
+from rdprune.pipeline.loop import check_run, run, same_run
 from rdprune.pipeline.run_dir import RunLayout, read_results
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,27 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepPlan:
     # Seeds outermost: an unfinished sweep still holds every method at the first seeds.
     runs.sort(key=lambda r: spec.seeds.index(r.seed))
     return SweepPlan(out=out, base=base, pretrain=pretrain, runs=runs)
+
+
+def check_plan(plan: SweepPlan, dist: DistInfo) -> None:
+    """Every run's model, data and pruning checked as its run will check them (``check_run``), before the
+    shared pretraining: a variant or target out of reach fails now, not hours in. Runs that differ only
+    in seed, fine-tuning or the method are checked once; runs on the same data share one load of it."""
+    checked: set[str] = set()
+    data: dict[str, Any] = {}
+    for planned in plan.runs:
+        resolved = config_to_dict(planned.cfg)
+        resolved["prune"].pop("method")
+        key = json.dumps({s: resolved[s] for s in ("model", "data", "calibration", "prune", "latency")}, sort_keys=True, default=str)
+        if key in checked:
+            continue
+        checked.add(key)
+        source = json.dumps([resolved["data"], resolved["model"]["name"], resolved["model"]["kwargs"]], sort_keys=True, default=str)
+        try:
+            data[source] = check_run(planned.cfg, dist, data.get(source))
+        except UserError as exc:
+            at = f" at sweep.targets {planned.target:g}" if planned.target is not None else ""
+            raise UserError(f"sweep run {planned.entry!r}{at}: {exc}") from None
 
 
 def plan_hash(plan: SweepPlan) -> str:
