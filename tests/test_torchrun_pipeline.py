@@ -128,6 +128,26 @@ def test_channel_plan_equal_at_1_and_2_ranks(tmp_path, checkpoint):
     assert (two / "final" / "smaller" / "model.onnx").is_file() and (two / "final" / "smaller" / "model.pt2").is_file()
 
 
+@pytest.mark.slow  # DeepSpeed starts slowly: ~70 s on a loaded 2-core machine
+@pytest.mark.distributed
+def test_channel_granularity_fine_tunes_under_deepspeed(tmp_path, checkpoint):
+    """Removed channels stay zero through DeepSpeed ZeRO-2 fine-tuning, and the smaller model is exported."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    _ok(_run(torchrun_command(2, *_pipeline(out, "prune.granularity=channel", "prune.budget=flops", "prune.target_sparsity=0.5",
+                                            "finetune.steps=3", "prune.levels=6", "calibration.size=64", "calibration.batch_size=32",
+                                            f"model.checkpoint={checkpoint}", "distributed.engine=deepspeed",
+                                            "distributed.zero_stage=2")), timeout=500))
+    assert sum(_allocation(out, 1)["removal"].values()) > 0
+    masks, final = _masks(out / "final" / "masks.pt"), torch.load(out / "final" / "model.pt", weights_only=True)
+    pretrained = torch.load(checkpoint, weights_only=True)["model"]
+    for name, mask in masks.items():
+        weight = final[f"{name}.weight"]
+        assert (weight[mask.expand_as(weight) == 0] == 0).all(), name
+        assert not torch.equal(weight, pretrained[f"{name}.weight"] * mask), name  # fine-tuning moved the kept weights
+    assert (out / "final" / "smaller" / "model.onnx").is_file() and (out / "final" / "smaller" / "model.pt2").is_file()
+
+
 @pytest.mark.slow  # two pipeline runs on 2 ranks, ~25 s each
 @pytest.mark.distributed
 def test_two_runs_at_equal_world_size_agree_at_every_iteration(tmp_path, checkpoint, reference):
