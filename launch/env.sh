@@ -6,13 +6,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.rdprune-installed-$(sha256sum pyproject.toml | cut -c1-16)-${EXTRAS//,/_}"
 if [ ! -f "$stamp" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+    # No pip cache: the CUDA libraries torch and DALI pull in are several GB, and a cached copy of
+    # each would double what the install needs on disk (the stamp above avoids reinstalling anyway).
+    .venv/bin/python -m pip install -q --no-cache-dir --upgrade pip setuptools wheel
     # DeepSpeed is an sdist that compiles against the installed torch: build it without isolation
     # (an isolated build would fetch another torch) and without its CUDA ops (DS_BUILD_OPS=0).
     others=$(echo ",$EXTRAS," | sed 's/,deepspeed,/,/g; s/^,//; s/,$//')
-    .venv/bin/python -m pip install -q -e ".${others:+[$others]}"
+    .venv/bin/python -m pip install -q --no-cache-dir -e ".${others:+[$others]}"
     if [ "$others" != "$EXTRAS" ]; then
-        DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed>=0.14"
+        DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-cache-dir --no-build-isolation "deepspeed>=0.14"
     fi
     touch "$stamp"
 fi
