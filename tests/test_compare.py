@@ -252,3 +252,27 @@ def test_a_run_that_would_be_refused_stops_the_sweep_before_pretraining(capsys, 
     err = _error(capsys, str(CONFIG), f"run.out_dir={tmp_path / 'sweep'}", *REDUCED, *ask)
     assert expected in err, err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_latency_runs_are_checked_before_pretraining_without_timing(tmp_path):
+    from rdprune.distributed import DistInfo
+    from rdprune.errors import UserError
+    from rdprune.sweep.plan import check_plan
+
+    latency = [f"run.out_dir={tmp_path / 'sweep'}", *REDUCED, "latency.time_limit_s=10",
+               "sweep.variants={lat: {prune.granularity: channel, prune.budget: latency, prune.min_density: 0.9}}"]
+    plan = load_sweep(CONFIG, latency)
+    check_plan(plan, DistInfo())  # its reach needs the timing: left to the run, and nothing timed or written here
+    assert not (tmp_path / "sweep").exists()
+    with pytest.raises(UserError) as excinfo:  # two ranks would wait at a collective while rank 0 times the layers
+        check_plan(load_sweep(CONFIG, [*latency, "distributed.timeout_s=15"]), DistInfo(world_size=2))
+    assert str(excinfo.value).startswith("sweep run 'lat': distributed.timeout_s 15 is too short for latency.time_limit_s 10")
+    too_many = ["sweep.variants={lat: {prune.granularity: channel, prune.budget: latency, calibration.bn_images: 100000}}",
+                "model.name=dist_scripts.user_models:batchnorm_cnn"]
+    with pytest.raises(UserError, match="sweep run 'lat': calibration.bn_images is 100000, but the training set has"):
+        check_plan(load_sweep(CONFIG, [*latency, *too_many]), DistInfo())
+
+
+def test_sweep_variants_cannot_change_the_process_group(capsys):
+    err = _error(capsys, str(CONFIG), *REDUCED, "sweep.variants={x: {distributed.timeout_s: 30}}")
+    assert "distributed.timeout_s cannot vary within a sweep: the sweep opens its process group once" in err

@@ -279,18 +279,36 @@ def grey_image():
     transformers.ViTImageProcessor(do_rescale=False, image_mean=[127.5] * 3, image_std=[60.0] * 3),
     transformers.EfficientNetImageProcessor(),  # include_top divides by image_std twice
     transformers.EfficientNetImageProcessor(rescale_factor=1 / 127.5, rescale_offset=True, include_top=False),
+    transformers.LevitImageProcessor(),  # the shorter edge to int(256 / 224 * 224), then the 224 crop
 ], ids=["vit", "deit", "convnext-384", "convnext-160", "poolformer", "0-255", "0-255-normalised", "efficientnet",
-        "efficientnet-offset"])
-def test_hf_processor_is_reproduced_by_the_eval_transform(processor, tmp_path):
+        "efficientnet-offset", "levit"])
+def test_hf_processor_is_reproduced_by_the_eval_transform(processor, tmp_path, caplog):
     from rdprune.data.imagenet import eval_transform
     processor.save_pretrained(tmp_path)
-    preprocessing = model_preprocessing(f"hf:{tmp_path}")
+    with caplog.at_level(logging.WARNING, logger="rdprune.models.hf_models"):
+        preprocessing = model_preprocessing(f"hf:{tmp_path}")
+    assert hf_warnings(caplog) == []  # the built-in check agrees
     image = grey_image()
     ours = eval_transform(preprocessing)(image)
     theirs = processor(image, return_tensors="pt")["pixel_values"][0]
     assert ours.shape == theirs.shape
     grey_levels = (ours - theirs).abs() * torch.tensor(preprocessing.std).view(3, 1, 1) * 255  # back to 0..255 pixels
     assert grey_levels.mean() < 0.05 and grey_levels.max() <= 2.01, (grey_levels.mean(), grey_levels.max())
+
+
+@pytest.mark.parametrize("processor, found", [
+    (transformers.ViTImageProcessor(size={"shortest_edge": 224, "longest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                    do_center_crop=True), "a mean difference of"),  # resized to fit 256, then padded
+    (transformers.MobileViTImageProcessor(), "a mean difference of"),  # BGR, and a 256 crop of a 224 image
+    (transformers.PoolFormerImageProcessor(do_center_crop=False), "its processor gives [3, 248, 330], rdprune's pipeline [3, 224, 224]"),
+], ids=["longest-edge", "mobilevit", "no-crop"])
+def test_hf_processor_rdprune_cannot_reproduce_is_named(processor, found, tmp_path, caplog):
+    processor.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="rdprune.models.hf_models"):
+        assert model_preprocessing(f"hf:{tmp_path}") is not None  # the run goes on, with the nearest recipe
+    [warning] = hf_warnings(caplog)
+    assert warning.startswith(f"model 'hf:{tmp_path}': rdprune's image pipeline does not reproduce its {type(processor).__name__} "
+                              f"on a test image (") and found in warning and "will not match the model card" in warning
 
 
 def test_hf_image_size_override_sets_the_preprocessing_size(hf_folder, tmp_path):

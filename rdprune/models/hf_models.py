@@ -32,6 +32,7 @@ _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 INNER = "model."  # where HFImageClassifier keeps the transformers model: the prefix of its state_dict keys
 CONVNEXT_WARP = 384  # ConvNextImageProcessor warps to size x size from this shortest_edge on, ignoring crop_pct
 _SHOWN = 8  # re-initialised weights named in the warning
+_GREY_LEVELS = 1.0  # mean difference from the model's own processor past which the preprocessing is not its own
 
 
 class HFImageClassifier(nn.Module):
@@ -183,9 +184,49 @@ def hf_preprocessing(path: str, kwargs: Mapping[str, Any] | None = None) -> Prep
     except (OSError, ValueError) as exc:
         raise UserError(f"model {spec!r}: cannot read {file} ({one_line(exc)})") from exc
     preprocessing = _processor_preprocessing(spec, processor)
+    _check_reproduced(spec, os.path.dirname(file), preprocessing)
     if image_size is not None:
         preprocessing = dataclasses.replace(preprocessing, size=_image_size(spec, image_size))
     return preprocessing
+
+
+def _check_reproduced(spec: str, folder: str, preprocessing: Preprocessing) -> None:
+    """WARN when rdprune's image pipeline does not reproduce the model's own processor on test images.
+
+    Processors may resize, pad or reorder channels in ways a ``Preprocessing`` cannot say (LeViT-
+    or PoolFormer-like rules are modelled, ``longest_edge`` padding or BGR order are not): the
+    processor itself is run on a landscape and a portrait image and compared with the eval
+    transform, so an evaluation that would not match the model card is named, not silent.
+    """
+    from rdprune.data.imagenet import eval_transform
+    transformers = require_extra("transformers", spec, "hf")
+    try:
+        with hub_offline():
+            processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        images = [_test_image(width, height) for width, height in ((320, 240), (200, 300))]
+        theirs = [processor(image, return_tensors="pt")["pixel_values"][0] for image in images]
+    except Exception as exc:  # any failure of a third-party processor only skips this check
+        log.debug("%s: its image processor could not be run to check rdprune's preprocessing (%s)", spec, one_line(exc))
+        return
+    ours = [eval_transform(preprocessing)(image) for image in images]
+    scale = torch.tensor(preprocessing.std).view(3, 1, 1) * 255  # normalised units -> grey levels
+    for mine, reference in zip(ours, theirs):
+        if mine.shape != reference.shape:
+            found = f"its processor gives {list(reference.shape)}, rdprune's pipeline {list(mine.shape)}"
+        elif ((mine - reference).abs() * scale).mean() > _GREY_LEVELS:
+            found = f"a mean difference of {float(((mine - reference).abs() * scale).mean()):.1f} grey levels"
+        else:
+            continue
+        log.warning("model %r: rdprune's image pipeline does not reproduce its %s on a test image (%s): evaluation of its "
+                    "saved weights will not match the model card", spec, type(processor).__name__, found)
+        return
+
+
+def _test_image(width: int, height: int) -> Any:
+    """A deterministic, smooth RGB test image: random colours upsampled bicubically."""
+    from PIL import Image
+    colours = torch.rand(height // 8, width // 8, 3, generator=torch.Generator().manual_seed(0)) * 255
+    return Image.fromarray(colours.to(torch.uint8).numpy()).resize((width, height), Image.BICUBIC)
 
 
 def _image_size(spec: str, value: Any) -> int:
@@ -264,8 +305,10 @@ def _processor_preprocessing(spec: str, processor: Mapping[str, Any]) -> Preproc
     try:
         final, mode, crop_pct = _geometry(spec, processor)
         mean, std = _pixel_statistics(processor)
-        return Preprocessing(size=int(final), interpolation=_PIL_RESAMPLE.get(resample, "bicubic"), crop_pct=float(crop_pct),
-                             crop_mode=mode, mean=mean, std=std)
+        # A crop larger than the resized image (MobileViT pads it) is taken from the image resized to the crop:
+        # not the processor's output, which the reproduction check then says.
+        return Preprocessing(size=int(final), interpolation=_PIL_RESAMPLE.get(resample, "bicubic"),
+                             crop_pct=min(float(crop_pct), 1.0), crop_mode=mode, mean=mean, std=std)
     except (TypeError, ValueError, ZeroDivisionError) as exc:
         raise UserError(f"model {spec!r}: its {PROCESSOR_FILE} does not fit rdprune's image pipeline ({one_line(exc)})") from exc
 
@@ -277,15 +320,19 @@ def _geometry(spec: str, processor: Mapping[str, Any]) -> tuple[int, str, float]
         size = {"shortest_edge": size} if "crop_pct" in processor else {"height": size, "width": size}
     shortest = size.get("shortest_edge")
     resized = shortest if shortest is not None else _side(spec, size)
+    kind = str(processor.get("image_processor_type") or processor.get("feature_extractor_type") or "")
+    convnext = kind.startswith("ConvNext") or not kind  # untyped old files with crop_pct are ConvNeXt's
     crop = processor.get("crop_size") if processor.get("do_center_crop", "crop_size" in processor) else None
     if crop is not None:
         final = crop if isinstance(crop, int) else _side(spec, crop)
         if processor.get("crop_pct") is not None:  # PoolFormer: the shorter edge goes to int(size / crop_pct), then the crop
             resized, shortest = int(resized / float(processor["crop_pct"])), resized
+        elif kind.startswith("Levit") and shortest is not None:  # LeViT: the shorter edge goes to int(256 / 224 * size)
+            resized = int((256 / 224) * shortest)
         mode, crop_pct = ("center" if shortest is not None else "squash"), crop_fraction(final, resized)
-    elif shortest is not None and "crop_pct" in processor and shortest >= CONVNEXT_WARP:  # ConvNeXt: a warp, no crop
+    elif convnext and shortest is not None and "crop_pct" in processor and shortest >= CONVNEXT_WARP:  # a warp, no crop
         final, mode, crop_pct = shortest, "squash", 1.0
-    elif shortest is not None and processor.get("crop_pct") is not None:  # ConvNeXt below 384: resize, centre crop
+    elif convnext and shortest is not None and processor.get("crop_pct") is not None:  # ConvNeXt below 384: resize, crop
         final, mode, crop_pct = shortest, "center", float(processor["crop_pct"])
     else:  # a plain resize: to a square, or of the shorter edge (taken here as a full centre crop)
         final, mode, crop_pct = resized, ("center" if shortest is not None else "squash"), 1.0

@@ -75,13 +75,21 @@ def build_stage(cfg: Config, model: nn.Module, input_shape: tuple[int, ...], dis
     return ChannelStage(space, cost, flops, table, latency_example)
 
 
-def _latency_table(cfg: Config, model: nn.Module, example: torch.Tensor, dist: DistInfo, out: RunLayout) -> LatencyTable:
-    """The latency table: built (or reused) on rank 0 while the other ranks wait at the broadcast."""
-    if dist.is_distributed and cfg.distributed.timeout_s < WAIT_FACTOR * cfg.latency.time_limit_s:
+def check_latency_wait(cfg: Config, dist: DistInfo) -> None:
+    """Refuse a collective timeout the latency table's build could outlast: the other ranks wait at a
+    broadcast while rank 0 times the layers (checked on every rank alike, also when a resumed run
+    would reuse its table, as only rank 0 can see that)."""
+    if (cfg.prune.granularity == "channel" and cfg.prune.budget == "latency" and dist.is_distributed
+            and cfg.distributed.timeout_s < WAIT_FACTOR * cfg.latency.time_limit_s):
         raise UserError(f"distributed.timeout_s {cfg.distributed.timeout_s} is too short for latency.time_limit_s "
                         f"{cfg.latency.time_limit_s:g}: the other ranks wait while rank 0 times the layers, which can take "
                         f"longer than the limit; set distributed.timeout_s to at least {WAIT_FACTOR * cfg.latency.time_limit_s:g} "
                         f"or lower latency.time_limit_s")
+
+
+def _latency_table(cfg: Config, model: nn.Module, example: torch.Tensor, dist: DistInfo, out: RunLayout) -> LatencyTable:
+    """The latency table: built (or reused) on rank 0 while the other ranks wait at the broadcast."""
+    check_latency_wait(cfg, dist)
     data = None
     if dist.is_main:
         if cfg.run.resume and out.latency_table.is_file():

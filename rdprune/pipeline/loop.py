@@ -168,24 +168,29 @@ def same_run(stored: dict, cfg: Config) -> bool:
     return True
 
 
-def check_run(cfg: Config, dist: DistInfo, data: DataBundle | None = None) -> DataBundle | None:
+def check_run(cfg: Config, dist: DistInfo, data: DataBundle | None = None) -> DataBundle:
     """Refuse now what ``run(cfg)`` would refuse about its model, data and pruning (an unreachable
-    target, no prunable or 2:4 layer, too few images to recalibrate), without weights, timing or
-    writing anything: a sweep checks every run so before its shared pretraining.
+    target, no prunable or 2:4 layer, too few images to recalibrate, a collective timeout shorter
+    than the latency table's build), without weights, timing or writing anything: a sweep checks
+    every run so before its shared pretraining.
 
-    The model is built with random weights (the checkpoint may not exist yet). A latency budget is
-    left to the run: its reach is known only once the layers are timed. Returns the data it built,
-    for the next call with the same data to reuse (``data``).
+    The model is built with random weights (the checkpoint may not exist yet). Under a latency
+    budget the rest is checked under a weights budget with no target: the latency a target needs
+    is known only once the layers are timed. Returns the data it built, for the next call with the
+    same data to reuse (``data``).
     """
-    if cfg.prune.budget == "latency":
-        return data
+    channel_stage.check_latency_wait(cfg, dist)
     data = data if data is not None else _data(cfg)
-    probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=None, weights=None))
+    prune = cfg.prune
+    if prune.budget == "latency":
+        prune = dataclasses.replace(prune, budget="weights", target_sparsity=0.0)
+    probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=None, weights=None), prune=prune)
     quiet = logging.getLogger("rdprune")
     level = quiet.level
     quiet.setLevel(max(level, logging.WARNING))  # the run itself logs what it finds
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=devices):  # _build seeds torch: leave the caller's generators as they were
             _build(probe, dist, RunLayout(cfg.out_path), data)
     finally:
         quiet.setLevel(level)

@@ -41,6 +41,9 @@ _FIXED = {
     "run.resume": "it applies to the whole sweep",
     "data.name": "every run must be scored on the same data",
     "data.root": "every run must be scored on the same data",
+    "distributed.engine": "the sweep opens its process group once, for the base config's engine",
+    "distributed.force_process_group": "the sweep opens its process group once, as the base config says",
+    "distributed.timeout_s": "the sweep opens its process group once, with the base config's timeout",
 }
 _FIXED_SECTIONS = {
     "model": "every run starts from the same pretrained checkpoint",
@@ -243,21 +246,22 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepPlan:
 
 
 def check_plan(plan: SweepPlan, dist: DistInfo) -> None:
-    """Every run's model, data and pruning checked as its run will check them (``check_run``), before the
-    shared pretraining: a variant or target out of reach fails now, not hours in. Runs that differ only
-    in seed, fine-tuning or the method are checked once; runs on the same data share one load of it."""
+    """Every unfinished run's model, data and pruning checked as its run will check them (``check_run``),
+    before the shared pretraining: a variant or target out of reach fails now, not hours in. Runs that
+    differ only in seed, fine-tuning or the method are checked once, and the data is loaded once."""
+    finished = [finished_rows(r.cfg) is not None for r in plan.runs] if dist.is_main and plan.base.run.resume else None
+    finished = distributed.broadcast_object(finished) or [False] * len(plan.runs)
     checked: set[str] = set()
-    data: dict[str, Any] = {}
-    for planned in plan.runs:
+    data = None
+    for planned, done in zip(plan.runs, finished):
         resolved = config_to_dict(planned.cfg)
         resolved["prune"].pop("method")
         key = json.dumps({s: resolved[s] for s in ("model", "data", "calibration", "prune", "latency")}, sort_keys=True, default=str)
-        if key in checked:
+        if done or key in checked:
             continue
         checked.add(key)
-        source = json.dumps([resolved["data"], resolved["model"]["name"], resolved["model"]["kwargs"]], sort_keys=True, default=str)
         try:
-            data[source] = check_run(planned.cfg, dist, data.get(source))
+            data = check_run(planned.cfg, dist, data)  # model and data.name/root are fixed within a sweep: one load serves all
         except UserError as exc:
             at = f" at sweep.targets {planned.target:g}" if planned.target is not None else ""
             raise UserError(f"sweep run {planned.entry!r}{at}: {exc}") from None
