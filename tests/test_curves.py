@@ -211,13 +211,18 @@ def test_untraceable_model_falls_back_with_a_warning_and_matches(caplog):
     _assert_close(fast, plain_curves(model, x, 6, batch_size=3))
 
 
-@pytest.mark.parametrize("cls,message", [(InPlaceReadLater, "cannot be traced"), (InPlaceSuffix, "layer b"), (InPlacePrefix, "layer b")])
-def test_in_place_updates_fall_back_to_the_plain_loop(cls, message, caplog):
+@pytest.mark.parametrize("cls,messages", [
+    # not traceable as it is; replaying a's output fails too, as b's sum lands in it: b and c take the plain loop
+    (InPlaceReadLater, ["cannot be traced", "layer b: the output of a is changed in place", "layer c: the output of a is changed"]),
+    (InPlaceSuffix, ["layer b"]),
+    (InPlacePrefix, ["layer b"]),
+])
+def test_in_place_updates_fall_back_to_the_plain_loop(cls, messages, caplog):
     model = _model(cls)
     x = synthetic_inputs(7, (6,))
     with caplog.at_level(logging.WARNING, logger="rdprune.core.curves"):
         fast = estimate_curves(model, x, 5, batch_size=3, worst_case=True, progress=False)
-    assert [message in r.getMessage() for r in caplog.records] == [True]
+    assert len(caplog.records) == len(messages) and all(m in r.getMessage() for m, r in zip(messages, caplog.records)), caplog.text
     _assert_close(fast, plain_curves(model, x, 5, batch_size=3, worst_case=True))
 
 

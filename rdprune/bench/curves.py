@@ -24,7 +24,8 @@ agree, and reports peak memory; on CUDA ``torch.cuda.max_memory_allocated``, and
 layer's curve on one batch against the whole calibration set (:func:`memory_by_set_size`: memory
 must follow the batch size, not the set). ``--model small`` is the same run on CIFAR ResNet-20
 with a few images: a smoke test of seconds on a CPU; ``--model deit_small`` runs timm's DeiT-S at
-ImageNet scale, ``--model vit_small`` a 4-block DeiT-S-wide ViT at 32x32 (the transformer smoke test).
+ImageNet scale, ``--model vit_small`` a 4-block DeiT-S-wide ViT at 32x32 (the transformer smoke test),
+``--model hf_vit_small`` the same ViT from transformers, which fx cannot trace (module replay).
 There, ``--profile`` first records the fast
 estimator on the sampled layers (one calibration batch) with ``torch.profiler``
 (:func:`profiler_run`): the operators that take the device's time, and how busy the device was
@@ -375,10 +376,22 @@ SCALE_MODELS = {
     "deit_small": ScaleModel("timm DeiT-S, random weights", "timm:deit_small_patch16_224", 1000, 224, 256, 64, 101),
     "vit_small": ScaleModel("timm ViT, 4 blocks of DeiT-S width on 32x32, random weights (transformer smoke test)",
                             "timm:deit_small_patch16_224", 10, 32, 16, 8, 6, (("img_size", 32), ("patch_size", 8), ("depth", 4))),
+    "hf_vit_small": ScaleModel("Hugging Face ViT, the vit_small shape, random weights (fx cannot trace it: module replay)",
+                               "rdprune.bench.curves:hf_vit_small", 10, 32, 16, 8, 6),
 }
 MODELS = ("resnet32_cifar", *SCALE_MODELS)
 MEMORY_SLACK = 1.1
 """The whole set's peak may exceed one batch's by this factor (allocator rounding, the set's outputs)."""
+
+
+def hf_vit_small(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A transformers ViT of ``vit_small``'s shape (4 blocks of DeiT-S width, 8x8 patches of 32x32), random weights."""
+    import transformers
+
+    from rdprune.models.hf_models import HFImageClassifier
+    config = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=in_channels, hidden_size=384, num_hidden_layers=4,
+                                    num_attention_heads=6, intermediate_size=1536, num_labels=num_classes)
+    return HFImageClassifier(transformers.ViTForImageClassification(config))
 
 
 def scale_model(spec: ScaleModel, seed: int, device: torch.device) -> nn.Module:
@@ -553,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="resnet32_cifar: interleaved comparison on CIFAR ResNet-32 (default on CPU); resnet50: "
                              "ImageNet scale, one full curve set and a sampled plain loop (default on CUDA); small: "
                              "the resnet50 run on CIFAR ResNet-20, seconds on a CPU; deit_small: the resnet50 run on timm's "
-                             "DeiT-S (timm extra); vit_small: the same on a 4-block DeiT-S-wide ViT at 32x32, a CPU smoke test")
+                             "DeiT-S (timm extra); vit_small: the same on a 4-block DeiT-S-wide ViT at 32x32, a CPU smoke test; "
+                             "hf_vit_small: that ViT from transformers (hf extra), which fx cannot trace")
     parser.add_argument("--levels", type=int, default=None, help="levels of the absolute grid (default 11; resnet50 101)")
     parser.add_argument("--samples", type=int, default=None,
                         help="calibration inputs (default 64, one batch; resnet50 256)")

@@ -15,9 +15,9 @@ inputs form one batch this costs one renormalisation per BatchNorm layer per suf
 (:func:`rdprune.core.batchnorm.batch_statistics`); otherwise the plain definition runs, with a warning.
 
 :func:`estimate_curves` gives the same values as the plain definition (:func:`plain_curves`) but
-re-runs only the part of the network downstream of the pruned layer (see
-:mod:`rdprune.core.suffix`), skips levels that prune nothing new, and keeps at most one
-calibration batch of intermediate values alive at a time.
+re-runs only the part of the network downstream of the pruned layer (see :mod:`rdprune.core.suffix`;
+for models fx cannot trace, :mod:`rdprune.core.replay`), skips levels that prune nothing new, and
+keeps at most one calibration batch of intermediate values alive at a time.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from rdprune.core.floor import check_min_density, max_amount
 from rdprune.core.grid import Curve, Grid, level_amounts
 from rdprune.core.layers import evaluation, prunable_layers
 from rdprune.core.masks import magnitude_mask, magnitude_order, pruned_count
+from rdprune.core.replay import ModuleReplay
 from rdprune.core.suffix import ForwardWalker, SuffixPlan, TracedNetwork, UnsafeSuffix
 
 logger = logging.getLogger(__name__)
@@ -185,6 +186,43 @@ class _PlainRunner:
         return self.model(state)
 
 
+class _ReplayRunner:
+    """Runs the whole model for every level, but with the modules that finish before the pruned unit's
+    first layer answering from a record of the unpruned pass (:mod:`rdprune.core.replay`): the
+    fallback for models fx cannot trace. A unit's first replay is checked against its record."""
+
+    def __init__(self, replay: ModuleReplay):
+        self.replay = replay
+        self.model = replay.model
+        self._names: dict[tuple[nn.Module, ...], list[str]] = {}
+        self._checked: set[tuple[nn.Module, ...]] = set()
+
+    def affects_output(self, modules: tuple[nn.Module, ...]) -> bool:
+        return True
+
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def prepare(self, modules: tuple[nn.Module, ...], session: torch.Tensor) -> tuple[torch.Tensor, dict[str, object]]:
+        if modules not in self._names:
+            self._names[modules] = self.replay.replayable(modules)
+        names = self._names[modules]
+        if not names:
+            return session, {}
+        outputs, unpruned = self.replay.record(session, names)
+        if modules not in self._checked:
+            again = self.replay.run(session, outputs)
+            if not (isinstance(again, torch.Tensor) and again.shape == unpruned.shape
+                    and torch.allclose(again, unpruned, rtol=1e-5, atol=1e-6 * float(unpruned.abs().max()))):
+                raise UnsafeSuffix("replaying the modules that run before it does not reproduce the model's output")
+            self._checked.add(modules)
+        return session, outputs
+
+    def run(self, modules: tuple[nn.Module, ...], state: tuple[torch.Tensor, dict[str, object]]) -> object:
+        x, outputs = state
+        return self.replay.run(x, outputs) if outputs else self.model(x)
+
+
 class _SuffixRunner:
     """Runs only the suffix of the pruned unit's layers, from boundary values of the unpruned forward pass.
 
@@ -260,7 +298,7 @@ class _LayerUnit:
 
 def _make_runner(
     model: nn.Module, leaves: Iterable[nn.Module], first_batch: torch.Tensor, first_reference: torch.Tensor
-) -> _PlainRunner | _SuffixRunner:
+) -> _PlainRunner | _ReplayRunner | _SuffixRunner:
     """Trace the model and check the trace reproduces it; otherwise fall back to the plain loop."""
     try:
         network = TracedNetwork(model, leaves)
@@ -272,9 +310,15 @@ def _make_runner(
             raise RuntimeError("the traced graph does not reproduce the model's output")
     except Exception as exc:  # any tracing failure only costs speed, never correctness
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        logger.warning("model %s cannot be traced by torch.fx (%s); estimating curves with the plain loop",
-                       type(model).__name__, reason[:200])
-        return _PlainRunner(model)
+        try:
+            replay = ModuleReplay(model, first_batch)
+        except Exception as replay_exc:  # a forward pass hooks disturb: the plain loop, still exact
+            logger.warning("model %s cannot be traced by torch.fx (%s) nor its module calls recorded (%s); estimating "
+                           "curves with the plain loop", type(model).__name__, reason[:200], str(replay_exc)[:200])
+            return _PlainRunner(model)
+        logger.warning("model %s cannot be traced by torch.fx (%s); estimating curves by replaying, for each layer, the "
+                       "outputs of the modules that run before it", type(model).__name__, reason[:200])
+        return _ReplayRunner(replay)
     return _SuffixRunner(network)
 
 
@@ -289,7 +333,7 @@ then finishes in turn anyway), all layers form one group.
 
 
 def _level_values(
-    runner: _PlainRunner | _SuffixRunner,
+    runner: _PlainRunner | _ReplayRunner | _SuffixRunner,
     session: object,
     unit: PruningUnit,
     counts: list[int],
@@ -322,7 +366,7 @@ def _level_values(
 
 @torch.no_grad()
 def _group_distortions(
-    runner: _PlainRunner | _SuffixRunner,
+    runner: _PlainRunner | _ReplayRunner | _SuffixRunner,
     todo: Sequence[tuple[PruningUnit, list[int]]],
     batches: list[torch.Tensor],
     references: list[torch.Tensor],

@@ -1,0 +1,151 @@
+"""Skip the part of an untraceable network that runs before a pruned layer, by replaying module outputs.
+
+When ``torch.fx`` cannot trace a model (Hugging Face transformers branch on tensor shapes and
+dtypes), the suffix of a layer cannot be cut out of a graph. Eager execution still orders the
+work: a module whose call *ended* before the pruned layer was first called cannot depend on that
+layer's output. So for each layer, the forward pass runs once unpruned with those modules'
+outputs recorded, and then every pruning level re-runs the model with the largest such modules
+answering from the record instead of computing (their inputs are ignored), while everything
+after them runs for real.
+
+What would make a replay wrong is refused, falling back to the whole model for that layer
+(:class:`UnsafeSuffix`): a module called more than once, one sharing a parameter with the pruned
+layer (tied weights), a call order that changes between the record and the replay, a recorded
+tensor changed in place downstream, or a replay that does not reproduce the unpruned output.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rdprune.core.suffix import UnsafeSuffix, tensor_version
+
+
+@dataclass(frozen=True)
+class _Call:
+    start: int  # position of the call's entry in the forward pass's sequence of module entries and exits
+    end: int
+
+
+class ModuleReplay:
+    """The call structure of ``model``'s forward pass, and the modules each pruned layer may replay."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor):
+        self.model = model
+        self._names = {id(m): n for n, m in model.named_modules()}
+        self._calls = self._trace_calls(example)
+
+    def _trace_calls(self, x: torch.Tensor) -> dict[str, list[_Call]]:
+        """Every module's calls (entry and exit positions) in one forward pass of ``x``."""
+        events: list[tuple[str, str]] = []
+        with self._hooks(lambda name: events.append(("in", name)), lambda name, _: events.append(("out", name))):
+            self.model(x)
+        calls: dict[str, list[_Call]] = {}
+        open_calls: dict[str, list[int]] = {}
+        for position, (kind, name) in enumerate(events):
+            if kind == "in":
+                open_calls.setdefault(name, []).append(position)
+            else:
+                calls.setdefault(name, []).append(_Call(open_calls[name].pop(), position))
+        return calls
+
+    @contextmanager
+    def _hooks(self, entered, exited, names: set[str] | None = None) -> Iterator[None]:
+        """Call ``entered(name)`` and ``exited(name, output)`` around every call of the modules ``names`` (None: all)."""
+        handles = []
+        for name, module in self.model.named_modules():
+            if names is not None and name not in names:
+                continue
+            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: entered(name)))
+            handles.append(module.register_forward_hook(lambda m, a, out, name=name: exited(name, out)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def replayable(self, modules: tuple[nn.Module, ...]) -> list[str]:
+        """The largest modules whose single call ends before any of ``modules`` is first called and
+        that hold none of their parameters: what a pass with ``modules`` pruned may replay."""
+        targets = [self._names[id(m)] for m in modules]
+        if any(t not in self._calls for t in targets):
+            return []  # a layer the forward pass never calls: nothing to save
+        first = min(call.start for t in targets for call in self._calls[t])
+        shared = {id(p) for m in modules for p in m.parameters()}
+        chosen: list[str] = []
+        for name, module in self.model.named_modules():
+            calls = self._calls.get(name, [])
+            if not name or len(calls) != 1 or calls[0].end >= first:
+                continue
+            if any(name == c or name.startswith(c + ".") for c in chosen):
+                continue  # inside a module already chosen
+            if any(id(p) in shared for p in module.parameters()):
+                continue
+            chosen.append(name)
+        return chosen
+
+    def record(self, x: torch.Tensor, names: list[str]) -> tuple[dict[str, object], object]:
+        """The outputs of modules ``names`` in the unpruned forward pass of ``x``, and the model's output.
+
+        Raises UnsafeSuffix when a recorded tensor is changed in place later in the pass: the record
+        would not hold what the module returned.
+        """
+        wanted, outputs, versions = set(names), {}, {}
+
+        def keep(name: str, out: object) -> None:
+            if name in wanted:
+                outputs[name] = out
+                versions[name] = _versions(out)
+
+        with self._hooks(lambda name: None, keep, wanted):
+            result = self.model(x)
+        _check_unchanged(outputs, versions)
+        return outputs, result
+
+    def run(self, x: torch.Tensor, outputs: dict[str, object]) -> object:
+        """The model's output on ``x`` with the modules in ``outputs`` answering from the record.
+
+        Raises UnsafeSuffix when a recorded tensor was changed in place: its next replay would be wrong.
+        """
+        modules = dict(self.model.named_modules())
+        versions = {name: _versions(out) for name, out in outputs.items()}
+        for name, out in outputs.items():
+            modules[name].forward = _answer(out)
+        try:
+            result = self.model(x)
+        finally:
+            for name in outputs:
+                del modules[name].forward
+        _check_unchanged(outputs, versions)
+        return result
+
+
+def _versions(value: object) -> list[int]:
+    return [tensor_version(t) for t in _tensors(value)]
+
+
+def _check_unchanged(outputs: dict[str, object], versions: dict[str, list[int]]) -> None:
+    for name, out in outputs.items():
+        if _versions(out) != versions[name]:
+            raise UnsafeSuffix(f"the output of {name} is changed in place after it is computed")
+
+
+def _answer(out: object):
+    def forward(*args: object, **kwargs: object) -> object:
+        return out
+    return forward
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    """The tensors of a module output, inside tuples, lists, dicts and ``ModelOutput``-like mappings."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []

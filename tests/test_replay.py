@@ -1,0 +1,102 @@
+"""Curves of models fx cannot trace: the modules that run before a layer answer from a record of the
+unpruned pass, and every case where that would be wrong falls back, with the same curves as the plain loop."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rdprune.core.curves import estimate_curves, plain_curves
+from rdprune.core.replay import ModuleReplay
+
+
+class Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(self.act(self.conv1(x)))
+
+
+class Branchy(nn.Module):
+    """A small residual CNN whose forward branches on a traced shape, as transformers' models do."""
+
+    def __init__(self, shared_block: bool = False, tied: bool = False, in_place: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([Block(8) for _ in range(3)])
+        if shared_block:
+            self.blocks[2] = self.blocks[0]  # one module called twice
+        self.early = nn.Linear(8, 8)
+        self.late = nn.Linear(8, 8)
+        if tied:
+            self.late.weight = self.early.weight  # a later layer shares the earlier one's weight
+        self.head = nn.Linear(8, 10)
+        self.in_place = in_place
+
+    def forward(self, x):
+        h = self.stem(x)
+        if h.shape[1] != 8:  # fx cannot trace this
+            raise ValueError("unexpected width")
+        for block in self.blocks:
+            h = block(h)
+            if self.in_place:
+                h.mul_(0.5)  # changes the block's own output tensor after it returned
+        v = self.early(h.mean((2, 3)))
+        return self.head(torch.relu(self.late(v)))
+
+
+def _curves_equal_the_plain_loop(model, caplog):
+    torch.manual_seed(1)
+    x = torch.randn(12, 3, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="rdprune.core.curves"):
+        fast = estimate_curves(model, x, levels=5, batch_size=6, progress=False)
+    plain = plain_curves(model, x, levels=5, batch_size=6)
+    assert list(fast) == list(plain)
+    for name, curve in plain.items():
+        assert np.array_equal(fast[name].distortion, curve.distortion), name
+    return caplog.text
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return Branchy().eval()
+
+
+def test_a_layer_replays_the_largest_modules_that_finish_before_it(model):
+    replay = ModuleReplay(model, torch.randn(2, 3, 8, 8))
+    assert replay.replayable((model.stem,)) == []
+    assert replay.replayable((model.blocks[1].conv2,)) == ["stem", "blocks.0", "blocks.1.conv1", "blocks.1.act"]
+    assert replay.replayable((model.head,)) == ["stem", "blocks.0", "blocks.1", "blocks.2", "early", "late"]  # a ModuleList is never called
+    assert replay.replayable((model.blocks[2].conv1, model.early)) == ["stem", "blocks.0", "blocks.1"]
+
+
+def test_untraceable_model_curves_equal_the_plain_loop(model, caplog):
+    log = _curves_equal_the_plain_loop(model, caplog)
+    assert "cannot be traced by torch.fx" in log and "by replaying, for each layer, the outputs of the modules" in log
+    assert "plain loop" not in log
+
+
+def test_a_module_called_twice_or_sharing_the_weight_is_not_replayed(caplog):
+    torch.manual_seed(0)
+    shared = Branchy(shared_block=True).eval()
+    replay = ModuleReplay(shared, torch.randn(2, 3, 8, 8))
+    assert "blocks.0" not in replay.replayable((shared.blocks[1].conv2,))  # called again after it
+    assert replay.replayable((shared.head,)) == ["stem", "blocks.1", "early", "late"]
+    _curves_equal_the_plain_loop(shared, caplog)
+
+    tied = Branchy(tied=True).eval()
+    replay = ModuleReplay(tied, torch.randn(2, 3, 8, 8))
+    assert "early" not in replay.replayable((tied.late,))  # its output depends on the pruned weight too
+    _curves_equal_the_plain_loop(tied, caplog)
+
+
+def test_an_output_changed_in_place_downstream_falls_back_to_the_plain_loop(caplog):
+    torch.manual_seed(0)
+    log = _curves_equal_the_plain_loop(Branchy(in_place=True).eval(), caplog)
+    assert "is changed in place after it is computed; using the plain loop for it" in log
