@@ -100,3 +100,15 @@ def test_an_output_changed_in_place_downstream_falls_back_to_the_plain_loop(capl
     torch.manual_seed(0)
     log = _curves_equal_the_plain_loop(Branchy(in_place=True).eval(), caplog)
     assert "is changed in place after it is computed; using the plain loop for it" in log
+
+
+def test_an_instance_level_forward_set_by_another_library_is_put_back(model, caplog):
+    original = model.blocks[0].forward
+
+    def wrapped(*args, **kwargs):  # as accelerate's hooks wrap a module's forward on the instance
+        return original(*args, **kwargs)
+
+    model.blocks[0].forward = wrapped
+    _curves_equal_the_plain_loop(model, caplog)
+    assert model.blocks[0].__dict__["forward"] is wrapped
+    assert all("forward" not in m.__dict__ for n, m in model.named_modules() if n != "blocks.0")

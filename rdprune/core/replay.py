@@ -113,13 +113,17 @@ class ModuleReplay:
         """
         modules = dict(self.model.named_modules())
         versions = {name: _versions(out) for name, out in outputs.items()}
+        own = {name: modules[name].__dict__["forward"] for name in outputs if "forward" in modules[name].__dict__}
         for name, out in outputs.items():
             modules[name].forward = _answer(out)
         try:
             result = self.model(x)
-        finally:
+        finally:  # an instance-level forward another library set (accelerate's hooks) is put back
             for name in outputs:
-                del modules[name].forward
+                if name in own:
+                    modules[name].forward = own[name]
+                else:
+                    del modules[name].forward
         _check_unchanged(outputs, versions)
         return result
 
