@@ -209,18 +209,24 @@ class _ReplayRunner:
         names = self._names[modules]
         if not names:
             return session, {}
-        outputs, unpruned = self.replay.record(session, names)
-        if modules not in self._checked:
-            again = self.replay.run(session, outputs)
-            if not (isinstance(again, torch.Tensor) and again.shape == unpruned.shape
-                    and torch.allclose(again, unpruned, rtol=1e-5, atol=1e-6 * float(unpruned.abs().max()))):
-                raise UnsafeSuffix("replaying the modules that run before it does not reproduce the model's output")
-            self._checked.add(modules)
+        try:
+            outputs, unpruned = self.replay.record(session, names, modules)
+            if modules not in self._checked:
+                again = self.replay.run(session, outputs, modules)
+                if not (isinstance(again, torch.Tensor) and again.shape == unpruned.shape
+                        and torch.allclose(again, unpruned, rtol=1e-5, atol=1e-6 * float(unpruned.abs().max()))):
+                    raise UnsafeSuffix("replaying the modules that run before it does not reproduce the model's output")
+                self._checked.add(modules)
+        except UnsafeSuffix:
+            raise
+        except Exception as exc:  # a module the replay disturbs: exact with the plain loop
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+            raise UnsafeSuffix(f"replaying the modules that run before it fails ({reason})") from exc
         return session, outputs
 
     def run(self, modules: tuple[nn.Module, ...], state: tuple[torch.Tensor, dict[str, object]]) -> object:
         x, outputs = state
-        return self.replay.run(x, outputs) if outputs else self.model(x)
+        return self.replay.run(x, outputs, modules) if outputs else self.model(x)
 
 
 class _SuffixRunner:

@@ -8,10 +8,16 @@ outputs recorded, and then every pruning level re-runs the model with the larges
 answering from the record instead of computing (their inputs are ignored), while everything
 after them runs for real.
 
-What would make a replay wrong is refused, falling back to the whole model for that layer
-(:class:`UnsafeSuffix`): a module called more than once, one sharing a parameter with the pruned
-layer (tied weights), a call order that changes between the record and the replay, a recorded
-tensor changed in place downstream, or a replay that does not reproduce the unpruned output.
+What would make a replay wrong is refused: a module called more than once, or sharing a parameter
+with the pruned layer (tied weights), is never replayed; and a pass that departs from the structure
+the replay relies on raises :class:`UnsafeSuffix`, which sends that layer to the plain loop. Each
+recording pass checks, for its batch, that every replayed module runs once and ends before the
+pruned layer starts, that no operation reads the pruned layer's weights before that (a parent's
+``F.linear(x, self.head.weight)``), and that no recorded tensor is changed in place afterwards;
+each replayed pass, that no replayed module is called again or after the pruned layer (pruning
+that changes the control flow) and no record is changed in place; and a unit's first replay must
+reproduce the unpruned output. Control flow that changes what runs *after* the layer is simply
+run, so it is measured as the plain loop measures it.
 """
 from __future__ import annotations
 
@@ -88,44 +94,106 @@ class ModuleReplay:
             chosen.append(name)
         return chosen
 
-    def record(self, x: torch.Tensor, names: list[str]) -> tuple[dict[str, object], object]:
+    def record(self, x: torch.Tensor, names: list[str], modules: tuple[nn.Module, ...]) -> tuple[dict[str, object], object]:
         """The outputs of modules ``names`` in the unpruned forward pass of ``x``, and the model's output.
 
-        Raises UnsafeSuffix when a recorded tensor is changed in place later in the pass: the record
-        would not hold what the module returned.
+        Raises UnsafeSuffix where this pass does not have the structure ``replayable`` found: a module
+        of ``names`` not called exactly once, or still running when one of ``modules`` (the pruned
+        unit) is first called; a weight of ``modules`` read before they are first called (used
+        functionally, as by a parent's ``F.linear(x, self.head.weight)``); a recorded tensor changed
+        in place later in the pass.
         """
-        wanted, outputs, versions = set(names), {}, {}
+        wanted, outputs, versions, calls = set(names), {}, {}, dict.fromkeys(names, 0)
+        unit = {self._names[id(m)] for m in modules}
+        state = {"unit_started": False, "running": set()}
 
-        def keep(name: str, out: object) -> None:
+        def entered(name: str) -> None:
+            if name in unit:
+                if state["running"]:
+                    raise UnsafeSuffix(f"{sorted(state['running'])[0]} is still running when the pruned layer is called")
+                state["unit_started"] = True
+            elif name in wanted:
+                if state["unit_started"]:
+                    raise UnsafeSuffix(f"{name} runs after the pruned layer on this batch")
+                calls[name] += 1
+                state["running"].add(name)
+
+        def exited(name: str, out: object) -> None:
             if name in wanted:
+                state["running"].discard(name)
                 outputs[name] = out
                 versions[name] = _versions(out)
 
-        with self._hooks(lambda name: None, keep, wanted):
+        with self._hooks(entered, exited, wanted | unit), _WeightReads(modules, lambda: state["unit_started"]):
             result = self.model(x)
+        for name, count in calls.items():
+            if count != 1:
+                raise UnsafeSuffix(f"{name} is called {count} times on this batch, not once")
         _check_unchanged(outputs, versions)
         return outputs, result
 
-    def run(self, x: torch.Tensor, outputs: dict[str, object]) -> object:
+    def run(self, x: torch.Tensor, outputs: dict[str, object], modules: tuple[nn.Module, ...]) -> object:
         """The model's output on ``x`` with the modules in ``outputs`` answering from the record.
 
-        Raises UnsafeSuffix when a recorded tensor was changed in place: its next replay would be wrong.
+        Raises UnsafeSuffix when the pass no longer has the recorded structure (a replayed module
+        called twice, or after the pruned unit ``modules`` started: its input may now depend on the
+        pruning), or when a recorded tensor was changed in place (its next replay would be wrong).
         """
-        modules = dict(self.model.named_modules())
+        named = dict(self.model.named_modules())
         versions = {name: _versions(out) for name, out in outputs.items()}
-        own = {name: modules[name].__dict__["forward"] for name in outputs if "forward" in modules[name].__dict__}
+        own = {name: named[name].__dict__["forward"] for name in outputs if "forward" in named[name].__dict__}
+        state = {"unit_started": False, "answered": set()}
+
+        def answer(name: str, out: object):
+            def forward(*args: object, **kwargs: object) -> object:
+                if state["unit_started"] or name in state["answered"]:
+                    raise UnsafeSuffix(f"{name} is called again, or after the pruned layer, once that layer is pruned")
+                state["answered"].add(name)
+                return out
+            return forward
+
+        def unit_entered(*_: object) -> None:
+            state["unit_started"] = True
+
+        handles = [m.register_forward_pre_hook(unit_entered) for m in modules]
         for name, out in outputs.items():
-            modules[name].forward = _answer(out)
+            named[name].forward = answer(name, out)
         try:
             result = self.model(x)
         finally:  # an instance-level forward another library set (accelerate's hooks) is put back
+            for handle in handles:
+                handle.remove()
             for name in outputs:
                 if name in own:
-                    modules[name].forward = own[name]
+                    named[name].forward = own[name]
                 else:
-                    del modules[name].forward
+                    del named[name].forward
         _check_unchanged(outputs, versions)
         return result
+
+
+class _WeightReads(torch.overrides.TorchFunctionMode):
+    """Raises UnsafeSuffix when an operation reads a parameter of ``modules`` before ``started()``:
+    a computation the record would hold fixed although the pruned weight feeds it."""
+
+    def __init__(self, modules: tuple[nn.Module, ...], started) -> None:
+        super().__init__()
+        self._params = {id(p) for m in modules for p in m.parameters()}
+        self._started = started
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self._started() and any(id(a) in self._params for a in _flat((args, kwargs))):
+            raise UnsafeSuffix("a weight of the pruned layer is read before the layer is called")
+        return func(*args, **kwargs)
+
+
+def _flat(value: object) -> list[object]:
+    if isinstance(value, (tuple, list)):
+        return [x for v in value for x in _flat(v)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flat(v)]
+    return [value]
 
 
 def _versions(value: object) -> list[int]:
@@ -136,12 +204,6 @@ def _check_unchanged(outputs: dict[str, object], versions: dict[str, list[int]])
     for name, out in outputs.items():
         if _versions(out) != versions[name]:
             raise UnsafeSuffix(f"the output of {name} is changed in place after it is computed")
-
-
-def _answer(out: object):
-    def forward(*args: object, **kwargs: object) -> object:
-        return out
-    return forward
 
 
 def _tensors(value: object) -> list[torch.Tensor]:
