@@ -162,6 +162,14 @@ def test_a_weight_read_before_its_layer_is_called_is_caught(caplog):
     assert "a weight of the pruned layer is read before the layer is called" in _exact(model, torch.randn(8, 4), caplog)
 
 
+def test_reading_only_the_weight_s_dtype_and_shape_early_keeps_the_replay(caplog):
+    def forward(m, x):  # as transformers' ViT checks the input against its projection's dtype
+        if x.dtype != m.b.weight.dtype or x.shape[1] != m.b.weight.shape[1]:
+            raise TypeError("input does not fit")
+        return m.head(m.b(m.a(x)))
+    assert "plain loop" not in _exact(_untraceable(forward), torch.randn(8, 4), caplog)
+
+
 class Noting(nn.Module):
     """Writes into a list its caller passes and reads afterwards: answering from the record skips the write."""
 

@@ -183,9 +183,24 @@ class _WeightReads(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self._started() and any(id(a) in self._params for a in _flat((args, kwargs))):
+        if (not self._started() and not _metadata(func)
+                and any(id(a) in self._params for a in _flat((args, kwargs)))):
             raise UnsafeSuffix("a weight of the pruned layer is read before the layer is called")
         return func(*args, **kwargs)
+
+
+_METADATA_ATTRIBUTES = {"dtype", "shape", "device", "ndim", "layout", "is_cuda", "requires_grad", "is_sparse", "is_quantized",
+                        "is_meta", "names"}
+_METADATA_METHODS = {"size", "dim", "numel", "nelement", "stride", "is_contiguous", "element_size", "is_floating_point",
+                     "get_device", "storage_offset", "data_ptr"}
+
+
+def _metadata(func: object) -> bool:
+    """Whether ``func`` reads only a tensor's metadata (``weight.dtype``, ``weight.shape``), not its values."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property of the tensor
+        return getattr(getattr(func, "__self__", None), "__name__", "") in _METADATA_ATTRIBUTES
+    return name in _METADATA_METHODS
 
 
 def _flat(value: object) -> list[object]:
