@@ -305,7 +305,7 @@ class _LayerUnit:
 def _make_runner(
     model: nn.Module, leaves: Iterable[nn.Module], first_batch: torch.Tensor, first_reference: torch.Tensor
 ) -> _PlainRunner | _ReplayRunner | _SuffixRunner:
-    """Trace the model and check the trace reproduces it; otherwise fall back to the plain loop."""
+    """Trace the model and check the trace reproduces it; otherwise replay module outputs (or, failing that, the plain loop)."""
     try:
         network = TracedNetwork(model, leaves)
         traced_out = network.run_all(first_batch)
