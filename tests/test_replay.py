@@ -158,7 +158,7 @@ def test_control_flow_that_pruning_changes_is_caught(caplog):
 
 
 def test_a_weight_read_before_its_layer_is_called_is_caught(caplog):
-    model = _untraceable(lambda m, x: m.head(m.b(m.a(torch.nn.functional.linear(x, m.b.weight)))))  # a reads b's weight
+    model = _untraceable(lambda m, x: m.head(m.b(m.a(torch.nn.functional.linear(x, m.b.weight)))))  # read before b runs
     assert "a weight of the pruned layer is read before the layer is called" in _exact(model, torch.randn(8, 4), caplog)
 
 
