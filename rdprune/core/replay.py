@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rdprune.core.suffix import UnsafeSuffix, tensor_version
+from rdprune.core.suffix import UnsafeSuffix, tensor_version, tensors_in
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class _WeightReads(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if (not self._started() and not _metadata(func)
-                and any(id(a) in self._params for a in _flat((args, kwargs)))):
+                and any(id(t) in self._params for t in tensors_in((args, kwargs)))):
             raise UnsafeSuffix("a weight of the pruned layer is read before the layer is called")
         return func(*args, **kwargs)
 
@@ -203,16 +203,8 @@ def _metadata(func: object) -> bool:
     return name in _METADATA_METHODS
 
 
-def _flat(value: object) -> list[object]:
-    if isinstance(value, (tuple, list)):
-        return [x for v in value for x in _flat(v)]
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in _flat(v)]
-    return [value]
-
-
 def _versions(value: object) -> list[int]:
-    return [tensor_version(t) for t in _tensors(value)]
+    return [tensor_version(t) for t in tensors_in(value)]
 
 
 def _check_unchanged(outputs: dict[str, object], versions: dict[str, list[int]]) -> None:
@@ -220,13 +212,3 @@ def _check_unchanged(outputs: dict[str, object], versions: dict[str, list[int]])
         if _versions(out) != versions[name]:
             raise UnsafeSuffix(f"the output of {name} is changed in place after it is computed")
 
-
-def _tensors(value: object) -> list[torch.Tensor]:
-    """The tensors of a module output, inside tuples, lists, dicts and ``ModelOutput``-like mappings."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []

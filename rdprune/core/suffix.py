@@ -130,14 +130,14 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def _tensors_in(value: object) -> list[torch.Tensor]:
-    """The tensors of a value, looking inside tuples, lists and dicts (nodes can return those)."""
+def tensors_in(value: object) -> list[torch.Tensor]:
+    """The tensors of a value, looking inside tuples, lists and dicts (nodes and modules can return those)."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors_in(v)]
+        return [t for v in value for t in tensors_in(v)]
     if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors_in(v)]
+        return [t for v in value.values() for t in tensors_in(v)]
     return []
 
 
@@ -282,7 +282,7 @@ class TracedNetwork:
             # any other live value on the same storage (the same tensor handed on, a view, a
             # detached copy) may still be read
             if where in protected or any(_storage(t) == where
-                                         for n, v in env.items() if n is not node.args[i] for t in _tensors_in(v)):
+                                         for n, v in env.items() if n is not node.args[i] for t in tensors_in(v)):
                 continue
             if kind == "relu":
                 return torch.relu_(a)
@@ -355,7 +355,7 @@ class TracedNetwork:
         protected = None
         if plan.reuse:
             protected = self._protected_storages()
-            protected.update(_storage(t) for v in boundary.values() for t in _tensors_in(v))
+            protected.update(_storage(t) for v in boundary.values() for t in tensors_in(v))
         self._run(plan.suffix, env, plan.suffix_release, reuse=plan.reuse, protected=protected)
         if any(tensor_version(boundary[n]) != v for n, v in before.items()):
             raise UnsafeSuffix("the suffix modifies one of its inputs in place")

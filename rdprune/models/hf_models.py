@@ -320,7 +320,7 @@ def _geometry(spec: str, processor: Mapping[str, Any]) -> tuple[int, str, float]
         size = {"shortest_edge": size} if "crop_pct" in processor else {"height": size, "width": size}
     shortest = size.get("shortest_edge")
     resized = shortest if shortest is not None else _side(spec, size)
-    kind = str(processor.get("image_processor_type") or processor.get("feature_extractor_type") or "")
+    kind = _processor_kind(processor)
     convnext = kind.startswith("ConvNext") or not kind  # untyped old files with crop_pct are ConvNeXt's
     crop = processor.get("crop_size") if processor.get("do_center_crop", "crop_size" in processor) else None
     if crop is not None:
@@ -355,9 +355,14 @@ def _pixel_statistics(processor: Mapping[str, Any]) -> tuple[tuple[float, ...], 
     normalize = processor.get("do_normalize", True)
     mean = _rgb(processor.get("image_mean", IMAGENET_MEAN)) if normalize else (0.0,) * 3
     std = image_std if normalize else (1.0,) * 3
-    if processor.get("include_top", str(processor.get("image_processor_type", "")).startswith("EfficientNet")):
+    if processor.get("include_top", _processor_kind(processor).startswith("EfficientNet")):
         std = tuple(s * t for s, t in zip(std, image_std))
     return tuple((offset + m) / factor for m in mean), tuple(s / factor for s in std)
+
+
+def _processor_kind(processor: Mapping[str, Any]) -> str:
+    """The processor's class name as its file records it ("" in old untyped files)."""
+    return str(processor.get("image_processor_type") or processor.get("feature_extractor_type") or "")
 
 
 def _side(spec: str, size: Mapping[str, Any]) -> int:
