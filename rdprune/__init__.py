@@ -24,11 +24,11 @@ coupled channels, with weights, FLOPs or a measured latency as the budget::
 2:4 granularity chooses which Linear layers become 2:4 sparse (the pattern GPUs run faster)::
 
     layers, left_out = rdprune.two_four_candidates(model)
-    curves = rdprune.estimate_semi_structured_curves(model, layers, calibration_inputs)
+    curves = rdprune.estimate_two_four_curves(model, layers, calibration_inputs)
     cost = rdprune.two_four_weight_cost(layers, sum(m.weight.numel() for m in rdprune.prunable_layers(model).values()))
     chosen = rdprune.allocate_two_four(curves, cost, 0.25).layers
     masks = rdprune.apply_two_four(layers, chosen)
-    fast = rdprune.to_semi_structured(model, chosen)  # bf16 on a CUDA GPU of compute capability 8.0+
+    fast = rdprune.to_two_four(model, chosen)  # bf16 on a CUDA GPU of compute capability 8.0+
 
 Models by name, from local files and caches only: ``rdprune.build_model("timm:deit_small_patch16_224",
 1000, weights="DEFAULT")``, ``rdprune.build_model("hf:path/to/folder", 10, weights="DEFAULT")``.
@@ -36,43 +36,63 @@ Models by name, from local files and caches only: ``rdprune.build_model("timm:de
 The command line (``python -m rdprune.run CONFIG``) composes the same calls with data, training and
 torchrun.
 """
-from rdprune.core.allocation import allocate
-from rdprune.core.baselines import BASELINES, baseline_amounts
-from rdprune.core.batchnorm import recalibrate_batchnorm
-from rdprune.core.channel_allocation import allocate_channels, meet_measured_latency
-from rdprune.core.channel_baselines import channel_baseline
-from rdprune.core.channel_costs import ChannelCost
-from rdprune.core.channel_curves import estimate_channel_curves, group_plan
-from rdprune.core.channels import ChannelSpace
-from rdprune.core.curves import estimate_curves, synthetic_inputs
-from rdprune.core.export import remove_channels, save_exported
-from rdprune.core.floor import max_amounts, max_sparsity, min_kept
-from rdprune.core.grid import Curve
-from rdprune.core.latency import LatencyTable, layer_shapes, measure_latency
-from rdprune.core.layers import describe_layers, prunable_layers
-from rdprune.core.masks import (
-    MaskGuard,
-    apply_masks,
-    layer_sparsity,
-    load_masks,
-    pruned_state_dict,
-    save_masks,
-)
-from rdprune.core.semi_structured import allocate_two_four, apply_two_four, estimate_semi_structured_curves
-from rdprune.core.semi_structured import candidates as two_four_candidates
-from rdprune.core.semi_structured import weight_cost as two_four_weight_cost
-from rdprune.core.semi_structured_latency import to_semi_structured
+from __future__ import annotations
+
+import importlib
+import warnings
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "allocate": ("rdprune.core.allocation", "allocate"),
+    "recalibrate_batchnorm": ("rdprune.core.batchnorm", "recalibrate_batchnorm"),
+    "estimate_curves": ("rdprune.core.curves", "estimate_curves"),
+    "synthetic_inputs": ("rdprune.core.curves", "synthetic_inputs"),
+    "max_amounts": ("rdprune.core.floor", "max_amounts"),
+    "max_sparsity": ("rdprune.core.floor", "max_sparsity"),
+    "min_kept": ("rdprune.core.floor", "min_kept"),
+    "Curve": ("rdprune.core.grid", "Curve"),
+    "describe_layers": ("rdprune.core.layers", "describe_layers"),
+    "prunable_layers": ("rdprune.core.layers", "prunable_layers"),
+    "layer_shapes": ("rdprune.core.timing", "layer_shapes"),
+    "measure_latency": ("rdprune.core.timing", "measure_latency"),
+    "allocate_channels": ("rdprune.granularity.channel.allocation", "allocate_channels"),
+    "meet_measured_latency": ("rdprune.granularity.channel.allocation", "meet_measured_latency"),
+    "channel_baseline": ("rdprune.granularity.channel.baselines", "channel_baseline"),
+    "ChannelCost": ("rdprune.granularity.channel.costs", "ChannelCost"),
+    "estimate_channel_curves": ("rdprune.granularity.channel.curves", "estimate_channel_curves"),
+    "group_plan": ("rdprune.granularity.channel.curves", "group_plan"),
+    "remove_channels": ("rdprune.granularity.channel.export", "remove_channels"),
+    "save_exported": ("rdprune.granularity.channel.export", "save_exported"),
+    "LatencyTable": ("rdprune.granularity.channel.latency", "LatencyTable"),
+    "ChannelSpace": ("rdprune.granularity.channel.space", "ChannelSpace"),
+    "to_two_four": ("rdprune.granularity.two_four.kernels", "to_two_four"),
+    "allocate_two_four": ("rdprune.granularity.two_four.units", "allocate_two_four"),
+    "apply_two_four": ("rdprune.granularity.two_four.units", "apply_two_four"),
+    "estimate_two_four_curves": ("rdprune.granularity.two_four.units", "estimate_two_four_curves"),
+    "two_four_candidates": ("rdprune.granularity.two_four.units", "candidates"),
+    "two_four_weight_cost": ("rdprune.granularity.two_four.units", "weight_cost"),
+    "BASELINES": ("rdprune.granularity.weight.baselines", "BASELINES"),
+    "baseline_amounts": ("rdprune.granularity.weight.baselines", "baseline_amounts"),
+    "build_model": ("rdprune.models.registry", "build_model"),
+}
+"""Public names -> (module, attribute), imported on first use: ``import rdprune`` (and loading a config)
+imports no torch, so that a bad config is refused at once."""
+_DEPRECATED = {
+    "estimate_semi_structured_curves": "estimate_two_four_curves",
+    "to_semi_structured": "to_two_four",
+}
+"""Old public names -> their new names; they keep working, with a DeprecationWarning, for one release."""
+
 
 def __getattr__(name: str) -> object:
-    """``rdprune.build_model``, imported on first use: the model registry brings torchvision, which the
-    pruning core does not need."""
-    if name == "build_model":
-        from rdprune.models.registry import build_model
-
-        return build_model
+    if name in _DEPRECATED:
+        warnings.warn(f"rdprune.{name} is deprecated; use rdprune.{_DEPRECATED[name]}", DeprecationWarning, stacklevel=2)
+        return __getattr__(_DEPRECATED[name])
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        value = globals()[name] = getattr(importlib.import_module(module), attribute)
+        return value
     raise AttributeError(f"module 'rdprune' has no attribute {name!r}")
 
 
@@ -94,7 +114,7 @@ __all__ = [
     "describe_layers",
     "estimate_channel_curves",
     "estimate_curves",
-    "estimate_semi_structured_curves",
+    "estimate_two_four_curves",
     "group_plan",
     "layer_shapes",
     "layer_sparsity",
@@ -111,7 +131,7 @@ __all__ = [
     "save_exported",
     "save_masks",
     "synthetic_inputs",
-    "to_semi_structured",
+    "to_two_four",
     "two_four_candidates",
     "two_four_weight_cost",
 ]

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def _umask() -> int:
     """The process's umask, read without changing it where Linux allows (``/proc/self/status``)."""
@@ -56,4 +54,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
     """``torch.save`` atomically."""
+    import torch  # here, not at the top: the config loader writes files too and must not import torch
+
     atomic_write(path, lambda tmp: torch.save(obj, tmp))

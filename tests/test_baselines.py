@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from rdprune.core.baselines import BASELINES, baseline_amounts, lamp_scores
 from rdprune.core.floor import max_amounts, min_kept
 from rdprune.core.layers import describe_layers, prunable_layers
 from rdprune.core.masks import apply_masks, layer_sparsity, pruned_count
+from rdprune.granularity.weight.baselines import BASELINES, baseline_amounts, lamp_scores
 
 from tiny_models import Branchy
 

@@ -8,17 +8,17 @@ import torch
 from torch import nn
 
 from rdprune.core.allocation import allocate_levels
-from rdprune.core.channel_allocation import allocate_channels, meet_measured_latency
-from rdprune.core.channel_baselines import channel_baseline
-from rdprune.core.channel_costs import ChannelCost
-from rdprune.core.channel_curves import estimate_channel_curves, group_plan, plain_channel_curves
-from rdprune.core.channels import ChannelSpace
-from rdprune.core.export import remove_channels
 from rdprune.core.grid import Curve
-from rdprune.core.latency import LatencyTable, LayerGrid
 from rdprune.core.layers import layer_flops
 from rdprune.core.masks import enforce_masks
 from rdprune.errors import UserError
+from rdprune.granularity.channel.allocation import allocate_channels, meet_measured_latency
+from rdprune.granularity.channel.baselines import channel_baseline
+from rdprune.granularity.channel.costs import ChannelCost
+from rdprune.granularity.channel.curves import estimate_channel_curves, group_plan, plain_channel_curves
+from rdprune.granularity.channel.export import remove_channels
+from rdprune.granularity.channel.latency import LatencyTable, LayerGrid
+from rdprune.granularity.channel.space import ChannelSpace
 from rdprune.models.cifar_resnet import resnet20
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,8 +9,8 @@ import torchvision
 from torch import nn
 
 from rdprune.core import export
-from rdprune.core.export import remove_channels, require_torch_pruning, save_exported
 from rdprune.errors import UserError
+from rdprune.granularity.channel.export import remove_channels, require_torch_pruning, save_exported
 
 from tiny_models import Branchy
 

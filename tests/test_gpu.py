@@ -27,19 +27,20 @@ import torch
 from rdprune.bench.curves import noise_statistics
 from rdprune.core.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from rdprune.core.curves import estimate_curves, plain_curves, synthetic_inputs
-from rdprune.core.latency import LatencyTable, layer_shapes, measure_latency
-from rdprune.core.semi_structured import apply_two_four, candidates, is_two_four
-from rdprune.core.semi_structured_latency import (
+from rdprune.core.timing import layer_shapes, measure_latency
+from rdprune.distributed.collectives import check_precision
+from rdprune.errors import UserError
+from rdprune.granularity.channel.latency import LatencyTable
+from rdprune.granularity.two_four.kernels import (
     EXPORT_TOLERANCE,
     export_difference,
     kernels_missing,
     layer_latency_us,
     linear_input_shapes,
     model_latency_s,
-    to_semi_structured,
+    to_two_four,
 )
-from rdprune.distributed.collectives import check_precision
-from rdprune.errors import UserError
+from rdprune.granularity.two_four.units import apply_two_four, candidates, is_two_four
 from rdprune.models.registry import build_model
 
 from cli_errors import user_error
@@ -250,7 +251,7 @@ def test_two_four_export_equals_the_masked_dense_model_and_is_timed():
     model = timm.create_model("deit_small_patch16_224").cuda().eval()  # random weights: speed and exactness only
     layers, _ = candidates(model)
     apply_two_four(layers, list(layers))
-    sparse = to_semi_structured(model, list(layers))
+    sparse = to_two_four(model, list(layers))
     dense = copy.deepcopy(model).to(dtype=torch.bfloat16).eval()
     x = torch.randn(64, 3, 224, 224)
     difference = export_difference(dense, sparse, x)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from rdprune.core.latency import LatencyTable, LayerGrid, LayerShape, channel_values, layer_shapes, measure_latency
+from rdprune.core.timing import LayerShape, layer_shapes, measure_latency
+from rdprune.granularity.channel.latency import LatencyTable, LayerGrid, channel_values
 
 
 class SmallNet(nn.Module):
@@ -172,7 +173,7 @@ def test_time_limit_coarsens_the_grids(one_thread, caplog):
     model, x = SmallNet(width=48).eval(), torch.randn(1, 3, 8, 8)
     shapes = layer_shapes(model, x)
     full = LatencyTable.build(model, x, shapes, threads=1, time_limit_s=1e6)
-    with caplog.at_level(logging.WARNING, logger="rdprune.core.latency"):
+    with caplog.at_level(logging.WARNING, logger="rdprune.granularity.channel.latency"):
         tight = LatencyTable.build(model, x, shapes, threads=1, time_limit_s=1e-3)
     assert any("coarsening" in r.getMessage() for r in caplog.records)
 

@@ -14,24 +14,24 @@ from torch import nn
 
 from rdprune.core.curves import synthetic_inputs
 from rdprune.core.grid import Curve
-from rdprune.core.semi_structured import (
+from rdprune.distributed import DistInfo
+from rdprune.granularity.two_four.stage import sharded_two_four_curves
+from rdprune.granularity.two_four.units import (
     TwoFourCost,
     allocate_two_four,
     apply_two_four,
     candidates,
     current_two_four,
-    estimate_semi_structured_curves,
+    estimate_two_four_curves,
     glob_two_four,
     is_two_four,
     latency_cost,
     layer_cost,
-    plain_semi_structured_curves,
+    plain_two_four_curves,
     removed_energy,
     two_four_mask,
     weight_cost,
 )
-from rdprune.distributed import DistInfo
-from rdprune.distributed.sharded_curves import sharded_semi_structured_curves
 
 from cli_errors import user_error
 from launch import clean_env
@@ -118,9 +118,9 @@ def test_curves_equal_the_plain_loop_and_a_two_four_layer_has_nothing_left_to_lo
     layers, _ = candidates(model)
     apply_two_four(layers, ["blocks.0.mlp.fc1"])  # as after an earlier iteration
     x = synthetic_inputs(24, (1, 28, 28))
-    fast = estimate_semi_structured_curves(model, layers, x, worst_case=worst_case, batch_size=10, progress=False,
+    fast = estimate_two_four_curves(model, layers, x, worst_case=worst_case, batch_size=10, progress=False,
                                            cache_dir=tmp_path)
-    plain = plain_semi_structured_curves(model, layers, x, worst_case=worst_case, batch_size=10)
+    plain = plain_two_four_curves(model, layers, x, worst_case=worst_case, batch_size=10)
     assert list(fast) == list(layers)
     for name in layers:
         np.testing.assert_array_equal(fast[name].amounts, [0.0, 0.5])
@@ -129,7 +129,7 @@ def test_curves_equal_the_plain_loop_and_a_two_four_layer_has_nothing_left_to_lo
     assert fast["blocks.0.mlp.fc1"].distortion[1] == 0 and all(fast[n].distortion[1] > 0 for n in layers if n != "blocks.0.mlp.fc1")
     # cached: a second call reuses every unit, and the model is left as it was
     before = {n: m.weight.clone() for n, m in layers.items()}
-    again = estimate_semi_structured_curves(model, layers, x, worst_case=worst_case, batch_size=10, progress=False,
+    again = estimate_two_four_curves(model, layers, x, worst_case=worst_case, batch_size=10, progress=False,
                                             cache_dir=tmp_path)
     assert all(np.array_equal(again[n].distortion, fast[n].distortion) for n in layers)
     assert all(torch.equal(before[n], m.weight) for n, m in layers.items())
@@ -141,9 +141,9 @@ def test_sharded_curves_in_one_process_equal_the_core(one_thread):
     layers, _ = candidates(model)
     x = synthetic_inputs(8, (1, 28, 28))
     flops = {n: 1 for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    sharded = sharded_semi_structured_curves(model, layers, x, worst_case=False, batch_size=8, flops=flops, cache_dir=None,
+    sharded = sharded_two_four_curves(model, layers, x, worst_case=False, batch_size=8, flops=flops, cache_dir=None,
                                              dist=DistInfo(), progress=False)
-    core = estimate_semi_structured_curves(model, layers, x, batch_size=8, progress=False)
+    core = estimate_two_four_curves(model, layers, x, batch_size=8, progress=False)
     assert list(sharded) == list(core)
     assert all(np.array_equal(sharded[n].distortion, core[n].distortion) for n in core)
 
@@ -295,7 +295,7 @@ def test_latency_budget_path_with_the_gpu_timings_faked(monkeypatch, tmp_path, o
     """Everything of a latency budget but the CUDA timings: the table (saved, reused on resume), slow layers
     left out, the allocation on measured microseconds, the rows; the export is then not run on this CPU."""
     from rdprune.cli.run import main
-    from rdprune.pipeline import semi_structured_stage as stage
+    from rdprune.granularity.two_four import stage
 
     timed = []
 
@@ -346,7 +346,7 @@ def test_latency_budget_keeps_layers_already_two_four_where_it_is_not_faster(mon
     """A checkpoint whose MLP layers are 2:4 already, timed where 2:4 pays off in attention only: the MLP layers
     stay candidates (priced as no gain) and keep their masks, so fine-tuning cannot make them dense again."""
     from rdprune.cli.run import main
-    from rdprune.pipeline import semi_structured_stage as stage
+    from rdprune.granularity.two_four import stage
 
     def fake_layers(layers, shapes, **_):
         return {n: 100 for n in layers}, {n: 60 if ".attn." in n else 100 for n in layers}
@@ -411,7 +411,7 @@ def test_the_public_api_as_the_package_docstring_shows_it():
     model = rdprune.build_model("timm:vit_tiny_patch16_224", 10, input_shape=(1, 28, 28),
                                 kwargs=dict(img_size=28, patch_size=7, embed_dim=64, depth=2, num_heads=4)).eval()
     layers, left_out = rdprune.two_four_candidates(model)
-    curves = rdprune.estimate_semi_structured_curves(model, layers, rdprune.synthetic_inputs(16, (1, 28, 28)), progress=False)
+    curves = rdprune.estimate_two_four_curves(model, layers, rdprune.synthetic_inputs(16, (1, 28, 28)), progress=False)
     total = sum(m.weight.numel() for m in rdprune.prunable_layers(model).values())
     chosen = rdprune.allocate_two_four(curves, rdprune.two_four_weight_cost(layers, total), 0.25).layers
     masks = rdprune.apply_two_four(layers, chosen)

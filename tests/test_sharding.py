@@ -14,7 +14,7 @@ def resnet50_like() -> dict[str, tuple[float, int]]:
 
 
 def covered(plan: list[list[Piece]]) -> list[tuple[str, int]]:
-    return [(p.layer, k) for shard in plan for p in shard for k in range(p.start, p.stop)]
+    return [(p.unit, k) for shard in plan for p in shard for k in range(p.start, p.stop)]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 7, 8, 16, 64, 200])

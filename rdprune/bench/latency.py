@@ -23,13 +23,14 @@ import torch
 from torchvision.models import resnet50
 
 from rdprune.bench.report import compare_line, interleaved, machine_line
-from rdprune.core.channel_allocation import allocate_channels, meet_measured_latency
-from rdprune.core.channel_costs import ChannelCost
-from rdprune.core.channel_curves import estimate_channel_curves, group_plan, plain_channel_curves
-from rdprune.core.channels import ChannelSpace
 from rdprune.core.curves import synthetic_inputs
-from rdprune.core.export import remove_channels
-from rdprune.core.latency import LatencyTable, layer_shapes, measure_latency
+from rdprune.core.timing import layer_shapes, measure_latency
+from rdprune.granularity.channel.allocation import allocate_channels, meet_measured_latency
+from rdprune.granularity.channel.costs import ChannelCost
+from rdprune.granularity.channel.curves import estimate_channel_curves, group_plan, plain_channel_curves
+from rdprune.granularity.channel.export import remove_channels
+from rdprune.granularity.channel.latency import LatencyTable
+from rdprune.granularity.channel.space import ChannelSpace
 from rdprune.models.cifar_resnet import resnet20
 
 

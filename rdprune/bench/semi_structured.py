@@ -24,17 +24,17 @@ import torch
 from rdprune.bench.report import machine_line
 from rdprune.core.curves import synthetic_inputs
 from rdprune.core.grid import Curve
-from rdprune.core.semi_structured import (
+from rdprune.granularity.two_four.kernels import EXPORT_TOLERANCE, export_difference, kernels_missing, model_latency_s, to_two_four
+from rdprune.granularity.two_four.units import (
     allocate_two_four,
     apply_two_four,
     candidates,
-    estimate_semi_structured_curves,
+    estimate_two_four_curves,
     glob_two_four,
     is_two_four,
     layer_cost,
-    plain_semi_structured_curves,
+    plain_two_four_curves,
 )
-from rdprune.core.semi_structured_latency import EXPORT_TOLERANCE, export_difference, kernels_missing, model_latency_s, to_semi_structured
 
 SMOKE_MODEL = {"model_name": "vit_tiny_patch16_224", "num_classes": 10, "img_size": 28, "patch_size": 7, "in_chans": 1,
                "embed_dim": 64, "depth": 2, "num_heads": 4}
@@ -51,7 +51,7 @@ def _timm_model(**kwargs: object) -> torch.nn.Module:
 def _choices(model: torch.nn.Module, inputs: torch.Tensor, target: float) -> tuple[dict[str, Curve], list[str], float, float]:
     """(curves, RD's layers, RD's predicted distortion, glob's summed distortion) at the ``layers`` budget ``target``."""
     layers, _ = candidates(model)
-    curves = estimate_semi_structured_curves(model, layers, inputs, batch_size=len(inputs), progress=False)
+    curves = estimate_two_four_curves(model, layers, inputs, batch_size=len(inputs), progress=False)
     cost = layer_cost(layers)
     rd = allocate_two_four(curves, cost, target)
     glob = glob_two_four(layers, cost, target)
@@ -68,7 +68,7 @@ def smoke(reason: str) -> int:
     inputs = synthetic_inputs(8, (1, 28, 28))
     start = time.perf_counter()
     curves, chosen, predicted, glob = _choices(model, inputs, 0.5)
-    plain = plain_semi_structured_curves(model, layers, inputs, batch_size=len(inputs))
+    plain = plain_two_four_curves(model, layers, inputs, batch_size=len(inputs))
     worst = max(float(np.abs(curves[n].distortion - plain[n].distortion).max() / max(plain[n].distortion.max(), 1e-30)) for n in layers)
     pruned = copy.deepcopy(model)
     masks = apply_two_four(candidates(pruned)[0], chosen)
@@ -97,7 +97,7 @@ def on_gpu(args: argparse.Namespace, device: torch.device) -> int:
     for label, names in (("all candidates 2:4", list(layers)), ("RD's half 2:4", chosen)):
         masked = copy.deepcopy(model)
         apply_two_four(candidates(masked)[0], names)
-        sparse = to_semi_structured(masked, names, device=device)
+        sparse = to_two_four(masked, names, device=device)
         difference = export_difference(masked.to(dtype=torch.bfloat16).eval(), sparse, example)
         variants[label] = (sparse, difference)
         del masked

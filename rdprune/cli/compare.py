@@ -15,7 +15,7 @@ import torch
 from rdprune import distributed
 from rdprune.cli.common import build_run_parser, check_gpu_decoding
 from rdprune.distributed.collectives import check_precision
-from rdprune.pipeline.semi_structured_stage import latency_device
+from rdprune.granularity.base import stage_class
 from rdprune.sweep.plan import check_plan, load_sweep, plan_hash, run_sweep
 from rdprune.sweep.tables import write_comparison
 
@@ -53,9 +53,8 @@ def main(argv: list[str]) -> int:
     with distributed.distributed_session(base.run.device, base.distributed.timeout_s, single_group=single_group) as dist:
         distributed.setup_logging(dist.rank)
         check_precision(base.distributed.precision, dist.device)
-        for planned in plan.runs:  # a variant may ask for it: the GPU's 2:4 kernels, checked before the shared pretraining
-            if planned.cfg.prune.granularity == "semi_structured" and planned.cfg.prune.budget == "latency":
-                latency_device(planned.cfg, dist)
+        for planned in plan.runs:  # what a variant's granularity needs of the machine, before the shared pretraining
+            stage_class(planned.cfg).precheck(planned.cfg, dist)
         distributed.check_same_config(plan_hash(plan))
         check_plan(plan, dist)
         results = run_sweep(plan, dist, on_progress=lambda r: write_comparison(plan.out, r, plan.seeds, title))

@@ -1,8 +1,9 @@
 """The run configuration's schema: one typed dataclass per section, each field with a docstring.
 
 The docstrings are the config reference (``config_reference``). Constructing a section checks
-types and ranges; ``Config`` checks what spans sections. Lists of choices (methods, datasets,
-devices, ZeRO stages, precisions) are imported from the modules that implement them.
+types and ranges; ``Config`` checks what spans sections. Lists of choices (granularities and
+their methods, datasets, devices, engines, ...) come from :mod:`rdprune.registry`, which the
+implementing packages fill: the schema imports no implementation (nor torch).
 """
 from __future__ import annotations
 
@@ -17,28 +18,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
+from rdprune import registry
 from rdprune.config.values import ConfigError, choices_text, coerce, did_you_mean, show_value
-from rdprune.core.baselines import BASELINES
-from rdprune.core.channel_baselines import CHANNEL_BASELINES
-from rdprune.core.grid import Grid
-from rdprune.data.registry import DATASET_NAMES
-from rdprune.distributed.collectives import DEVICES
-from rdprune.models.hub import HUB_PREFIXES
-from rdprune.training.deepspeed_engine import PRECISIONS, ZERO_STAGES
-from rdprune.training.engine import ENGINES
-from rdprune.training.optim import OPTIMIZERS, SCHEDULERS
+from rdprune.granularity.spec import spec_of
 
-METHODS = ("rd", *BASELINES)
-"""Every pruning method: rate-distortion allocation, then the baselines."""
-CHANNEL_METHODS = ("rd", *CHANNEL_BASELINES)
-"""Methods at channel granularity: RD allocation, a uniform ratio per group, a global ranking across groups."""
-SEMI_STRUCTURED_METHODS = ("rd", "glob")
-"""Methods at 2:4 granularity: RD chooses the layers, or a global ranking by the weight energy 2:4 removes."""
-GRANULARITIES = ("weight", "channel", "semi_structured")
-BUDGETS = ("weights", "flops", "latency", "layers")
+
+def registered_methods() -> tuple[str, ...]:
+    """Every pruning method of every registered granularity: rate-distortion allocation, then the baselines."""
+    return tuple(dict.fromkeys(m for g in registry.GRANULARITIES for m in spec_of(g).methods))
+
+
+def registered_budgets() -> tuple[str, ...]:
+    """Every budget some registered granularity offers."""
+    return tuple(dict.fromkeys(b for g in registry.GRANULARITIES for b in spec_of(g).budgets))
+
+
+GRIDS = ("relative", "absolute")
 WEIGHT_DECAY_SKIPS = ("norm", "bias", "embedding")
 
-DATASETS_NEEDING_ROOT = ("cifar10", "imagenet")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _REGISTRY_NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
 
@@ -74,7 +71,7 @@ class RunConfig(_Section):
     """Output directory (relative paths are taken from the current directory); null = runs/<name>."""
     seed: int = 0
     """Seed for weight init, data order and the calibration subset."""
-    device: Literal[DEVICES] = "auto"
+    device: Literal[registry.DEVICES.names()] = "auto"
     """auto = cuda when available, else cpu."""
     resume: bool = True
     """Rerunning the same command continues after the last completed iteration; false starts clean."""
@@ -116,7 +113,7 @@ class ModelConfig(_Section):
     null = the builder's default."""
 
     def validate(self) -> None:
-        hub = next((p for p in HUB_PREFIXES if self.name.startswith(p)), None)
+        hub = next((p for p in registry.MODEL_PREFIXES.names() if self.name.startswith(p)), None)
         if hub is not None:
             self._check("name", bool(self.name[len(hub):].strip()), f"{hub}<{'name' if hub == 'timm:' else 'repo id or folder'}>")
         elif ":" in self.name:
@@ -155,10 +152,10 @@ class DataConfig(_Section):
     def validate(self) -> None:
         if ":" in self.name:
             self._check("name", bool(_IMPORT_PATH.match(self.name)), "an import path 'package.module:callable'")
-        elif self.name not in DATASET_NAMES:
-            raise ConfigError("data.name", f"data.name must be one of {choices_text(DATASET_NAMES)} or an import "
+        elif self.name not in registry.DATASETS:
+            raise ConfigError("data.name", f"data.name must be one of {choices_text(registry.DATASETS.names())} or an import "
                               f"path 'package.module:callable', got {show_value(self.name)}"
-                              f"{did_you_mean(self.name, DATASET_NAMES)}")
+                              f"{did_you_mean(self.name, registry.DATASETS.names())}")
         self._check("batch_size", self.batch_size >= 1, "an integer >= 1")
         self._check("eval_batch_size", self.eval_batch_size >= 1, "an integer >= 1")
         self._check("workers", self.workers >= 0, "an integer >= 0")
@@ -203,7 +200,7 @@ _SCHEDULE_EPS = 1e-9
 class PruneConfig(_Section):
     section: ClassVar[str] = "prune"
 
-    method: Literal[METHODS] = "rd"
+    method: Literal[registered_methods()] = "rd"
     """rd = rate-distortion allocation; the others are the baselines (LAMP, global magnitude, uniform,
     uniform+ and ERK)."""
     target_sparsity: float
@@ -215,7 +212,7 @@ class PruneConfig(_Section):
     jumping to the target."""
     levels: int = 101
     """Number of amounts on each layer's rate-distortion curve, both ends included (rd only)."""
-    grid: Grid = "relative"
+    grid: Literal[GRIDS] = "relative"
     """relative = levels span each layer's remaining weights; absolute = 0, 1/(levels-1), ..., 1 as
     published (rd only)."""
     distortion: Literal["mse", "worst_case"] = "mse"
@@ -225,13 +222,13 @@ class PruneConfig(_Section):
     calibration inputs after pruning that layer (the network as it will be fine-tuned), instead of
     with the stale statistics. Fast when calibration.batch_size >= calibration.size (one batch),
     else measured by the plain definition (slow, warned)."""
-    granularity: Literal[GRANULARITIES] = "weight"
+    granularity: Literal[registry.GRANULARITIES.names()] = "weight"
     """weight = unstructured masks (each layer one unit); channel = whole channels removed, each
     group of coupled channels (found by Torch-Pruning's dependency graph; pip extra
     rdprune[channels]) one unit, and a physically smaller model exported at the end (methods rd,
     unif, glob); semi_structured = 2:4 sparsity, each Linear layer whose shape the GPU 2:4 kernels
     accept either dense or 2:4 (methods rd, glob)."""
-    budget: Literal[BUDGETS] = "weights"
+    budget: Literal[registered_budgets()] = "weights"
     """What target_sparsity counts: surviving weights, remaining FLOPs (weight and channel), the forward
     latency measured on the latency section's device (channel; semi_structured on a CUDA GPU with 2:4
     kernels), or (semi_structured only) the fraction of candidate layers made 2:4."""
@@ -272,7 +269,7 @@ class TrainingConfig(_Section):
 
     steps: int = 0
     """Optimiser steps (for finetune: per pruning iteration); 0 = none."""
-    optimizer: Literal[OPTIMIZERS] = "sgd"
+    optimizer: Literal[registry.OPTIMIZERS.names()] = "sgd"
     """Optimiser."""
     lr: float = 0.01
     """Peak learning rate (for the global batch)."""
@@ -282,7 +279,7 @@ class TrainingConfig(_Section):
     """Weight decay (decoupled for adamw)."""
     nesterov: bool = False
     """Nesterov momentum (sgd with momentum > 0 only)."""
-    scheduler: Literal[SCHEDULERS] = "cosine"
+    scheduler: Literal[registry.SCHEDULERS.names()] = "cosine"
     """Learning-rate schedule after warmup: cosine to 0, step (x0.1 at 50 % and 75 % of the steps)
     or constant."""
     warmup_steps: int = 0
@@ -370,11 +367,11 @@ class LatencyConfig(_Section):
 class DistributedConfig(_Section):
     section: ClassVar[str] = "distributed"
 
-    engine: Literal[ENGINES] = "ddp"
+    engine: Literal[registry.ENGINES.names()] = "ddp"
     """Fine-tuning engine under torchrun (a single process is world size 1)."""
-    zero_stage: Literal[ZERO_STAGES] = 0
+    zero_stage: Literal[registry.ZERO_STAGES.names()] = 0
     """DeepSpeed ZeRO stage (deepspeed only)."""
-    precision: Literal[PRECISIONS] = "fp32"
+    precision: Literal[registry.PRECISIONS.names()] = "fp32"
     """Training precision: bf16 = autocast with fp32 weights under engine ddp, DeepSpeed's bf16 under
     deepspeed (needs native bf16 on a GPU); curves and evaluation stay fp32."""
     timeout_s: int = 600
@@ -411,37 +408,14 @@ class Config:
 
     def validate(self) -> None:
         """Checks that span sections."""
-        if self.data.name in DATASETS_NEEDING_ROOT and self.data.root is None:
+        if self.data.name in registry.DATASETS and registry.DATASETS.get(self.data.name)["needs_root"] and self.data.root is None:
             raise ConfigError("data.root", f"data.root is required for data.name {self.data.name!r}",
                               related=["data.name"])
         if self.data.backend == "dali" and self.data.name != "imagenet":
             raise ConfigError("data.backend",
                               f"data.backend 'dali' needs data.name 'imagenet', got {self.data.name!r}",
                               related=["data.name"])
-        prune = self.prune
-        if prune.budget == "latency" and prune.granularity == "weight":
-            raise ConfigError("prune.budget", "prune.budget 'latency' needs prune.granularity 'channel' or 'semi_structured' "
-                              "(unstructured masks run no faster)", related=["prune.granularity"])
-        if prune.budget == "layers" and prune.granularity != "semi_structured":
-            raise ConfigError("prune.budget", "prune.budget 'layers' (the fraction of candidate layers made 2:4) needs "
-                              "prune.granularity 'semi_structured'", related=["prune.granularity"])
-        if prune.budget == "flops" and prune.granularity == "semi_structured":
-            raise ConfigError("prune.budget", "prune.budget 'flops' is not offered at prune.granularity 'semi_structured': "
-                              "choose weights, layers or latency", related=["prune.granularity"])
-        if prune.granularity == "semi_structured" and prune.method not in SEMI_STRUCTURED_METHODS:
-            raise ConfigError("prune.method", f"prune.method {prune.method!r} has no 2:4 form; at prune.granularity "
-                              f"'semi_structured' choose one of {choices_text(SEMI_STRUCTURED_METHODS)}",
-                              related=["prune.granularity"])
-        if prune.granularity == "channel" and prune.method not in CHANNEL_METHODS:
-            raise ConfigError("prune.method", f"prune.method {prune.method!r} has no channel form; at prune.granularity "
-                              f"'channel' choose one of {choices_text(CHANNEL_METHODS)}", related=["prune.granularity"])
-        if prune.granularity == "semi_structured" and prune.min_density > 0.5:
-            raise ConfigError("prune.min_density", f"prune.min_density {prune.min_density} cannot hold at prune.granularity "
-                              "'semi_structured': a 2:4 layer keeps half of its weights; choose at most 0.5",
-                              related=["prune.granularity"])
-        if prune.granularity != "weight" and prune.bn_aware_curves:
-            raise ConfigError("prune.bn_aware_curves", "prune.bn_aware_curves is for prune.granularity 'weight' only",
-                              related=["prune.granularity"])
+        spec_of(self.prune.granularity).check(self.prune)  # each granularity owns its methods, budgets and limits
         if self.distributed.zero_stage != 0 and self.distributed.engine != "deepspeed":
             raise ConfigError("distributed.zero_stage", f"distributed.zero_stage {self.distributed.zero_stage} "
                               "needs distributed.engine 'deepspeed'", related=["distributed.engine"])

@@ -11,22 +11,12 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal, Union
 
-from rdprune.errors import UserError
+from rdprune.errors import ConfigError
 
 # PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; numbers fields accept that spelling.
 # YAML 1.1 reads 2:4 as a base-60 integer: 2 * 60 + 4.
 _SEXAGESIMAL_TWO_FOUR = 124
 _NUMBER_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-class ConfigError(UserError):
-    """A config value is invalid; ``key`` (e.g. ``prune.levels``) and, for a conflict between
-    fields, ``related`` keys say which, so the loader can name the file or override they came from."""
-
-    def __init__(self, key: str, message: str, related: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.key = key
-        self.related = tuple(related)
 
 
 def show_value(value: Any) -> str:

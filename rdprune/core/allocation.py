@@ -684,3 +684,9 @@ def allocate_levels(
     levels = _solve(p, stats)
     stats.used, stats.budget = int(p.cost[np.arange(L), levels].sum()), p.budget
     return dict(zip(names, (int(k) for k in levels))), stats
+
+
+def predicted_distortion(curves: Mapping[str, Curve], levels: Mapping[str, int]) -> float:
+    """What an allocation predicts and minimises: the sum over units of the chosen level's distortion, each curve
+    taken as its running maximum (a dip after a higher level is never believed). ``levels`` indexes each curve."""
+    return float(sum(np.maximum.accumulate(np.asarray(curves[n].distortion, np.float64))[k] for n, k in levels.items()))

@@ -140,7 +140,7 @@ def batch_distortion(reference: torch.Tensor, out: torch.Tensor, worst_case: boo
 
 
 @dataclass(frozen=True)
-class LayerPlan:
+class UnitPlan:
     """The levels of one layer: amounts (this call's range) and their pruned counts."""
 
     amounts: np.ndarray
@@ -156,7 +156,7 @@ class LayerPlan:
 
 def layer_plan(
     name: str, module: nn.Module, levels: int, grid: Grid, level_range: tuple[int, int] | None, min_density: float = 0.0
-) -> LayerPlan:
+) -> UnitPlan:
     amounts = layer_amounts(module, levels, grid, min_density)
     if level_range is not None:
         start, stop = level_range
@@ -164,7 +164,7 @@ def layer_plan(
             raise ValueError(f"level range of layer {name!r} must satisfy 0 <= start < stop <= {len(amounts)}, got {level_range}")
         amounts = amounts[start:stop]
     n = module.weight.numel()
-    return LayerPlan(amounts, [pruned_count(float(a), n) for a in amounts], int((module.weight == 0).sum()), level_range)
+    return UnitPlan(amounts, [pruned_count(float(a), n) for a in amounts], int((module.weight == 0).sum()), level_range)
 
 
 class _PlainRunner:
@@ -451,7 +451,7 @@ def curve_cache(cache_dir: str | os.PathLike | None, model: nn.Module, batches: 
 
 @torch.no_grad()
 def plain_unit_curves(
-    model: nn.Module, units: Mapping[str, tuple[PruningUnit, LayerPlan]], batches: list[torch.Tensor], worst_case: bool
+    model: nn.Module, units: Mapping[str, tuple[PruningUnit, UnitPlan]], batches: list[torch.Tensor], worst_case: bool
 ) -> dict[str, Curve]:
     """The definition run literally for units of any kind: prune each unit to each level of its plan, run the whole
     model on every batch, compare with the unpruned output (the reference the fast engine is checked against)."""
@@ -479,7 +479,7 @@ def plain_unit_curves(
 def unit_curves(
     model: nn.Module,
     leaves: Iterable[nn.Module],
-    plans: Mapping[str, tuple[PruningUnit, LayerPlan]],
+    plans: Mapping[str, tuple[PruningUnit, UnitPlan]],
     batches: list[torch.Tensor],
     worst_case: bool,
     cache: CurveCache | None,
@@ -670,7 +670,7 @@ def plain_curves(
 
 @torch.no_grad()
 def _recalibrated_curve(
-    model: nn.Module, module: nn.Module, plan: LayerPlan, batches: list[torch.Tensor], worst_case: bool,
+    model: nn.Module, module: nn.Module, plan: UnitPlan, batches: list[torch.Tensor], worst_case: bool,
     device: torch.device, every_level: bool = False,
 ) -> Curve:
     """One layer's BatchNorm-aware curve by the definition: prune, re-estimate the statistics, run, compare.

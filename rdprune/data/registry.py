@@ -13,7 +13,8 @@ from rdprune.data.imagenet import imagenet_datasets
 from rdprune.data.mnist5k import mnist5k_datasets
 from rdprune.data.preprocessing import RESNET, Preprocessing
 from rdprune.errors import UserError
-from rdprune.models.registry import IMPORT_FORM, accepts_keyword, load_callable
+from rdprune.imports import IMPORT_FORM, accepts_keyword, load_callable
+from rdprune.registry import DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def register(name: str) -> Callable[[Loader], Loader]:
     """Decorator: register ``loader(root, preprocessing) -> DataBundle`` under ``name``; a loader that
     has no use for the model's preprocessing ignores it and returns a bundle whose ``preprocessing`` is None."""
     def decorate(loader: Loader) -> Loader:
+        if name not in DATASETS:  # rdprune's own are declared in rdprune.data.choices
+            DATASETS.register(name, {"needs_root": False})
         _LOADERS[name] = loader
         return loader
     return decorate
@@ -69,7 +72,7 @@ def _imagenet(root: str | None, preprocessing: Preprocessing | None) -> DataBund
     return DataBundle(train, test, pool, p.input_shape, len(train.classes), p)
 
 
-DATASET_NAMES: list[str] = list(_LOADERS)
+DATASET_NAMES: list[str] = list(DATASETS.names())
 
 
 def build_data(name: str, root: str | None = None, *, seed: int = 0,

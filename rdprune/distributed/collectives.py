@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.elastic.multiprocessing import errors as elastic_errors
 
+from rdprune import registry
 from rdprune.errors import UserError
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = registry.DEVICES.names()
 DEFAULT_MASTER_PORT = 29500
 FAILURE_KEY = "rdprune/first_failure"
 PEER_FAILURE_WAIT_S = 5.0  # how long a broken collective waits for the failing rank's note

@@ -16,13 +16,10 @@ import torch
 from torch import nn
 
 from rdprune import distributed
-from rdprune.core.channel_curves import estimate_channel_curves, group_plan
-from rdprune.core.channels import ChannelSpace
-from rdprune.core.curves import LayerPlan, curve_costs, estimate_curves, layer_amounts, merge_curve_pieces
+from rdprune.core.curves import UnitPlan, curve_costs, estimate_curves, layer_amounts, merge_curve_pieces
 from rdprune.core.grid import Curve, Grid
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import pruned_count
-from rdprune.core.semi_structured import estimate_semi_structured_curves, unit_plan
 from rdprune.distributed import DistInfo
 from rdprune.distributed.sharding import Piece, plan_shards
 
@@ -70,20 +67,20 @@ def plan_curve_shards(
 
 
 def level_pieces(paid: Mapping[str, tuple[float, int]], spans: Mapping[str, tuple[int, int]], world_size: int) -> list[list[Piece]]:
-    """Shard the paid levels of every unit (layer or channel group) by cost; map them back to whole-grid indices.
+    """Shard the paid levels of every unit by cost; map them back to whole-grid indices.
 
     ``spans[unit]`` is (free leading levels, all levels). A unit's free levels ride along with the
     piece that starts its paid ones; a unit with no paid level goes whole to rank 0.
     """
     plan = [
-        [Piece(p.layer, 0 if p.start == 0 else p.start + spans[p.layer][0], p.stop + spans[p.layer][0]) for p in shard]
+        [Piece(p.unit, 0 if p.start == 0 else p.start + spans[p.unit][0], p.stop + spans[p.unit][0]) for p in shard]
         for shard in plan_shards(paid, world_size)
     ]
     plan[0].extend(Piece(n, 0, total) for n, (free, total) in spans.items() if n not in paid)
     return plan
 
 
-def suffix_pieces(plans: Mapping[str, LayerPlan], first: Mapping[str, str], flops: Mapping[str, int],
+def suffix_pieces(plans: Mapping[str, UnitPlan], first: Mapping[str, str], flops: Mapping[str, int],
                   world_size: int) -> list[list[Piece]]:
     """:func:`level_pieces` for units whose levels each re-run the network from their first layer on.
 
@@ -128,20 +125,25 @@ def sharded_curves(
 
     def estimate(mine: list[Piece]) -> dict[str, Curve]:
         return estimate_curves(
-            model, batches, levels, grid=grid, worst_case=worst_case, layers=[p.layer for p in mine], skip=skip,
-            level_ranges={p.layer: (p.start, p.stop) for p in mine}, batch_size=batch_size,
+            model, batches, levels, grid=grid, worst_case=worst_case, layers=[p.unit for p in mine], skip=skip,
+            level_ranges={p.unit: (p.start, p.stop) for p in mine}, batch_size=batch_size,
             cache_dir=cache_dir, progress=progress, min_density=min_density, bn_aware=bn_aware,
         )
 
-    return _run_shards(model, batches, dist, plan, estimate, list(prunable_layers(model, skip)), "curve estimation")
+    return sharded_unit_curves(model, batches, dist, plan, estimate, list(prunable_layers(model, skip)), "curve estimation")
 
 
-def _run_shards(
+def sharded_unit_curves(
     model: nn.Module, batches: list[torch.Tensor], dist: DistInfo, plan: Callable[[], list[list[Piece]]],
     estimate: Callable[[list[Piece]], dict[str, Curve]], order: list[str], what: str,
 ) -> dict[str, Curve] | None:
-    """The rank protocol of every granularity: check every rank has the same weights and inputs, plan on
-    rank 0 and broadcast, estimate this rank's pieces, gather and join them on rank 0 (``None`` elsewhere)."""
+    """Every unit's curve on rank 0 (``None`` elsewhere), whatever a unit is: the rank protocol of every granularity.
+
+    Checks that every rank has the same weights and inputs, runs ``plan()`` on rank 0 (pieces of
+    (unit, level range) per rank, e.g. from :func:`suffix_pieces`) and broadcasts it, runs
+    ``estimate(this rank's pieces)`` with the single-process engine, gathers the pieces on rank 0 and
+    joins them into one curve per unit of ``order``. ``what`` names the work in the log.
+    """
     distributed.check_identical([b.detach().cpu() for b in batches], "the calibration inputs")
     distributed.check_identical(model.state_dict(), "the model weights before curve estimation")
     pieces = distributed.broadcast_object(plan() if dist.is_main else None, src=0)
@@ -152,7 +154,7 @@ def _run_shards(
 
 
 def _join(per_rank: list[Mapping[str, Curve]], order: list[str]) -> dict[str, Curve]:
-    """One curve per unit (layer or channel group) from the pieces of all ranks, in the model's layer order."""
+    """One curve per unit from the pieces of all ranks, in the model's layer order."""
     pieces: dict[str, list[Curve]] = {}
     for part in per_rank:
         for name, curve in part.items():
@@ -161,69 +163,3 @@ def _join(per_rank: list[Mapping[str, Curve]], order: list[str]) -> dict[str, Cu
     if missing:
         raise RuntimeError(f"no rank returned a curve for layers {missing[:5]}")
     return {n: merge_curve_pieces(pieces[n]) for n in order}
-
-
-def sharded_channel_curves(
-    model: nn.Module,
-    space: ChannelSpace,
-    inputs: torch.Tensor,
-    levels: int,
-    *,
-    grid: Grid,
-    worst_case: bool,
-    batch_size: int,
-    flops: Mapping[str, int],
-    cache_dir: str | os.PathLike | None,
-    dist: DistInfo,
-    progress: bool,
-) -> dict[str, Curve] | None:
-    """Every channel group's curve on rank 0 (``None`` elsewhere); equal to :func:`estimate_channel_curves`.
-
-    Shards are (group, level range) pieces balanced by the FLOPs of the layers from the group's
-    first layer on (what one level re-runs) times its levels that remove something new.
-    """
-    batches = list(inputs.split(batch_size))
-
-    def plan() -> list[list[Piece]]:
-        order = list(flops)
-        first = {g: min((s.layer for s in group.slices), key=order.index) for g, group in space.groups.items()}
-        return suffix_pieces({g: group_plan(space, g, levels, grid) for g in space.groups}, first, flops, dist.world_size)
-
-    def estimate(mine: list[Piece]) -> dict[str, Curve]:
-        return estimate_channel_curves(
-            model, space, batches, levels, grid=grid, worst_case=worst_case, groups=[p.layer for p in mine],
-            level_ranges={p.layer: (p.start, p.stop) for p in mine}, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
-        )
-
-    return _run_shards(model, batches, dist, plan, estimate, list(space.groups), "channel curve estimation")
-
-
-def sharded_semi_structured_curves(
-    model: nn.Module,
-    layers: Mapping[str, nn.Linear],
-    inputs: torch.Tensor,
-    *,
-    worst_case: bool,
-    batch_size: int,
-    flops: Mapping[str, int],
-    cache_dir: str | os.PathLike | None,
-    dist: DistInfo,
-    progress: bool,
-) -> dict[str, Curve] | None:
-    """Every 2:4 candidate's curve on rank 0 (``None`` elsewhere); equal to :func:`estimate_semi_structured_curves`.
-
-    A candidate's one paid level (its 2:4 mask) is a piece, balanced by the FLOPs from that layer
-    on in execution order (``flops``; what the level re-runs); layers already 2:4 cost nothing.
-    """
-    batches = list(inputs.split(batch_size))
-
-    def plan() -> list[list[Piece]]:
-        return suffix_pieces({n: unit_plan(m) for n, m in layers.items()}, {n: n for n in layers}, flops, dist.world_size)
-
-    def estimate(mine: list[Piece]) -> dict[str, Curve]:
-        return estimate_semi_structured_curves(
-            model, layers, batches, worst_case=worst_case, units=[p.layer for p in mine],
-            level_ranges={p.layer: (p.start, p.stop) for p in mine}, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
-        )
-
-    return _run_shards(model, batches, dist, plan, estimate, list(layers), "2:4 curve estimation")

@@ -19,9 +19,9 @@ Costs = Mapping[str, tuple[float, int]]
 
 @dataclass(frozen=True)
 class Piece:
-    """Levels ``start`` (inclusive) to ``stop`` (exclusive) of one layer's curve."""
+    """Levels ``start`` (inclusive) to ``stop`` (exclusive) of one unit's curve (a layer, a channel group, ...)."""
 
-    layer: str
+    unit: str
     start: int
     stop: int
 
@@ -74,7 +74,7 @@ def _pieces(names: list[str], layer_starts: np.ndarray, lo: int, hi: int) -> lis
 
 def shard_costs(plan: list[list[Piece]], costs: Costs) -> list[float]:
     """Estimated cost of each rank's shard."""
-    return [sum(float(costs[p.layer][0]) * (p.stop - p.start) for p in shard) for shard in plan]
+    return [sum(float(costs[p.unit][0]) * (p.stop - p.start) for p in shard) for shard in plan]
 
 
 def shard_balance(plan: list[list[Piece]], costs: Costs) -> float:

@@ -22,11 +22,12 @@ from torch import nn
 from rdprune.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, RESNET, Preprocessing, crop_fraction
 from rdprune.errors import UserError, one_line
 from rdprune.models.builder_kwargs import merge_kwargs
+from rdprune.models.choices import HF_PREFIX
 from rdprune.models.offline import cached_hub_file, hf_hub_cache, hub_offline, require_extra
 
 log = logging.getLogger(__name__)
 
-PREFIX = "hf:"
+PREFIX = HF_PREFIX
 PROCESSOR_FILE = "preprocessor_config.json"
 _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 INNER = "model."  # where HFImageClassifier keeps the transformers model: the prefix of its state_dict keys

@@ -13,9 +13,8 @@ from torch import nn
 
 from rdprune.data.preprocessing import Preprocessing
 from rdprune.models import hf_models, timm_models
+from rdprune.models.choices import HF_PREFIX, TIMM_PREFIX
 
-TIMM_PREFIX = timm_models.PREFIX
-HF_PREFIX = hf_models.PREFIX
 HUB_PREFIXES = (TIMM_PREFIX, HF_PREFIX)
 
 

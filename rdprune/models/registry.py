@@ -22,8 +22,6 @@ Hugging Face models get ``in_chans=C`` / ``num_channels=C``.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +33,7 @@ from torch import nn
 
 from rdprune.errors import UserError
 from rdprune.errors import one_line as _one_line
+from rdprune.imports import IMPORT_FORM, accepts_keyword, load_callable
 from rdprune.models.builder_kwargs import call_with_kwargs, merge_kwargs
 from rdprune.models.cifar_resnet import resnet20, resnet32, resnet44, resnet56
 from rdprune.models.small_cnn import SmallCNN
@@ -47,9 +46,6 @@ log = logging.getLogger(__name__)
 
 Builder = Callable[[int, "tuple[int, ...] | None"], nn.Module]
 _BUILDERS: dict[str, Builder] = {}
-IMPORT_FORM = "package.module:callable"
-
-
 def register(name: str) -> Callable[[Builder], Builder]:
     """Decorator: register ``builder(num_classes, input_shape)`` under ``name``.
 
@@ -220,36 +216,6 @@ def model_preprocessing(name: str, kwargs: Mapping[str, Any] | None = None, *, w
     from rdprune.models import hub  # lazily, as in build_model
 
     return hub.model_preprocessing(name, kwargs, weights=weights)
-
-
-def load_callable(spec: str, what: str) -> Callable:
-    """Import ``package.module:callable`` named in config field ``what``; UserError if that fails."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise UserError(f"{what} {spec!r} is not an import path of the form '{IMPORT_FORM}'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # any failure inside the user's module is the user's to fix
-        raise UserError(f"{what} {spec!r}: cannot import module {module_name!r} ({_one_line(exc)})") from exc
-    target = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise UserError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise UserError(f"{what} {spec!r}: {attr!r} is a {type(target).__name__}, not a callable")
-    return target
-
-
-def accepts_keyword(fn: Callable, keyword: str, *, through_kwargs: bool = True) -> bool:
-    """Whether ``fn`` can be called with ``keyword=...`` (explicitly or, unless ``through_kwargs`` is
-    False, through ``**kwargs``)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # builtins without a signature: assume it does
-        return through_kwargs
-    return any((p.name == keyword and p.kind != p.POSITIONAL_ONLY) or (through_kwargs and p.kind == p.VAR_KEYWORD)
-               for p in params)
 
 
 def _check_no_drop_path(name: str, drop_path_rate: float | None) -> None:

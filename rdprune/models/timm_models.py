@@ -20,11 +20,12 @@ from torch import nn
 from rdprune.data.preprocessing import CROP_MODES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocessing
 from rdprune.errors import UserError, one_line
 from rdprune.models.builder_kwargs import call_with_kwargs, merge_kwargs
+from rdprune.models.choices import TIMM_PREFIX
 from rdprune.models.offline import cached_hub_file, hf_hub_cache, hub_offline, require_extra
 
 log = logging.getLogger(__name__)
 
-PREFIX = "timm:"
+PREFIX = TIMM_PREFIX
 
 
 def build_timm_model(

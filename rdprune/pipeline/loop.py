@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -24,15 +23,11 @@ from torch import nn
 from rdprune import distributed
 from rdprune.config import Config, TrainingConfig, config_hash, config_to_dict, save_config
 from rdprune.config.schema import section_defaults
-from rdprune.core.allocation import allocate
-from rdprune.core.baselines import baseline_amounts
 from rdprune.core.batchnorm import batchnorm_layers, recalibrate_batchnorm
-from rdprune.core.floor import max_sparsity
 from rdprune.core.grid import Curve
 from rdprune.core.layers import describe_layers, evaluation, layer_flops, prunable_layers
 from rdprune.core.masks import (
     Masks,
-    apply_masks,
     current_masks,
     enforce_masks,
     flops_remaining,
@@ -43,15 +38,14 @@ from rdprune.core.masks import (
 )
 from rdprune.data import DataBundle, build_data
 from rdprune.distributed import DistInfo
-from rdprune.distributed.sharded_curves import sharded_curves
 from rdprune.errors import UserError
 from rdprune.files import atomic_torch_save, atomic_write, write_json
+from rdprune.granularity.base import GranularityStage, StageInputs, stage_class
+from rdprune.granularity.spec import spec_of
 from rdprune.models.registry import build_model, model_preprocessing
-from rdprune.pipeline import channel_stage, feeding, semi_structured_stage
-from rdprune.pipeline.channel_stage import ChannelStage
+from rdprune.pipeline import feeding
 from rdprune.pipeline.plots import plot_accuracy, plot_curves, plot_layer_sparsity
 from rdprune.pipeline.run_dir import RunLayout, RunLock, append_result, archive_previous, provenance, read_results
-from rdprune.pipeline.semi_structured_stage import SemiStructuredStage
 from rdprune.training import checkpoint
 from rdprune.training.engine import Engine, train_steps
 from rdprune.training.evaluation import evaluate
@@ -79,14 +73,14 @@ class Context:
     out: RunLayout
     data: DataBundle
     model: nn.Module
-    layers: dict[str, nn.Module]  # execution order, skipped layers excluded
-    flops: dict[str, int]
-    dense_weights: int  # weights of skipped layers (they stay dense)
-    dense_flops: int
+    stage: GranularityStage  # the granularity's units, costs and choices; its layers carry the masks
     recalibration_skip: str | None = None  # why BatchNorm statistics are not re-estimated, if they are not
     recalibration_images: torch.Tensor | None = None  # loaded at the first recalibration
-    channels: ChannelStage | None = None  # channel granularity: groups, costs, latency model
-    semi: SemiStructuredStage | None = None  # 2:4 granularity: candidate layers, costs
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        """The layers that carry masks, in execution order."""
+        return self.stage.layers
 
     @property
     def show(self) -> bool:
@@ -102,10 +96,7 @@ def run(cfg: Config, dist: DistInfo) -> list[dict]:
     with lock:
         if dist.is_main:
             _prepare_out_dir(cfg, out, dist)
-            if ctx.channels is not None:
-                channel_stage.save_table(ctx.channels, out)
-            if ctx.semi is not None:
-                semi_structured_stage.save_table(ctx.semi, out)
+            ctx.stage.save_state(out)
         distributed.barrier()
         if cfg.calibration.bn_recalibration and ctx.recalibration_skip is not None:
             log.info("BatchNorm statistics are not re-estimated after pruning: %s", ctx.recalibration_skip)
@@ -140,10 +131,10 @@ def _prepare_out_dir(cfg: Config, out: RunLayout, dist: DistInfo) -> None:
 def resume_key(cfg: Config) -> dict:
     """What a run directory's config must share with a rerun's for the rerun to continue it.
 
-    The latency section counts only for channel and 2:4 granularity (weight pruning never reads it).
+    The latency section counts only for granularities that read it.
     """
     resolved = config_to_dict(cfg)
-    sections = [s for s in RESUME_SECTIONS if s != "latency" or cfg.prune.granularity != "weight"]
+    sections = [s for s in RESUME_SECTIONS if s != "latency" or spec_of(cfg.prune.granularity).reads_latency]
     return {s: {k: v for k, v in resolved[s].items()
                 if k not in RESUME_FREE.get(s, ()) and (s not in RESUME_ONLY or k in RESUME_ONLY[s])} for s in sections}
 
@@ -179,7 +170,7 @@ def check_run(cfg: Config, dist: DistInfo, data: DataBundle | None = None) -> Da
     is known only once the layers are timed. Returns the data it built, for the next call with the
     same data to reuse (``data``).
     """
-    channel_stage.check_latency_wait(cfg, dist)
+    stage_class(cfg).precheck(cfg, dist)
     data = data if data is not None else _data(cfg)
     prune = cfg.prune
     if prune.budget == "latency":
@@ -211,29 +202,15 @@ def _build(cfg: Config, dist: DistInfo, out: RunLayout, data: DataBundle | None 
     everything = prunable_layers(model)
     skipped = {n: m for n, m in everything.items() if n in set(cfg.prune.skip)}
     skipped_flops = layer_flops(model, skipped, data.input_shape, uncalled_ok=True) if skipped else {}
-    ctx = Context(
-        cfg=cfg,
-        dist=dist,
-        out=out,
-        data=data,
-        model=model,
-        layers={i.name: everything[i.name] for i in infos},
-        flops={i.name: i.flops for i in infos},
-        dense_weights=sum(m.weight.numel() for m in skipped.values()),
-        dense_flops=sum(skipped_flops.values()),
-        recalibration_skip=_recalibration_skip(cfg, model),
+    setup = StageInputs(
+        cfg=cfg, dist=dist, out=out, model=model, input_shape=data.input_shape,
+        layers={i.name: everything[i.name] for i in infos}, flops={i.name: i.flops for i in infos},
+        skipped_weights=sum(m.weight.numel() for m in skipped.values()), skipped_flops=sum(skipped_flops.values()),
     )
-    if cfg.prune.granularity == "channel":
-        # Every convolution and linear layer carries masks: the consumers of a removed channel lose their input slice.
-        stage = channel_stage.build_stage(cfg, model, data.input_shape, dist, out)
-        ctx.channels, ctx.layers, ctx.flops = stage, stage.space.layers, stage.flops
-        ctx.dense_weights = ctx.dense_flops = 0
-        channel_stage.check_reachable(stage, cfg.prune.target_sparsity)
-    elif cfg.prune.granularity == "semi_structured":
-        total = sum(m.weight.numel() for m in ctx.layers.values()) + ctx.dense_weights
-        ctx.semi = semi_structured_stage.build_stage(cfg, model, data.input_shape, dist, out, ctx.flops, total)
-    else:
-        _check_reachable(ctx)
+    stage_cls = stage_class(cfg)
+    stage_cls.precheck(cfg, dist)
+    ctx = Context(cfg=cfg, dist=dist, out=out, data=data, model=model, stage=stage_cls.build(setup),
+                  recalibration_skip=_recalibration_skip(cfg, model))
     _check_recalibration(ctx)
     return ctx
 
@@ -266,21 +243,6 @@ def _check_recalibration(ctx: Context) -> None:
     if cal.bn_images > available:
         raise UserError(f"calibration.bn_images is {cal.bn_images}, but the training set has {available} images; "
                         f"choose at most {available}, or set calibration.bn_recalibration: false")
-
-
-def _check_reachable(ctx: Context) -> None:
-    """The final target against the layers' floors, before any work: not a failure at the last iteration."""
-    prune = ctx.cfg.prune
-    flops = {"flops": ctx.flops, "dense_flops": ctx.dense_flops} if prune.budget == "flops" else {}
-    reachable = max_sparsity(ctx.layers, prune.min_density, ctx.dense_weights, **flops)
-    if prune.target_sparsity > reachable:
-        counted = "FLOPs" if prune.budget == "flops" else "weights"
-        raise UserError(
-            f"prune.target_sparsity {prune.target_sparsity} is out of reach: with every layer keeping its floor "
-            f"(one weight per output unit, and prune.min_density {prune.min_density} of its weights) and "
-            f"prune.skip, at most {math.floor(reachable * 1e6) / 1e6:.6f} of the {counted} can go; "
-            "lower the target or prune.min_density"
-        )
 
 
 def _resume_or_start(ctx: Context) -> list[dict]:
@@ -368,14 +330,15 @@ def _evaluate(ctx: Context) -> tuple[float, float]:
 
 def _row(ctx: Context, t: int, target: float, top1_pruned: float, top1: float, loss: float, seconds: float,
          extras: dict | None = None) -> dict:
-    sparsity = layer_sparsity(ctx.layers)
-    sizes = {n: m.weight.numel() for n, m in ctx.layers.items()}
+    stage = ctx.stage
+    sparsity = layer_sparsity(stage.layers)
+    sizes = {n: m.weight.numel() for n, m in stage.layers.items()}
     return {
         "iteration": t,
         "method": ctx.cfg.prune.method,
         "target_sparsity": round(target, 10),
-        "sparsity": total_sparsity(sizes, sparsity, dense=ctx.dense_weights),
-        "flops_remaining": flops_remaining(ctx.flops, sparsity, dense=ctx.dense_flops),
+        "sparsity": total_sparsity(sizes, sparsity, dense=stage.dense_weights),
+        "flops_remaining": flops_remaining(stage.flops, sparsity, dense=stage.dense_flops),
         "top1_pruned": top1_pruned,
         "top1": top1,
         "loss": loss,
@@ -392,12 +355,15 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
     torch.manual_seed(seed)
     inputs = feeding.calibration(cfg, ctx.data).to(dist.device) if cfg.prune.method == "rd" else None
     reference = _outputs(ctx, inputs) if inputs is not None else None
-    masks_of = _channel_masks if ctx.channels is not None else _semi_structured_masks if ctx.semi is not None else _weight_masks
-    masks, extras = masks_of(ctx, t, target, inputs)
+    with _curve_threads(cfg):
+        choice = ctx.stage.choose(ctx.model, t, target, inputs, progress=ctx.show)
+    masks, extras = choice.masks, dict(choice.info)
+    if choice.curves and dist.is_main:
+        _save_curves(ctx, t, choice.curves)
     distributed.check_identical({n: m.cpu() for n, m in masks.items()}, f"masks of iteration {t}")
-    # Additivity: the allocation's predicted distortion against all units pruned together. BatchNorm-aware
-    # curves measure renormalised networks, which this stale-statistics pass is not: no like-for-like figure.
-    if reference is not None and not (ctx.channels is None and cfg.prune.bn_aware_curves):
+    # Additivity: the allocation's predicted distortion against all units pruned together, where the curves
+    # measured the network this stale-statistics pass runs.
+    if reference is not None and ctx.stage.distortion_comparable:
         extras["distortion_measured"] = _distortion(cfg, reference, _outputs(ctx, inputs))
     _recalibrate(ctx)
     top1_pruned, _ = _evaluate(ctx)
@@ -409,18 +375,18 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
     top1, loss = _evaluate(ctx)
     row = _row(ctx, t, target, top1_pruned, top1, loss, time.perf_counter() - start, extras)
     if dist.is_main:
-        removal = {"removal": {g: ctx.channels.space.removed(g) for g in ctx.channels.space.groups}} if ctx.channels else {}
-        write_json(ctx.out.allocation(t), {"target_sparsity": target, "amounts": layer_sparsity(ctx.layers), **removal})
+        write_json(ctx.out.allocation(t), {"target_sparsity": target, "amounts": layer_sparsity(ctx.layers),
+                                           **ctx.stage.allocation_record()})
         atomic_torch_save({"model": ctx.model.state_dict(), "masks": masks, "iteration": t}, ctx.out.last_checkpoint)
         append_result(ctx.out.root, row)
         checkpoint.remove(ctx.out.checkpoints)  # only now: until recorded, it is the way back in
-        ctx.out.chosen_removal(t).unlink(missing_ok=True)
+        ctx.out.chosen(t).unlink(missing_ok=True)
     distributed.barrier()
     log.info(
         "iteration %d: sparsity %.2f %% of the weights (target: %.2f %% of the %s), top-1 %.2f %% after pruning, "
         "%.2f %% after fine-tuning (train loss %.4f)",
         t, 100 * row["sparsity"], 100 * target,
-        "candidate layers made 2:4" if cfg.prune.budget == "layers" else f"{cfg.prune.budget} removed", top1_pruned, top1, train_loss,
+        ctx.stage.spec.budget_word(cfg.prune.budget), top1_pruned, top1, train_loss,
     )
     return row
 
@@ -436,97 +402,6 @@ def _distortion(cfg: Config, reference: torch.Tensor, out: torch.Tensor) -> floa
     return float(err.max() if cfg.prune.distortion == "worst_case" else err.mean())
 
 
-def _weight_masks(ctx: Context, t: int, target: float, inputs: torch.Tensor | None) -> tuple[Masks, dict]:
-    amounts, extras = _amounts(ctx, t, target, inputs)
-    return apply_masks(ctx.model, amounts, ctx.layers), extras
-
-
-def _channel_masks(ctx: Context, t: int, target: float, inputs: torch.Tensor | None) -> tuple[Masks, dict]:
-    """Channel granularity: this iteration's removal (rank 0, broadcast) as masks applied on every rank."""
-    cfg, stage = ctx.cfg, ctx.channels
-    with _curve_threads(cfg):
-        removal, info = channel_stage.removal_for(cfg, ctx.dist, stage, ctx.model, inputs, target,
-                                                  cfg.calibration.curve_cache or ctx.out.curve_cache(t),
-                                                  ctx.out.chosen_removal(t), ctx.show)
-    curves = channel_stage.curves_of(info)
-    if curves and ctx.dist.is_main:
-        _save_curves(ctx, t, curves)
-    info.pop("curves", None)
-    masks = stage.space.masks(removal)
-    enforce_masks(ctx.layers, masks)
-    return masks, info
-
-
-def _semi_structured_masks(ctx: Context, t: int, target: float, inputs: torch.Tensor | None) -> tuple[Masks, dict]:
-    """2:4 granularity: this iteration's 2:4 layers (rank 0, broadcast) as their masks, applied on every rank."""
-    with _curve_threads(ctx.cfg):
-        masks, info, curves = semi_structured_stage.masks_for(ctx.cfg, ctx.dist, ctx.semi, ctx.model, inputs, target,
-                                                              ctx.cfg.calibration.curve_cache or ctx.out.curve_cache(t), ctx.show)
-    if curves and ctx.dist.is_main:
-        _save_curves(ctx, t, curves)
-    return masks, info
-
-
-def _predicted_distortion(curves: dict[str, Curve], amounts: dict[str, float]) -> float:
-    """The sum of the chosen levels' (running-max) distortions: what the allocation minimised."""
-    total = 0.0
-    for name, curve in curves.items():
-        k = int(np.argmin(np.abs(curve.amounts - amounts[name])))
-        total += float(np.maximum.accumulate(curve.distortion)[k])
-    return total
-
-
-def _amounts(ctx: Context, t: int, target: float, inputs: torch.Tensor | None) -> tuple[dict[str, float], dict]:
-    """Per-layer absolute amounts for this iteration, computed on rank 0 (curves on every rank) and broadcast."""
-    cfg = ctx.cfg
-    if cfg.prune.method != "rd":
-        amounts = None
-        if ctx.dist.is_main:
-            amounts = baseline_amounts(
-                cfg.prune.method, ctx.layers, target, dense_weights=ctx.dense_weights, budget=cfg.prune.budget,
-                flops=ctx.flops, dense_flops=ctx.dense_flops, min_density=cfg.prune.min_density,
-            )
-        return distributed.broadcast_object(amounts), {}
-    curves = _curves(ctx, t, inputs)
-    amounts = extras = None
-    if ctx.dist.is_main:
-        amounts = allocate(
-            curves,
-            {n: m.weight.numel() for n, m in ctx.layers.items()},
-            target,
-            budget=cfg.prune.budget,
-            flops=ctx.flops,
-            current=layer_sparsity(ctx.layers),
-            dense_weights=ctx.dense_weights,
-            dense_flops=ctx.dense_flops,
-        )
-        extras = {"distortion_predicted": _predicted_distortion(curves, amounts)}
-    return distributed.broadcast_object((amounts, extras))
-
-
-def _curves(ctx: Context, t: int, inputs: torch.Tensor) -> dict[str, Curve] | None:
-    """RD curves of the current model, sharded over ranks and cached under curves/iter_t."""
-    cfg = ctx.cfg
-    with _curve_threads(cfg):
-        curves = sharded_curves(
-            ctx.model,
-            inputs,
-            cfg.prune.levels,
-            grid=cfg.prune.grid,
-            worst_case=cfg.prune.distortion == "worst_case",
-            skip=cfg.prune.skip,
-            batch_size=cfg.calibration.batch_size,
-            cache_dir=cfg.calibration.curve_cache or ctx.out.curve_cache(t),
-            dist=ctx.dist,
-            progress=ctx.show,
-            min_density=cfg.prune.min_density,
-            bn_aware=cfg.prune.bn_aware_curves,
-        )
-    if ctx.dist.is_main:
-        _save_curves(ctx, t, curves)
-    return curves
-
-
 @contextmanager
 def _curve_threads(cfg: Config) -> Iterator[None]:
     """``distributed.curve_threads`` while curves are estimated: sharded pieces equal one process's only at fixed threads."""
@@ -540,7 +415,7 @@ def _curve_threads(cfg: Config) -> Iterator[None]:
 
 
 def _save_curves(ctx: Context, t: int, curves: dict[str, Curve]) -> None:
-    """All curves of iteration t (layers or channel groups) in one ``.npz``."""
+    """All curves of iteration t (one per unit) in one ``.npz``."""
     arrays = {**{f"{n}/amounts": c.amounts for n, c in curves.items()},
               **{f"{n}/distortion": c.distortion for n, c in curves.items()}}
 
@@ -593,16 +468,8 @@ def _finish(ctx: Context, rows: list[dict]) -> None:
     )
     last_curves = ctx.out.all_curves()
     if last_curves:
+        units = ctx.stage.units()
         with np.load(last_curves[-1]) as z:
-            units = list(ctx.channels.space.groups) if ctx.channels is not None else order
             curves = {n: Curve(z[f"{n}/amounts"], z[f"{n}/distortion"]) for n in units if f"{n}/amounts" in z}
         plot_curves(curves, units, ctx.out.plot("rd_curves"), f"RD curves, {last_curves[-1].parent.name}: {name}")
-    if ctx.channels is not None:  # last: a failed export must not keep the run from counting as finished
-        try:
-            speed = channel_stage.export_smaller(ctx.cfg, ctx.channels, ctx.model, ctx.out)
-        except (RuntimeError, ValueError) as exc:
-            log.error("the physically smaller model was not exported: %s", str(exc).splitlines()[0] if str(exc) else exc)
-        else:
-            write_json(ctx.out.final_export / "latency.json", speed)
-    if ctx.semi is not None:  # last, as the channel export: it reports its own failure
-        semi_structured_stage.finish(ctx.cfg, ctx.semi, ctx.model, ctx.out, ctx.dist.device)
+    ctx.stage.finish(ctx.model, ctx.out, ctx.dist.device)  # last: a failed export must not keep the run from counting

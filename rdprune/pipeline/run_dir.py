@@ -99,24 +99,19 @@ class RunLayout:
     @property
     def final_model(self) -> Path:
         """The final plain state_dict (pruned weights zero) that loads into the unmodified architecture."""
-        return self.root / "final" / "model.pt"
+        return self.final / "model.pt"
 
     @property
     def final_masks(self) -> Path:
-        return self.root / "final" / "masks.pt"
+        return self.final / "masks.pt"
 
     @property
-    def final_export(self) -> Path:
-        """Channel granularity: the physically smaller model as ``model.pt2`` (torch.export) and ``model.onnx``."""
-        return self.root / "final" / "smaller"
+    def final(self) -> Path:
+        """The end of the run: the model, its masks, and what the granularity exports beside them."""
+        return self.root / "final"
 
-    @property
-    def final_semi_structured(self) -> Path:
-        """2:4 granularity: the layers made 2:4, the candidates, those left out and why, the export's check and speed."""
-        return self.root / "final" / "semi_structured.json"
-
-    def chosen_removal(self, iteration: int) -> Path:
-        """Channel granularity: the removal chosen for ``iteration``, kept until the iteration is recorded.
+    def chosen(self, iteration: int) -> Path:
+        """The choice made for ``iteration``, kept until the iteration is recorded.
 
         A measured latency budget makes the choice depend on timings; an iteration resumed after an
         interruption reuses this one, so its fine-tuning checkpoint and its masks stay consistent.

@@ -22,7 +22,7 @@ import yaml
 
 from rdprune import distributed
 from rdprune.config import Config, config_from_dict, config_hash, config_to_dict, read_yaml
-from rdprune.config.schema import METHODS
+from rdprune.config.schema import registered_methods
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
 from rdprune.pipeline.loop import check_run, run, same_run
@@ -115,12 +115,13 @@ def parse_sweep(section: Any, label: str) -> SweepSpec:
         if key not in SWEEP_KEYS:
             raise UserError(f"{label}: unknown key 'sweep.{key}'{_nearest(str(key), SWEEP_KEYS)}")
     methods = section.get("methods") or []
+    known = registered_methods()
     if not isinstance(methods, list):
-        raise UserError(f"{label}: sweep.methods must be a list of method names ({', '.join(METHODS)})")
+        raise UserError(f"{label}: sweep.methods must be a list of method names ({', '.join(known)})")
     entries: dict[str, dict[str, Any]] = {}
     for m in methods:
-        if m not in METHODS:
-            raise UserError(f"{label}: sweep.methods lists {m!r}, not a method{_nearest(str(m), METHODS)}")
+        if m not in known:
+            raise UserError(f"{label}: sweep.methods lists {m!r}, not a method{_nearest(str(m), known)}")
         if m in entries:
             raise UserError(f"{label}: sweep.methods lists {m!r} more than once")
         entries[m] = {"prune.method": m}

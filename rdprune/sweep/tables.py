@@ -22,6 +22,7 @@ import matplotlib.ticker as ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rdprune.files import atomic_write_text  # noqa: E402
+from rdprune.granularity.spec import all_columns
 from rdprune.pipeline.plots import save_figure  # noqa: E402
 
 Results = Mapping[str, Mapping[int, Sequence[Mapping]]]
@@ -70,8 +71,8 @@ class LevelRow:
     top1: Stat  # after fine-tuning
     top1_pruned: Stat  # right after pruning, before fine-tuning
     flops_remaining: Stat
-    speedup: Stat | None = None  # measured latency speedup (latency budgets at channel granularity)
-    layers_2to4: Stat | None = None  # candidate layers made 2:4 (2:4 granularity)
+    speedup: Stat | None = None  # measured latency speedup (latency budgets)
+    extra: dict[str, Stat] = dataclasses.field(default_factory=dict)  # the granularities' columns (all_columns) rows carry
     mark_top1: str = ""
     gap_top1: float = math.nan  # points below the level's best mean
     mark_pruned: str = ""
@@ -103,7 +104,7 @@ def summarise(results: Results) -> list[LevelRow]:
             top1_pruned=Stat.of([r["top1_pruned"] for r in rs]),
             flops_remaining=Stat.of([r["flops_remaining"] for r in rs]),
             speedup=Stat.of([r["latency_speedup"] for r in rs]) if all("latency_speedup" in r for r in rs) else None,
-            layers_2to4=Stat.of([r["layers_2to4"] for r in rs]) if all("layers_2to4" in r for r in rs) else None,
+            extra={c.key: Stat.of([r[c.key] for r in rs]) for c in all_columns() if all(c.key in r for r in rs)},
         )
         for (level, entry), rs in sorted(grouped.items(), key=lambda kv: (kv[0][0], order[kv[0][1]]))
     ]
@@ -157,21 +158,21 @@ def markdown_table(rows: Sequence[LevelRow], dense: Stat | None = None, seeds: S
     if lines:
         lines.append("")
     timed = any(r.speedup is not None for r in rows)
-    two_four = any(r.layers_2to4 is not None for r in rows)
+    columns = [c for c in all_columns() if any(c.key in r.extra for r in rows)]
     lines += [
         "| level | method | weights pruned (%) | top-1 after fine-tuning (%) | vs best | "
         "top-1 right after pruning (%) | vs best | FLOPs left (%) |" + (" measured speedup |" if timed else "")
-        + (" 2:4 layers |" if two_four else "") + " seeds |",
-        "|---:|---|---:|---:|---|---:|---|---:|" + ("---:|" if timed else "") + ("---:|" if two_four else "") + "---:|",
+        + "".join(f" {c.header} |" for c in columns) + " seeds |",
+        "|---:|---|---:|---:|---|---:|---|---:|" + ("---:|" if timed else "") + "---:|" * len(columns) + "---:|",
     ]
     for r in rows:
         level = f"{100 * r.level:.2f} %"
         speedup = (f" {r.speedup.text()}x |" if r.speedup is not None else " |") if timed else ""
-        layers = (f" {r.layers_2to4.mean:.1f} |" if r.layers_2to4 is not None else " |") if two_four else ""
+        extra = "".join(f" {c.mean_format.format(r.extra[c.key].mean)} |" if c.key in r.extra else " |" for c in columns)
         lines.append(
             f"| {level} | {r.entry} | {100 * r.sparsity.mean:.2f} | {r.top1.text()} | "
             f"{_vs_best(r.mark_top1, r.gap_top1)} | {r.top1_pruned.text()} | "
-            f"{_vs_best(r.mark_pruned, r.gap_pruned)} | {100 * r.flops_remaining.mean:.2f} |{speedup}{layers} {r.seeds} |"
+            f"{_vs_best(r.mark_pruned, r.gap_pruned)} | {100 * r.flops_remaining.mean:.2f} |{speedup}{extra} {r.seeds} |"
         )
     return "\n".join(lines)
 
@@ -179,8 +180,9 @@ def markdown_table(rows: Sequence[LevelRow], dense: Stat | None = None, seeds: S
 CSV_COLUMNS = (
     "level", "method", "seeds", "sparsity_mean", "top1_mean", "top1_std", "top1_gap", "top1_mark",
     "top1_pruned_mean", "top1_pruned_std", "top1_pruned_gap", "top1_pruned_mark", "flops_remaining_mean",
-    "latency_speedup_mean", "layers_2to4_mean",
+    "latency_speedup_mean",
 )
+"""The columns every sweep's CSV has; each registered granularity column adds ``<key>_mean``."""
 
 
 def csv_table(rows: Sequence[LevelRow]) -> str:
@@ -188,7 +190,8 @@ def csv_table(rows: Sequence[LevelRow]) -> str:
     gaps; an empty std for a single seed."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    columns = all_columns()
+    writer.writerow([*CSV_COLUMNS, *(f"{c.key}_mean" for c in columns)])
 
     def number(x: float) -> str:
         return "" if math.isnan(x) else f"{x:.6g}"
@@ -199,7 +202,7 @@ def csv_table(rows: Sequence[LevelRow]) -> str:
             number(r.top1.mean), number(r.top1.std), number(r.gap_top1), r.mark_top1,
             number(r.top1_pruned.mean), number(r.top1_pruned.std), number(r.gap_pruned), r.mark_pruned,
             number(r.flops_remaining.mean), "" if r.speedup is None else number(r.speedup.mean),
-            "" if r.layers_2to4 is None else number(r.layers_2to4.mean),
+            *("" if c.key not in r.extra else number(r.extra[c.key].mean) for c in columns),
         ])
     return buffer.getvalue()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rdprune import distributed
+from rdprune import distributed, registry
 from rdprune.core.masks import MaskGuard, Masks, enforce_masks
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
@@ -28,8 +28,8 @@ from rdprune.training.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
-ZERO_STAGES = (0, 1, 2)
-PRECISIONS = ("fp32", "bf16")
+ZERO_STAGES = registry.ZERO_STAGES.names()
+PRECISIONS = registry.PRECISIONS.names()
 
 
 def _import_deepspeed():

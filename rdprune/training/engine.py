@@ -13,7 +13,9 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-ENGINES = ("ddp", "deepspeed")
+from rdprune import registry
+
+ENGINES = registry.ENGINES.names()
 """Fine-tuning engines: ``ddp`` is :class:`LocalEngine` (plain in one process), ``deepspeed`` is ZeRO."""
 
 

@@ -9,13 +9,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # the config's schema lists OPTIMIZERS and SCHEDULERS from here
+from rdprune.registry import OPTIMIZERS as _OPTIMIZERS
+from rdprune.registry import SCHEDULERS as _SCHEDULERS
+
+if TYPE_CHECKING:  # the config is a leaf: imported for type checking only, never at run time
     from rdprune.config.schema import TrainingConfig
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("cosine", "step", "constant")
+OPTIMIZERS = _OPTIMIZERS.names()
+SCHEDULERS = _SCHEDULERS.names()
 EMBEDDING_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "mask_token", "absolute_pos_embed",
                    "position_embeddings", "relative_position_bias_table", "distillation_token", "register_tokens")
 """Parameter names (last component) of position embeddings and learned tokens, in timm and Hugging Face models."""

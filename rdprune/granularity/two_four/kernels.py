@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rdprune.core.latency import layer_shapes, measure_latency
-from rdprune.core.semi_structured import is_two_four, two_four_mask
+from rdprune.core.timing import layer_shapes, measure_latency
+from rdprune.granularity.two_four.units import is_two_four, two_four_mask
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _two_four_tensor(weight: torch.Tensor) -> torch.Tensor:
 
 def linear_input_shapes(model: nn.Module, names: Iterable[str], example: torch.Tensor) -> dict[str, tuple[int, ...]]:
     """(batch, rows per sample, in_features) of each named Linear layer's input in one forward pass of ``example``
-    (its first call), from :func:`rdprune.core.latency.layer_shapes`: what ``F.linear`` multiplies."""
+    (its first call), from :func:`rdprune.granularity.channel.latency.layer_shapes`: what ``F.linear`` multiplies."""
     names, shapes = list(names), layer_shapes(model, example)
     missing = [n for n in names if n not in shapes]
     if missing:
@@ -113,7 +113,7 @@ def layer_latency_us(layers: Mapping[str, nn.Linear], shapes: Mapping[str, tuple
     return dense_us, sparse_us
 
 
-def to_semi_structured(model: nn.Module, layers: Iterable[str], dtype: torch.dtype = torch.bfloat16,
+def to_two_four(model: nn.Module, layers: Iterable[str], dtype: torch.dtype = torch.bfloat16,
                        device: torch.device | str = "cuda") -> nn.Module:
     """A copy of ``model`` in ``dtype`` on ``device`` whose named layers hold their weights as 2:4 sparse tensors.
 

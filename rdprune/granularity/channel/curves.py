@@ -1,7 +1,7 @@
 """Rate-distortion curves of channel groups: the output distortion when one group alone loses channels.
 
 For group g and level n, the n least important channels of g are masked in every layer of the
-group (:class:`rdprune.core.channels.ChannelSpace`), the network runs in eval mode on the
+group (:class:`rdprune.granularity.channel.space.ChannelSpace`), the network runs in eval mode on the
 calibration inputs and its output is compared with the unpruned output (``mse`` or
 ``worst_case``, as for weights). A curve's amounts are fractions of the group's channels.
 
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rdprune.core.channels import ChannelSpace
-from rdprune.core.curves import LayerPlan, _as_batches, curve_cache, plain_unit_curves, select_units, unit_curves
+from rdprune.core.curves import UnitPlan, _as_batches, curve_cache, plain_unit_curves, select_units, unit_curves
 from rdprune.core.grid import Curve, Grid, level_amounts
+from rdprune.granularity.channel.space import ChannelSpace
 
 
 class ChannelUnit:
@@ -49,7 +49,7 @@ class ChannelUnit:
         del self._original, self._order
 
 
-def group_plan(space: ChannelSpace, group: str, levels: int, grid: Grid, level_range: tuple[int, int] | None = None) -> LayerPlan:
+def group_plan(space: ChannelSpace, group: str, levels: int, grid: Grid, level_range: tuple[int, int] | None = None) -> UnitPlan:
     """The levels of one group: distinct removed-channel counts from the grid, up to the group's floor.
 
     The grid is the weight grid on the fraction of channels removed (``relative``: from what is
@@ -66,7 +66,7 @@ def group_plan(space: ChannelSpace, group: str, levels: int, grid: Grid, level_r
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= len(counts)):
             raise ValueError(f"level range of group {group!r} must satisfy 0 <= start < stop <= {len(counts)}, got {level_range}")
         counts = counts[start:stop]
-    return LayerPlan(counts / size, [int(c) for c in counts], removed, level_range)
+    return UnitPlan(counts / size, [int(c) for c in counts], removed, level_range)
 
 
 def estimate_channel_curves(

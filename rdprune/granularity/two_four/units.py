@@ -6,8 +6,8 @@ non-zeros; GPUs from compute capability 8.0 multiply such a weight about twice a
 each candidate layer is a *unit* with two levels, dense (amount 0) and 2:4 (amount 0.5), and the
 same engine and allocator as every other granularity choose which layers go 2:4 under a budget:
 
-- the curves are exact (:func:`estimate_semi_structured_curves` runs the shared engine
-  :func:`rdprune.core.curves.unit_curves`, :func:`plain_semi_structured_curves` is the definition run
+- the curves are exact (:func:`estimate_two_four_curves` runs the shared engine
+  :func:`rdprune.core.curves.unit_curves`, :func:`plain_two_four_curves` is the definition run
   literally); a layer that is 2:4 already has both points equal (it has nothing left to lose);
 - the costs are integers per level (:class:`TwoFourCost`): surviving weights, layers left dense, or
   measured microseconds; :func:`allocate_two_four` solves the choice exactly with
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rdprune.core.allocation import allocate_levels
-from rdprune.core.curves import LayerPlan, _as_batches, curve_cache, plain_unit_curves, select_units, unit_curves
+from rdprune.core.allocation import allocate_levels, predicted_distortion
+from rdprune.core.curves import UnitPlan, _as_batches, curve_cache, plain_unit_curves, select_units, unit_curves
 from rdprune.core.grid import Curve
 from rdprune.core.layers import prunable_layers
 
@@ -123,7 +123,7 @@ class TwoFourUnit:
         del self._original
 
 
-def unit_plan(module: nn.Linear, level_range: tuple[int, int] | None = None) -> LayerPlan:
+def unit_plan(module: nn.Linear, level_range: tuple[int, int] | None = None) -> UnitPlan:
     """The two levels of a candidate (counts in pruned weights); a layer already 2:4 counts as pruned at both."""
     n = module.weight.numel()
     counts = [0, n // 2]
@@ -133,10 +133,10 @@ def unit_plan(module: nn.Linear, level_range: tuple[int, int] | None = None) -> 
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= 2):
             raise ValueError(f"level range of a 2:4 unit must satisfy 0 <= start < stop <= 2, got {level_range}")
         counts, amounts = counts[start:stop], amounts[start:stop]
-    return LayerPlan(amounts, counts, n // 2 if is_two_four(module.weight) else 0, level_range)
+    return UnitPlan(amounts, counts, n // 2 if is_two_four(module.weight) else 0, level_range)
 
 
-def estimate_semi_structured_curves(
+def estimate_two_four_curves(
     model: nn.Module,
     layers: Mapping[str, nn.Linear],
     inputs: torch.Tensor | Iterable[torch.Tensor],
@@ -162,7 +162,7 @@ def estimate_semi_structured_curves(
     return unit_curves(model, layers.values(), plans, batches, worst_case, cache, progress)
 
 
-def plain_semi_structured_curves(
+def plain_two_four_curves(
     model: nn.Module, layers: Mapping[str, nn.Linear], inputs: torch.Tensor | Iterable[torch.Tensor], *,
     worst_case: bool = False, batch_size: int = 64,
 ) -> dict[str, Curve]:
@@ -279,7 +279,7 @@ def allocate_two_four(curves: Mapping[str, Curve], cost: TwoFourCost, target: fl
     limit = cost.limit(target)
     levels, _ = allocate_levels({n: curves[n] for n in names}, cost.level_costs(), limit, first={n: 1 for n in current})
     chosen = [n for n in names if levels[n] == 1]
-    distortion = sum(float(np.maximum.accumulate(curves[n].distortion)[levels[n]]) for n in names)
+    distortion = predicted_distortion(curves, levels)
     return TwoFourAllocation(chosen, cost(chosen), limit, distortion)
 
 

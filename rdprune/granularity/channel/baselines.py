@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from rdprune.core.channel_costs import ChannelCost
-from rdprune.core.channels import ChannelSpace
+from rdprune.granularity.channel.costs import ChannelCost
+from rdprune.granularity.channel.space import ChannelSpace
 
 CHANNEL_BASELINES = ("unif", "glob")
 

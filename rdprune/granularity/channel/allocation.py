@@ -1,7 +1,7 @@
 """Allocation of channel removals under a non-separable budget: linearise, solve exactly, repeat, repair.
 
 The exact allocator (:func:`rdprune.core.allocation.allocate_levels`) needs a cost per unit and
-level that adds up. A channel removal's cost does not (see :mod:`rdprune.core.channel_costs`), so:
+level that adds up. A channel removal's cost does not (see :mod:`rdprune.granularity.channel.costs`), so:
 
 1. **Linearise** around the current choice x: group g at level n costs ``C(x with g at n) - C(x)``
    (made non-rising along the levels), and the budget left is ``B - C(x)``.
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rdprune.core.allocation import allocate_levels
-from rdprune.core.channel_costs import ChannelCost
-from rdprune.core.curves import LayerPlan
+from rdprune.core.allocation import allocate_levels, predicted_distortion
+from rdprune.core.curves import UnitPlan
 from rdprune.core.grid import Curve
+from rdprune.granularity.channel.costs import ChannelCost
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _solve_linear(curves: Mapping[str, Curve], costs: Mapping[str, np.ndarray], 
 
 def allocate_channels(
     curves: Mapping[str, Curve],
-    plans: Mapping[str, LayerPlan],
+    plans: Mapping[str, UnitPlan],
     cost: ChannelCost,
     limit: float,
     *,
@@ -154,7 +154,7 @@ def allocate_channels(
     chosen = removal(level)
     bound = _lower_bound(curves, counts, first, cost, limit, chosen) if cost.has_lower_bound else None
     return ChannelAllocation(
-        removal=chosen, cost=cost(chosen), limit=limit, distortion=float(sum(dist[g][level[g]] for g in groups)),
+        removal=chosen, cost=cost(chosen), limit=limit, distortion=predicted_distortion(curves, {g: level[g] for g in groups}),
         lower_bound=bound, rounds=used, greedy_steps=greedy, history=history,
     )
 
@@ -198,7 +198,7 @@ def _lower_bound(curves: Mapping[str, Curve], counts: Mapping[str, np.ndarray], 
         base += lowest
     room = math.ceil((limit - base) / unit) + len(counts)
     levels, _ = allocate_levels(curves, ints, room, first=first)
-    return float(sum(_running_max(curves[g])[k] for g, k in levels.items()))
+    return predicted_distortion(curves, levels)
 
 
 @dataclass

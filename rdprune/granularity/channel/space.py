@@ -9,7 +9,7 @@ Channels are pruned with masks, not removed, while rdprune works: a removed chan
 slices zeroed in every convolution and linear layer of its group, *including the consumers' input
 slices*. Whatever a zeroed producer still emits (a BatchNorm shift through an activation) then
 reaches no layer, so the masked network computes exactly what the physically smaller one does
-(:func:`rdprune.core.export.remove_channels` makes it at the end). The masks are ordinary weight
+(:func:`rdprune.granularity.channel.export.remove_channels` makes it at the end). The masks are ordinary weight
 masks over the prunable layers, so fine-tuning, checkpoints and resume treat them like any others.
 
 Importance of a channel: the L2 norm of all its weights in the group (producers' output slices
@@ -26,12 +26,12 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from rdprune.core.export import channel_change, require_torch_pruning
 from rdprune.core.floor import check_min_density
-from rdprune.core.latency import layer_shapes
 from rdprune.core.layers import evaluation, prunable_layers
 from rdprune.core.masks import Masks, current_masks
+from rdprune.core.timing import layer_shapes
 from rdprune.errors import UserError
+from rdprune.granularity.channel.export import channel_change, require_torch_pruning
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,8 @@ class ChannelSpace:
         return masks
 
     def removed_indices(self, removal: Mapping[str, int]) -> dict[str, list[int]]:
-        """Output channels of each group's named layer that its removal takes, for :func:`rdprune.core.export.remove_channels`."""
+        """Output channels of each group's named layer that its removal takes, for
+        :func:`rdprune.granularity.channel.export.remove_channels`."""
         found = {}
         for g, n in removal.items():
             if n > 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 
-from rdprune.core.channels import ChannelSpace, _is_depthwise
+from rdprune.granularity.channel.space import ChannelSpace, _is_depthwise
 
 ChannelBudget = Literal["weights", "flops", "latency"]
 

@@ -1,0 +1,13 @@
+"""Channel granularity: each group of coupled channels one unit, a physically smaller model exported at the end."""
+from rdprune.granularity.spec import GranularitySpec
+from rdprune.registry import GRANULARITIES
+
+SPEC = GRANULARITIES.register("channel", GranularitySpec(
+    name="channel",
+    unit="channel group",
+    form="channel",
+    methods=("rd", "unif", "glob"),  # rd, then the baselines of .baselines
+    budgets=("weights", "flops", "latency"),
+    plugin="rdprune.granularity.channel.stage:ChannelStage",
+    reads_latency=True,
+))

@@ -1,0 +1,278 @@
+"""Channel granularity in the run loop: groups, costs, the latency model, the removal per iteration, the export.
+
+The loop is the one of every granularity (:mod:`rdprune.granularity.base`): an iteration turns a
+target into masks, applies them, recalibrates, fine-tunes. Here a target becomes a removal
+``{group: channels}`` (RD on channel curves sharded over ranks, or a baseline; chosen on rank 0 and
+broadcast), checked against the **measured** latency when the budget is latency, and masks from it
+on every rank. The end of a run exports the physically smaller model.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rdprune.config import Config
+from rdprune.core.grid import Curve, Grid
+from rdprune.core.layers import layer_flops
+from rdprune.core.masks import enforce_masks
+from rdprune.core.timing import layer_shapes, measure_latency
+from rdprune.distributed import DistInfo
+from rdprune.distributed.sharded_curves import sharded_unit_curves, suffix_pieces
+from rdprune.distributed.sharding import Piece
+from rdprune.errors import UserError
+from rdprune.files import write_json
+from rdprune.granularity.base import Choice, GranularityStage, StageInputs, chosen_once, save_table, shared_table
+from rdprune.granularity.channel import SPEC
+from rdprune.granularity.channel.allocation import allocate_channels, meet_measured_latency
+from rdprune.granularity.channel.baselines import channel_baseline
+from rdprune.granularity.channel.costs import ChannelCost
+from rdprune.granularity.channel.curves import estimate_channel_curves, group_plan
+from rdprune.granularity.channel.export import remove_channels, require_onnx, save_exported
+from rdprune.granularity.channel.latency import LatencyTable
+from rdprune.granularity.channel.space import ChannelSpace
+from rdprune.pipeline.run_dir import RunLayout
+
+log = logging.getLogger(__name__)
+
+WAIT_FACTOR = 2
+"""distributed.timeout_s must be this many times latency.time_limit_s under several ranks: the limit
+steers the table's build, it does not stop it, and the other ranks wait at a collective meanwhile."""
+
+
+def check_latency_wait(cfg: Config, dist: DistInfo) -> None:
+    """Refuse a collective timeout the latency table's build could outlast: the other ranks wait at a
+    broadcast while rank 0 times the layers (checked on every rank alike, also when a resumed run
+    would reuse its table, as only rank 0 can see that)."""
+    if (cfg.prune.granularity == "channel" and cfg.prune.budget == "latency" and dist.is_distributed
+            and cfg.distributed.timeout_s < WAIT_FACTOR * cfg.latency.time_limit_s):
+        raise UserError(f"distributed.timeout_s {cfg.distributed.timeout_s} is too short for latency.time_limit_s "
+                        f"{cfg.latency.time_limit_s:g}: the other ranks wait while rank 0 times the layers, which can take "
+                        f"longer than the limit; set distributed.timeout_s to at least {WAIT_FACTOR * cfg.latency.time_limit_s:g} "
+                        f"or lower latency.time_limit_s")
+
+
+
+
+def sharded_channel_curves(
+    model: nn.Module,
+    space: ChannelSpace,
+    inputs: torch.Tensor,
+    levels: int,
+    *,
+    grid: Grid,
+    worst_case: bool,
+    batch_size: int,
+    flops: Mapping[str, int],
+    cache_dir: str | os.PathLike | None,
+    dist: DistInfo,
+    progress: bool,
+) -> dict[str, Curve] | None:
+    """Every channel group's curve on rank 0 (``None`` elsewhere); equal to :func:`estimate_channel_curves`.
+
+    Shards are (group, level range) pieces balanced by the FLOPs of the layers from the group's
+    first layer on (what one level re-runs) times its levels that remove something new.
+    """
+    batches = list(inputs.split(batch_size))
+
+    def plan() -> list[list[Piece]]:
+        order = list(flops)
+        first = {g: min((s.layer for s in group.slices), key=order.index) for g, group in space.groups.items()}
+        return suffix_pieces({g: group_plan(space, g, levels, grid) for g in space.groups}, first, flops, dist.world_size)
+
+    def estimate(mine: list[Piece]) -> dict[str, Curve]:
+        return estimate_channel_curves(
+            model, space, batches, levels, grid=grid, worst_case=worst_case, groups=[p.unit for p in mine],
+            level_ranges={p.unit: (p.start, p.stop) for p in mine}, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
+        )
+
+    return sharded_unit_curves(model, batches, dist, plan, estimate, list(space.groups), "channel curve estimation")
+
+
+class ChannelStage(GranularityStage):
+    """Groups of coupled channels as units: costs in weights, FLOPs or measured latency; a smaller model at the end."""
+
+    spec = SPEC
+
+    def __init__(self, cfg: Config, dist: DistInfo, out: RunLayout, space: ChannelSpace, cost: ChannelCost,
+                 flops: dict[str, int], table: LatencyTable | None, latency_example: torch.Tensor):
+        # Every convolution and linear layer carries masks: the consumers of a removed channel lose their input slice.
+        super().__init__(space.layers, flops, dense_weights=0, dense_flops=0)
+        self.cfg, self.dist, self.out = cfg, dist, out
+        self.space, self.cost, self.table = space, cost, table
+        self.latency_example = latency_example  # the batch whose latency counts, on the latency device
+
+    @property
+    def device(self) -> torch.device:
+        return self.latency_example.device
+
+    @classmethod
+    def precheck(cls, cfg: Config, dist: DistInfo) -> None:
+        check_latency_wait(cfg, dist)
+
+    @classmethod
+    def build(cls, setup: StageInputs) -> ChannelStage:
+        """Groups and costs; for a latency budget the latency table (rank 0 measures or reloads it, every rank gets it)."""
+        cfg, dist, model = setup.cfg, setup.dist, setup.model
+        require_onnx()  # the export at the end needs it: say so now, not after the run
+        example = torch.zeros(1, *setup.input_shape, device=dist.device)
+        try:
+            space = ChannelSpace(model, example, skip=cfg.prune.skip, min_density=cfg.prune.min_density)
+        except ValueError as exc:
+            raise UserError(str(exc).splitlines()[0]) from exc
+        flops = layer_flops(model, space.layers, setup.input_shape)
+        device = torch.device(cfg.latency.device) if cfg.latency.device else dist.device
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("latency.device is cuda but CUDA is not available on this machine; measure on cpu, or run where "
+                            "the deployment GPU is")
+        latency_example = torch.randn(cfg.latency.batch_size, *setup.input_shape,
+                                      generator=torch.Generator().manual_seed(0)).to(device)
+        table = _latency_table(cfg, model, latency_example, dist, setup.out) if cfg.prune.budget == "latency" else None
+        cost = ChannelCost(space, cfg.prune.budget, flops=flops, latency=table)
+        stage = cls(cfg, dist, setup.out, space, cost, flops, table, latency_example)
+        stage.check_reachable(cfg.prune.target_sparsity)
+        return stage
+
+    def check_reachable(self, target: float) -> None:
+        """The final target against every group at its floor, before any work."""
+        space = self.space
+        most = {g: space.max_removed(g) for g in space.groups}
+        reachable = 1.0 - self.cost(most) / self.cost.dense
+        if target > reachable:
+            raise UserError(f"prune.target_sparsity {target} is out of reach at channel granularity: with every channel group "
+                            f"at its floor at most {reachable:.6f} of the {self.cost.budget} can go; lower the target or "
+                            "prune.min_density")
+
+    def units(self) -> list[str]:
+        return list(self.space.groups)
+
+    def save_state(self, out: RunLayout) -> None:
+        save_table(out.latency_table, None if self.table is None else self.table.to_json())
+
+    def allocation_record(self) -> dict:
+        return {"removal": {g: self.space.removed(g) for g in self.space.groups}}
+
+    def choose(self, model: nn.Module, iteration: int, target: float, inputs: torch.Tensor | None, *,
+               progress: bool) -> Choice:
+        """This iteration's removal (the same on every rank) as masks applied to ``model``.
+
+        The choice is kept in the run directory until the iteration is recorded; an iteration resumed
+        after an interruption reuses it instead of solving (and timing) again.
+        """
+        cfg, space, cost = self.cfg, self.space, self.cost
+        current = {g: space.removed(g) for g in space.groups}
+
+        def curves() -> dict[str, Curve] | None:
+            if cfg.prune.method != "rd":
+                return None
+            return sharded_channel_curves(
+                model, space, inputs, cfg.prune.levels, grid=cfg.prune.grid, worst_case=cfg.prune.distortion == "worst_case",
+                batch_size=cfg.calibration.batch_size, flops=self.flops,
+                cache_dir=cfg.calibration.curve_cache or self.out.curve_cache(iteration), dist=self.dist, progress=progress,
+            )
+
+        def solve(curves: dict[str, Curve] | None) -> tuple[dict[str, int], dict]:
+            plans = {g: group_plan(space, g, cfg.prune.levels, cfg.prune.grid) for g in space.groups}
+
+            def allocate(limit: float) -> tuple[dict[str, int], dict]:
+                if curves is None:
+                    return channel_baseline(cfg.prune.method, space, cost, limit, current), {}
+                alloc = allocate_channels(curves, plans, cost, limit)
+                return alloc.removal, {"distortion_predicted": alloc.distortion, "distortion_lower_bound": alloc.lower_bound,
+                                       "allocation_rounds": alloc.rounds}
+
+            if cfg.prune.budget == "latency":
+                chosen, info = self._meet_latency(model, allocate, target)
+            else:
+                chosen, info = allocate((1.0 - target) * cost.dense)
+            info["cost_remaining"] = cost(chosen) / cost.dense
+            info["channels_removed"] = sum(chosen.values())
+            return chosen, info
+
+        removal, info, curves_found = chosen_once(self.out.chosen(iteration), target, self.dist, curves, solve)
+        masks = space.masks(removal)
+        enforce_masks(self.layers, masks)
+        return Choice(masks, info, curves_found)
+
+    def _meet_latency(self, model: nn.Module, allocate, target: float) -> tuple[dict[str, int], dict]:
+        """Solve under the latency model, measure the smaller model, and re-solve tighter while it is over budget."""
+        details: dict = {}
+
+        def solve_latency(limit: float) -> dict[str, int]:
+            removal, extra = allocate(limit)
+            details.update(extra)
+            return removal
+
+        lat = self.cfg.latency
+        checked = meet_measured_latency(
+            solve_latency, lambda removal: self._measure(model, removal, lat.repeats, lat.threads), self.cost, self.cost.dense,
+            1.0 - target, lat.correction_rounds)
+        info = {**details, "latency_predicted_ms": 1e3 * checked.predicted_s,
+                "latency_predicted_dense_ms": 1e3 * checked.predicted_dense_s, "latency_first_ms": 1e3 * checked.first_s,
+                "latency_first_dense_ms": 1e3 * checked.first_dense_s, "latency_model_error": checked.model_error,
+                "latency_model_error_absolute": checked.absolute_error, "latency_dense_ms": 1e3 * checked.dense_s,
+                "latency_ms": 1e3 * checked.pruned_s, "latency_speedup": checked.speedup,
+                "latency_corrections": checked.corrections}
+        return checked.removal, info
+
+    def _measure(self, model: nn.Module, removal: dict[str, int], repeats: int, threads: int | None) -> tuple[float, float]:
+        """(dense, pruned) seconds of one forward pass, the physically smaller copy timed interleaved with the dense one."""
+        dense = copy.deepcopy(model).to(self.device).eval()
+        smaller = remove_channels(dense, self.latency_example[:1], self.space.removed_indices(removal))
+        dense_s, pruned_s = measure_latency([dense, smaller], self.latency_example, repeats=repeats, threads=threads,
+                                            device=self.device)
+        return dense_s, pruned_s
+
+    def finish(self, model: nn.Module, out: RunLayout, device: torch.device) -> None:
+        """The physically smaller model (torch.export and ONNX) and its latency beside the dense model's.
+
+        A failed export is logged, not raised: the run has counted as finished already."""
+        try:
+            speed = self.export_smaller(model, out.final / "smaller")
+        except (RuntimeError, ValueError) as exc:
+            log.error("the physically smaller model was not exported: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        else:
+            write_json(out.final / "smaller" / "latency.json", speed)
+
+    def export_smaller(self, model: nn.Module, directory: Path) -> dict:
+        """``model.pt2`` and ``model.onnx`` of the smaller model in ``directory``; its latency and parameters against dense."""
+        removal = {g: self.space.removed(g) for g in self.space.groups}
+        dense = copy.deepcopy(model).cpu().eval()
+        example = self.latency_example[:1].cpu()
+        smaller = remove_channels(dense, example, self.space.removed_indices(removal))
+        paths = save_exported(smaller, example, directory)
+        dense_s, pruned_s = measure_latency([dense.to(self.device), smaller.to(self.device)], self.latency_example,
+                                            repeats=self.cfg.latency.repeats, threads=self.cfg.latency.threads, device=self.device)
+        params = (sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in smaller.parameters()))
+        log.info("physically smaller model: %s and %s; %d -> %d parameters; latency at batch %d on %s: dense %.3f ms, "
+                 "pruned %.3f ms (%.2fx)", paths["torch_export"], paths["onnx"], params[0], params[1], len(self.latency_example),
+                 self.device, 1e3 * dense_s, 1e3 * pruned_s, dense_s / pruned_s)
+        return {"dense_ms": 1e3 * dense_s, "pruned_ms": 1e3 * pruned_s, "speedup": dense_s / pruned_s,
+                "parameters_dense": params[0], "parameters_pruned": params[1]}
+
+
+def _latency_table(cfg: Config, model: nn.Module, example: torch.Tensor, dist: DistInfo, out: RunLayout) -> LatencyTable:
+    """The latency table: built (or reused, if it was measured alike) on rank 0 while the other ranks wait at the broadcast."""
+    check_latency_wait(cfg, dist)
+
+    def check(data: dict) -> str | None:
+        meta = LatencyTable.from_json(data).meta
+        wanted = {"batch": len(example), "threads": cfg.latency.threads, "device": str(example.device)}
+        differs = [f"{k} {meta.get(k)!r} (this run: {v!r})" for k, v in wanted.items() if meta.get(k) != v]
+        return f"measured at {', '.join(differs)}" if differs else None
+
+    def build() -> dict:
+        probe = copy.deepcopy(model).to(example.device).eval()
+        log.info("latency table: timing the layers of %s at batch %d on %s (at most %.0f s)",
+                 cfg.model.name, len(example), example.device, cfg.latency.time_limit_s)
+        return LatencyTable.build(probe, example, layer_shapes(probe, example), points=cfg.latency.points,
+                                  device=example.device, threads=cfg.latency.threads,
+                                  time_limit_s=cfg.latency.time_limit_s, progress=cfg.run.progress).to_json()
+
+    return LatencyTable.from_json(shared_table(out.latency_table, resume=cfg.run.resume, dist=dist, check=check, build=build,
+                                               what="latency table"))

@@ -1,0 +1,99 @@
+"""What a granularity declares before anything heavy is imported: its names, budgets, config rules, columns.
+
+The config schema validates ``prune.*`` against these, and the reports add a granularity's columns,
+without importing torch or the granularity's implementation; :attr:`GranularitySpec.plugin` names
+the stage class (:class:`rdprune.granularity.base.GranularityStage`) that a run builds.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rdprune import registry
+from rdprune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RowColumn:
+    """A column of the end-of-run table for rows that carry ``key`` (e.g. how many layers are 2:4)."""
+
+    key: str
+    header: str
+    cell: Callable[[dict], str]  # the row's cell, without padding
+    mean_format: str = "{:.1f}"  # how a sweep table writes the mean over seeds
+
+
+@dataclass(frozen=True)
+class GranularitySpec:
+    """A granularity's declaration: what a config may combine with it, and where its stage lives."""
+
+    name: str
+    """The value of prune.granularity."""
+    unit: str
+    """What one unit of the allocation is called in logs, plots and tables ("layer", "channel group")."""
+    form: str
+    """How an error names a method's form at this granularity ("channel": "'lamp' has no channel form")."""
+    methods: tuple[str, ...]
+    """prune.method values it implements: rd and its baselines."""
+    budgets: tuple[str, ...]
+    """prune.budget values it implements."""
+    plugin: str
+    """Import path 'package.module:Class' of its stage (imported when a run uses it)."""
+    reads_latency: bool = False
+    """Whether the latency section changes its results (then it counts in the resume key)."""
+    bn_aware_curves: bool = False
+    """Whether it offers prune.bn_aware_curves."""
+    max_min_density: float = 1.0
+    """prune.min_density may be at most this."""
+    min_density_reason: str = ""
+    """Why, where max_min_density is below 1."""
+    budget_refusals: dict[str, str] | None = None
+    """Why a budget it does not offer makes no sense here, for the error that refuses it."""
+    budget_words: dict[str, str] | None = None
+    """How a log line names what a budget counts, where "<budget> removed" would mislead."""
+    columns: tuple[RowColumn, ...] = ()
+    """Columns its result rows add to the end-of-run and sweep tables."""
+
+    def check(self, prune: Any) -> None:
+        """The config rules this granularity owns: its methods, budgets and limits, as ConfigErrors."""
+        if prune.budget not in self.budgets:
+            raise ConfigError("prune.budget", f"prune.budget {prune.budget!r} needs prune.granularity "
+                              f"{_offering(lambda s: prune.budget in s.budgets)}{self._why_not(prune.budget)}; at {self.name!r} choose "
+                              f"{', '.join(self.budgets[:-1])} or {self.budgets[-1]}", related=["prune.granularity"])
+        if prune.method not in self.methods:
+            raise ConfigError("prune.method", f"prune.method {prune.method!r} has no {self.form} form; at prune.granularity "
+                              f"{self.name!r} choose one of {', '.join(map(repr, self.methods))}", related=["prune.granularity"])
+        if prune.bn_aware_curves and not self.bn_aware_curves:
+            raise ConfigError("prune.bn_aware_curves", "prune.bn_aware_curves is for prune.granularity "
+                              f"{_offering(lambda s: s.bn_aware_curves)} only", related=["prune.granularity"])
+        if prune.min_density > self.max_min_density:
+            raise ConfigError("prune.min_density", f"prune.min_density {prune.min_density} cannot hold at prune.granularity "
+                              f"{self.name!r}: {self.min_density_reason}; choose at most {self.max_min_density}",
+                              related=["prune.granularity"])
+
+    def _why_not(self, budget: str) -> str:
+        return f" ({self.budget_refusals[budget]})" if budget in (self.budget_refusals or {}) else ""
+
+    def budget_word(self, budget: str) -> str:
+        """What the log says a target counts, e.g. "weights removed"."""
+        return (self.budget_words or {}).get(budget, f"{budget} removed")
+
+    def stage_class(self) -> Any:
+        """The stage class (imports the implementation)."""
+        return registry.load(self.plugin)
+
+
+def _offering(has: Callable[[GranularitySpec], bool]) -> str:
+    """The registered granularities with a property, as an error names them ("'channel' or 'semi_structured'")."""
+    return " or ".join(repr(n) for n, s in registry.GRANULARITIES.entries().items() if has(s))
+
+
+def spec_of(name: str) -> GranularitySpec:
+    """The registered granularity ``name``."""
+    return registry.GRANULARITIES.get(name)
+
+
+def all_columns() -> list[RowColumn]:
+    """Every registered granularity's extra result columns, in registration order."""
+    return [c for spec in registry.GRANULARITIES.entries().values() for c in spec.columns]
