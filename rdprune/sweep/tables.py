@@ -177,12 +177,20 @@ def markdown_table(rows: Sequence[LevelRow], dense: Stat | None = None, seeds: S
     return "\n".join(lines)
 
 
-CSV_COLUMNS = (
+_BASE_COLUMNS = (
     "level", "method", "seeds", "sparsity_mean", "top1_mean", "top1_std", "top1_gap", "top1_mark",
     "top1_pruned_mean", "top1_pruned_std", "top1_pruned_gap", "top1_pruned_mark", "flops_remaining_mean",
     "latency_speedup_mean",
 )
-"""The columns every sweep's CSV has; each registered granularity column adds ``<key>_mean``."""
+
+
+def csv_columns() -> tuple[str, ...]:
+    """The CSV header: the columns of every sweep, then ``<key>_mean`` of each registered granularity column."""
+    return (*_BASE_COLUMNS, *(f"{c.key}_mean" for c in all_columns()))
+
+
+CSV_COLUMNS = csv_columns()
+"""The CSV header with rdprune's own granularities."""
 
 
 def csv_table(rows: Sequence[LevelRow]) -> str:
@@ -191,7 +199,7 @@ def csv_table(rows: Sequence[LevelRow]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     columns = all_columns()
-    writer.writerow([*CSV_COLUMNS, *(f"{c.key}_mean" for c in columns)])
+    writer.writerow(csv_columns())
 
     def number(x: float) -> str:
         return "" if math.isnan(x) else f"{x:.6g}"
