@@ -7,7 +7,8 @@ package declares its names in a light module (``choices.py``, or a granularity p
 ``__init__``) that this module imports on the first read of a registry; the heavy part of an entry
 is imported only when a run uses it (:meth:`Registry.load`).
 
-A plug-in registers the same way, e.g. a new granularity::
+A plug-in registers the same way, in a module named by the environment variable ``RDPRUNE_PLUGINS``
+(or imported before the config is read), e.g. a new granularity::
 
     from rdprune.registry import GRANULARITIES
     from rdprune.granularity.spec import GranularitySpec
@@ -16,6 +17,7 @@ A plug-in registers the same way, e.g. a new granularity::
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
@@ -31,6 +33,9 @@ _DECLARATIONS = (
     "rdprune.distributed.choices",
 )
 """The light modules that declare rdprune's own names, imported on the first read of any registry."""
+PLUGINS_VARIABLE = "RDPRUNE_PLUGINS"
+"""Environment variable: comma-separated modules that register plug-ins, imported after rdprune's own
+(so that every process of a torchrun or SLURM job registers them before it reads its config)."""
 _declared = False
 
 
@@ -38,7 +43,8 @@ def _declare_builtins() -> None:
     global _declared
     if not _declared:
         _declared = True
-        for module in _DECLARATIONS:
+        plugins = [m.strip() for m in os.environ.get(PLUGINS_VARIABLE, "").split(",") if m.strip()]
+        for module in (*_DECLARATIONS, *plugins):
             importlib.import_module(module)
 
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from rdprune.granularity.channel import export
 from rdprune.errors import UserError
+from rdprune.granularity.channel import export
 from rdprune.granularity.channel.export import remove_channels, require_torch_pruning, save_exported
 
 from tiny_models import Branchy
