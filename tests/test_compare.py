@@ -86,12 +86,13 @@ def test_resume_redoes_only_unfinished_runs(sweep):
     out, _ = sweep
     finished = _mtimes(out / "runs" / "rd_seed0")
     pretrained = _mtimes(out / "pretrained")
-    # An interruption inside lamp's last iteration: its row and final outputs are missing; the
-    # tables were never written.
+    # An interruption inside lamp's first iteration: its rows, last model and final outputs are
+    # missing; the tables were never written. (A last.pt ahead of the rows would be refused.)
     lamp = out / "runs" / "lamp_seed0"
     results = (lamp / "results.jsonl").read_text().splitlines()
-    (lamp / "results.jsonl").write_text("\n".join(results[:-1]) + "\n")
-    for p in (lamp / "final" / "model.pt", lamp / "final" / "masks.pt", out / "comparison.csv", out / "comparison.md"):
+    (lamp / "results.jsonl").write_text(results[0] + "\n")
+    for p in (lamp / "checkpoints" / "last.pt", lamp / "final" / "model.pt", lamp / "final" / "masks.pt",
+              out / "comparison.csv", out / "comparison.md"):
         p.unlink()
 
     assert _compare(out) == 0

@@ -38,8 +38,8 @@ from rdprune.core.masks import (
 )
 from rdprune.data import DataBundle, build_data
 from rdprune.distributed import DistInfo
-from rdprune.errors import UserError
-from rdprune.files import atomic_torch_save, atomic_write, write_json
+from rdprune.errors import UserError, one_line
+from rdprune.files import atomic_torch_save, atomic_write, remove_leftovers, write_json
 from rdprune.granularity.base import GranularityStage, StageInputs, stage_class
 from rdprune.granularity.spec import spec_of
 from rdprune.models.registry import build_model, model_preprocessing
@@ -112,13 +112,26 @@ def run(cfg: Config, dist: DistInfo) -> list[dict]:
 
 
 def _prepare_out_dir(cfg: Config, out: RunLayout, dist: DistInfo) -> None:
-    """Archive or check an earlier run, then write the resolved config and provenance."""
+    """Remove temporary files a killed run left, archive or check an earlier run, then write the
+    resolved config and provenance."""
+    for leftover in remove_leftovers(out.root):  # under the run lock: no other process writes here now
+        log.info("removed %s, left by an interrupted write", leftover)
     if not cfg.run.resume:
         moved = archive_previous(out.root)
         if moved:
             log.info("run.resume=false: moved the earlier run to %s", moved)
-    elif read_results(out.root):
-        if out.resume_key.exists() and not same_run(json.loads(out.resume_key.read_text()), cfg):
+    elif read_results(out.root) and out.resume_key.exists():
+        try:
+            stored = json.loads(out.resume_key.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            stored = err
+        if not isinstance(stored, dict):
+            raise UserError(
+                f"{out.resume_key} is not the JSON object that names this run's config; without it a rerun cannot tell "
+                "whether it continues the same experiment: restore it, or set run.resume=false to archive the run "
+                "and start clean"
+            )
+        if not same_run(stored, cfg):
             raise UserError(
                 f"{out.root} holds a run of a different config; set run.resume=false to archive it "
                 "and start clean, or choose another run.out_dir"
@@ -197,6 +210,10 @@ def _data(cfg: Config) -> DataBundle:
 def _build(cfg: Config, dist: DistInfo, out: RunLayout, data: DataBundle | None = None) -> Context:
     torch.manual_seed(cfg.run.seed)
     data = data if data is not None else _data(cfg)
+    if cfg.model.num_classes is not None and cfg.model.num_classes < data.num_classes:
+        raise UserError(f"model.num_classes is {cfg.model.num_classes}, but data {cfg.data.name} has {data.num_classes} "
+                        f"classes (labels up to {data.num_classes - 1}); set model.num_classes to at least "
+                        f"{data.num_classes}, or null to take it from the data")
     model = _dense_model(cfg, data).to(dist.device)
     infos = describe_layers(model, data.input_shape, skip=cfg.prune.skip)
     everything = prunable_layers(model)
@@ -246,17 +263,54 @@ def _check_recalibration(ctx: Context) -> None:
 
 
 def _resume_or_start(ctx: Context) -> list[dict]:
-    """Load the last completed iteration's weights, or pretrain/evaluate the dense model (iteration 0)."""
+    """Load the last completed iteration's weights, or pretrain/evaluate the dense model (iteration 0).
+
+    A resume continues only from a state it can trust, else stops with a one-line UserError:
+
+    * ``checkpoints/last.pt`` must hold the iteration of the last row of ``results.jsonl``. One
+      iteration ahead means the run was killed between saving the model and recording its row.
+      That row is not recovered: its top-1 right after pruning and its measured distortion were
+      taken on the previous iteration's model, which ``last.pt`` no longer holds, so a rebuilt row
+      would not be the one the run would have written. After iteration 0 alone the stale
+      ``last.pt`` is ignored: the dense model is there, and the first iteration is redone from it.
+    * a config that pretrains (no ``model.checkpoint`` or ``model.weights``) needs
+      ``pretrained.pt`` to continue after iteration 0 (or to rewind to it): pretraining again need
+      not give the same weights (another device, thread count or world size), and a freshly
+      initialised network must never stand in for the dense model.
+    * an unreadable checkpoint (truncated, or of another model) is named, not a traceback.
+    """
     rows = distributed.broadcast_object(read_results(ctx.out.root) if ctx.dist.is_main else None)
     if rows:
+        cfg, out = ctx.cfg, ctx.out
         last = rows[-1]["iteration"]
-        path = ctx.out.pretrained if last == 0 else ctx.out.last_checkpoint
-        if path.exists() or last == 0:
-            if path.exists():
-                ctx.model.load_state_dict(torch.load(path, map_location=ctx.dist.device, weights_only=True)["model"])
-            log.info("resuming %s after iteration %d", ctx.out.root, last)
-            return rows
-        raise UserError(f"{ctx.out.root} records iteration {last} but {path} is missing; set run.resume=false to start clean")
+        pretrains = cfg.model.checkpoint is None and cfg.model.weights is None
+        unfinished = last < len(cfg.prune.schedule())
+        if pretrains and not out.pretrained.exists() and (last == 0 or (cfg.finetune.rewind and unfinished)):
+            raise UserError(
+                f"{out.pretrained} is missing, but {out.results} records iteration {last} of a run that pretrained "
+                f"its dense model (no model.checkpoint or model.weights){' and rewinds to it (finetune.rewind)' if last else ''}; "
+                "pretraining again need not reproduce those weights: restore the file, or set run.resume=false to "
+                "archive this run and start clean"
+            )
+        path = out.pretrained if last == 0 else out.last_checkpoint
+        if path.exists():
+            state = checkpoint.load_run_state(path, ctx.dist.device)
+            held = state.get("iteration")
+            if last > 0 and held != last:
+                lost = f"the run was stopped after saving iteration {held}'s model and before recording its row, " \
+                       "which cannot be rebuilt exactly (its top-1 right after pruning was measured on the model before)"
+                raise UserError(f"{path} holds iteration {held} but {out.results} ends at iteration {last}: "
+                                f"{lost if held == last + 1 else 'the two are not of one run state'}; "
+                                "set run.resume=false to archive this run and start clean")
+            try:
+                ctx.model.load_state_dict(state["model"])
+            except RuntimeError as err:
+                raise UserError(f"{path} does not fit model {cfg.model.name} ({one_line(err)}); "
+                                "set run.resume=false to archive this run and start clean") from None
+        elif last > 0:  # at 0 the dense model is the config's own (model.checkpoint or model.weights)
+            raise UserError(f"{out.root} records iteration {last} but {path} is missing; set run.resume=false to start clean")
+        log.info("resuming %s after iteration %d", out.root, last)
+        return rows
     start = time.perf_counter()
     if ctx.cfg.model.checkpoint is None and ctx.cfg.model.weights is None:
         _pretrain(ctx)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from rdprune.errors import UserError
-from rdprune.files import atomic_write_text
+from rdprune.files import atomic_write_text, write_error
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,14 @@ class RunLock:
         self._file = None
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a+")
+        except OSError as err:  # a read-only or full run.out_dir fails here first
+            user = write_error(self.path, err)
+            if user is None:
+                raise
+            raise user from err
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -180,9 +186,16 @@ def read_results(out_dir: Path) -> list[dict]:
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"{path} line {number} is not JSON ({err.msg}); move the file away or set run.resume=false") from None
+            if not isinstance(row, dict) or type(row.get("iteration")) is not int:
+                raise UserError(f"{path} line {number} is not a result row (a JSON object with an integer \"iteration\"); "
+                                "move the file away or set run.resume=false")
+            if row["iteration"] != len(rows):
+                raise UserError(f"{path} line {number} records iteration {row['iteration']} where iteration {len(rows)} "
+                                "belongs; move the file away or set run.resume=false")
+            rows.append(row)
     return rows
 
 

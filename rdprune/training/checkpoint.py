@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 from rdprune import distributed
 from rdprune.distributed import DistInfo
+from rdprune.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +71,23 @@ def resume_step(directory: Path, iteration: int, engine: str, dist: DistInfo) ->
                      found.get("engine"), found.get("iteration"), found.get("world_size"))
             remove(directory, found.get("engine"))
     return distributed.broadcast_object(step)
+
+
+def load_run_state(path: Path, device: torch.device | str) -> dict:
+    """A run's ``pretrained.pt`` or ``checkpoints/last.pt`` as saved (``{"model": state_dict, ...}``).
+
+    A file that does not load (truncated by a kill or a full disk, or not a checkpoint at all) is a
+    one-line UserError naming it, not torch's traceback.
+    """
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except torch.OutOfMemoryError:
+        raise
+    # a truncated zip archive (RuntimeError), an empty file (EOFError), other bytes (UnpicklingError), a read error
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as err:
+        raise UserError(f"{path} is not a readable checkpoint ({one_line(err)}); a killed run or a full disk may "
+                        "have cut it short: set run.resume=false to archive this run and start clean") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise UserError(f"{path} is not a checkpoint of this run (no \"model\" state_dict); "
+                        "set run.resume=false to archive this run and start clean")
+    return state
