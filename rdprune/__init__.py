@@ -33,6 +33,10 @@ coupled channels, with weights, FLOPs or a measured latency as the budget::
 Models by name, from local files and caches only: ``rdprune.build_model("timm:deit_small_patch16_224",
 1000, weights="DEFAULT")``, ``rdprune.build_model("hf:path/to/folder", 10, weights="DEFAULT")``.
 
+The final model of a finished run, in eval mode: ``rdprune.load_model("runs/quickstart")`` (the masked
+full model, any granularity), ``rdprune.load_model("runs/quickstart_channels", smaller=True)`` (the
+physically smaller model a channel run exports).
+
 The command line (``python -m rdprune.run CONFIG``) composes the same calls with data, training and
 torchrun.
 """
@@ -67,12 +71,16 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    """``rdprune.build_model``, imported on first use: the model registry brings torchvision, which the
-    pruning core does not need."""
+    """``rdprune.build_model`` and ``rdprune.load_model``, imported on first use: the model registry
+    brings torchvision (and ``load_model`` the data registry), which the pruning core does not need."""
     if name == "build_model":
         from rdprune.models.registry import build_model
 
         return build_model
+    if name == "load_model":
+        from rdprune.pipeline.load import load_model
+
+        return load_model
     raise AttributeError(f"module 'rdprune' has no attribute {name!r}")
 
 
@@ -99,6 +107,7 @@ __all__ = [
     "layer_shapes",
     "layer_sparsity",
     "load_masks",
+    "load_model",
     "max_amounts",
     "max_sparsity",
     "measure_latency",
