@@ -33,6 +33,10 @@ coupled channels, with weights, FLOPs or a measured latency as the budget::
 Models by name, from local files and caches only: ``rdprune.build_model("timm:deit_small_patch16_224",
 1000, weights="DEFAULT")``, ``rdprune.build_model("hf:path/to/folder", 10, weights="DEFAULT")``.
 
+The final model of a finished run, in eval mode: ``rdprune.load_model("runs/quickstart")`` (the masked
+full model, any granularity), ``rdprune.load_model("runs/quickstart_channels", smaller=True)`` (the
+physically smaller model a channel run exports).
+
 The command line (``python -m rdprune.run CONFIG``) composes the same calls with data, training and
 torchrun.
 """
@@ -74,7 +78,14 @@ _LAZY = {
     "two_four_weight_cost": ("rdprune.granularity.two_four.units", "weight_cost"),
     "BASELINES": ("rdprune.granularity.weight.baselines", "BASELINES"),
     "baseline_amounts": ("rdprune.granularity.weight.baselines", "baseline_amounts"),
+    "MaskGuard": ("rdprune.core.masks", "MaskGuard"),
+    "apply_masks": ("rdprune.core.masks", "apply_masks"),
+    "layer_sparsity": ("rdprune.core.masks", "layer_sparsity"),
+    "load_masks": ("rdprune.core.masks", "load_masks"),
+    "pruned_state_dict": ("rdprune.core.masks", "pruned_state_dict"),
+    "save_masks": ("rdprune.core.masks", "save_masks"),
     "build_model": ("rdprune.models.registry", "build_model"),
+    "load_model": ("rdprune.pipeline.load", "load_model"),
 }
 """Public names -> (module, attribute), imported on first use: ``import rdprune`` (and loading a config)
 imports no torch, so that a bad config is refused at once."""
@@ -119,6 +130,7 @@ __all__ = [
     "layer_shapes",
     "layer_sparsity",
     "load_masks",
+    "load_model",
     "max_amounts",
     "max_sparsity",
     "measure_latency",

@@ -145,6 +145,12 @@ def test_weight_and_flops_costs_count_what_the_smaller_model_has(resnet):
     assert ChannelCost(space, "flops", flops=flops)(removal) == pytest.approx(small_flops, rel=1e-12)
 
 
+def test_an_unknown_budget_is_refused_with_the_budgets_named():
+    space = ChannelSpace(DepthwiseConcat().eval(), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="unknown channel budget 'latenct': choose one of weights, flops, latency"):
+        ChannelCost(space, "latenct")
+
+
 def _brute_force(curves, plans, cost, limit):
     best = np.inf
     for levels in itertools.product(*(range(len(plans[g].counts)) for g in curves)):

@@ -394,9 +394,20 @@ def test_value_error_from_rdprune_code_is_a_user_error(capsys):
 def test_parse_run_args(capsys):
     assert parse_run_args(["c.yaml", "prune.method=lamp", "run.seed=1"]) == \
         (Path("c.yaml"), ["prune.method=lamp", "run.seed=1"])
+    assert parse_run_args(["c.yaml"]) == (Path("c.yaml"), [])
     with pytest.raises(SystemExit) as info:
         parse_run_args([])
     assert info.value.code == 2 and capsys.readouterr().err.startswith("usage: python -m rdprune.run")
+
+
+def test_usage_shows_the_overrides_as_optional(capsys):
+    """Only CONFIG is required: the error for no arguments names it alone, the usage brackets the overrides."""
+    with pytest.raises(SystemExit) as info:
+        parse_run_args([])
+    err = " ".join(capsys.readouterr().err.split())  # argparse wraps the usage at the terminal's width
+    assert info.value.code == 2
+    assert " config [section.key=value" in err
+    assert err.endswith("error: the following arguments are required: config")
     with pytest.raises(SystemExit) as info:
         parse_run_args(["-h"])
     out = capsys.readouterr().out

@@ -122,8 +122,9 @@ def build_run_parser(prog: str = "python -m rdprune.run") -> argparse.ArgumentPa
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", type=Path, help="YAML config file, e.g. configs/quickstart.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="dotted overrides applied after the file, in order")
+    # default=[]: without a default argparse counts a "*" positional as required and names it in its error
+    parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
+                        help="dotted overrides applied after the file, in order (optional)")
     parser.add_argument("--version", action="version", version=f"rdprune {rdprune.__version__}")
     return parser
 

@@ -4,8 +4,10 @@ The same command runs under ``torchrun``; a single process is a world of size 1.
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
@@ -15,6 +17,7 @@ from rdprune.config import config_hash, load_config
 from rdprune.distributed.collectives import check_precision
 from rdprune.pipeline.loop import run
 from rdprune.pipeline.report import results_table
+from rdprune.pipeline.run_dir import RunLayout
 
 log = logging.getLogger("rdprune")
 
@@ -36,5 +39,16 @@ def main(argv: list[str]) -> int:
         if dist.is_main:
             sys.stdout.write(results_table(rows) + "\n")
             sys.stdout.write(f"results, final model and plots in {cfg.out_path}\n")
+            sys.stdout.write(final_model_lines(cfg.out_path))
     return 0
 
+
+def final_model_lines(out: Path) -> str:
+    """Where the final model is and the Python line that loads it (and the smaller one, where a channel run exported it)."""
+    layout = RunLayout(out)
+    literal = json.dumps(str(out), ensure_ascii=False)  # a valid Python string literal, also for odd paths
+    lines = f"final model: {layout.final_model} (load it with rdprune.load_model({literal}))\n"
+    smaller = layout.final_export / "model.pt2"
+    if smaller.is_file():
+        lines += f"physically smaller model: {smaller} (load it with rdprune.load_model({literal}, smaller=True))\n"
+    return lines

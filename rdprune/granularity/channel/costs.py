@@ -10,7 +10,7 @@ bounds the best distortion any removal on the level grid can reach under the bud
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 from rdprune.granularity.channel.space import ChannelSpace, _is_depthwise
 
@@ -33,6 +33,8 @@ class ChannelCost:
     def __init__(self, space: ChannelSpace, budget: ChannelBudget, *, flops: Mapping[str, int] | None = None,
                  latency: LatencyModel | None = None):
         self.space, self.budget, self.latency = space, budget, latency
+        if budget not in get_args(ChannelBudget):
+            raise ValueError(f"unknown channel budget {budget!r}: choose one of {', '.join(get_args(ChannelBudget))}")
         if budget == "latency" and latency is None:
             raise ValueError("a latency budget needs a latency model")
         if budget == "flops" and flops is None:
