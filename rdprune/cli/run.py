@@ -44,11 +44,11 @@ def main(argv: list[str]) -> int:
 
 
 def final_model_lines(out: Path) -> str:
-    """Where the final model is and the Python line that loads it (and the smaller one, where a channel run exported it)."""
+    """Where the final model is and the Python line that loads it (and the physically smaller one, where the run exported it)."""
     layout = RunLayout(out)
     literal = json.dumps(str(out), ensure_ascii=False)  # a valid Python string literal, also for odd paths
     lines = f"final model: {layout.final_model} (load it with rdprune.load_model({literal}))\n"
-    smaller = layout.final_export / "model.pt2"
+    smaller = layout.smaller_model
     if smaller.is_file():
         lines += f"physically smaller model: {smaller} (load it with rdprune.load_model({literal}, smaller=True))\n"
     return lines

@@ -59,12 +59,9 @@ def load_model(run_dir: str | os.PathLike, *, smaller: bool = False) -> nn.Modul
 
 
 def _smaller(out: RunLayout, granularity: str) -> nn.Module:
-    """The exported physically smaller model of a channel run."""
-    if granularity != "channel":
-        raise ValueError(f"smaller=True is for runs at prune.granularity 'channel'; {out.root} is a {granularity!r} run, "
-                         "whose model keeps its shape: load it with smaller=False")
-    path = out.final_export / "model.pt2"
+    """The physically smaller model the run exported (channel granularity does)."""
+    path = out.smaller_model
     if not path.is_file():
-        raise ValueError(f"{path} does not exist: the run did not export its physically smaller model (its log says why); "
-                         "load the masked model with smaller=False")
+        raise ValueError(f"{path} does not exist: this prune.granularity {granularity!r} run exported no physically smaller "
+                         "model (a channel run does, unless its log says why not); load the masked model with smaller=False")
     return torch.export.load(os.fspath(path)).module()

@@ -525,5 +525,6 @@ def _finish(ctx: Context, rows: list[dict]) -> None:
         units = ctx.stage.units()
         with np.load(last_curves[-1]) as z:
             curves = {n: Curve(z[f"{n}/amounts"], z[f"{n}/distortion"]) for n in units if f"{n}/amounts" in z}
-        plot_curves(curves, units, ctx.out.plot("rd_curves"), f"RD curves, {last_curves[-1].parent.name}: {name}")
+        plot_curves(curves, units, ctx.out.plot("rd_curves"), f"RD curves, {last_curves[-1].parent.name}: {name}",
+                    unit=ctx.stage.spec.unit)
     ctx.stage.finish(ctx.model, ctx.out, ctx.dist.device)  # last: a failed export must not keep the run from counting

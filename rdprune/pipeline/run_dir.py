@@ -110,6 +110,11 @@ class RunLayout:
         """The end of the run: the model, its masks, and what the granularity exports beside them."""
         return self.root / "final"
 
+    @property
+    def smaller_model(self) -> Path:
+        """The physically smaller model a granularity exports (``torch.export``), beside ``model.onnx``."""
+        return self.final / "smaller" / "model.pt2"
+
     def chosen(self, iteration: int) -> Path:
         """The choice made for ``iteration``, kept until the iteration is recorded.
 

@@ -233,11 +233,11 @@ class ChannelStage(GranularityStage):
 
         A failed export is logged, not raised: the run has counted as finished already."""
         try:
-            speed = self.export_smaller(model, out.final / "smaller")
+            speed = self.export_smaller(model, out.smaller_model.parent)
         except (RuntimeError, ValueError) as exc:
             log.error("the physically smaller model was not exported: %s", str(exc).splitlines()[0] if str(exc) else exc)
         else:
-            write_json(out.final / "smaller" / "latency.json", speed)
+            write_json(out.smaller_model.parent / "latency.json", speed)
 
     def export_smaller(self, model: nn.Module, directory: Path) -> dict:
         """``model.pt2`` and ``model.onnx`` of the smaller model in ``directory``; its latency and parameters against dense."""
