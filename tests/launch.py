@@ -5,6 +5,7 @@ variable is dropped, so each child starts a fresh world of its own.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,3 +38,17 @@ def torchrun(nproc: int, *target: str, timeout: float = 300, paths: tuple[Path, 
     """Run ``target`` on ``nproc`` local ranks from the repository root; output captured as text."""
     return subprocess.run(torchrun_command(nproc, *target), env=clean_env(*paths), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_ok(cmd: list[str], timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` from the repository root in :func:`clean_env` (or ``env``); assert it exits 0, showing its output if not."""
+    proc = subprocess.run(cmd, cwd=REPO, env=env if env is not None else clean_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def read_rows(out: Path, *, timings: bool = True) -> list[dict]:
+    """The rows of a run's results.jsonl; without ``timings`` (``seconds``), for comparing two runs."""
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return rows if timings else [{k: v for k, v in r.items() if k != "seconds"} for r in rows]

@@ -11,7 +11,7 @@ import torch
 from rdprune.core.layers import prunable_layers
 
 from cli_errors import user_error
-from launch import clean_env
+from launch import read_rows, run_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "quickstart_channels.yaml"
@@ -23,13 +23,8 @@ REDUCED = [MODEL, "pretrain.steps=30", "finetune.steps=4", "prune.levels=6", "pr
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "rdprune.run", str(CONFIG), f"run.out_dir={out}", *REDUCED, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=clean_env(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run_ok(cmd)
 
-
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +35,7 @@ def channel_run(tmp_path_factory) -> Path:
 
 
 def test_latency_rows_record_prediction_measurement_and_additivity(channel_run):
-    rows = _rows(channel_run)
+    rows = read_rows(channel_run)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         assert r["latency_dense_ms"] > 0 and r["latency_ms"] > 0 and r["latency_predicted_ms"] > 0
@@ -78,11 +73,11 @@ def test_masked_final_model_and_exported_smaller_model_agree(channel_run):
 
 def test_rerun_resumes_with_the_saved_latency_table(channel_run):
     table = (channel_run / "latency_table.json").read_bytes()
-    rows = _rows(channel_run)
+    rows = read_rows(channel_run)
     proc = _run(channel_run)
     assert "resuming" in proc.stderr and "latency table: reusing" in proc.stderr
     assert (channel_run / "latency_table.json").read_bytes() == table
-    assert [r["iteration"] for r in _rows(channel_run)] == [r["iteration"] for r in rows]
+    assert [r["iteration"] for r in read_rows(channel_run)] == [r["iteration"] for r in rows]
 
 
 

@@ -22,7 +22,7 @@ from rdprune.training.engine import train_steps
 from rdprune.training.local_engine import LocalEngine
 from rdprune.training.optim import make_optimizer, make_scheduler
 
-from launch import clean_env, torchrun_command
+from launch import clean_env, read_rows, run_ok, torchrun_command
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -112,15 +112,6 @@ def test_only_a_checkpoint_of_this_iteration_engine_and_world_size_is_used(tmp_p
     assert not (tmp_path / "finetune.json").exists()
 
 
-def _rows(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in (out / "results.jsonl").read_text().splitlines()]
-
-
-def _run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
 
 
 def _descendants(pid: int) -> list[int]:
@@ -165,7 +156,7 @@ def _check_resumed(out: Path, proc: subprocess.CompletedProcess, reference: Path
     assert len(resumed) == 1, proc.stderr[-3000:]
     iteration, step = map(int, resumed[0])
     assert iteration in (1, 2) and 0 < step < 30 and step % 5 == 0
-    assert _rows(out) == _rows(reference)
+    assert read_rows(out, timings=False) == read_rows(reference, timings=False)
     assert not any(p.name.startswith("finetune") for p in (out / "checkpoints").iterdir())
     assert not (out / "checkpoints" / "deepspeed").exists()
     final, ref = (torch.load(p / "final" / "model.pt", weights_only=True) for p in (out, reference))
@@ -178,13 +169,13 @@ def test_killed_during_finetuning_resumes_at_the_checkpoint(tmp_path):
         return [sys.executable, "-m", "rdprune.run", QUICKSTART, f"run.out_dir={out}", *REDUCED, "finetune.checkpoint_every=5"]
 
     reference = tmp_path / "reference"
-    _run([sys.executable, "-m", "rdprune.run", QUICKSTART, f"run.out_dir={reference}", *REDUCED])  # no checkpoints
-    assert [r["iteration"] for r in _rows(reference)] == [0, 1, 2]
+    run_ok([sys.executable, "-m", "rdprune.run", QUICKSTART, f"run.out_dir={reference}", *REDUCED])  # no checkpoints
+    assert [r["iteration"] for r in read_rows(reference, timings=False)] == [0, 1, 2]
     out = tmp_path / "run"
     _kill_when_written(command(out), out / "checkpoints" / "finetune.pt", tmp_path / "killed.log")
     saved = torch.load(out / "checkpoints" / "finetune.pt", weights_only=True)
     assert saved["iteration"] in (1, 2) and 0 < saved["step"] < 30
-    _check_resumed(out, _run(command(out)), reference)
+    _check_resumed(out, run_ok(command(out)), reference)
 
 
 @pytest.mark.slow  # DDP ~15 s a run; DeepSpeed starts slowly (a minute or more on a loaded 2-core machine)
@@ -194,7 +185,7 @@ def test_torchrun_killed_during_finetuning_resumes_from_the_checkpoint(tmp_path,
     if engine == "deepspeed":
         pytest.importorskip("deepspeed")
     pretrained = tmp_path / "pretrain"
-    _run([sys.executable, "-m", "rdprune.run", QUICKSTART, f"run.out_dir={pretrained}", *REDUCED,
+    run_ok([sys.executable, "-m", "rdprune.run", QUICKSTART, f"run.out_dir={pretrained}", *REDUCED,
           "prune.method=glob", "prune.target_sparsity=0.5", "finetune.steps=0"])
     settings = ["distributed.engine=deepspeed", "distributed.zero_stage=2"] if engine == "deepspeed" else []
 
@@ -204,7 +195,7 @@ def test_torchrun_killed_during_finetuning_resumes_from_the_checkpoint(tmp_path,
                 "distributed.timeout_s=300", *extra]
 
     reference = tmp_path / "reference"
-    _run(command(reference))
+    run_ok(command(reference))
     out = tmp_path / "run"
     marker = out / "checkpoints" / ("finetune.json" if engine == "deepspeed" else "finetune.pt")
     _kill_when_written(command(out, "finetune.checkpoint_every=5"), marker, tmp_path / "killed.log")
@@ -217,7 +208,7 @@ def test_torchrun_killed_during_finetuning_resumes_from_the_checkpoint(tmp_path,
         saved = torch.load(marker, weights_only=True)
         assert len(saved["rng"]) == 2  # both ranks' random states
     assert saved["engine"] == engine and saved["world_size"] == 2 and saved["iteration"] in (1, 2)
-    _check_resumed(out, _run(command(out, "finetune.checkpoint_every=5")), reference)
+    _check_resumed(out, run_ok(command(out, "finetune.checkpoint_every=5")), reference)
 
 
 def test_bf16_autocast_keeps_fp32_weights_and_zeros(one_thread):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import clean_env, torchrun_command
+from launch import clean_env, read_rows, torchrun_command
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "rdprune"
@@ -90,9 +90,6 @@ def _run(*args: str, nproc: int = 1, timeout: float = 600) -> subprocess.Complet
     return proc
 
 
-def _rows(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (out / "results.jsonl").read_text().splitlines()]
-
 
 def _allocations(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "allocation").glob("iter_*.json"))]
@@ -107,7 +104,7 @@ def test_a_toy_granularity_runs_through_pipeline_ranks_resume_and_sweep(tmp_path
     checkpoint = f"model.checkpoint={pre / 'pretrained.pt'}"
     one = tmp_path / "one"
     _run("-m", "rdprune.run", str(QUICKSTART), f"run.out_dir={one}", checkpoint, *TOY)
-    rows = _rows(one)
+    rows = read_rows(one, timings=False)
     assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[-1]["target_sparsity"] == 0.3
     assert all(r["sparsity"] >= r["target_sparsity"] - 1e-9 and r["sparsity"] <= 0.5 for r in rows[1:])
     assert all(a in (0.0, 0.5) for alloc in _allocations(one) for a in alloc["amounts"].values())
@@ -116,13 +113,15 @@ def test_a_toy_granularity_runs_through_pipeline_ranks_resume_and_sweep(tmp_path
     two = tmp_path / "two"
     _run("-m", "rdprune.run", str(QUICKSTART), f"run.out_dir={two}", checkpoint, *TOY, nproc=2)
     assert _allocations(two) == _allocations(one)
-    assert [(r["sparsity"], r["top1_pruned"], r["top1"]) for r in _rows(two)] == [(r["sparsity"], r["top1_pruned"], r["top1"])
-                                                                                 for r in rows]
+    def key(r: dict) -> tuple:
+        return r["sparsity"], r["top1_pruned"], r["top1"]
+
+    assert [key(r) for r in read_rows(two, timings=False)] == [key(r) for r in rows]
 
     # Resume as a kill during iteration 1 leaves the directory: the dense row only, the rest redone alike.
     (one / "results.jsonl").write_text((one / "results.jsonl").read_text().splitlines()[0] + "\n")
     proc = _run("-m", "rdprune.run", str(QUICKSTART), f"run.out_dir={one}", checkpoint, *TOY)
-    assert "resuming" in proc.stderr and _rows(one) == rows
+    assert "resuming" in proc.stderr and read_rows(one, timings=False) == rows
 
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(QUICKSTART.read_text() + "\nsweep:\n  methods: [rd]\n  seeds: [0, 1]\n")

@@ -1,5 +1,4 @@
 """The quickstart pipeline end to end on real mnist5k digits, resume after kills, and user errors."""
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from rdprune.core.layers import prunable_layers
 from rdprune.models.registry import build_model
 
 from cli_errors import user_error
+from launch import read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -36,9 +36,6 @@ def _run(out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProc
     return proc
 
 
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-
 
 def _comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
@@ -53,7 +50,7 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 def test_results_sparsity_and_outputs(finished_run):
-    rows = _rows(finished_run)
+    rows = read_rows(finished_run)
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]
     assert rows[0]["sparsity"] == 0 and rows[0]["flops_remaining"] == 1
     for r, target in zip(rows[1:], SCHEDULE):
@@ -101,10 +98,10 @@ def _kill_when(out: Path, ready, extra=()) -> None:
 def test_resume_after_kill_between_iterations_matches_uninterrupted(finished_run, tmp_path):
     out = tmp_path / "run"
     _kill_when(out, lambda: (out / "results.jsonl").exists() and len((out / "results.jsonl").read_text().splitlines()) >= 3)
-    assert len(_rows(out)) in (3, 4)
+    assert len(read_rows(out)) in (3, 4)
     proc = _run(out)
     assert "resuming" in proc.stderr
-    assert _comparable(_rows(out)) == _comparable(_rows(finished_run))
+    assert _comparable(read_rows(out)) == _comparable(read_rows(finished_run))
 
 
 @pytest.mark.slow
@@ -117,17 +114,17 @@ def test_resume_after_kill_during_curve_estimation(finished_run, tmp_path):
     _run(out)
     # layers whose curves were finished before the kill were loaded, not recomputed
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())
-    assert _comparable(_rows(out)) == _comparable(_rows(finished_run))
+    assert _comparable(read_rows(out)) == _comparable(read_rows(finished_run))
 
 
 def test_resume_false_archives_and_starts_clean(finished_run, tmp_path):
     out = tmp_path / "run"
     _run(out, "prune.target_sparsity=0.5", "prune.method=glob")
-    first = _rows(out)
+    first = read_rows(out)
     proc = _run(out, "prune.target_sparsity=0.5", "prune.method=glob", "run.resume=false")
-    assert _comparable(_rows(out)) == _comparable(first)
+    assert _comparable(read_rows(out)) == _comparable(first)
     archived = list((out / "archive").glob("*/results.jsonl"))
-    assert len(archived) == 1 and _comparable(_rows(archived[0].parent)) == _comparable(first)
+    assert len(archived) == 1 and _comparable(read_rows(archived[0].parent)) == _comparable(first)
     assert proc.returncode == 0
 
 
@@ -210,7 +207,7 @@ def test_every_shipped_config_names_its_command():
 def test_deepspeed_bf16_hands_back_an_fp32_model_with_zeros(tmp_path):
     out = tmp_path / "run"
     _run(out, "distributed.engine=deepspeed", "distributed.precision=bf16", "prune.target_sparsity=0.5")
-    rows = _rows(out)
+    rows = read_rows(out)
     assert abs(rows[-1]["sparsity"] - 0.5) <= 0.005 and rows[0]["top1"] > 60
     state = torch.load(out / "final" / "model.pt", weights_only=True)
     masks = torch.load(out / "final" / "masks.pt", weights_only=True)

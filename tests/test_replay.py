@@ -10,44 +10,7 @@ from torch import nn
 from rdprune.core.curves import estimate_curves, plain_curves
 from rdprune.core.replay import ModuleReplay
 
-
-class Block(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
-        self.act = nn.ReLU()
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
-
-    def forward(self, x):
-        return x + self.conv2(self.act(self.conv1(x)))
-
-
-class Branchy(nn.Module):
-    """A small residual CNN whose forward branches on a traced shape, as transformers' models do."""
-
-    def __init__(self, shared_block: bool = False, tied: bool = False, in_place: bool = False):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.blocks = nn.ModuleList([Block(8) for _ in range(3)])
-        if shared_block:
-            self.blocks[2] = self.blocks[0]  # one module called twice
-        self.early = nn.Linear(8, 8)
-        self.late = nn.Linear(8, 8)
-        if tied:
-            self.late.weight = self.early.weight  # a later layer shares the earlier one's weight
-        self.head = nn.Linear(8, 10)
-        self.in_place = in_place
-
-    def forward(self, x):
-        h = self.stem(x)
-        if h.shape[1] != 8:  # fx cannot trace this
-            raise ValueError("unexpected width")
-        for block in self.blocks:
-            h = block(h)
-            if self.in_place:
-                h.mul_(0.5)  # changes the block's own output tensor after it returned
-        v = self.early(h.mean((2, 3)))
-        return self.head(torch.relu(self.late(v)))
+from tiny_models import UntraceableResNet
 
 
 def _curves_equal_the_plain_loop(model, caplog):
@@ -65,7 +28,7 @@ def _curves_equal_the_plain_loop(model, caplog):
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return Branchy().eval()
+    return UntraceableResNet().eval()
 
 
 def test_a_layer_replays_the_largest_modules_that_finish_before_it(model):
@@ -84,13 +47,13 @@ def test_untraceable_model_curves_equal_the_plain_loop(model, caplog):
 
 def test_a_module_called_twice_or_sharing_the_weight_is_not_replayed(caplog):
     torch.manual_seed(0)
-    shared = Branchy(shared_block=True).eval()
+    shared = UntraceableResNet(shared_block=True).eval()
     replay = ModuleReplay(shared, torch.randn(2, 3, 8, 8))
     assert "blocks.0" not in replay.replayable((shared.blocks[1].conv2,))  # called again after it
     assert replay.replayable((shared.head,)) == ["stem", "blocks.1", "early", "late"]
     _curves_equal_the_plain_loop(shared, caplog)
 
-    tied = Branchy(tied=True).eval()
+    tied = UntraceableResNet(tied=True).eval()
     replay = ModuleReplay(tied, torch.randn(2, 3, 8, 8))
     assert "early" not in replay.replayable((tied.late,))  # its output depends on the pruned weight too
     _curves_equal_the_plain_loop(tied, caplog)
@@ -98,7 +61,7 @@ def test_a_module_called_twice_or_sharing_the_weight_is_not_replayed(caplog):
 
 def test_an_output_changed_in_place_downstream_falls_back_to_the_plain_loop(caplog):
     torch.manual_seed(0)
-    log = _curves_equal_the_plain_loop(Branchy(in_place=True).eval(), caplog)
+    log = _curves_equal_the_plain_loop(UntraceableResNet(in_place=True).eval(), caplog)
     assert "is changed in place after it is computed; using the plain loop for it" in log
 
 

@@ -18,6 +18,8 @@ from rdprune.errors import UserError
 from rdprune.files import atomic_write, atomic_write_text
 from rdprune.run import main
 
+from launch import read_rows
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 TINY = ["pretrain.steps=20", "finetune.steps=5", "prune.iterations=2", "calibration.size=32", "prune.levels=5",
@@ -50,10 +52,6 @@ def user_error(capsys, argv: list[str]) -> str:
     return errors[0]
 
 
-def _rows(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in (out / "results.jsonl").read_text().splitlines()]
-
 
 def _keep_rows(out: Path, n: int) -> None:
     lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
@@ -73,7 +71,7 @@ def finished(tmp_path_factory) -> Path:
         _succeeds(out)
     finally:
         torch.set_num_threads(threads)
-    assert [r["iteration"] for r in _rows(out)] == [0, 1, 2]
+    assert [r["iteration"] for r in read_rows(out, timings=False)] == [0, 1, 2]
     return out
 
 
@@ -108,7 +106,7 @@ def test_checkpoint_behind_the_rows_is_refused(damaged, capsys):
 def test_lost_first_row_redoes_the_first_iteration_from_the_dense_model(finished, damaged):
     _keep_rows(damaged, 1)  # last.pt (iteration 2) is stale: the pretrained model continues
     _succeeds(damaged)
-    assert _rows(damaged) == _rows(finished)
+    assert read_rows(damaged, timings=False) == read_rows(finished, timings=False)
 
 
 # 2. pretrained.pt lost after the dense row
@@ -120,7 +118,7 @@ def test_missing_pretrained_model_after_the_dense_row_is_refused(damaged, capsys
     err = user_error(capsys, _argv(damaged))
     assert f"{damaged / 'pretrained.pt'} is missing" in err and "records iteration 0" in err
     assert "restore the file, or set run.resume=false" in err
-    assert len(_rows(damaged)) == 1
+    assert len(read_rows(damaged, timings=False)) == 1
 
 
 def test_missing_pretrained_model_to_rewind_to_is_refused(damaged, capsys):

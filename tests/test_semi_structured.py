@@ -34,7 +34,7 @@ from rdprune.granularity.two_four.units import (
 )
 
 from cli_errors import user_error
-from launch import clean_env
+from launch import clean_env, read_rows, run_ok
 
 timm = pytest.importorskip("timm")
 
@@ -219,13 +219,8 @@ def _command(out: Path, *extra: str) -> list[str]:
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_command(out, *extra), capture_output=True, text=True, cwd=ROOT, env=clean_env(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run_ok(_command(out, *extra))
 
-
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +240,7 @@ def _final_layers(out: Path) -> dict[str, nn.Module]:
 
 
 def test_run_reaches_each_target_and_keeps_two_four_through_fine_tuning(two_four_run):
-    rows = _rows(two_four_run)
+    rows = read_rows(two_four_run)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     for r, target in zip(rows[1:], SCHEDULE):
         assert r["target_sparsity"] == pytest.approx(target) and r["candidates"] == 8
@@ -270,7 +265,7 @@ def test_run_reaches_each_target_and_keeps_two_four_through_fine_tuning(two_four
 def test_glob_under_a_weights_budget(tmp_path):
     out = tmp_path / "run"
     _run(out, "prune.method=glob", "prune.budget=weights", "prune.target_sparsity=0.3", "prune.amount_per_iteration=1.0")
-    row = _rows(out)[-1]
+    row = read_rows(out)[-1]
     assert 0.3 <= row["sparsity"] and row["cost_remaining"] <= 0.7 and 0 < row["layers_2to4"] <= 8
 
 
@@ -285,10 +280,10 @@ def test_resume_after_kill_between_iterations_matches_uninterrupted(two_four_run
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert len(_rows(out)) in (2, 3)
+    assert len(read_rows(out)) in (2, 3)
     assert "resuming" in _run(out).stderr
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(out)]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(two_four_run)]
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in read_rows(out)]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in read_rows(two_four_run)]
 
 
 def test_latency_budget_path_with_the_gpu_timings_faked(monkeypatch, tmp_path, one_thread, capsys):
@@ -315,7 +310,7 @@ def test_latency_budget_path_with_the_gpu_timings_faked(monkeypatch, tmp_path, o
     assert timed[0]["blocks.0.mlp.fc1"] == (3, 17, 64)  # the real input shape at latency.batch_size: 16 patches + class token
     table = json.loads((out / "latency_table.json").read_text())
     assert table["model_us"] == 1000 and table["device"] == "Fake GPU" and table["batch_size"] == 3
-    row = _rows(out)[-1]
+    row = read_rows(out)[-1]
     # 1000 us dense, 600 outside the four MLP layers, each 40 us faster 2:4: 10 % off needs three of them
     assert row["candidates"] == 4 and row["layers_2to4"] == 3 and row["latency_predicted_ms"] == pytest.approx(0.88)
     report = json.loads((out / "final" / "semi_structured.json").read_text())

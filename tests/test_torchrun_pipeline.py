@@ -19,7 +19,7 @@ import torch
 
 from rdprune.core.masks import pruned_count
 
-from launch import clean_env, torchrun_command
+from launch import clean_env, read_rows, torchrun_command
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -47,10 +47,6 @@ def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
-
-def _rows(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in (out / "results.jsonl").read_text().splitlines()]
 
 
 def _allocation(out: Path, t: int) -> dict:
@@ -123,7 +119,7 @@ def test_channel_plan_equal_at_1_and_2_ranks(tmp_path, checkpoint):
         assert sorted(a) == sorted(b) == ["features.0/amounts", "features.0/distortion", "features.4/amounts", "features.4/distortion"]
         for key in a:
             assert np.abs(a[key] - b[key]).max() <= 1e-6 * np.abs(a[key]).max(), key
-    rows = _rows(two)
+    rows = read_rows(two, timings=False)
     assert rows[1]["cost_remaining"] <= 0.5 and rows[1]["distortion_measured"] > 0
     assert (two / "final" / "smaller" / "model.onnx").is_file() and (two / "final" / "smaller" / "model.pt2").is_file()
 
@@ -153,9 +149,9 @@ def test_channel_granularity_fine_tunes_under_deepspeed(tmp_path, checkpoint):
 def test_two_runs_at_equal_world_size_agree_at_every_iteration(tmp_path, checkpoint, reference):
     out = tmp_path / "again"
     _ok(_run(torchrun_command(2, *_pipeline(out, f"model.checkpoint={checkpoint}", *TWO_ITERATIONS))))
-    rows = _rows(out)
+    rows = read_rows(out, timings=False)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
-    assert rows == _rows(reference)
+    assert rows == read_rows(reference, timings=False)
     for t in (1, 2):
         assert _allocation(out, t) == _allocation(reference, t)
     assert _same_masks(_masks(out / "final" / "masks.pt"), _masks(reference / "final" / "masks.pt"))
@@ -221,7 +217,7 @@ def test_killed_rank_restarts_and_ends_like_an_uninterrupted_run(tmp_path, check
     # Pieces cached before the kill were loaded, not recomputed; the rest are complete now.
     assert {p: p.stat().st_mtime_ns for p in done} == done
     assert sorted(p.name for p in cache.glob("*.curve.pt")) == sorted(p.name for p in (reference / "curves" / "iter_01").glob("*.curve.pt"))
-    assert _rows(out) == _rows(reference)
+    assert read_rows(out, timings=False) == read_rows(reference, timings=False)
     for t in (1, 2):
         assert _allocation(out, t) == _allocation(reference, t)
     assert _same_masks(_masks(out / "final" / "masks.pt"), _masks(reference / "final" / "masks.pt"))
@@ -272,7 +268,7 @@ def test_idle_ranks_join_every_collective(tmp_path, checkpoint):
                  "prune.target_sparsity=0.15", "finetune.steps=2", "calibration.size=32"]
     proc = _ok(_run(torchrun_command(3, *_pipeline(out, *overrides))))
     assert "curve estimation: 2 pieces over 3 ranks" in proc.stderr, proc.stderr[-3000:]
-    rows = _rows(out)
+    rows = read_rows(out, timings=False)
     assert [r["iteration"] for r in rows] == [0, 1] and rows[1]["sparsity"] >= 0.15 - 0.005
     masks = _masks(out / "final" / "masks.pt")
     head = masks["head"]

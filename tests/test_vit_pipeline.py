@@ -7,7 +7,6 @@ downloaded.
 """
 import json
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from rdprune.core.suffix import TracedNetwork
 from rdprune.models.registry import build_model
 
 from cli_errors import user_error
-from launch import clean_env, torchrun_command
+from launch import read_rows, run_ok, torchrun_command
 
 timm = pytest.importorskip("timm")
 
@@ -35,25 +34,17 @@ FIRST_ITERATION = ["prune.target_sparsity=0.5", "finetune.steps=0", "prune.level
                    "calibration.batch_size=32"]
 
 
-def _run(cmd: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
 
 def _pipeline(out: Path, *overrides: str) -> list[str]:
     return ["-m", "rdprune.run", CONFIG, f"run.out_dir={out}", *SMALL, *overrides]
 
-
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """The small ViT pretrained once for a few steps, in one process."""
     out = tmp_path_factory.mktemp("vit_pretrain") / "run"
-    _run([sys.executable, *_pipeline(out, "pretrain.steps=30", "pretrain.warmup_steps=3", "prune.method=glob",
+    run_ok([sys.executable, *_pipeline(out, "pretrain.steps=30", "pretrain.warmup_steps=3", "prune.method=glob",
                                      "prune.target_sparsity=0.5", "finetune.steps=0")])
     return out / "pretrained.pt"
 
@@ -96,8 +87,8 @@ def test_pipeline_prunes_finetunes_and_resumes(tmp_path, checkpoint):
     out = tmp_path / "run"
     overrides = [f"model.checkpoint={checkpoint}", "prune.target_sparsity=0.75", "prune.levels=11", "calibration.size=64",
                  "finetune.steps=6", "finetune.warmup_steps=2"]
-    _run([sys.executable, *_pipeline(out, *overrides)])
-    rows = _rows(out)
+    run_ok([sys.executable, *_pipeline(out, *overrides)])
+    rows = read_rows(out)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert rows[-1]["sparsity"] == pytest.approx(0.75, abs=0.01)
     assert all(r["distortion_predicted"] > 0 and r["distortion_measured"] > 0 for r in rows[1:])
@@ -106,16 +97,16 @@ def test_pipeline_prunes_finetunes_and_resumes(tmp_path, checkpoint):
     assert "blocks.0.attn.qkv" in masks and "pos_embed" in final
     for name, mask in masks.items():  # zeros stayed zero through fine-tuning
         assert torch.all(final[f"{name}.weight"][~mask] == 0), name
-    again = _run([sys.executable, *_pipeline(out, *overrides)])
-    assert _rows(out) == rows and "resuming" in again.stderr + again.stdout
+    again = run_ok([sys.executable, *_pipeline(out, *overrides)])
+    assert read_rows(out) == rows and "resuming" in again.stderr + again.stdout
 
 
 @pytest.mark.slow  # two pipeline runs, ~20 s each
 @pytest.mark.distributed
 def test_first_iteration_equal_at_1_and_2_ranks(tmp_path, checkpoint):
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, *_pipeline(one, f"model.checkpoint={checkpoint}", *FIRST_ITERATION)])
-    _run(torchrun_command(2, *_pipeline(two, f"model.checkpoint={checkpoint}", *FIRST_ITERATION)))
+    run_ok([sys.executable, *_pipeline(one, f"model.checkpoint={checkpoint}", *FIRST_ITERATION)])
+    run_ok(torchrun_command(2, *_pipeline(two, f"model.checkpoint={checkpoint}", *FIRST_ITERATION)))
     with np.load(one / "curves" / "iter_01" / "curves.npz") as a, np.load(two / "curves" / "iter_01" / "curves.npz") as b:
         assert sorted(a) == sorted(b) and len(a) == 2 * 10  # patch embedding, 4 Linear layers per block, head
         for key in a:
@@ -132,8 +123,8 @@ def test_two_four_choice_equal_at_1_and_2_ranks(tmp_path, checkpoint):
     """2:4 granularity: each candidate's 2:4 level is a piece sharded over the ranks; rank 0 chooses, all apply."""
     two_four = [f"model.checkpoint={checkpoint}", *FIRST_ITERATION, "prune.granularity=semi_structured", "prune.budget=layers"]
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, *_pipeline(one, *two_four)])
-    _run(torchrun_command(2, *_pipeline(two, *two_four)))
+    run_ok([sys.executable, *_pipeline(one, *two_four)])
+    run_ok(torchrun_command(2, *_pipeline(two, *two_four)))
     with np.load(one / "curves" / "iter_01" / "curves.npz") as a, np.load(two / "curves" / "iter_01" / "curves.npz") as b:
         # at width 32 only the fc2 layers (32 x 64) have a shape the 2:4 kernels take: one piece per rank
         assert sorted(a) == sorted(b) == ["blocks.0.mlp.fc2/amounts", "blocks.0.mlp.fc2/distortion", "blocks.1.mlp.fc2/amounts",
@@ -155,7 +146,7 @@ def test_finetuning_keeps_zeros_and_ranks_equal(tmp_path, engine):
         pytest.importorskip("deepspeed")
     overrides = [*SMALL, "finetune.steps=4", "finetune.warmup_steps=1", f"run.out_dir={tmp_path / 'run'}", f"distributed.engine={engine}",
                  ] + (["distributed.zero_stage=2"] if engine == "deepspeed" else [])
-    proc = _run(torchrun_command(2, str(SCRIPTS / "finetune_masks.py"), CONFIG, *overrides), timeout=500)
+    proc = run_ok(torchrun_command(2, str(SCRIPTS / "finetune_masks.py"), CONFIG, *overrides), timeout=500)
     assert all(f"{engine} fine-tuning ok on rank {r}" in proc.stdout for r in (0, 1)), proc.stdout
 
 

@@ -30,3 +30,42 @@ class NoPrunable(nn.Module):
 
     def forward(self, x):
         return self.bn(x)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(self.act(self.conv1(x)))
+
+
+class UntraceableResNet(nn.Module):
+    """A small residual CNN whose forward branches on a traced shape, as transformers' models do."""
+
+    def __init__(self, shared_block: bool = False, tied: bool = False, in_place: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([Block(8) for _ in range(3)])
+        if shared_block:
+            self.blocks[2] = self.blocks[0]  # one module called twice
+        self.early = nn.Linear(8, 8)
+        self.late = nn.Linear(8, 8)
+        if tied:
+            self.late.weight = self.early.weight  # a later layer shares the earlier one's weight
+        self.head = nn.Linear(8, 10)
+        self.in_place = in_place
+
+    def forward(self, x):
+        h = self.stem(x)
+        if h.shape[1] != 8:  # fx cannot trace this
+            raise ValueError("unexpected width")
+        for block in self.blocks:
+            h = block(h)
+            if self.in_place:
+                h.mul_(0.5)  # changes the block's own output tensor after it returned
+        v = self.early(h.mean((2, 3)))
+        return self.head(torch.relu(self.late(v)))

@@ -78,7 +78,7 @@ def merge_curve_pieces(pieces: Iterable[Curve]) -> Curve:
     return Curve(amounts, distortion)
 
 
-def _as_batches(inputs: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+def as_batches(inputs: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     batches = list(inputs.split(batch_size)) if isinstance(inputs, torch.Tensor) else list(inputs)
@@ -557,7 +557,7 @@ def estimate_curves(
     unknown = sorted(set(level_ranges) - set(chosen))
     if unknown:
         raise ValueError(f"level_ranges names layers that are not being estimated: {unknown[:5]}")
-    batches = _as_batches(inputs, batch_size)
+    batches = as_batches(inputs, batch_size)
     device = _model_device(model)
     plans = {n: layer_plan(n, m, levels, grid, level_ranges.get(n), min_density) for n, m in chosen.items()}
     # The floor rule is part of the grid: "floor=units" marks grids capped at one weight per
@@ -640,7 +640,7 @@ def plain_curves(
     and benchmarked against.
     """
     _, chosen = _select_layers(model, layers, skip)
-    batches = _as_batches(inputs, batch_size)
+    batches = as_batches(inputs, batch_size)
     device = _model_device(model)
     if bn_aware and batchnorm_layers(model):
         return {name: _recalibrated_curve(model, module, layer_plan(name, module, levels, grid, None, min_density),

@@ -103,31 +103,46 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def interleaved_samples(fns: Sequence[Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> list[list[float]]:
-    """Seconds of `repeats` calls of each callable, timed one call at a time in round robin after `warmup` rounds.
+def interleaved_samples(fns: Sequence[Callable[[], object]], repeats: int, warmup: int, device: torch.device, *,
+                        inner: int = 1, cuda_events: bool = False) -> list[list[float]]:
+    """Seconds of `repeats` samples of each callable, timed one sample at a time in round robin after `warmup` rounds.
 
-    Every round starts one callable further on, so no callable always follows the same one (caches,
-    clock boosts); a load change on a shared machine lands on all callables alike. A perf_counter loop
-    rather than torch.utils.benchmark.Timer: Timer times one statement at a time (no interleaving) and
-    its autorange spends a fixed minimum per statement, far too much for thousands of grid points.
+    A sample is `inner` calls, divided by `inner`. Every round starts one callable further on, so no
+    callable always follows the same one (caches, clock boosts); a load change on a shared machine
+    lands on all callables alike. A perf_counter loop (with CUDA synchronised on a GPU), or CUDA
+    events around each sample with `cuda_events` (a GPU kernel of microseconds), rather than
+    torch.utils.benchmark.Timer: Timer times one statement at a time (no interleaving) and its
+    autorange spends a fixed minimum per statement, far too much for thousands of grid points.
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     samples: list[list[float]] = [[] for _ in fns]
     for r in range(warmup + repeats):
         for k in range(len(fns)):
             j = (k + r) % len(fns)
-            sync()
-            t0 = time.perf_counter()
-            fns[j]()
-            sync()
+            if cuda_events:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(inner):
+                    fns[j]()
+                end.record()
+                end.synchronize()
+                seconds = start.elapsed_time(end) / 1e3
+            else:
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fns[j]()
+                sync()
+                seconds = time.perf_counter() - t0
             if r >= warmup:
-                samples[j].append(time.perf_counter() - t0)
+                samples[j].append(seconds / inner)
     return samples
 
 
-def interleaved_medians(fns: Sequence[Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> list[float]:
-    """Median seconds of each callable, timed as :func:`interleaved_samples` does."""
-    return [statistics.median(s) for s in interleaved_samples(fns, repeats, warmup, device)]
+def interleaved_medians(fns: Sequence[Callable[[], object]], repeats: int, warmup: int, device: torch.device, *,
+                        inner: int = 1, cuda_events: bool = False) -> list[float]:
+    """Median seconds of one call of each callable, timed as :func:`interleaved_samples` does."""
+    return [statistics.median(s) for s in interleaved_samples(fns, repeats, warmup, device, inner=inner, cuda_events=cuda_events)]
 
 
 def measure_latency(models: Sequence[nn.Module], example: torch.Tensor, *, repeats: int = 20, warmup: int = 3,

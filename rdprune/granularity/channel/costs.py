@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Literal, Protocol, get_args
 
-from rdprune.granularity.channel.space import ChannelSpace, _is_depthwise
+from rdprune.granularity.channel.space import ChannelSpace, is_depthwise
 
 ChannelBudget = Literal["weights", "flops", "latency"]
 
@@ -46,7 +46,7 @@ class ChannelCost:
 
     def _layer(self, name: str, kept_in: float, kept_out: float) -> float:
         dense_in, dense_out = self._dense_in_out[name]
-        if _is_depthwise(self.space.layers[name]):
+        if is_depthwise(self.space.layers[name]):
             return self._scale[name] * kept_out / dense_out
         return self._scale[name] * kept_in * kept_out / (dense_in * dense_out)
 
@@ -77,7 +77,7 @@ class ChannelCost:
         total = 0.0
         at_anchor = self.space.kept_channels(anchor)
         for name, (i, o) in self.space.kept_channels(removal).items():
-            if _is_depthwise(self.space.layers[name]):
+            if is_depthwise(self.space.layers[name]):
                 total += self._layer(name, i, o)
                 continue
             envelopes = [self._envelope(name, self._min_in_out[name]), self._envelope(name, self._dense_in_out[name])]

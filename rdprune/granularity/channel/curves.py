@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rdprune.core.curves import UnitPlan, _as_batches, curve_cache, plain_unit_curves, select_units, unit_curves
+from rdprune.core.curves import UnitPlan, as_batches, curve_cache, plain_unit_curves, select_units, unit_curves
 from rdprune.core.grid import Curve, Grid, level_amounts
 from rdprune.granularity.channel.space import ChannelSpace
 
@@ -90,7 +90,7 @@ def estimate_channel_curves(
     settings. The model is left exactly as it was.
     """
     chosen = select_units(space.groups, groups, "channel groups")
-    batches = _as_batches(inputs, batch_size)
+    batches = as_batches(inputs, batch_size)
     ranges = dict(level_ranges or {})
     plans = {g: (ChannelUnit(space, g), group_plan(space, g, levels, grid, ranges.get(g))) for g in chosen}
     floors = ",".join(f"{g.min_kept}" for g in space.groups.values())
@@ -105,4 +105,4 @@ def plain_channel_curves(
 ) -> dict[str, Curve]:
     """The definition run literally: for every group and level, mask, run the whole model, compare."""
     units = {g: (ChannelUnit(space, g), group_plan(space, g, levels, grid)) for g in space.groups}
-    return plain_unit_curves(model, units, _as_batches(inputs, batch_size), worst_case)
+    return plain_unit_curves(model, units, as_batches(inputs, batch_size), worst_case)

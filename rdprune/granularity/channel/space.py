@@ -63,7 +63,7 @@ _MASKABLE = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 def _handler_dim(module: nn.Module, out_channel_fn: bool) -> int:
     """Weight dimension that a channel pruning handler cuts in a convolution or linear layer."""
-    if _is_depthwise(module):
+    if is_depthwise(module):
         return 0  # one filter per channel: inputs and outputs tied
     if isinstance(module, nn.Conv2d) and module.groups > 1:
         raise UserError(f"layer {module!r} is a grouped convolution (groups={module.groups}); channel granularity supports "
@@ -227,14 +227,14 @@ class ChannelSpace:
         kept = {}
         for name, m in self.layers.items():
             out = m.weight.shape[0]
-            kept[name] = [out, out if _is_depthwise(m) else m.weight.shape[1]]  # indexed by weight dimension
+            kept[name] = [out, out if is_depthwise(m) else m.weight.shape[1]]  # indexed by weight dimension
         for group, count in removal.items():
             for s in self.groups[group].slices:
                 kept[s.layer][s.dim] -= count * s.per_channel
-                if _is_depthwise(self.layers[s.layer]):
+                if is_depthwise(self.layers[s.layer]):
                     kept[s.layer][1] = kept[s.layer][0]
         return {n: (v[1], v[0]) for n, v in kept.items()}
 
 
-def _is_depthwise(module: nn.Module) -> bool:
+def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels == module.out_channels

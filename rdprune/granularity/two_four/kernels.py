@@ -14,14 +14,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rdprune.core.timing import layer_shapes, measure_latency
+from rdprune.core.timing import interleaved_medians, layer_shapes, measure_latency
 from rdprune.granularity.two_four.units import is_two_four, two_four_mask
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ def _two_four_tensor(weight: torch.Tensor) -> torch.Tensor:
 
 def linear_input_shapes(model: nn.Module, names: Iterable[str], example: torch.Tensor) -> dict[str, tuple[int, ...]]:
     """(batch, rows per sample, in_features) of each named Linear layer's input in one forward pass of ``example``
-    (its first call), from :func:`rdprune.granularity.channel.latency.layer_shapes`: what ``F.linear`` multiplies."""
+    (its first call), from :func:`rdprune.core.timing.layer_shapes`: what ``F.linear`` multiplies."""
     names, shapes = list(names), layer_shapes(model, example)
     missing = [n for n in names if n not in shapes]
     if missing:
@@ -74,19 +73,7 @@ def linear_input_shapes(model: nn.Module, names: Iterable[str], example: torch.T
 def _event_medians(fns: Sequence[Callable[[], object]], rounds: int = _ROUNDS, warmup: int = _WARMUP,
                    inner: int = _INNER) -> list[float]:
     """Median seconds of one call of each function: rounds in rotating order, ``inner`` calls between two CUDA events."""
-    samples: list[list[float]] = [[] for _ in fns]
-    for r in range(warmup + rounds):
-        for k in range(len(fns)):
-            j = (k + r) % len(fns)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fns[j]()
-            end.record()
-            end.synchronize()
-            if r >= warmup:
-                samples[j].append(start.elapsed_time(end) / 1e3 / inner)
-    return [statistics.median(s) for s in samples]
+    return interleaved_medians(fns, rounds, warmup, torch.device("cuda"), inner=inner, cuda_events=True)
 
 
 @torch.inference_mode()

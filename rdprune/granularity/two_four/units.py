@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from rdprune.core.allocation import allocate_levels, predicted_distortion
-from rdprune.core.curves import UnitPlan, _as_batches, curve_cache, plain_unit_curves, select_units, unit_curves
+from rdprune.core.curves import UnitPlan, as_batches, curve_cache, plain_unit_curves, select_units, unit_curves
 from rdprune.core.grid import Curve
 from rdprune.core.layers import prunable_layers
 
@@ -155,7 +155,7 @@ def estimate_two_four_curves(
     with identical model, inputs and settings. The model is left exactly as it was.
     """
     chosen = select_units(layers, units, "2:4 candidates")
-    batches = _as_batches(inputs, batch_size)
+    batches = as_batches(inputs, batch_size)
     ranges = dict(level_ranges or {})
     plans = {n: (TwoFourUnit(n, layers[n]), unit_plan(layers[n], ranges.get(n))) for n in chosen}
     cache = curve_cache(cache_dir, model, batches, f"granularity=semi_structured:pattern=2:4:worst_case={bool(worst_case)}")
@@ -168,7 +168,7 @@ def plain_two_four_curves(
 ) -> dict[str, Curve]:
     """The definition run literally: for every candidate, apply its 2:4 mask, run the whole model, compare."""
     units = {n: (TwoFourUnit(n, m), unit_plan(m)) for n, m in layers.items()}
-    return plain_unit_curves(model, units, _as_batches(inputs, batch_size), worst_case)
+    return plain_unit_curves(model, units, as_batches(inputs, batch_size), worst_case)
 
 
 def current_two_four(layers: Mapping[str, nn.Linear]) -> list[str]:
