@@ -28,6 +28,11 @@ def registered_methods() -> tuple[str, ...]:
     return tuple(dict.fromkeys(m for g in registry.GRANULARITIES for m in spec_of(g).methods))
 
 
+def registered_rankings() -> tuple[str, ...]:
+    """Every ranking some registered granularity offers."""
+    return tuple(dict.fromkeys(r for g in registry.GRANULARITIES for r in spec_of(g).rankings))
+
+
 def registered_budgets() -> tuple[str, ...]:
     """Every budget some registered granularity offers."""
     return tuple(dict.fromkeys(b for g in registry.GRANULARITIES for b in spec_of(g).budgets))
@@ -218,10 +223,16 @@ class PruneConfig(_Section):
     distortion: Literal["mse", "worst_case"] = "mse"
     """Output distortion: mse averages over samples, worst_case takes the worst sample (rd only)."""
     bn_aware_curves: bool = False
-    """rd only: measure each layer's distortion with BatchNorm statistics re-estimated on the
-    calibration inputs after pruning that layer (the network as it will be fine-tuned), instead of
-    with the stale statistics. Fast when calibration.batch_size >= calibration.size (one batch),
-    else measured by the plain definition (slow, warned)."""
+    """rd only: measure each unit's distortion with BatchNorm statistics re-estimated on the
+    calibration inputs after pruning that unit (the network as it will be fine-tuned), instead of
+    with the stale statistics. Fast when calibration.batch_size >= calibration.size (one batch);
+    at weight granularity a larger set is measured by the plain definition (slow, warned), at
+    channel granularity it is refused."""
+    ranking: Literal[registered_rankings()] = "l2"
+    """Channel granularity: which channels of a group go first, for RD's curves and choice and the unif
+    and glob baselines alike: l2 (weight norm), taylor (first-order Taylor, |activation x gradient| of
+    the loss on the calibration images and labels; not with zero-data pruning) or bn_scale (BatchNorm
+    |gamma|). Weight and 2:4 granularity rank by magnitude (l2)."""
     granularity: Literal[registry.GRANULARITIES.names()] = "weight"
     """weight = unstructured masks (each layer one unit); channel = whole channels removed, each
     group of coupled channels (found by Torch-Pruning's dependency graph; pip extra
@@ -415,7 +426,7 @@ class Config:
             raise ConfigError("data.backend",
                               f"data.backend 'dali' needs data.name 'imagenet', got {self.data.name!r}",
                               related=["data.name"])
-        spec_of(self.prune.granularity).check(self.prune)  # each granularity owns its methods, budgets and limits
+        spec_of(self.prune.granularity).check(self)  # each granularity owns its methods, budgets and limits
         if self.distributed.zero_stage != 0 and self.distributed.engine != "deepspeed":
             raise ConfigError("distributed.zero_stage", f"distributed.zero_stage {self.distributed.zero_stage} "
                               "needs distributed.engine 'deepspeed'", related=["distributed.engine"])

@@ -451,28 +451,47 @@ def curve_cache(cache_dir: str | os.PathLike | None, model: nn.Module, batches: 
 
 @torch.no_grad()
 def plain_unit_curves(
-    model: nn.Module, units: Mapping[str, tuple[PruningUnit, UnitPlan]], batches: list[torch.Tensor], worst_case: bool
+    model: nn.Module, units: Mapping[str, tuple[PruningUnit, UnitPlan]], batches: list[torch.Tensor], worst_case: bool,
+    *, recalibrate: bool = False,
 ) -> dict[str, Curve]:
     """The definition run literally for units of any kind: prune each unit to each level of its plan, run the whole
-    model on every batch, compare with the unpruned output (the reference the fast engine is checked against)."""
+    model on every batch, compare with the unpruned output (the reference the fast engine is checked against).
+
+    With ``recalibrate``, the unpruned network and every pruned one first have their BatchNorm statistics
+    re-estimated on ``batches`` (:func:`recalibrate_batchnorm`); the buffers are restored afterwards.
+    """
     device = _model_device(model)
     curves = {}
-    with evaluation(model):
-        references = _reference_outputs(model, batches, device)
-        for name, (unit, plan) in units.items():
-            distortion = np.zeros(len(plan.counts), np.float64)
-            unit.hold()
-            try:
-                for k, count in enumerate(plan.counts):
-                    unit.prune(count)
-                    for x, reference in zip(batches, references):
-                        value = batch_distortion(reference, model(x.to(device)), worst_case)
-                        distortion[k] = max(distortion[k], value) if worst_case else distortion[k] + value
-            finally:
-                unit.restore()
-            if not worst_case:
-                distortion /= sum(r.numel() for r in references)
-            curves[name] = Curve(plan.amounts, distortion)
+    buffers = {n: b.clone() for n, b in model.named_buffers()} if recalibrate else {}
+    moved = [b.to(device) for b in batches] if recalibrate else batches
+
+    def renormalise() -> None:
+        if recalibrate:
+            recalibrate_batchnorm(model, moved)
+
+    try:
+        with evaluation(model):
+            renormalise()
+            references = _reference_outputs(model, batches, device)
+            for name, (unit, plan) in units.items():
+                distortion = np.zeros(len(plan.counts), np.float64)
+                unit.hold()
+                try:
+                    for k, count in enumerate(plan.counts):
+                        unit.prune(count)
+                        renormalise()
+                        for x, reference in zip(batches, references):
+                            value = batch_distortion(reference, model(x.to(device)), worst_case)
+                            distortion[k] = max(distortion[k], value) if worst_case else distortion[k] + value
+                finally:
+                    unit.restore()
+                if not worst_case:
+                    distortion /= sum(r.numel() for r in references)
+                curves[name] = Curve(plan.amounts, distortion)
+    finally:
+        for n, b in model.named_buffers():
+            if n in buffers:
+                b.copy_(buffers[n])
     return curves
 
 

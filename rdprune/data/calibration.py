@@ -21,5 +21,13 @@ def calibration_inputs(pool: Dataset, size: int, seed: int, *, key: str = "calib
     if size < 1 or size > available:
         raise UserError(f"{key} is {size}, but the calibration pool has {available} images; "
                         f"choose a size from 1 to {available}")
-    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:size]
-    return torch.stack([pool[i][0] for i in order.tolist()])
+    return torch.stack([pool[i][0] for i in _draw(available, size, seed)])
+
+
+def calibration_labels(pool: Dataset, size: int, seed: int) -> torch.Tensor:
+    """The labels of :func:`calibration_inputs` (same pool, size and seed), in the same order."""
+    return torch.tensor([int(pool[i][1]) for i in _draw(len(pool), size, seed)], dtype=torch.long)
+
+
+def _draw(available: int, size: int, seed: int) -> list[int]:
+    return torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:size].tolist()

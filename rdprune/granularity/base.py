@@ -9,6 +9,7 @@ a spec and implements this class; nothing in the pipeline, the sweeps or the CLI
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -90,10 +91,22 @@ class GranularityStage(ABC):
 
     @abstractmethod
     def choose(self, model: nn.Module, iteration: int, target: float, inputs: torch.Tensor | None, *,
-               progress: bool) -> Choice:
+               progress: bool, labels: torch.Tensor | None = None) -> Choice:
         """Prune ``model`` to ``target`` (the same choice on every rank) and apply it.
 
-        ``inputs`` are the calibration inputs (method rd only, else None)."""
+        ``inputs`` are the calibration inputs (method rd, or a stage that :attr:`needs_labels`; else None),
+        ``labels`` their labels where the stage :attr:`needs_labels`."""
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether :meth:`choose` needs the calibration images and their labels whatever the method (a data-aware
+        ranking)."""
+        return False
+
+    def measurement(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """The context in which the network's outputs are measured as the curves measured them (e.g. BatchNorm
+        renormalised on the calibration inputs), for the distortion of the whole pruned network."""
+        return contextlib.nullcontext()
 
     def units(self) -> list[str]:
         """The allocation's units in execution order (the curves' names)."""

@@ -44,6 +44,12 @@ class GranularitySpec:
     """Whether the latency section changes its results (then it counts in the resume key)."""
     bn_aware_curves: bool = False
     """Whether it offers prune.bn_aware_curves."""
+    bn_aware_one_batch: bool = False
+    """Whether its BatchNorm-aware curves need the calibration inputs in one batch."""
+    rankings: tuple[str, ...] = ("l2",)
+    """prune.ranking values it implements (which weights or channels go first)."""
+    labelled_rankings: tuple[str, ...] = ()
+    """Those of its rankings that need labelled calibration data."""
     max_min_density: float = 1.0
     """prune.min_density may be at most this."""
     min_density_reason: str = ""
@@ -55,8 +61,9 @@ class GranularitySpec:
     columns: tuple[RowColumn, ...] = ()
     """Columns its result rows add to the end-of-run and sweep tables."""
 
-    def check(self, prune: Any) -> None:
-        """The config rules this granularity owns: its methods, budgets and limits, as ConfigErrors."""
+    def check(self, cfg: Any) -> None:
+        """The config rules this granularity owns: its methods, budgets, rankings and limits, as ConfigErrors."""
+        prune = cfg.prune
         if prune.budget not in self.budgets:
             raise ConfigError("prune.budget", f"prune.budget {prune.budget!r} needs prune.granularity "
                               f"{_offering(lambda s: prune.budget in s.budgets)}{self._why_not(prune.budget)}; at {self.name!r} choose "
@@ -67,6 +74,19 @@ class GranularitySpec:
         if prune.bn_aware_curves and not self.bn_aware_curves:
             raise ConfigError("prune.bn_aware_curves", "prune.bn_aware_curves is for prune.granularity "
                               f"{_offering(lambda s: s.bn_aware_curves)} only", related=["prune.granularity"])
+        if prune.ranking not in self.rankings:
+            raise ConfigError("prune.ranking", f"prune.ranking {prune.ranking!r} is not offered at prune.granularity {self.name!r}: "
+                              f"choose {' or '.join(map(repr, self.rankings))}", related=["prune.granularity"])
+        if prune.ranking in self.labelled_rankings and cfg.calibration.source != "data":
+            raise ConfigError("prune.ranking", f"prune.ranking {prune.ranking!r} needs labelled calibration images (a loss "
+                              "gradient), which zero-data pruning has none of: set calibration.source data, or choose "
+                              f"prune.ranking {' or '.join(repr(r) for r in self.rankings if r not in self.labelled_rankings)}",
+                              related=["calibration.source"])
+        if (prune.bn_aware_curves and self.bn_aware_one_batch and prune.method == "rd"
+                and cfg.calibration.batch_size < cfg.calibration.size):
+            raise ConfigError("prune.bn_aware_curves", f"prune.bn_aware_curves at prune.granularity {self.name!r} measures the "
+                              "calibration inputs in one batch: set calibration.batch_size to at least calibration.size "
+                              f"({cfg.calibration.size})", related=["calibration.batch_size", "calibration.size"])
         if prune.min_density > self.max_min_density:
             raise ConfigError("prune.min_density", f"prune.min_density {prune.min_density} cannot hold at prune.granularity "
                               f"{self.name!r}: {self.min_density_reason}; choose at most {self.max_min_density}",

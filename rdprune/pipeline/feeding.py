@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from rdprune.config import Config
 from rdprune.core.curves import synthetic_inputs
 from rdprune.data import DataBundle, calibration_inputs, dali, infinite_batches, train_loader
+from rdprune.data.calibration import calibration_labels as labels_of_draw
 from rdprune.data.preprocessing import RESNET, Preprocessing
 from rdprune.distributed import DistInfo
 
@@ -52,6 +53,16 @@ def calibration(cfg: Config, data: DataBundle) -> torch.Tensor:
     if cal.source == "synthetic":
         return synthetic_inputs(cal.size, data.input_shape, seed=cfg.run.seed)
     return _training_draw(cfg, data, cal.size, "calibration.size")
+
+
+def calibration_labels(cfg: Config, data: DataBundle) -> torch.Tensor:
+    """The labels of the calibration images, in their order (for rankings that need a loss)."""
+    size = cfg.calibration.size
+    if uses_dali(cfg):
+        samples = dali.folder_samples(data.calibration_pool)
+        chosen = dali.calibration_choice(len(samples), size, cfg.run.seed, "calibration.size")
+        return torch.tensor([samples[i][1] for i in chosen], dtype=torch.long)
+    return labels_of_draw(data.calibration_pool, size, cfg.run.seed)
 
 
 def recalibration(cfg: Config, data: DataBundle) -> torch.Tensor:

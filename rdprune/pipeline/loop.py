@@ -407,17 +407,20 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
     start = time.perf_counter()
     seed = cfg.run.seed * 1000 + t
     torch.manual_seed(seed)
-    inputs = feeding.calibration(cfg, ctx.data).to(dist.device) if cfg.prune.method == "rd" else None
-    reference = _outputs(ctx, inputs) if inputs is not None else None
+    stage = ctx.stage
+    needs_data = cfg.prune.method == "rd" or stage.needs_labels
+    inputs = feeding.calibration(cfg, ctx.data).to(dist.device) if needs_data else None
+    labels = feeding.calibration_labels(cfg, ctx.data).to(dist.device) if stage.needs_labels else None
+    reference = _outputs(ctx, inputs) if cfg.prune.method == "rd" else None
     with _curve_threads(cfg):
-        choice = ctx.stage.choose(ctx.model, t, target, inputs, progress=ctx.show)
+        choice = stage.choose(ctx.model, t, target, inputs, progress=ctx.show, labels=labels)
     masks, extras = choice.masks, dict(choice.info)
     if choice.curves and dist.is_main:
         _save_curves(ctx, t, choice.curves)
     distributed.check_identical({n: m.cpu() for n, m in masks.items()}, f"masks of iteration {t}")
     # Additivity: the allocation's predicted distortion against all units pruned together, where the curves
     # measured the network this stale-statistics pass runs.
-    if reference is not None and ctx.stage.distortion_comparable:
+    if reference is not None and stage.distortion_comparable:
         extras["distortion_measured"] = _distortion(cfg, reference, _outputs(ctx, inputs))
     _recalibrate(ctx)
     top1_pruned, _ = _evaluate(ctx)
@@ -446,7 +449,8 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
 
 
 def _outputs(ctx: Context, inputs: torch.Tensor) -> torch.Tensor:
-    with evaluation(ctx.model):
+    """The network's outputs on the calibration inputs, measured as the curves measure them."""
+    with evaluation(ctx.model), ctx.stage.measurement(ctx.model):
         return torch.cat([ctx.model(b) for b in inputs.split(ctx.cfg.calibration.batch_size)])
 
 

@@ -38,7 +38,7 @@ class HalvesStage(GranularityStage):
             layer.weight.copy_(kept)
         return Curve(np.array([0.0, 0.5]), np.array([0.0, error]))
 
-    def choose(self, model, iteration, target, inputs, *, progress):
+    def choose(self, model, iteration, target, inputs, *, progress, labels=None):
         names, world = list(self.layers), self.dist.world_size
         batches = list(inputs.split(self.cfg.calibration.batch_size))
         with evaluation(model):

@@ -10,4 +10,8 @@ SPEC = GRANULARITIES.register("channel", GranularitySpec(
     budgets=("weights", "flops", "latency"),
     plugin="rdprune.granularity.channel.stage:ChannelStage",
     reads_latency=True,
+    bn_aware_curves=True,
+    bn_aware_one_batch=True,
+    rankings=("l2", "taylor", "bn_scale"),  # .ranking
+    labelled_rankings=("taylor",),
 ))

@@ -12,6 +12,7 @@ the same engine as weight curves (:func:`rdprune.core.curves.unit_curves`);
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rdprune.core.batchnorm import batch_statistics, batchnorm_layers
 from rdprune.core.curves import UnitPlan, as_batches, curve_cache, plain_unit_curves, select_units, unit_curves
 from rdprune.core.grid import Curve, Grid, level_amounts
 from rdprune.granularity.channel.space import ChannelSpace
@@ -82,27 +84,40 @@ def estimate_channel_curves(
     batch_size: int = 64,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    bn_aware: bool = False,
 ) -> dict[str, Curve]:
     """Curve of each channel group of ``space`` (``groups``: a subset, e.g. one rank's shard), in group order.
 
     ``level_ranges`` index :func:`group_plan`'s counts, as for weight curves; with ``cache_dir``
     each finished group is saved and reused by a later call with identical model, inputs and
-    settings. The model is left exactly as it was.
+    settings. ``bn_aware`` measures the network that will run: every BatchNorm layer normalises
+    with the statistics of its new input on the calibration inputs (the unpruned reference too), as
+    :func:`plain_channel_curves` with ``bn_aware`` does by re-estimating them; the inputs must form
+    one batch. The model is left exactly as it was.
     """
     chosen = select_units(space.groups, groups, "channel groups")
     batches = as_batches(inputs, batch_size)
     ranges = dict(level_ranges or {})
     plans = {g: (ChannelUnit(space, g), group_plan(space, g, levels, grid, ranges.get(g))) for g in chosen}
     floors = ",".join(f"{g.min_kept}" for g in space.groups.values())
-    cache = curve_cache(cache_dir, model, batches,
-                        f"granularity=channel:levels={levels}:grid={grid}:worst_case={bool(worst_case)}:floors={floors}")
-    return unit_curves(model, space.layers.values(), plans, batches, worst_case, cache, progress)
+    bn_aware = bn_aware and bool(batchnorm_layers(model))
+    if bn_aware and len(batches) > 1:
+        raise ValueError(f"BatchNorm-aware channel curves need the calibration inputs in one batch: {sum(map(len, batches))} "
+                         f"inputs came in {len(batches)} batches; raise the batch size to at least their number")
+    settings = f"granularity=channel:levels={levels}:grid={grid}:worst_case={bool(worst_case)}:floors={floors}"
+    # Added to the key only when set, so that caches of earlier versions (stale statistics) stay valid.
+    settings += f":bn_aware=True:ranking={space.ranking}" if bn_aware else ("" if space.ranking == "l2" else f":ranking={space.ranking}")
+    cache = curve_cache(cache_dir, model, batches, settings)
+    with batch_statistics(model) if bn_aware else contextlib.nullcontext():
+        return unit_curves(model, space.layers.values(), plans, batches, worst_case, cache, progress)
 
 
 def plain_channel_curves(
     model: nn.Module, space: ChannelSpace, inputs: torch.Tensor | Iterable[torch.Tensor], levels: int = 11, *,
-    grid: Grid = "relative", worst_case: bool = False, batch_size: int = 64,
+    grid: Grid = "relative", worst_case: bool = False, batch_size: int = 64, bn_aware: bool = False,
 ) -> dict[str, Curve]:
-    """The definition run literally: for every group and level, mask, run the whole model, compare."""
+    """The definition run literally: for every group and level, mask, (with ``bn_aware``: re-estimate every BatchNorm
+    layer's statistics on the inputs with :func:`rdprune.core.batchnorm.recalibrate_batchnorm``), run the whole model,
+    compare."""
     units = {g: (ChannelUnit(space, g), group_plan(space, g, levels, grid)) for g in space.groups}
-    return plain_unit_curves(model, units, as_batches(inputs, batch_size), worst_case)
+    return plain_unit_curves(model, units, as_batches(inputs, batch_size), worst_case, recalibrate=bn_aware)

@@ -12,9 +12,11 @@ reaches no layer, so the masked network computes exactly what the physically sma
 (:func:`rdprune.granularity.channel.export.remove_channels` makes it at the end). The masks are ordinary weight
 masks over the prunable layers, so fine-tuning, checkpoints and resume treat them like any others.
 
-Importance of a channel: the L2 norm of all its weights in the group (producers' output slices
-and consumers' input slices); a group's level n removes its n least important channels. Removed
-channels have norm zero, so they stay first and levels only ever add to what is removed.
+Importance of a channel: by default the L2 norm of all its weights in the group (producers' output
+slices and consumers' input slices); :mod:`rdprune.granularity.channel.ranking` sets others (first-order
+Taylor on calibration data, BatchNorm scale) with :meth:`ChannelSpace.rank`. A group's level n removes
+its n least important channels. Removed channels (all their weights zero) always come first, whatever
+the ranking, so levels only ever add to what is removed.
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ class ChannelGroup:
     size: int
     slices: tuple[ChannelSlice, ...]
     min_kept: int  # the floor: channels the group keeps at least
+    norms: tuple[ChannelSlice, ...] = ()  # the BatchNorm layers of the group (dim 0: their per-channel parameters)
 
 
 _MASKABLE = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -85,6 +88,7 @@ class ChannelSpace:
         tp = require_torch_pruning()
         min_density = check_min_density(min_density)
         self.model = model
+        self.ranking, self._scores = "l2", None
         every = prunable_layers(model)
         prunable_layers(model, skip)  # a skipped name that is no layer is an error
         with evaluation(model):
@@ -117,6 +121,7 @@ class ChannelSpace:
         root = group.items[0].dep.target.module
         size = root.weight.shape[0]
         slices: dict[tuple[str, int], ChannelSlice] = {}
+        norms: dict[str, ChannelSlice] = {}
         for item in group.items:
             dep, idxs = item.dep, item.idxs
             module = dep.target.module
@@ -147,13 +152,15 @@ class ChannelSpace:
                     f"the dependency graph maps the {size} channels of {names[root]} inconsistently onto layer "
                     f"{names.get(module, module)} ({counts} channels): this model's graph cannot be analysed at channel "
                     "granularity; use prune.granularity weight")
+            by_root = local[torch.argsort(roots, stable=True)].view(size, per)
             if isinstance(module, (nn.Conv2d, nn.Linear)):
-                by_root = local[torch.argsort(roots, stable=True)].view(size, per)
                 slices[(names[module], dim)] = ChannelSlice(names[module], dim, by_root)
+            else:
+                norms[names[module]] = ChannelSlice(names[module], 0, by_root)
         floor = max(1, math.ceil(min_density * size - 1e-9))
         producers = [s.layer for s in slices.values() if s.dim == 0] or [names[root]]
         first = min(producers, key=lambda n: position.get(n, len(position)))
-        return ChannelGroup(first, size, tuple(slices.values()), floor)
+        return ChannelGroup(first, size, tuple(slices.values()), floor, tuple(norms.values()))
 
     def _channel_weights(self, s: ChannelSlice) -> torch.Tensor:
         """The layer's weight viewed as (group channel, everything of that channel)."""
@@ -161,21 +168,41 @@ class ChannelSpace:
         w = w.transpose(0, 1) if s.dim == 1 else w
         return w[s.index.to(w.device)].reshape(s.index.shape[0], -1)
 
-    def importance(self, group: str) -> torch.Tensor:
-        """L2 norm of each channel's weights over the whole group (float64, CPU)."""
+    def weight_norms(self, group: str) -> torch.Tensor:
+        """L2 norm of each channel's weights over the whole group (float64, CPU); zero for a removed channel."""
         g = self.groups[group]
         total = torch.zeros(g.size, dtype=torch.float64)
         for s in g.slices:
             total += self._channel_weights(s).double().pow(2).sum(dim=1).cpu()
         return total.sqrt()
 
+    def rank(self, ranking: str, scores: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Rank channels by ``scores`` (``{group: score per channel}``, higher = more important) under the name
+        ``ranking``; ``scores`` None ranks by :meth:`weight_norms` (``l2``), which follows the weights as they change."""
+        if scores is not None:
+            wrong = {g: tuple(s.shape) for g, s in scores.items() if g not in self.groups or s.shape != (self.groups[g].size,)}
+            if wrong or set(scores) != set(self.groups):
+                raise ValueError(f"ranking {ranking!r} needs one score per channel of every group; got shapes "
+                                 f"{wrong or 'for other groups'}")
+        self.ranking = ranking
+        self._scores = None if scores is None else {g: s.detach().double().cpu() for g, s in scores.items()}
+
+    def importance(self, group: str) -> torch.Tensor:
+        """Each channel's score under the ranking (float64, CPU, >= 0); exactly zero for a removed channel."""
+        norms = self.weight_norms(group)
+        if self._scores is None:
+            return norms
+        return torch.where(norms == 0, torch.zeros_like(norms), self._scores[group].abs())
+
     def removal_order(self, group: str) -> torch.Tensor:
-        """Channel indices, least important first (ties by index): level n removes the first n."""
-        return torch.sort(self.importance(group), stable=True).indices
+        """Channel indices, removed ones first, then least important first (ties by index): level n removes the first n."""
+        key = torch.where(self.weight_norms(group) == 0, torch.full((self.groups[group].size,), -1.0, dtype=torch.float64),
+                          self.importance(group))
+        return torch.sort(key, stable=True).indices
 
     def removed(self, group: str) -> int:
         """Channels of the group already removed (all their weights zero)."""
-        return int((self.importance(group) == 0).sum())
+        return int((self.weight_norms(group) == 0).sum())
 
     def max_removed(self, group: str) -> int:
         g = self.groups[group]

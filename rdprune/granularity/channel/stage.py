@@ -8,6 +8,7 @@ on every rank. The end of a run exports the physically smaller model.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -17,7 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rdprune import distributed
 from rdprune.config import Config
+from rdprune.core.batchnorm import batch_statistics
 from rdprune.core.grid import Curve, Grid
 from rdprune.core.layers import layer_flops
 from rdprune.core.masks import enforce_masks
@@ -35,6 +38,7 @@ from rdprune.granularity.channel.costs import ChannelCost
 from rdprune.granularity.channel.curves import estimate_channel_curves, group_plan
 from rdprune.granularity.channel.export import remove_channels, require_onnx, save_exported
 from rdprune.granularity.channel.latency import LatencyTable
+from rdprune.granularity.channel.ranking import NEEDS_LABELS, rank_channels
 from rdprune.granularity.channel.space import ChannelSpace
 from rdprune.pipeline.run_dir import RunLayout
 
@@ -72,6 +76,7 @@ def sharded_channel_curves(
     cache_dir: str | os.PathLike | None,
     dist: DistInfo,
     progress: bool,
+    bn_aware: bool = False,
 ) -> dict[str, Curve] | None:
     """Every channel group's curve on rank 0 (``None`` elsewhere); equal to :func:`estimate_channel_curves`.
 
@@ -89,6 +94,7 @@ def sharded_channel_curves(
         return estimate_channel_curves(
             model, space, batches, levels, grid=grid, worst_case=worst_case, groups=[p.unit for p in mine],
             level_ranges={p.unit: (p.start, p.stop) for p in mine}, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
+            bn_aware=bn_aware,
         )
 
     return sharded_unit_curves(model, batches, dist, plan, estimate, list(space.groups), "channel curve estimation")
@@ -157,14 +163,39 @@ class ChannelStage(GranularityStage):
     def allocation_record(self) -> dict:
         return {"removal": {g: self.space.removed(g) for g in self.space.groups}}
 
+    @property
+    def needs_labels(self) -> bool:
+        return self.cfg.prune.ranking in NEEDS_LABELS
+
+    @property
+    def _renormalised(self) -> bool:
+        return self.cfg.prune.bn_aware_curves
+
+    def measurement(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return batch_statistics(model) if self._renormalised else contextlib.nullcontext()
+
+    def _rank(self, inputs: torch.Tensor | None, labels: torch.Tensor | None) -> None:
+        """Rank the channels for this iteration (rank 0 scores a data-aware ranking, every rank gets the scores)."""
+        ranking = self.cfg.prune.ranking
+        if ranking not in NEEDS_LABELS:
+            rank_channels(self.space, ranking)
+            return
+        scores = None
+        if self.dist.is_main:
+            rank_channels(self.space, ranking, inputs, labels, self.cfg.calibration.batch_size)
+            scores = {g: self.space.importance(g) for g in self.space.groups}
+        self.space.rank(ranking, distributed.broadcast_object(scores))
+
     def choose(self, model: nn.Module, iteration: int, target: float, inputs: torch.Tensor | None, *,
-               progress: bool) -> Choice:
+               progress: bool, labels: torch.Tensor | None = None) -> Choice:
         """This iteration's removal (the same on every rank) as masks applied to ``model``.
 
-        The choice is kept in the run directory until the iteration is recorded; an iteration resumed
-        after an interruption reuses it instead of solving (and timing) again.
+        Channels are ranked first (``prune.ranking``), so curves, RD and the baselines remove the same
+        channels first. The choice is kept in the run directory until the iteration is recorded; an
+        iteration resumed after an interruption reuses it instead of solving (and timing) again.
         """
         cfg, space, cost = self.cfg, self.space, self.cost
+        self._rank(inputs, labels)
         current = {g: space.removed(g) for g in space.groups}
 
         def curves() -> dict[str, Curve] | None:
@@ -174,6 +205,7 @@ class ChannelStage(GranularityStage):
                 model, space, inputs, cfg.prune.levels, grid=cfg.prune.grid, worst_case=cfg.prune.distortion == "worst_case",
                 batch_size=cfg.calibration.batch_size, flops=self.flops,
                 cache_dir=cfg.calibration.curve_cache or self.out.curve_cache(iteration), dist=self.dist, progress=progress,
+                bn_aware=self._renormalised,
             )
 
         def solve(curves: dict[str, Curve] | None) -> tuple[dict[str, int], dict]:

@@ -131,7 +131,7 @@ class TwoFourStage(GranularityStage):
         return cls(setup, layers, left_out, cost, table)
 
     def choose(self, model: nn.Module, iteration: int, target: float, inputs: torch.Tensor | None, *,
-               progress: bool) -> Choice:
+               progress: bool, labels: torch.Tensor | None = None) -> Choice:
         """This iteration's 2:4 layers (chosen on rank 0, the same on every rank) applied as masks.
 
         Layers that are 2:4 already stay 2:4; the curves are rank 0's (``None`` elsewhere and for ``glob``).

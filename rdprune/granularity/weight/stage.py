@@ -6,6 +6,7 @@ those amounts are then applied on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from rdprune import distributed
 from rdprune.core.allocation import allocate, predicted_distortion
+from rdprune.core.batchnorm import batch_statistics
 from rdprune.core.floor import max_sparsity
 from rdprune.core.grid import Curve
 from rdprune.core.masks import apply_masks, layer_sparsity
@@ -53,12 +55,22 @@ class WeightStage(GranularityStage):
             )
 
     @property
+    def _renormalised(self) -> bool:
+        """BatchNorm-aware curves measured on one batch: the whole network is measured the same way."""
+        cal = self.cfg.calibration
+        return self.cfg.prune.bn_aware_curves and cal.batch_size >= cal.size
+
+    @property
     def distortion_comparable(self) -> bool:
-        # BatchNorm-aware curves measure renormalised networks, which the stale-statistics pass is not.
-        return not self.cfg.prune.bn_aware_curves
+        # BatchNorm-aware curves over several batches follow the plain definition layer by layer; a pass of the
+        # whole network with per-batch statistics is not that network.
+        return not self.cfg.prune.bn_aware_curves or self._renormalised
+
+    def measurement(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return batch_statistics(model) if self._renormalised else contextlib.nullcontext()
 
     def choose(self, model: nn.Module, iteration: int, target: float, inputs: torch.Tensor | None, *,
-               progress: bool) -> Choice:
+               progress: bool, labels: torch.Tensor | None = None) -> Choice:
         """Per-layer absolute amounts for this iteration, computed on rank 0 (curves on every rank), applied everywhere."""
         cfg = self.cfg
         curves: dict[str, Curve] | None = None
