@@ -17,17 +17,17 @@ from rdprune.granularity.channel.ranking import rank_channels
 from rdprune.granularity.channel.space import ChannelSpace
 from rdprune.models.cifar_resnet import resnet20
 
-from test_channels import DepthwiseConcat, _lived_in
+from tiny_models import DepthwiseConcat, lived_in
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _resnet():
-    return _lived_in(resnet20(10, in_channels=1, shortcut="projection"))
+    return lived_in(resnet20(10, in_channels=1, shortcut="projection"))
 
 
-@pytest.mark.parametrize("build,shape", [(_resnet, (1, 28, 28)), (lambda: _lived_in(DepthwiseConcat()), (3, 12, 12))])
+@pytest.mark.parametrize("build,shape", [(_resnet, (1, 28, 28)), (lambda: lived_in(DepthwiseConcat()), (3, 12, 12))])
 def test_recalibrated_curves_equal_their_definition(build, shape, tmp_path):
     """remove the group's channels, recalibrate_batchnorm on the inputs, measure: the fast path (one suffix pass
     with each BatchNorm normalising with its new input's statistics) gives the same curves, level 0 exactly zero,

@@ -21,42 +21,14 @@ from rdprune.granularity.channel.latency import LatencyTable, LayerGrid
 from rdprune.granularity.channel.space import ChannelSpace
 from rdprune.models.cifar_resnet import resnet20
 
+from tiny_models import DepthwiseConcat, lived_in
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class DepthwiseConcat(nn.Module):
-    """A depthwise conv inside a group, and two groups joined by a concatenation into the head."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn_a = nn.BatchNorm2d(8)
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.b = nn.Conv2d(3, 6, 1)
-        self.mix = nn.Conv2d(14, 10, 1)
-        self.head = nn.Linear(10 * 4 * 4, 5)
-
-    def forward(self, x):
-        a = torch.relu(self.dw(torch.relu(self.bn_a(self.a(x)))))
-        y = torch.relu(self.mix(torch.cat([a, torch.relu(self.b(x))], dim=1)))
-        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 4), 1))
-
-
-def _lived_in(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics and shifts, so that a masked channel's BN shift would show if it leaked."""
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_(1, 0.2)
-            m.bias.data.normal_(0, 0.3)
-    return model.eval()
 
 
 @pytest.fixture
 def resnet():
-    return _lived_in(resnet20(10, in_channels=1, shortcut="projection"))
+    return lived_in(resnet20(10, in_channels=1, shortcut="projection"))
 
 
 def test_resnet20_groups_tie_the_residual_stream_and_keep_the_outputs(resnet):
@@ -68,8 +40,8 @@ def test_resnet20_groups_tie_the_residual_stream_and_keep_the_outputs(resnet):
     assert "fc" not in space.groups and all(g.min_kept == 1 for g in space.groups.values())
 
 
-@pytest.mark.parametrize("build,shape", [(lambda: _lived_in(resnet20(10, 1, "projection")), (1, 28, 28)),
-                                         (lambda: _lived_in(DepthwiseConcat()), (3, 8, 8))])
+@pytest.mark.parametrize("build,shape", [(lambda: lived_in(resnet20(10, 1, "projection")), (1, 28, 28)),
+                                         (lambda: lived_in(DepthwiseConcat()), (3, 8, 8))])
 def test_masked_channels_compute_what_the_physically_smaller_model_computes(build, shape):
     model = build()
     x = torch.randn(8, *shape)
@@ -86,7 +58,7 @@ def test_masked_channels_compute_what_the_physically_smaller_model_computes(buil
 
 
 def test_depthwise_layers_keep_as_many_inputs_as_outputs():
-    model = _lived_in(DepthwiseConcat())
+    model = lived_in(DepthwiseConcat())
     space = ChannelSpace(model, torch.zeros(1, 3, 8, 8))
     kept = space.kept_channels({"a": 3, "b": 2})
     assert kept["dw"] == (5, 5) and kept["mix"] == (14 - 5, 10) and kept["a"] == (3, 5) and kept["head"] == (160, 5)
@@ -162,7 +134,7 @@ def _brute_force(curves, plans, cost, limit):
 
 @pytest.mark.parametrize("budget,fraction", [("weights", 0.6), ("weights", 0.35), ("flops", 0.5)])
 def test_channel_allocation_meets_the_budget_between_the_bound_and_the_optimum(budget, fraction):
-    model = _lived_in(DepthwiseConcat())
+    model = lived_in(DepthwiseConcat())
     x = torch.randn(16, 3, 8, 8)
     space = ChannelSpace(model, x[:1])
     curves = estimate_channel_curves(model, space, x, 5, progress=False)
@@ -188,7 +160,7 @@ def _fixed_table(space: ChannelSpace) -> LatencyTable:
 
 
 def test_latency_budget_allocation_and_baselines_meet_the_predicted_budget():
-    model = _lived_in(DepthwiseConcat())
+    model = lived_in(DepthwiseConcat())
     x = torch.randn(16, 3, 8, 8)
     space = ChannelSpace(model, x[:1])
     cost = ChannelCost(space, "latency", latency=_fixed_table(space))
@@ -233,7 +205,7 @@ def test_allocate_levels_is_exact_against_brute_force():
 
 
 def test_measured_latency_over_budget_is_corrected_by_re_solving():
-    model = _lived_in(DepthwiseConcat())
+    model = lived_in(DepthwiseConcat())
     x = torch.randn(16, 3, 8, 8)
     space = ChannelSpace(model, x[:1])
     cost = ChannelCost(space, "latency", latency=_fixed_table(space))

@@ -69,3 +69,33 @@ class UntraceableResNet(nn.Module):
                 h.mul_(0.5)  # changes the block's own output tensor after it returned
         v = self.early(h.mean((2, 3)))
         return self.head(torch.relu(self.late(v)))
+
+
+class DepthwiseConcat(nn.Module):
+    """A depthwise conv inside a group, and two groups joined by a concatenation into the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.mix = nn.Conv2d(14, 10, 1)
+        self.head = nn.Linear(10 * 4 * 4, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.dw(torch.relu(self.bn_a(self.a(x)))))
+        y = torch.relu(self.mix(torch.cat([a, torch.relu(self.b(x))], dim=1)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 4), 1))
+
+
+def lived_in(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and shifts, so that a masked channel's BN shift would show if it leaked."""
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_(1, 0.2)
+            m.bias.data.normal_(0, 0.3)
+    return model.eval()
