@@ -6,7 +6,8 @@ SPEC = GRANULARITIES.register("channel", GranularitySpec(
     name="channel",
     unit="channel group",
     form="channel",
-    methods=("rd", "unif", "glob"),  # rd, then the baselines of .baselines
+    # rd, the baselines of .baselines, then Torch-Pruning's own pruners (.peers)
+    methods=("rd", "unif", "glob", "tp_l2", "tp_l2_global", "tp_taylor_global", "tp_bn_scale_global", "tp_lamp_global"),
     budgets=("weights", "flops", "latency"),
     plugin="rdprune.granularity.channel.stage:ChannelStage",
     reads_latency=True,

@@ -216,7 +216,36 @@ class ChannelSpace:
         g = self.groups[group]
         if not 0 <= count <= g.size:
             raise ValueError(f"group {group!r} has {g.size} channels; cannot remove {count}")
-        channels = (self.removal_order(group) if order is None else order)[:count]
+        return self._channel_masks(group, (self.removal_order(group) if order is None else order)[:count])
+
+    def channels_for(self, removal: Mapping[str, int]) -> dict[str, list[int]]:
+        """The channels (positions in each group) that ``removal`` counts take: the first of :meth:`removal_order`."""
+        return {g: sorted(self.removal_order(g)[:n].tolist()) for g, n in removal.items()}
+
+    def channel_masks(self, channels: Mapping[str, Iterable[int]]) -> Masks:
+        """Masks of every prunable layer: its current zeros, and the named channels of each group removed
+        (a choice of explicit channels, as a peer pruner makes it)."""
+        masks = current_masks(self.layers)
+        for group, chosen in channels.items():
+            for layer, mask in self._channel_masks(group, torch.tensor(sorted(chosen), dtype=torch.long)).items():
+                masks[layer] &= mask
+        return masks
+
+    def channel_indices(self, channels: Mapping[str, Iterable[int]]) -> dict[str, list[int]]:
+        """Output channels of each group's named layer that the named group channels are, for
+        :func:`rdprune.granularity.channel.export.remove_channels`."""
+        found = {}
+        for g, chosen in channels.items():
+            chosen = sorted(chosen)
+            if chosen:
+                own = next(s for s in self.groups[g].slices if s.layer == g and s.dim == 0)
+                found[g] = sorted(own.index[torch.tensor(chosen, dtype=torch.long)].reshape(-1).tolist())
+        return found
+
+    def _channel_masks(self, group: str, channels: torch.Tensor) -> Masks:
+        g = self.groups[group]
+        if len(channels) and not (0 <= int(channels.min()) and int(channels.max()) < g.size):
+            raise ValueError(f"group {group!r} has {g.size} channels; cannot remove channels {channels.tolist()[:8]}")
         masks: Masks = {}
         for s in g.slices:
             weight = self.layers[s.layer].weight
@@ -242,12 +271,7 @@ class ChannelSpace:
     def removed_indices(self, removal: Mapping[str, int]) -> dict[str, list[int]]:
         """Output channels of each group's named layer that its removal takes, for
         :func:`rdprune.granularity.channel.export.remove_channels`."""
-        found = {}
-        for g, n in removal.items():
-            if n > 0:
-                own = next(s for s in self.groups[g].slices if s.layer == g and s.dim == 0)
-                found[g] = sorted(own.index[self.removal_order(g)[:n]].reshape(-1).tolist())
-        return found
+        return self.channel_indices(self.channels_for({g: n for g, n in removal.items() if n > 0}))
 
     def kept_channels(self, removal: Mapping[str, int]) -> dict[str, tuple[int, int]]:
         """(input, output) channels every convolution and linear layer keeps under ``removal`` (others unchanged)."""

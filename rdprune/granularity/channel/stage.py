@@ -12,7 +12,7 @@ import contextlib
 import copy
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -38,11 +38,18 @@ from rdprune.granularity.channel.costs import ChannelCost
 from rdprune.granularity.channel.curves import estimate_channel_curves, group_plan
 from rdprune.granularity.channel.export import remove_channels, require_onnx, save_exported
 from rdprune.granularity.channel.latency import LatencyTable
+from rdprune.granularity.channel.peers import NEEDS_LABELS as PEER_LABELS
+from rdprune.granularity.channel.peers import PEERS, Channels, peer_channels
 from rdprune.granularity.channel.ranking import NEEDS_LABELS, rank_channels
 from rdprune.granularity.channel.space import ChannelSpace
 from rdprune.pipeline.run_dir import RunLayout
 
 log = logging.getLogger(__name__)
+
+
+def counts(channels: Mapping[str, list[int]]) -> dict[str, int]:
+    """Channels removed per group, what the costs count."""
+    return {g: len(c) for g, c in channels.items()}
 
 WAIT_FACTOR = 2
 """distributed.timeout_s must be this many times latency.time_limit_s under several ranks: the limit
@@ -112,6 +119,7 @@ class ChannelStage(GranularityStage):
         self.cfg, self.dist, self.out = cfg, dist, out
         self.space, self.cost, self.table = space, cost, table
         self.latency_example = latency_example  # the batch whose latency counts, on the latency device
+        self.example = torch.zeros(1, *latency_example.shape[1:], device=dist.device)  # what a peer pruner traces
 
     @property
     def device(self) -> torch.device:
@@ -165,7 +173,7 @@ class ChannelStage(GranularityStage):
 
     @property
     def needs_labels(self) -> bool:
-        return self.cfg.prune.ranking in NEEDS_LABELS
+        return self.cfg.prune.ranking in NEEDS_LABELS or self.cfg.prune.method in PEER_LABELS
 
     @property
     def _renormalised(self) -> bool:
@@ -208,42 +216,49 @@ class ChannelStage(GranularityStage):
                 bn_aware=self._renormalised,
             )
 
-        def solve(curves: dict[str, Curve] | None) -> tuple[dict[str, int], dict]:
+        def solve(curves: dict[str, Curve] | None) -> tuple[Channels, dict]:
             plans = {g: group_plan(space, g, cfg.prune.levels, cfg.prune.grid) for g in space.groups}
 
-            def allocate(limit: float) -> tuple[dict[str, int], dict]:
+            def allocate(limit: float) -> tuple[Channels, dict]:
+                if cfg.prune.method in PEERS:
+                    return peer_channels(cfg.prune.method, space, cost, limit, self.example, [space.output_layer, *cfg.prune.skip],
+                                         cfg.prune.min_density, inputs, labels, cfg.calibration.batch_size), {}
                 if curves is None:
-                    return channel_baseline(cfg.prune.method, space, cost, limit, current), {}
+                    return space.channels_for(channel_baseline(cfg.prune.method, space, cost, limit, current)), {}
                 alloc = allocate_channels(curves, plans, cost, limit)
-                return alloc.removal, {"distortion_predicted": alloc.distortion, "distortion_lower_bound": alloc.lower_bound,
-                                       "allocation_rounds": alloc.rounds}
+                return space.channels_for(alloc.removal), {"distortion_predicted": alloc.distortion,
+                                                           "distortion_lower_bound": alloc.lower_bound,
+                                                           "allocation_rounds": alloc.rounds}
 
             if cfg.prune.budget == "latency":
                 chosen, info = self._meet_latency(model, allocate, target)
             else:
                 chosen, info = allocate((1.0 - target) * cost.dense)
-            info["cost_remaining"] = cost(chosen) / cost.dense
-            info["channels_removed"] = sum(chosen.values())
+            info["cost_remaining"] = cost(counts(chosen)) / cost.dense
+            info["channels_removed"] = sum(map(len, chosen.values()))
             return chosen, info
 
         removal, info, curves_found = chosen_once(self.out.chosen(iteration), target, self.dist, curves, solve)
-        masks = space.masks(removal)
+        if all(isinstance(v, int) for v in removal.values()):  # kept by an earlier version: counts of the ranking's first
+            removal = space.channels_for(removal)
+        masks = space.channel_masks(removal)
         enforce_masks(self.layers, masks)
         return Choice(masks, info, curves_found)
 
-    def _meet_latency(self, model: nn.Module, allocate, target: float) -> tuple[dict[str, int], dict]:
+    def _meet_latency(self, model: nn.Module, allocate: Callable[[float], tuple[Channels, dict]],
+                      target: float) -> tuple[Channels, dict]:
         """Solve under the latency model, measure the smaller model, and re-solve tighter while it is over budget."""
         details: dict = {}
 
-        def solve_latency(limit: float) -> dict[str, int]:
+        def solve_latency(limit: float) -> Channels:
             removal, extra = allocate(limit)
             details.update(extra)
             return removal
 
         lat = self.cfg.latency
         checked = meet_measured_latency(
-            solve_latency, lambda removal: self._measure(model, removal, lat.repeats, lat.threads), self.cost, self.cost.dense,
-            1.0 - target, lat.correction_rounds)
+            solve_latency, lambda removal: self._measure(model, removal, lat.repeats, lat.threads),
+            lambda removal: self.cost(counts(removal)), self.cost.dense, 1.0 - target, lat.correction_rounds)
         info = {**details, "latency_predicted_ms": 1e3 * checked.predicted_s,
                 "latency_predicted_dense_ms": 1e3 * checked.predicted_dense_s, "latency_first_ms": 1e3 * checked.first_s,
                 "latency_first_dense_ms": 1e3 * checked.first_dense_s, "latency_model_error": checked.model_error,
@@ -252,10 +267,10 @@ class ChannelStage(GranularityStage):
                 "latency_corrections": checked.corrections}
         return checked.removal, info
 
-    def _measure(self, model: nn.Module, removal: dict[str, int], repeats: int, threads: int | None) -> tuple[float, float]:
+    def _measure(self, model: nn.Module, removal: Channels, repeats: int, threads: int | None) -> tuple[float, float]:
         """(dense, pruned) seconds of one forward pass, the physically smaller copy timed interleaved with the dense one."""
         dense = copy.deepcopy(model).to(self.device).eval()
-        smaller = remove_channels(dense, self.latency_example[:1], self.space.removed_indices(removal))
+        smaller = remove_channels(dense, self.latency_example[:1], self.space.channel_indices(removal))
         dense_s, pruned_s = measure_latency([dense, smaller], self.latency_example, repeats=repeats, threads=threads,
                                             device=self.device)
         return dense_s, pruned_s
