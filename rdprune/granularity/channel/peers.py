@@ -59,16 +59,26 @@ class PeerPruner:
         modules = dict(space.model.named_modules())
         self.ignored = [modules[n] for n in ignored]
         self.names = {m: n for n, m in space.model.named_modules()}
+        self._pruner: Any = None
         self.position = {(s.layer, int(i)): (g, c) for g, group in space.groups.items() for s in group.slices if s.dim == 0
                          for c, row in enumerate(s.index.tolist()) for i in row}
 
     def channels(self, ratio: float) -> Channels:
-        """The channels Torch-Pruning removes at ``ratio`` (every group, current removals kept, floors held)."""
+        """The channels Torch-Pruning removes at ``ratio`` (every group, current removals kept, floors held).
+
+        One ``MetaPruner`` (its dependency graph traced once) serves every ratio: re-targeted as its own
+        constructor sets a ratio, and ``reset()`` before each interactive step, which prunes nothing.
+        """
         model = self.space.model
         with evaluation(model), torch.enable_grad():  # the dependency graph is read from autograd
-            pruner = self.tp.pruner.MetaPruner(
-                model, self.example, importance=_importance(self.tp, self.kind), global_pruning=self.global_pruning,
-                pruning_ratio=ratio, max_pruning_ratio=self.max_ratio, ignored_layers=self.ignored)
+            if self._pruner is None:
+                self._pruner = self.tp.pruner.MetaPruner(
+                    model, self.example, importance=_importance(self.tp, self.kind), global_pruning=self.global_pruning,
+                    pruning_ratio=ratio, max_pruning_ratio=self.max_ratio, ignored_layers=self.ignored)
+            pruner = self._pruner
+            pruner.pruning_ratio = ratio
+            pruner.per_step_pruning_ratio = pruner.iterative_pruning_ratio_scheduler(ratio, pruner.iterative_steps)
+            pruner.reset()
             chosen: dict[str, set[int]] = {g: set() for g in self.space.groups}
             for group in pruner.step(interactive=True):
                 for item in group:
@@ -86,7 +96,7 @@ class PeerPruner:
         removed = set(self.space.removal_order(group)[:self.space.removed(group)].tolist())
         channels = sorted(removed | picked)
         most = self.space.max_removed(group)
-        if len(channels) > most:  # keep the removed ones, then Torch-Pruning's least important (lowest norm first)
+        if len(channels) > most:  # keep the removed ones, then the first by rdprune's ranking
             order = self.space.removal_order(group).tolist()
             channels = sorted(sorted(channels, key=order.index)[:most])
         return channels
