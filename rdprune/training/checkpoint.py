@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import shutil
 from pathlib import Path
 
@@ -83,8 +82,9 @@ def load_run_state(path: Path, device: torch.device | str) -> dict:
         state = torch.load(path, map_location=device, weights_only=True)
     except torch.OutOfMemoryError:
         raise
-    # a truncated zip archive (RuntimeError), an empty file (EOFError), other bytes (UnpicklingError), a read error
-    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as err:
+    # a truncated zip archive (RuntimeError), an empty file (EOFError), other bytes (UnpicklingError, or whatever
+    # the weights-only unpickler meets in random bytes: IndexError, KeyError, ...), a read error
+    except Exception as err:
         raise UserError(f"{path} is not a readable checkpoint ({one_line(err)}); a killed run or a full disk may "
                         "have cut it short: set run.resume=false to archive this run and start clean") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
