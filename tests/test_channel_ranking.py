@@ -1,5 +1,6 @@
 """Channel granularity: curves of the network that will run (BatchNorm renormalised) against their definition, and
 the rankings (l2, taylor, bn_scale) against hand computations, with removed channels always first."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,23 @@ def test_taylor_ranking_is_refused_without_labelled_data():
         load_config(ROOT / "configs" / "quickstart.yaml", ["prune.ranking=taylor"])
     with pytest.raises(UserError, match="prune.ranking must be one of 'l2', 'taylor', 'bn_scale', got 'taylr'"):
         load_config(ROOT / "configs" / "quickstart_channels.yaml", ["prune.ranking=taylr"])
+
+
+def test_run_directories_of_earlier_versions_resume_with_the_ranking_they_started_with(tmp_path):
+    """A resume key written before prune.ranking existed ran with l2: it resumes under l2 (the old behaviour, whatever
+    the default becomes) and refuses another ranking in one line that names the setting to resume with."""
+    from rdprune.distributed import DistInfo
+    from rdprune.pipeline.loop import _prepare_out_dir, resume_key, run_differences
+    from rdprune.pipeline.run_dir import RunLayout, append_result
+
+    config = ROOT / "configs" / "quickstart_channels.yaml"
+    cfg = load_config(config, [f"run.out_dir={tmp_path}"])
+    old = resume_key(cfg)
+    del old["prune"]["ranking"]
+    assert run_differences(old, cfg) == []
+    taylor = load_config(config, [f"run.out_dir={tmp_path}", "prune.ranking=taylor"])
+    assert run_differences(old, taylor) == ["prune.ranking=l2"]
+    (tmp_path / "resume_key.json").write_text(json.dumps(old))
+    append_result(tmp_path, {"iteration": 0})
+    with pytest.raises(UserError, match=r"holds a run of a different config \(it ran with prune.ranking=l2\); rerun with"):
+        _prepare_out_dir(taylor, RunLayout(tmp_path), DistInfo())

@@ -131,14 +131,23 @@ def _prepare_out_dir(cfg: Config, out: RunLayout, dist: DistInfo) -> None:
                 "whether it continues the same experiment: restore it, or set run.resume=false to archive the run "
                 "and start clean"
             )
-        if not same_run(stored, cfg):
+        differences = run_differences(stored, cfg)
+        if differences:
             raise UserError(
-                f"{out.root} holds a run of a different config; set run.resume=false to archive it "
-                "and start clean, or choose another run.out_dir"
+                f"{out.root} holds a run of a different config (it ran with {', '.join(differences[:4])}"
+                f"{' ...' if len(differences) > 4 else ''}); rerun with those settings to resume it, set run.resume=false "
+                "to archive it and start clean, or choose another run.out_dir"
             )
     save_config(cfg, out.config)
     write_json(out.resume_key, resume_key(cfg))
     write_json(out.provenance, provenance(config_hash(cfg), dist.world_size))
+
+
+def _as_override(value: object) -> str:
+    """A stored value as a command-line override writes it."""
+    if value is _NO_DEFAULT:
+        return "(none)"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def resume_key(cfg: Config) -> dict:
@@ -152,24 +161,35 @@ def resume_key(cfg: Config) -> dict:
                 if k not in RESUME_FREE.get(s, ()) and (s not in RESUME_ONLY or k in RESUME_ONLY[s])} for s in sections}
 
 
-def same_run(stored: dict, cfg: Config) -> bool:
-    """Whether a run directory's stored resume key is this config's.
+KEYS_BEFORE_THEY_EXISTED = {"prune": {"ranking": "l2"}}
+"""What a run made before a key existed ran with: a stored resume key that lacks the key compares with
+this, not with the key's current default, so a changed default never switches a resumed run."""
 
-    A key the stored one lacks (written before that key existed) matches when this config leaves
-    it at its default, so run directories of earlier versions stay resumable.
+
+def same_run(stored: dict, cfg: Config) -> bool:
+    """Whether a run directory's stored resume key is this config's (see :func:`run_differences`)."""
+    return not run_differences(stored, cfg)
+
+
+def run_differences(stored: dict, cfg: Config) -> list[str]:
+    """The settings in which a run directory's stored resume key differs from this config's, as the overrides
+    (``section.key=value``) the stored run had.
+
+    A key the stored one lacks (written before that key existed) counts with the value runs had then
+    (:data:`KEYS_BEFORE_THEY_EXISTED`, else the key's default), so run directories of earlier versions
+    stay resumable and are never switched to a new default.
     """
     current = resume_key(cfg)
-    if set(stored) - set(current):
-        return False
+    differences = [f"{s} (a section this run does not use)" for s in sorted(set(stored) - set(current))]
     for section, values in current.items():
         old = stored.get(section, {})
-        if set(old) - set(values):
-            return False
-        defaults = section_defaults(section)
+        differences += [f"{section}.{k} (unknown to this version)" for k in sorted(set(old) - set(values))]
+        defaults = {**section_defaults(section), **KEYS_BEFORE_THEY_EXISTED.get(section, {})}
         for key, value in values.items():
-            if (old[key] if key in old else defaults.get(key, _NO_DEFAULT)) != value:
-                return False
-    return True
+            before = old[key] if key in old else defaults.get(key, _NO_DEFAULT)
+            if before != value:
+                differences.append(f"{section}.{key}={_as_override(before)}")
+    return differences
 
 
 def check_run(cfg: Config, dist: DistInfo, data: DataBundle | None = None) -> DataBundle:
