@@ -26,6 +26,8 @@ the config's sweep section (override its keys as sweep.key=value, e.g. sweep.see
   variants: {name: {section.key: value}}  named override sets, e.g. rd_oneshot: {prune.amount_per_iteration: 1.0}
   seeds: [0, 1, 2]                      fine-tuning data order and calibration sampling; never the checkpoint
   targets: [0.5, 0.7, 0.9]              optional: one run per target sparsity (e.g. one shot to each)
+  pretrain_per_seed: true               optional: each seed pretrains its own checkpoint (default false)
+  peers: [tp_l2_global, ...]            optional: entries every other entry is compared with, seed by seed
 """
 
 
@@ -57,9 +59,9 @@ def main(argv: list[str]) -> int:
             stage_class(planned.cfg).precheck(planned.cfg, dist)
         distributed.check_same_config(plan_hash(plan))
         check_plan(plan, dist)
-        results = run_sweep(plan, dist, on_progress=lambda r: write_comparison(plan.out, r, plan.seeds, title))
+        results = run_sweep(plan, dist, on_progress=lambda r: write_comparison(plan.out, r, plan.seeds, title, plan.peers))
         if dist.is_main:
-            table = write_comparison(plan.out, results, plan.seeds, title)
+            table = write_comparison(plan.out, results, plan.seeds, title, plan.peers)
             sys.stdout.write(table + "\n")
             sys.stdout.write(f"comparison.md, comparison.csv and comparison.png in {plan.out}\n")
     return 0

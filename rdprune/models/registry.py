@@ -36,6 +36,7 @@ from rdprune.errors import one_line as _one_line
 from rdprune.imports import IMPORT_FORM, accepts_keyword, load_callable
 from rdprune.models.builder_kwargs import call_with_kwargs, merge_kwargs
 from rdprune.models.cifar_resnet import resnet20, resnet32, resnet44, resnet56
+from rdprune.models.digit_nets import MobileNetV2Digits, PlainBNCNN
 from rdprune.models.small_cnn import SmallCNN
 from rdprune.models.vgg_cifar import vgg16_cifar
 
@@ -66,6 +67,18 @@ def input_channels(input_shape: Sequence[int] | None) -> int:
 @register("small_cnn")
 def _small_cnn(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
     return SmallCNN(num_classes, input_shape or (1, 28, 28))
+
+
+@register("plain_bn_cnn")
+def _plain_bn_cnn(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
+    """VGG-style BatchNorm CNN without residuals (six conv layers): a channel-pruning test bed for digits."""
+    return PlainBNCNN(num_classes, in_channels=input_channels(input_shape))
+
+
+@register("mobilenetv2_digits")
+def _mobilenetv2_digits(num_classes: int, input_shape: tuple[int, ...] | None) -> nn.Module:
+    """MobileNetV2-style network (depthwise convs, inverted residuals) sized for 28x28 digits."""
+    return MobileNetV2Digits(num_classes, in_channels=input_channels(input_shape))
 
 
 @register("resnet20_cifar")

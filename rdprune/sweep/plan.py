@@ -2,7 +2,9 @@
 
 A sweep file is a normal run config plus a ``sweep:`` section. Every run starts from one pretrained
 checkpoint (``<out>/pretrained/``, or the config's own model.checkpoint / model.weights), so the
-seed of a run changes only fine-tuning data order and calibration sampling. Runs live in
+seed of a run changes only fine-tuning data order and calibration sampling; with
+``sweep.pretrain_per_seed`` each seed pretrains its own (``<out>/pretrained_seed<s>/``), so that
+results hold across trained networks, not only across fine-tuning orders. Runs live in
 ``<out>/runs/<entry>_seed<s>/``; a finished one is recognised from its files and not touched
 again, an interrupted one resumes inside itself through the pipeline.
 """
@@ -30,7 +32,7 @@ from rdprune.pipeline.run_dir import RunLayout, read_results
 
 log = logging.getLogger(__name__)
 
-SWEEP_KEYS = ("methods", "variants", "seeds", "targets")
+SWEEP_KEYS = ("methods", "variants", "seeds", "targets", "pretrain_per_seed", "peers")
 _ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # The sweep sets these itself; a variant changing them would break "same checkpoint, same data".
 _FIXED = {
@@ -59,6 +61,8 @@ class SweepSpec:
     seeds: list[int]
     variants: frozenset[str]
     targets: list[float] | None = None  # one run per target (prune.target_sparsity), or the config's one
+    pretrain_per_seed: bool = False  # each seed pretrains its own checkpoint (run.seed = the seed)
+    peers: tuple[str, ...] = ()  # entries the tables compare every other entry with, seed by seed
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,10 @@ class SweepPlan:
 
     out: Path
     base: Config
-    pretrain: Config | None  # None when the config brings its own checkpoint or weights
+    pretrain: Config | None  # the first (or only) pretraining run; None when the config brings its own checkpoint
     runs: list[PlannedRun] = field(default_factory=list)
+    pretrains: list[Config] = field(default_factory=list)  # every pretraining run (one per seed with pretrain_per_seed)
+    peers: tuple[str, ...] = ()
 
     @property
     def entries(self) -> list[str]:
@@ -152,7 +158,14 @@ def parse_sweep(section: Any, label: str) -> SweepSpec:
             raise UserError(f"{label}: sweep.targets must be a non-empty list of distinct sparsities in (0, 1), "
                             f"e.g. [0.5, 0.7, 0.9], got {targets!r}")
         targets = sorted(float(t) for t in targets)
-    return SweepSpec(entries, list(seeds), frozenset(variants), targets)
+    per_seed = section.get("pretrain_per_seed", False)
+    if not isinstance(per_seed, bool):
+        raise UserError(f"{label}: sweep.pretrain_per_seed must be true or false, got {per_seed!r}")
+    peers = section.get("peers") or []
+    if not isinstance(peers, list) or any(p not in entries for p in peers) or len(set(peers)) != len(peers):
+        raise UserError(f"{label}: sweep.peers must list entries of the sweep (methods or variant names) once each, "
+                        f"e.g. [tp_l2_global], got {peers!r}; entries: {', '.join(entries)}")
+    return SweepSpec(entries, list(seeds), frozenset(variants), targets, per_seed, tuple(peers))
 
 
 def _nest(overrides: Mapping[str, Any], where: str, label: str) -> dict[str, dict[str, Any]]:
@@ -202,19 +215,21 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepPlan:
     resolved = config_to_dict(base)
     out = base.out_path
 
-    pretrain = None
-    checkpoint = base.model.checkpoint
-    if checkpoint is None and base.model.weights is None:
-        pre = copy.deepcopy(resolved)
-        pre["run"].update(name="pretrained", out_dir=str(out / "pretrained"))
-        # Only model, data and pretrain shape the checkpoint: fixed pruning and fine-tuning sections
-        # let a sweep whose pruning or fine-tuning changed later still find (and reuse) it.
-        pre["calibration"] = {"bn_recalibration": False}
-        pre["finetune"] = {"steps": 0}
-        pre["prune"] = {"method": "unif", "target_sparsity": 0.0, "amount_per_iteration": 1.0}
-        pretrain = config_from_dict(pre, label=f"{label}: pretraining run")
-        # Absolute, so the runs' resume keys do not depend on how out_dir was spelled or on the cwd.
-        checkpoint = str((out / "pretrained" / "pretrained.pt").resolve())
+    pretrains: dict[int | None, Config] = {}
+    checkpoints: dict[int | None, str | None] = {None: base.model.checkpoint}
+    if base.model.checkpoint is None and base.model.weights is None:
+        for seed in spec.seeds if spec.pretrain_per_seed else [None]:
+            folder = "pretrained" if seed is None else f"pretrained_seed{seed}"
+            pre = copy.deepcopy(resolved)
+            pre["run"].update(name=folder, out_dir=str(out / folder), **({} if seed is None else {"seed": seed}))
+            # Only model, data and pretrain shape the checkpoint: fixed pruning and fine-tuning sections
+            # let a sweep whose pruning or fine-tuning changed later still find (and reuse) it.
+            pre["calibration"] = {"bn_recalibration": False}
+            pre["finetune"] = {"steps": 0}
+            pre["prune"] = {"method": "unif", "target_sparsity": 0.0, "amount_per_iteration": 1.0}
+            pretrains[seed] = config_from_dict(pre, label=f"{label}: pretraining run")
+            # Absolute, so the runs' resume keys do not depend on how out_dir was spelled or on the cwd.
+            checkpoints[seed] = str((out / folder / "pretrained.pt").resolve())
 
     runs: list[PlannedRun] = []
     seen: dict[str, str] = {}
@@ -231,7 +246,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepPlan:
                 name = f"{entry}_seed{seed}" if target is None else f"{entry}_target{100 * target:g}_seed{seed}"
                 run_changes = _with(changes, {
                     "run": {"name": name, "out_dir": str(out / "runs" / name), "seed": seed},
-                    "model": {"checkpoint": checkpoint},
+                    "model": {"checkpoint": checkpoints.get(seed, checkpoints.get(None))},
                     "calibration": shared,
                     **({"prune": {**changes.get("prune", {}), "target_sparsity": target}} if target is not None else {}),
                 })
@@ -243,7 +258,8 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepPlan:
         seen[identity] = where
     # Seeds outermost: an unfinished sweep still holds every method at the first seeds.
     runs.sort(key=lambda r: spec.seeds.index(r.seed))
-    return SweepPlan(out=out, base=base, pretrain=pretrain, runs=runs)
+    first = next(iter(pretrains.values()), None)
+    return SweepPlan(out=out, base=base, pretrain=first, runs=runs, pretrains=list(pretrains.values()), peers=spec.peers)
 
 
 def check_plan(plan: SweepPlan, dist: DistInfo) -> None:
@@ -270,7 +286,7 @@ def check_plan(plan: SweepPlan, dist: DistInfo) -> None:
 
 def plan_hash(plan: SweepPlan) -> str:
     """One hash over every run's resolved config, for checking that all ranks plan the same sweep."""
-    configs = [plan.pretrain] if plan.pretrain is not None else []
+    configs = list(plan.pretrains)
     configs += [r.cfg for r in plan.runs]
     return distributed.fingerprint([config_hash(c) for c in configs])
 
@@ -313,9 +329,9 @@ def run_sweep(
     the dense iteration 0 once); ``on_progress`` (rank 0 only) gets the results so far after every
     run, so an unfinished sweep still leaves up-to-date tables.
     """
-    if plan.pretrain is not None:
-        _, reused = _run_or_reuse(plan.pretrain, dist)
-        log.info("pretrained checkpoint %s (%s)", plan.pretrain.out_path / "pretrained.pt", "reused" if reused else "trained now")
+    for pretrain in plan.pretrains:
+        _, reused = _run_or_reuse(pretrain, dist)
+        log.info("pretrained checkpoint %s (%s)", pretrain.out_path / "pretrained.pt", "reused" if reused else "trained now")
     results: dict[str, dict[int, list[dict]]] = {}
     for i, planned in enumerate(plan.runs, 1):
         log.info("sweep run %d/%d: %s, seed %d -> %s", i, len(plan.runs), planned.entry, planned.seed, planned.cfg.out_path)

@@ -73,6 +73,10 @@ class LevelRow:
     flops_remaining: Stat
     speedup: Stat | None = None  # measured latency speedup (latency budgets)
     extra: dict[str, Stat] = dataclasses.field(default_factory=dict)  # the granularities' columns (all_columns) rows carry
+    pruned_by_seed: dict[int, float] = dataclasses.field(default_factory=dict)  # top-1 right after pruning, per seed
+    paired: Stat | None = None  # top-1 right after pruning minus the best peer's, seed by seed (sweep.peers)
+    paired_peer: str = ""  # that best peer
+    paired_beyond: bool = False  # the difference is beyond the paired seed spread (see paired)
     mark_top1: str = ""
     gap_top1: float = math.nan  # points below the level's best mean
     mark_pruned: str = ""
@@ -85,14 +89,18 @@ def dense_top1(results: Results) -> Stat | None:
     return Stat.of(values) if values else None
 
 
-def summarise(results: Results) -> list[LevelRow]:
-    """Rows sorted by level, then in the sweep's entry order, with best / within-spread marks."""
+def summarise(results: Results, peers: Sequence[str] = ()) -> list[LevelRow]:
+    """Rows sorted by level, then in the sweep's entry order, with best / within-spread marks; with ``peers``, every
+    other entry's top-1 right after pruning minus the best peer's at its level, seed by seed (:func:`paired`)."""
     grouped: dict[tuple[float, str], list[Mapping]] = {}
+    seeds: dict[tuple[float, str], list[int]] = {}
     for entry, runs in results.items():
-        for rows in runs.values():
+        for seed, rows in runs.items():
             for r in rows:
                 if r["iteration"] > 0:
-                    grouped.setdefault((round(r["target_sparsity"], _LEVEL_DIGITS), entry), []).append(r)
+                    key = (round(r["target_sparsity"], _LEVEL_DIGITS), entry)
+                    grouped.setdefault(key, []).append(r)
+                    seeds.setdefault(key, []).append(seed)
     order = {entry: i for i, entry in enumerate(results)}
     rows = [
         LevelRow(
@@ -105,6 +113,7 @@ def summarise(results: Results) -> list[LevelRow]:
             flops_remaining=Stat.of([r["flops_remaining"] for r in rs]),
             speedup=Stat.of([r["latency_speedup"] for r in rs]) if all("latency_speedup" in r for r in rs) else None,
             extra={c.key: Stat.of([r[c.key] for r in rs]) for c in all_columns() if all(c.key in r for r in rs)},
+            pruned_by_seed={s: r["top1_pruned"] for s, r in zip(seeds[(level, entry)], rs)},
         )
         for (level, entry), rs in sorted(grouped.items(), key=lambda kv: (kv[0][0], order[kv[0][1]]))
     ]
@@ -113,11 +122,36 @@ def summarise(results: Results) -> list[LevelRow]:
         at_level = [r for r in rows if r.level == level]
         top1 = _marks([r.top1 for r in at_level])
         pruned = _marks([r.top1_pruned for r in at_level])
+        best_peer = max((r for r in at_level if r.entry in peers), key=lambda r: r.top1_pruned.mean, default=None)
         marked += [
-            dataclasses.replace(r, mark_top1=a[0], gap_top1=a[1], mark_pruned=b[0], gap_pruned=b[1])
+            dataclasses.replace(r, mark_top1=a[0], gap_top1=a[1], mark_pruned=b[0], gap_pruned=b[1],
+                                **(paired(r, best_peer) if best_peer is not None and r.entry not in peers else {}))
             for r, a, b in zip(at_level, top1, pruned)
         ]
     return marked
+
+
+def paired(row: LevelRow, peer: LevelRow) -> dict:
+    """``row``'s top-1 right after pruning minus ``peer``'s on the seeds both ran, as LevelRow fields.
+
+    Beyond the paired seed spread means: the same sign on every seed, and a mean larger than the
+    standard deviation of the differences (never with a single seed).
+    """
+    shared = sorted(set(row.pruned_by_seed) & set(peer.pruned_by_seed))
+    if not shared:
+        return {}
+    diffs = [row.pruned_by_seed[s] - peer.pruned_by_seed[s] for s in shared]
+    stat = Stat.of(diffs)
+    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    return {"paired": stat, "paired_peer": peer.entry,
+            "paired_beyond": same_sign and stat.n > 1 and abs(stat.mean) > stat.std}
+
+
+def _paired_text(row: LevelRow) -> str:
+    if row.paired is None:
+        return ""
+    verdict = (" **beyond spread**" if row.paired.mean > 0 else " below, beyond spread") if row.paired_beyond else ""
+    return f"{row.paired.mean:+.2f} ± {row.paired.spread:.2f} vs {row.paired_peer}{verdict}"
 
 
 def _marks(stats: Sequence[Stat]) -> list[tuple[str, float]]:
@@ -159,16 +193,20 @@ def markdown_table(rows: Sequence[LevelRow], dense: Stat | None = None, seeds: S
         lines.append("")
     timed = any(r.speedup is not None for r in rows)
     columns = [c for c in all_columns() if any(c.key in r.extra for r in rows)]
+    peers = any(r.paired is not None for r in rows)
     lines += [
         "| level | method | weights pruned (%) | top-1 after fine-tuning (%) | vs best | "
         "top-1 right after pruning (%) | vs best | FLOPs left (%) |" + (" measured speedup |" if timed else "")
-        + "".join(f" {c.header} |" for c in columns) + " seeds |",
-        "|---:|---|---:|---:|---|---:|---|---:|" + ("---:|" if timed else "") + "---:|" * len(columns) + "---:|",
+        + "".join(f" {c.header} |" for c in columns) + (" right after pruning vs best peer, paired (points) |" if peers else "")
+        + " seeds |",
+        "|---:|---|---:|---:|---|---:|---|---:|" + ("---:|" if timed else "") + "---:|" * len(columns) + ("---|" if peers else "")
+        + "---:|",
     ]
     for r in rows:
         level = f"{100 * r.level:.2f} %"
         speedup = (f" {r.speedup.text()}x |" if r.speedup is not None else " |") if timed else ""
         extra = "".join(f" {c.mean_format.format(r.extra[c.key].mean)} |" if c.key in r.extra else " |" for c in columns)
+        extra += f" {_paired_text(r)} |" if peers else ""
         lines.append(
             f"| {level} | {r.entry} | {100 * r.sparsity.mean:.2f} | {r.top1.text()} | "
             f"{_vs_best(r.mark_top1, r.gap_top1)} | {r.top1_pruned.text()} | "
@@ -180,7 +218,7 @@ def markdown_table(rows: Sequence[LevelRow], dense: Stat | None = None, seeds: S
 _BASE_COLUMNS = (
     "level", "method", "seeds", "sparsity_mean", "top1_mean", "top1_std", "top1_gap", "top1_mark",
     "top1_pruned_mean", "top1_pruned_std", "top1_pruned_gap", "top1_pruned_mark", "flops_remaining_mean",
-    "latency_speedup_mean",
+    "latency_speedup_mean", "paired_vs_peer_mean", "paired_vs_peer_std", "paired_peer", "paired_beyond_spread",
 )
 
 
@@ -210,6 +248,8 @@ def csv_table(rows: Sequence[LevelRow]) -> str:
             number(r.top1.mean), number(r.top1.std), number(r.gap_top1), r.mark_top1,
             number(r.top1_pruned.mean), number(r.top1_pruned.std), number(r.gap_pruned), r.mark_pruned,
             number(r.flops_remaining.mean), "" if r.speedup is None else number(r.speedup.mean),
+            "" if r.paired is None else number(r.paired.mean), "" if r.paired is None else number(r.paired.std), r.paired_peer,
+            "" if r.paired is None else str(r.paired_beyond).lower(),
             *("" if c.key not in r.extra else number(r.extra[c.key].mean) for c in columns),
         ])
     return buffer.getvalue()
@@ -246,9 +286,9 @@ def plot_comparison(rows: Sequence[LevelRow], dense: Stat | None, path: Path, ti
     save_figure(fig, path)
 
 
-def write_comparison(out: Path, results: Results, seeds: Sequence[int], title: str) -> str:
+def write_comparison(out: Path, results: Results, seeds: Sequence[int], title: str, peers: Sequence[str] = ()) -> str:
     """Write comparison.md, comparison.csv and comparison.png under ``out``; returns the Markdown."""
-    rows = summarise(results)
+    rows = summarise(results, peers)
     dense = dense_top1(results)
     text = markdown_table(rows, dense, seeds)
     atomic_write_text(out / "comparison.md", f"# {title}\n\n{text}\n")
