@@ -277,3 +277,40 @@ def test_latency_runs_are_checked_before_pretraining_without_timing(tmp_path):
 def test_sweep_variants_cannot_change_the_process_group(capsys):
     err = _error(capsys, str(CONFIG), *REDUCED, "sweep.variants={x: {distributed.timeout_s: 30}}")
     assert "distributed.timeout_s cannot vary within a sweep: the sweep opens its process group once" in err
+
+
+def _level_rows(top1_pruned: float) -> list[dict]:
+    base = {"method": "m", "sparsity": 0.5, "flops_remaining": 0.5, "loss": 0.1, "seconds": 1.0, "top1": 90.0}
+    return [{**base, "iteration": 0, "target_sparsity": 0.0, "top1_pruned": 95.0},
+            {**base, "iteration": 1, "target_sparsity": 0.5, "top1_pruned": top1_pruned}]
+
+
+def test_entries_are_paired_with_the_best_peer_seed_by_seed():
+    from rdprune.sweep.tables import csv_table, markdown_table, summarise
+
+    results = {
+        "rd": {0: _level_rows(80.0), 1: _level_rows(70.0), 2: _level_rows(75.0)},
+        "close": {0: _level_rows(78.0), 1: _level_rows(66.0), 2: _level_rows(75.5)},
+        "peer_a": {0: _level_rows(77.0), 1: _level_rows(67.0), 2: _level_rows(73.0)},  # the best peer: mean 72.33
+        "peer_b": {0: _level_rows(60.0), 1: _level_rows(60.0), 2: _level_rows(60.0)},
+    }
+    rows = {r.entry: r for r in summarise(results, ["peer_a", "peer_b"])}
+    assert rows["rd"].paired_peer == "peer_a" and rows["rd"].paired.mean == pytest.approx(8 / 3)
+    assert rows["rd"].paired_beyond  # +3, +3, +2: same sign, mean 2.67 > std 0.58
+    assert not rows["close"].paired_beyond  # +1, -1, +2.5: signs differ
+    assert rows["peer_a"].paired is None and rows["peer_b"].paired is None
+    table = markdown_table(list(rows.values()))
+    assert "+2.67 ± 0.58 vs peer_a **beyond spread**" in table and "vs best peer, paired" in table
+    assert "true" in csv_table(list(rows.values()))
+
+
+def test_each_seed_can_pretrain_its_own_network(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    section = "\nsweep:\n  methods: [rd, glob]\n  seeds: [0, 3]\n  pretrain_per_seed: true\n"
+    sweep.write_text((ROOT / "configs" / "quickstart.yaml").read_text() + section)
+    plan = load_sweep(sweep, [f"run.out_dir={tmp_path / 'out'}"])
+    assert [p.run.seed for p in plan.pretrains] == [0, 3]
+    by_seed = {r.seed: r.cfg.model.checkpoint for r in plan.runs}
+    assert by_seed[0].endswith("pretrained_seed0/pretrained.pt") and by_seed[3].endswith("pretrained_seed3/pretrained.pt")
+    with pytest.raises(ValueError, match="sweep.peers must list entries of the sweep"):
+        load_sweep(sweep, ["sweep.peers=[tp_l2]"])
