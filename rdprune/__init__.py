@@ -18,7 +18,7 @@ coupled channels, with weights, FLOPs or a measured latency as the budget::
     curves = rdprune.estimate_channel_curves(model, space, calibration_inputs, levels=11)
     plans = {g: rdprune.group_plan(space, g, 11, "relative") for g in space.groups}
     cost = rdprune.ChannelCost(space, "latency", latency=rdprune.LatencyTable.build(model, batch, rdprune.layer_shapes(model, batch)))
-    removal = rdprune.allocate_channels(curves, plans, cost, 0.5 * cost.dense).removal
+    removal = rdprune.allocate_channels(curves, plans, cost, 0.5 * cost.total).choice
     smaller = rdprune.remove_channels(model, example_input, space.removed_indices(removal))
 
 2:4 granularity chooses which Linear layers become 2:4 sparse (the pattern GPUs run faster)::
@@ -26,7 +26,7 @@ coupled channels, with weights, FLOPs or a measured latency as the budget::
     layers, left_out = rdprune.two_four_candidates(model)
     curves = rdprune.estimate_two_four_curves(model, layers, calibration_inputs)
     cost = rdprune.two_four_weight_cost(layers, sum(m.weight.numel() for m in rdprune.prunable_layers(model).values()))
-    chosen = rdprune.allocate_two_four(curves, cost, 0.25).layers
+    chosen = rdprune.allocate_two_four(curves, cost, 0.25).choice
     masks = rdprune.apply_two_four(layers, chosen)
     fast = rdprune.to_two_four(model, chosen)  # bf16 on a CUDA GPU of compute capability 8.0+
 

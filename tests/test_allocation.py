@@ -350,3 +350,17 @@ def test_zero_runs_covering_the_target_stay_bounded(budget):
     assert used <= limit and used >= 0.99 * limit  # within the budget, and not pruning far past it
     assert stats.greedy_fill and stats.peak <= 100_000
     assert stats.tie_intervals <= allocation._FILL_TOTAL_LIMIT + allocation._FILL_STEP_LIMIT
+
+
+def test_one_allocation_type_for_every_granularity_and_the_old_names_warn():
+    from rdprune.core.allocation import Allocation
+    from rdprune.granularity.two_four.units import layer_cost
+
+    result = Allocation({"g": 2}, cost=5.0, limit=6.0, distortion=1.0, lower_bound=0.5)
+    assert result.gap == 0.5
+    with pytest.warns(DeprecationWarning, match="Allocation.removal is deprecated; use Allocation.choice"):
+        assert result.removal == {"g": 2}
+    with pytest.warns(DeprecationWarning, match="Allocation.layers is deprecated"):
+        assert result.layers == {"g": 2}
+    cost = layer_cost(["a", "b", "c", "d"])  # the cost protocol: budget, total, the cost of a choice
+    assert (cost.budget, cost.total, cost(["a"])) == ("layers", 4, 3)

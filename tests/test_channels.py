@@ -143,7 +143,7 @@ def test_channel_allocation_meets_the_budget_between_the_bound_and_the_optimum(b
     limit = fraction * cost.dense
     result = allocate_channels(curves, plans, cost, limit)
     optimum = _brute_force(curves, plans, cost, limit)
-    assert cost(result.removal) <= limit and result.cost == cost(result.removal)
+    assert cost(result.choice) <= limit and result.cost == cost(result.choice)
     assert result.lower_bound <= optimum + 1e-12 <= result.distortion + 2e-12
 
 
@@ -168,7 +168,7 @@ def test_latency_budget_allocation_and_baselines_meet_the_predicted_budget():
     plans = {g: group_plan(space, g, 5, "relative") for g in space.groups}
     limit = 0.5 * cost.dense
     result = allocate_channels(curves, plans, cost, limit)
-    assert cost(result.removal) <= limit and result.lower_bound is None
+    assert cost(result.choice) <= limit and result.lower_bound is None
     current = {g: 0 for g in space.groups}
     for method in ("unif", "glob"):
         removal = channel_baseline(method, space, cost, limit, current)
@@ -217,13 +217,13 @@ def test_measured_latency_over_budget_is_corrected_by_re_solving():
         measured.append(removal)
         return cost.dense, 1.25 * cost(removal)
 
-    result = meet_measured_latency(lambda limit: allocate_channels(curves, plans, cost, limit).removal, measure, cost,
+    result = meet_measured_latency(lambda limit: allocate_channels(curves, plans, cost, limit).choice, measure, cost,
                                    cost.dense, 0.6, rounds=3)
     assert result.pruned_s <= 0.6 * result.dense_s and result.corrections >= 1
     assert result.model_error == pytest.approx(1 / 1.25 - 1)  # the first solution's prediction against its measurement
     assert result.absolute_error == pytest.approx(1 / 1.25 - 1)
     assert result.removal == measured[-1] and len(measured) == result.corrections + 1
-    stubborn = meet_measured_latency(lambda limit: allocate_channels(curves, plans, cost, limit).removal,
+    stubborn = meet_measured_latency(lambda limit: allocate_channels(curves, plans, cost, limit).choice,
                                      lambda removal: (cost.dense, 10 * cost(removal)), cost, cost.dense, 0.6, rounds=2)
     assert stubborn.corrections <= 2 and stubborn.pruned_s > 0.6 * stubborn.dense_s  # reported, not hidden
 

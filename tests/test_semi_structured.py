@@ -180,8 +180,8 @@ def test_allocation_is_the_brute_force_optimum(budget, seed):
         alloc = allocate_two_four(curves, cost, target, current)
         best = _brute_force(curves, cost, target, current)
         assert alloc.distortion == pytest.approx(best[0], rel=1e-12, abs=1e-15) and alloc.cost == best[1]
-        assert current <= set(alloc.layers) and alloc.cost <= (1 - target) * cost.total + 1e-6
-        assert alloc.cost == cost(alloc.layers)
+        assert current <= set(alloc.choice) and alloc.cost <= (1 - target) * cost.total + 1e-6
+        assert alloc.cost == cost(alloc.choice)
 
 
 def test_costs_and_limits_of_the_weights_and_layers_budgets():
@@ -206,9 +206,9 @@ def test_glob_takes_the_least_damaged_layers_first_until_the_budget_holds():
     assert removed_energy(layers["spiky"]) == 0 and removed_energy(layers["flat"]) == pytest.approx(0.5)
     assert removed_energy(layers["mixed"]) == pytest.approx(0.25 / 2.25)
     cost = layer_cost(layers)
-    assert glob_two_four(layers, cost, 0.3).layers == ["spiky"]
-    assert glob_two_four(layers, cost, 0.6).layers == ["spiky", "mixed"]
-    assert glob_two_four(layers, cost, 0.6, current=["flat"]).layers == ["spiky", "flat"]
+    assert glob_two_four(layers, cost, 0.3).choice == ["spiky"]
+    assert glob_two_four(layers, cost, 0.6).choice == ["spiky", "mixed"]
+    assert glob_two_four(layers, cost, 0.6, current=["flat"]).choice == ["spiky", "flat"]
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -408,7 +408,7 @@ def test_the_public_api_as_the_package_docstring_shows_it():
     layers, left_out = rdprune.two_four_candidates(model)
     curves = rdprune.estimate_two_four_curves(model, layers, rdprune.synthetic_inputs(16, (1, 28, 28)), progress=False)
     total = sum(m.weight.numel() for m in rdprune.prunable_layers(model).values())
-    chosen = rdprune.allocate_two_four(curves, rdprune.two_four_weight_cost(layers, total), 0.25).layers
+    chosen = rdprune.allocate_two_four(curves, rdprune.two_four_weight_cost(layers, total), 0.25).choice
     masks = rdprune.apply_two_four(layers, chosen)
     assert len(layers) == 8 and [n for n, _ in left_out] == ["patch_embed.proj", "head"]
     assert set(masks) == set(chosen) and all(is_two_four(layers[n].weight) for n in chosen)

@@ -74,7 +74,7 @@ def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float
 
         def solve(limit: float) -> dict[str, int]:
             begin = time.perf_counter()
-            removal = allocate_channels(curves, plans, cost, limit).removal
+            removal = allocate_channels(curves, plans, cost, limit).choice
             allocation_s.append(time.perf_counter() - begin)
             return removal
 

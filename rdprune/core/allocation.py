@@ -21,10 +21,11 @@ Conventions shared by both:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -690,3 +691,54 @@ def predicted_distortion(curves: Mapping[str, Curve], levels: Mapping[str, int])
     """What an allocation predicts and minimises: the sum over units of the chosen level's distortion, each curve
     taken as its running maximum (a dip after a higher level is never believed). ``levels`` indexes each curve."""
     return float(sum(np.maximum.accumulate(np.asarray(curves[n].distortion, np.float64))[k] for n, k in levels.items()))
+
+
+class Cost(Protocol):
+    """What a choice costs under one budget, the protocol every granularity's cost follows.
+
+    ``budget`` names what is counted (weights, flops, latency, layers); ``total`` is the dense
+    model's cost, the unit of ``prune.target_sparsity``; calling it with a choice (in the
+    granularity's terms) gives the whole model's cost under that choice.
+    """
+
+    budget: str
+
+    @property
+    def total(self) -> float: ...
+
+    def __call__(self, choice: Any) -> float: ...
+
+
+@dataclass
+class Allocation:
+    """What an allocation chose and what it knows about the choice, for every granularity.
+
+    ``choice`` is in the granularity's terms: channels removed per group, the layers made 2:4.
+    """
+
+    choice: Any
+    cost: float  # of the whole model under the choice, in the budget's unit
+    limit: float  # the budget it met
+    distortion: float | None  # predicted: :func:`predicted_distortion` of the chosen levels (None for baselines)
+    lower_bound: float | None = None  # of the distortion over every choice on the grid that meets the budget
+    rounds: int = 0  # solve rounds (linearise-and-solve, relinearisation and repair)
+    greedy_steps: int = 0  # steps of a last-resort greedy repair and of the final fill
+    history: list[float] = field(default_factory=list)  # true cost after each round
+
+    @property
+    def gap(self) -> float | None:
+        return None if self.lower_bound is None or self.distortion is None else self.distortion - self.lower_bound
+
+    def _renamed(self, old: str) -> Any:
+        warnings.warn(f"Allocation.{old} is deprecated; use Allocation.choice", DeprecationWarning, stacklevel=3)
+        return self.choice
+
+    @property
+    def removal(self) -> Any:
+        """Deprecated: :attr:`choice` (channels removed per group)."""
+        return self._renamed("removal")
+
+    @property
+    def layers(self) -> Any:
+        """Deprecated: :attr:`choice` (the layers made 2:4)."""
+        return self._renamed("layers")

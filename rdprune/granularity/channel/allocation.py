@@ -22,11 +22,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from rdprune.core.allocation import allocate_levels, predicted_distortion
+from rdprune.core.allocation import Allocation, allocate_levels, predicted_distortion
 from rdprune.core.curves import UnitPlan
 from rdprune.core.grid import Curve
 from rdprune.granularity.channel.costs import ChannelCost
@@ -36,24 +36,6 @@ log = logging.getLogger(__name__)
 _RESOLUTION = 2**40  # integer cost units per budget: rounding moves a level's cost by at most 2^-40 of the budget
 _CORRECTION_MARGIN = 0.01  # each latency correction aims this much lower than the last overshoot asks
 _CORRECTION_FLOOR = 0.8  # the most one latency correction scales the model's limit down
-
-
-@dataclass
-class ChannelAllocation:
-    """The chosen removal and how it was found."""
-
-    removal: dict[str, int]  # channels removed per group
-    cost: float  # true cost of the removal (weights, FLOPs or predicted seconds)
-    limit: float  # the budget
-    distortion: float  # predicted: the sum of the chosen levels' (running-max) distortions
-    lower_bound: float | None  # of the distortion, over every removal on the grid meeting the budget; None for latency
-    rounds: int  # linearise-and-solve rounds (relinearisation and repair)
-    greedy_steps: int  # steps of the last-resort greedy repair and of the final fill
-    history: list[float] = field(default_factory=list)  # true cost after each round
-
-    @property
-    def gap(self) -> float | None:
-        return None if self.lower_bound is None else self.distortion - self.lower_bound
 
 
 def _running_max(curve: Curve) -> np.ndarray:
@@ -83,7 +65,7 @@ def allocate_channels(
     limit: float,
     *,
     rounds: int = 8,
-) -> ChannelAllocation:
+) -> Allocation:
     """Channels to remove per group so that ``cost`` stays within ``limit``, at least distortion (module notes).
 
     ``plans[g].counts[k]`` is the number of channels level k of ``curves[g]`` removes, ``plans[g].zeros``
@@ -153,8 +135,8 @@ def allocate_channels(
     greedy += _fill(level, first, removal, cost, dist, limit)
     chosen = removal(level)
     bound = _lower_bound(curves, counts, first, cost, limit, chosen) if cost.has_lower_bound else None
-    return ChannelAllocation(
-        removal=chosen, cost=cost(chosen), limit=limit, distortion=predicted_distortion(curves, {g: level[g] for g in groups}),
+    return Allocation(
+        choice=chosen, cost=cost(chosen), limit=limit, distortion=predicted_distortion(curves, {g: level[g] for g in groups}),
         lower_bound=bound, rounds=used, greedy_steps=greedy, history=history,
     )
 

@@ -44,6 +44,11 @@ class ChannelCost:
         self._min_in_out = space.kept_channels({g: space.max_removed(g) for g in space.groups})
         self.dense = self({})
 
+    @property
+    def total(self) -> float:
+        """The dense model's cost (:class:`rdprune.core.allocation.Cost`); the same as ``dense``."""
+        return self.dense
+
     def _layer(self, name: str, kept_in: float, kept_out: float) -> float:
         dense_in, dense_out = self._dense_in_out[name]
         if is_depthwise(self.space.layers[name]):

@@ -226,7 +226,7 @@ class ChannelStage(GranularityStage):
                 if curves is None:
                     return space.channels_for(channel_baseline(cfg.prune.method, space, cost, limit, current)), {}
                 alloc = allocate_channels(curves, plans, cost, limit)
-                return space.channels_for(alloc.removal), {"distortion_predicted": alloc.distortion,
+                return space.channels_for(alloc.choice), {"distortion_predicted": alloc.distortion,
                                                            "distortion_lower_bound": alloc.lower_bound,
                                                            "allocation_rounds": alloc.rounds}
 

@@ -151,7 +151,7 @@ class TwoFourStage(GranularityStage):
                 alloc = allocate_two_four(curves, self.cost, target, current)
             else:
                 alloc = glob_two_four(self.candidates, self.cost, target, current)
-            chosen = alloc.layers
+            chosen = alloc.choice
             log.info("2:4: %d of %d candidate layers 2:4, %.4f of the %s remaining (target: %.4f removed)", len(chosen),
                      len(self.candidates), alloc.cost / self.cost.total, self.cost.budget, target)
             info = {"layers_2to4": len(chosen), "candidates": len(self.candidates), "cost_remaining": alloc.cost / self.cost.total}

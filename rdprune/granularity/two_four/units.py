@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rdprune.core.allocation import allocate_levels, predicted_distortion
+from rdprune.core.allocation import Allocation, allocate_levels, predicted_distortion
 from rdprune.core.curves import UnitPlan, as_batches, curve_cache, plain_unit_curves, select_units, unit_curves
 from rdprune.core.grid import Curve
 from rdprune.core.layers import prunable_layers
@@ -248,16 +248,6 @@ def latency_cost(dense_us: Mapping[str, int], sparse_us: Mapping[str, int], mode
     return TwoFourCost("latency", dict(dense_us), dict(sparse_us), model_us, model_us - sum(dense_us.values()))
 
 
-@dataclass(frozen=True)
-class TwoFourAllocation:
-    """The layers made 2:4 and what the choice costs and is predicted to do."""
-
-    layers: list[str]  # candidates made 2:4, in candidate order
-    cost: int  # of the whole model, in the budget's unit
-    limit: int  # the most the candidates may cost together
-    distortion: float | None  # predicted: the sum of the chosen levels' distortions (rd only)
-
-
 def _check_target(cost: TwoFourCost, target: float) -> None:
     if target > cost.reachable + 1e-12:
         raise ValueError(f"budget cannot be met: with every candidate 2:4 at most {cost.reachable:.6f} of the "
@@ -265,7 +255,7 @@ def _check_target(cost: TwoFourCost, target: float) -> None:
 
 
 def allocate_two_four(curves: Mapping[str, Curve], cost: TwoFourCost, target: float,
-                      current: Iterable[str] = ()) -> TwoFourAllocation:
+                      current: Iterable[str] = ()) -> Allocation:
     """The candidates to make 2:4 with the least summed distortion, exactly; ``current`` stay 2:4.
 
     ``curves`` are the candidates' (dense, 2:4) curves; ties keep more layers dense, then earlier
@@ -280,7 +270,7 @@ def allocate_two_four(curves: Mapping[str, Curve], cost: TwoFourCost, target: fl
     levels, _ = allocate_levels({n: curves[n] for n in names}, cost.level_costs(), limit, first={n: 1 for n in current})
     chosen = [n for n in names if levels[n] == 1]
     distortion = predicted_distortion(curves, levels)
-    return TwoFourAllocation(chosen, cost(chosen), limit, distortion)
+    return Allocation(chosen, cost(chosen), limit, distortion)
 
 
 def removed_energy(module: nn.Linear) -> float:
@@ -291,7 +281,7 @@ def removed_energy(module: nn.Linear) -> float:
 
 
 def glob_two_four(layers: Mapping[str, nn.Linear], cost: TwoFourCost, target: float,
-                  current: Iterable[str] = ()) -> TwoFourAllocation:
+                  current: Iterable[str] = ()) -> Allocation:
     """Baseline: candidates ranked by the relative energy their 2:4 mask removes, least first, taken until the budget holds.
 
     ``current`` stay 2:4 (their mask removes nothing more). Cheap, and what a user tries first.
@@ -307,7 +297,7 @@ def glob_two_four(layers: Mapping[str, nn.Linear], cost: TwoFourCost, target: fl
     if cost(chosen) - cost.fixed > limit:
         raise ValueError(f"budget cannot be met by glob: it allows {limit} but every candidate 2:4 costs {cost(chosen) - cost.fixed}")
     ordered = [n for n in layers if n in chosen]
-    return TwoFourAllocation(ordered, cost(ordered), limit, None)
+    return Allocation(ordered, cost(ordered), limit, None)
 
 
 def apply_two_four(layers: Mapping[str, nn.Linear], names: Iterable[str]) -> dict[str, torch.Tensor]:
