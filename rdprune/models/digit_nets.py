@@ -1,6 +1,6 @@
 """Two small BatchNorm networks for channel-pruning experiments on 28x28 digits, quick to train on a CPU.
 
-- :class:`PlainBNCNN`: VGG-style, six 3x3 conv + BatchNorm + ReLU layers (32, 32, 64, 64, 128, 128
+- :class:`PlainBNCNN`: VGG-style, six 3x3 conv + BatchNorm + ReLU layers (16, 16, 32, 32, 64, 64
   channels, 2x2 max-pooling after every second one), global average pooling and a linear classifier;
   no residuals, so every channel group is one layer's output.
 - :class:`MobileNetV2Digits`: MobileNetV2-style inverted residual blocks (1x1 expansion, 3x3 depthwise,
@@ -23,7 +23,7 @@ def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int 
 class PlainBNCNN(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
-        widths = (32, 32, 64, 64, 128, 128)
+        widths = (16, 16, 32, 32, 64, 64)
         layers: list[nn.Module] = []
         cin = in_channels
         for i, w in enumerate(widths):
