@@ -89,3 +89,17 @@ class ChannelCost:
             tight = max(envelopes, key=lambda e: e(*at_anchor[name]))
             total += tight(i, o)
         return total
+
+
+def channel_cost(space: ChannelSpace, budget: ChannelBudget, *, latency: LatencyModel | None = None) -> ChannelCost:
+    """The cost of removals from ``space`` under ``budget``, counted as the pipeline and every baseline count it.
+
+    ``flops`` counts the FLOPs of every convolution and linear layer as it runs (two per multiply-accumulate
+    of kept input x kept output channels x output positions, :func:`rdprune.core.layers.layer_flops` on
+    the space's example shape); normalisation, activations and pooling are not counted. ``latency`` needs
+    a latency model (:class:`rdprune.LatencyTable`).
+    """
+    from rdprune.core.layers import layer_flops
+
+    flops = layer_flops(space.model, space.layers, space.input_shape) if budget == "flops" else None
+    return ChannelCost(space, budget, flops=flops, latency=latency)

@@ -88,6 +88,7 @@ class ChannelSpace:
         tp = require_torch_pruning()
         min_density = check_min_density(min_density)
         self.model = model
+        self.input_shape = tuple(example.shape[1:])  # one sample's shape, what the FLOPs counter runs
         self.ranking, self._scores = "l2", None
         every = prunable_layers(model)
         prunable_layers(model, skip)  # a skipped name that is no layer is an error
