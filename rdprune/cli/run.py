@@ -1,31 +1,31 @@
 """``python -m rdprune.run CONFIG [section.key=value ...]``: prune and fine-tune as the config says.
 
-The same command runs under ``torchrun``; a single process is a world of size 1.
+The same command runs under ``torchrun``; a single process is a world of size 1. The config is
+loaded and checked before torch is imported, so a bad file, key, type or value fails at once.
 """
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
-import torch
-
-from rdprune import distributed
-from rdprune.cli.common import check_gpu_decoding, parse_run_args
+from rdprune.cli.common import parse_run_args
 from rdprune.config import config_hash, load_config
-from rdprune.distributed.collectives import check_precision
-from rdprune.pipeline.loop import run
-from rdprune.pipeline.report import results_table
 from rdprune.pipeline.run_dir import RunLayout
-
-log = logging.getLogger("rdprune")
 
 
 def main(argv: list[str]) -> int:
     """Validate everything first, then build, run, and always leave the process group."""
     path, overrides = parse_run_args(argv)
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, overrides)  # no torch yet: a bad config is refused within a second
+    import torch
+
+    from rdprune import distributed
+    from rdprune.cli.common import check_gpu_decoding
+    from rdprune.distributed.collectives import check_precision
+    from rdprune.pipeline.loop import run
+    from rdprune.pipeline.report import results_table
+
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     check_gpu_decoding(cfg)
