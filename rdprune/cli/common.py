@@ -133,6 +133,18 @@ def check_gpu_decoding(cfg: Config) -> None:
                         "decodes on the CPU) or data.backend 'torchvision'")
 
 
+def deterministic_on_cpu(device: object) -> None:
+    """On a CPU, ask torch for deterministic kernels (warning, not failing, where an op has none): with
+    the seed and a fixed thread count, two runs on one machine then give identical results. Where
+    torch's kernels dispatch to another instruction set (ATEN_CPU_CAPABILITY, oneDNN's and MKL's own
+    dispatch) they round differently; pinning that is the user's choice (docs/quickstart.md). CUDA
+    runs are left as they are: deterministic GPU kernels cost speed and need CUBLAS_WORKSPACE_CONFIG."""
+    import torch
+
+    if torch.device(device).type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def _sections_help() -> str:
     lines = ["config sections and their keys (override any as section.key=value):"]
     for name, cls in SECTIONS.items():

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from rdprune import distributed
-    from rdprune.cli.common import check_gpu_decoding
+    from rdprune.cli.common import check_gpu_decoding, deterministic_on_cpu
     from rdprune.distributed.collectives import check_precision
     from rdprune.granularity.base import stage_class
     from rdprune.sweep.plan import check_plan, plan_hash, run_sweep
@@ -56,6 +56,7 @@ def main(argv: list[str]) -> int:
     single_group = base.distributed.engine == "deepspeed" or base.distributed.force_process_group
     with distributed.distributed_session(base.run.device, base.distributed.timeout_s, single_group=single_group) as dist:
         distributed.setup_logging(dist.rank)
+        deterministic_on_cpu(dist.device)
         check_precision(base.distributed.precision, dist.device)
         for planned in plan.runs:  # what a variant's granularity needs of the machine, before the shared pretraining
             stage_class(planned.cfg).precheck(planned.cfg, dist)

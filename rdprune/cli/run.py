@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from rdprune import distributed
-    from rdprune.cli.common import check_gpu_decoding
+    from rdprune.cli.common import check_gpu_decoding, deterministic_on_cpu
     from rdprune.distributed.collectives import check_precision
     from rdprune.pipeline.loop import run
     from rdprune.pipeline.report import results_table
@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
     single_group = cfg.distributed.engine == "deepspeed" or cfg.distributed.force_process_group
     with distributed.distributed_session(cfg.run.device, cfg.distributed.timeout_s, single_group=single_group) as dist:
         distributed.setup_logging(dist.rank)
+        deterministic_on_cpu(dist.device)
         check_precision(cfg.distributed.precision, dist.device)
         distributed.check_same_config(config_hash(cfg))
         rows = run(cfg, dist)
@@ -51,4 +52,11 @@ def final_model_lines(out: Path) -> str:
     smaller = layout.smaller_model
     if smaller.is_file():
         lines += f"physically smaller model: {smaller} (load it with rdprune.load_model({literal}, smaller=True))\n"
+        try:
+            speed = json.loads((smaller.parent / "latency.json").read_text())
+            lines += (f"measured speed-up of {speed['timed']}: {speed['speedup']:.2f}x ({speed['dense_ms']:.2f} ms -> "
+                      f"{speed['pruned_ms']:.2f} ms per batch of {speed['batch']} on {speed['device']}, "
+                      f"{speed['parameters_dense']:,} -> {speed['parameters_pruned']:,} parameters)\n")
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an older run's latency.json, or none: the model is still there
     return lines
