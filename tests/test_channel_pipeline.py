@@ -69,6 +69,7 @@ def test_masked_final_model_and_exported_smaller_model_agree(channel_run):
     assert np.abs(got - expected.numpy()).max() <= 1e-4 * max(1.0, float(expected.abs().max()))
     speed = json.loads((channel_run / "final" / "smaller" / "latency.json").read_text())
     assert speed["dense_ms"] > 0 and speed["pruned_ms"] > 0 and speed["parameters_pruned"] < speed["parameters_dense"]
+    assert speed["timed"] == "model.pt2"  # the exported file, loaded back, is what was timed
 
 
 def test_rerun_resumes_with_the_saved_latency_table(channel_run):

@@ -1,5 +1,6 @@
 """Channel granularity core: groups, masks equal to removal, curves against their definition, costs, allocation."""
 import itertools
+import logging
 import sys
 
 import numpy as np
@@ -66,7 +67,8 @@ def test_depthwise_layers_keep_as_many_inputs_as_outputs():
 
 def test_a_zero_padding_shortcut_is_refused_with_the_layer_named():
     with pytest.raises(UserError, match=r"^the channels of conv1 pass through ConstantPadNdBackward0, which maps 16 channels "
-                                        r"to 32 .*; use prune\.granularity weight$"):
+                                        r"to 32 .*; prune individual weights instead \(a run's config: prune\.granularity weight; the "
+                                        r"Python API: rdprune\.estimate_curves, rdprune\.allocate and rdprune\.apply_masks\)$"):
         ChannelSpace(resnet20(10, 1), torch.zeros(1, 1, 28, 28))
 
 
@@ -228,6 +230,30 @@ def test_measured_latency_over_budget_is_corrected_by_re_solving():
     assert stubborn.corrections <= 2 and stubborn.pruned_s > 0.6 * stubborn.dense_s  # reported, not hidden
 
 
+
+def test_the_latency_check_logs_say_when_a_correction_was_needed(caplog):
+    """A model under budget at the first measurement logs no correction; a correction names the overshoot that caused it."""
+    removals = iter([{"a": 1}, {"a": 2}])
+    times = {1: (0.200, 0.110), 2: (0.200, 0.095)}  # first over a budget of 0.5 * 200 ms, then within it
+
+    def measure(removal):
+        return times[removal["a"]]
+
+    with caplog.at_level(logging.INFO, logger="rdprune.granularity.channel.allocation"):
+        result = meet_measured_latency(lambda limit: next(removals), measure, lambda r: 0.1, 0.2, 0.5, rounds=3)
+    assert result.corrections == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "latency check: the chosen model measures 110.000 ms against a budget of 100.000 ms (over by 10.0 %)",
+        "latency correction 1 (the last model was over budget): re-solved, the new one measures 95.000 ms against "
+        "a budget of 100.000 ms (met)",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rdprune.granularity.channel.allocation"):
+        under = meet_measured_latency(lambda limit: {"a": 2}, measure, lambda r: 0.1, 0.2, 0.5, rounds=3)
+    assert under.corrections == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "latency check: the chosen model measures 95.000 ms against a budget of 100.000 ms (met)"]
+
 class NormAcrossChannels(nn.Module):
     def __init__(self):
         super().__init__()
@@ -240,8 +266,16 @@ class NormAcrossChannels(nn.Module):
 def test_a_norm_across_channels_is_refused_and_an_uncalled_layer_is_no_unit():
     model = NormAcrossChannels().eval()
     with pytest.raises(UserError, match=r"^layer norm \(GroupNorm\) in the channel group of a has parameters but is not a "
-                                        r"convolution, linear or BatchNorm layer: .*use prune\.granularity weight$"):
+                                        r"convolution, linear or BatchNorm layer: .*prune individual weights instead .*the Python API: "
+                                        r"rdprune\.estimate_curves"):
         ChannelSpace(model, torch.zeros(1, 3, 8, 8))
     model.norm = nn.Identity()
     space = ChannelSpace(model, torch.zeros(1, 3, 8, 8))
     assert list(space.layers) == ["a", "b"] and list(space.groups) == ["a"]
+
+
+def test_a_grouped_convolution_is_refused_with_the_fix_for_the_python_api_too():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 4, 8, 8))
+    with pytest.raises(UserError, match=r"grouped convolution \(groups=2\).*the Python API: rdprune\.estimate_curves"):
+        ChannelSpace(model, torch.zeros(1, 4, 8, 8))

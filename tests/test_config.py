@@ -25,6 +25,8 @@ from rdprune.config import (
 from rdprune.errors import UserError
 from rdprune.sweep.plan import load_sweep
 
+from launch import clean_env
+
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 RUN_CONFIGS = [p for p in SHIPPED if "sweep:" not in p.read_text()]  # the rest are compare sweeps
@@ -418,3 +420,42 @@ def test_usage_shows_the_overrides_as_optional(capsys):
 def test_key_in_the_wrong_section_points_to_the_right_one(tmp_path: Path):
     path = write(tmp_path, MINIMAL + "  batch_size: 64\n")
     assert error_of(path) == f"{path}: unknown key 'prune.batch_size' (did you mean 'data.batch_size'?)"
+
+
+LIGHT_ENTRY = """\
+import sys
+from rdprune.cli.common import run_cli
+from rdprune.cli.{entry} import main
+try:
+    run_cli(main, sys.argv[1:])
+finally:
+    print("torch loaded:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(("entry", "config"), [("run", "configs/quickstart.yaml"), ("compare", "configs/compare_quickstart.yaml")])
+@pytest.mark.parametrize(("override", "message"), [
+    ("prune.levlz=3", "unknown key 'prune.levlz' (did you mean 'prune.levels'?)"),  # a key
+    ("prune.levels=many", "prune.levels: expected an integer, got 'many'"),  # a type
+    ("prune.target_sparsity=1.5", "prune.target_sparsity must be a number in [0, 1), got 1.5"),  # a value
+    (None, "config file not found"),  # a file
+])
+def test_config_errors_come_before_torch(entry: str, config: str, override: str | None, message: str):
+    """A bad file, key, type or value is refused by python -m rdprune.run / compare before torch is
+    imported (in well under a second), with the one-line error contract."""
+    argv = [config, override] if override else ["configs/missing.yaml"]
+    proc = subprocess.run([sys.executable, "-c", LIGHT_ENTRY.format(entry=entry), *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=clean_env())
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("rdprune: error: ") and message in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert proc.stdout == "torch loaded: False\n"
+
+
+def test_a_check_against_the_data_comes_after_torch(capsys, tmp_path: Path):
+    """The class count is checked against the data, which needs torch: still one line, exit 2."""
+    from rdprune.cli.run import main
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(main, ["configs/quickstart.yaml", "model.num_classes=3", f"run.out_dir={tmp_path / 'run'}"])
+    assert info.value.code == 2
+    assert "model.num_classes is 3, but data mnist5k has 10 classes" in capsys.readouterr().err

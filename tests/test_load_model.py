@@ -78,6 +78,8 @@ def test_the_run_ends_with_the_line_that_loads_the_final_model(finished, granula
     pt2 = out / "final" / "smaller" / "model.pt2"
     smaller = f'physically smaller model: {pt2} (load it with rdprune.load_model("{out}", smaller=True))'
     assert (smaller in lines) == (granularity == "channel")
+    speedup = [line for line in lines if line.startswith("measured speed-up of model.pt2: ")]
+    assert len(speedup) == (granularity == "channel")  # the exported file's, timed against the dense model
 
 
 def test_smaller_model_of_a_channel_run_computes_what_the_masked_one_does(finished):

@@ -94,6 +94,21 @@ def _kill_when(out: Path, ready, extra=()) -> None:
     proc.wait()
 
 
+
+def test_two_runs_on_one_machine_give_identical_rows(finished_run, tmp_path):
+    """Figures that reproduce: the same command on one machine gives the same rows and masks, bit for bit,
+    whatever Python's hash seed (set and dict order of names); the run records what decides its rounding."""
+    out = tmp_path / "again"
+    proc = subprocess.run(_command(out), capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_rows(out, timings=False) == read_rows(finished_run, timings=False)
+    masks = [torch.load(run / "final" / "masks.pt", weights_only=True) for run in (out, finished_run)]
+    assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+    numerics = yaml.safe_load((out / "provenance.json").read_text())["numerics"]
+    assert numerics["threads"] == 1 and numerics["deterministic_algorithms"] is True
+    assert numerics["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
 @pytest.mark.slow
 def test_resume_after_kill_between_iterations_matches_uninterrupted(finished_run, tmp_path):
     out = tmp_path / "run"

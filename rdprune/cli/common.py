@@ -2,6 +2,10 @@
 
 The contract users rely on (the README's "Errors"): exit 0 on success; a user error prints ``rdprune: error: <message>`` as
 one line on stderr and exits 2 without a traceback (``RDPRUNE_DEBUG=1`` shows it); Ctrl-C exits 130.
+
+This module imports no torch, and the entry points import it only after the config is loaded: a bad
+file, key, type or value is refused in well under a second. Torch (and the ranks' coordination) is
+loaded for an error only where it already is, or where torchrun or srun started several processes.
 """
 from __future__ import annotations
 
@@ -14,13 +18,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-import torch
-
 import rdprune
 from rdprune import distributed
 from rdprune.config import SECTIONS, Config
 from rdprune.errors import UserError
-from rdprune.pipeline.feeding import uses_dali
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -60,12 +61,33 @@ def _user_error_exits(main: Callable[[list[str]], int | None]) -> Callable[[list
         except ValueError as err:  # UserError is a ValueError
             if _debug() or not (isinstance(err, UserError) or _raised_by_rdprune(err)):
                 raise
-            if distributed.first_to_report(err):
+            if _shows(err):
                 sys.stderr.write(f"rdprune: error: {_one_line(err)}\n")
                 sys.stderr.flush()
             raise SystemExit(EXIT_USER_ERROR) from None
 
     return checked
+
+
+_LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"), ("TORCHELASTIC_ERROR_FILE",))
+"""Variables of which all of one group say that torchrun or srun started this process (see
+:func:`rdprune.distributed.collectives._launch_env`), or that torchrun wants its error file."""
+
+
+def _launched() -> bool:
+    """Whether a launcher started this process, so that its failures are coordinated with other ranks."""
+    return any(all(v in os.environ for v in group) for group in _LAUNCHER_VARIABLES)
+
+
+def _coordinated() -> bool:
+    """Whether failures go through :mod:`rdprune.distributed`: under a launcher, or once the collectives
+    (and torch) are loaded anyway. A lone process that failed before that has no rank to tell."""
+    return _launched() or "rdprune.distributed.collectives" in sys.modules
+
+
+def _shows(err: BaseException) -> bool:
+    """Whether this process prints ``err``: always when alone, the first rank to report it otherwise."""
+    return distributed.first_to_report(err) if _coordinated() else True
 
 
 def _debug() -> bool:
@@ -79,8 +101,12 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     reach torchrun's error file (:func:`rdprune.distributed.record`); Ctrl-C exits 130.
     """
     args = sys.argv[1:] if argv is None else list(argv)
+    checked = _user_error_exits(main)
+    # torchrun's error file and the note to the other ranks concern launched processes only (a lone
+    # process has no peer, and no error file is asked for); alone, no torch is loaded for them.
+    entry = distributed.record(checked) if _launched() else checked
     try:
-        code = distributed.record(_user_error_exits(main))(args)
+        code = entry(args)
     except KeyboardInterrupt:
         if _debug():
             raise
@@ -92,11 +118,31 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
 
 def check_gpu_decoding(cfg: Config) -> None:
     """Refuse, before any work, GPU decoding without a GPU: with run.device 'cuda', data.backend 'dali'
-    decodes on the GPU (DALI's 'mixed' decoders); the generic device error would not say why DALI matters."""
+    decodes on the GPU (DALI's 'mixed' decoders); the generic device error would not say why DALI matters.
+
+    One of the checks that need torch, so it runs after the config is loaded; the others are the
+    class count against the data, the model's layers and the reachability of a pruning target
+    (``rdprune.pipeline.loop.check_run``), and a latency budget, which is known only once timed."""
+    import torch
+
+    from rdprune.pipeline.feeding import uses_dali
+
     if cfg.run.device == "cuda" and uses_dali(cfg) and not torch.cuda.is_available():
         raise UserError("data.backend 'dali' with run.device 'cuda' decodes images on the GPU (DALI 'mixed'), but CUDA is "
                         "not available here (torch.cuda.is_available() is False); use run.device 'cpu' (DALI then "
                         "decodes on the CPU) or data.backend 'torchvision'")
+
+
+def deterministic_on_cpu(device: object) -> None:
+    """On a CPU, ask torch for deterministic kernels (warning, not failing, where an op has none): with
+    the seed and a fixed thread count, two runs on one machine then give identical results. Where
+    torch's kernels dispatch to another instruction set (ATEN_CPU_CAPABILITY, oneDNN's and MKL's own
+    dispatch) they round differently; pinning that is the user's choice (docs/quickstart.md). CUDA
+    runs are left as they are: deterministic GPU kernels cost speed and need CUBLAS_WORKSPACE_CONFIG."""
+    import torch
+
+    if torch.device(device).type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def _sections_help() -> str:

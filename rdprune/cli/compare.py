@@ -4,20 +4,15 @@ Runs every method, variant and seed of the config's ``sweep:`` section from one 
 checkpoint (see :mod:`rdprune.sweep.plan`), then writes comparison.md, comparison.csv and comparison.png
 into the output directory and prints the table. Rerunning the command resumes the sweep. The same
 command runs under ``torchrun``: every rank runs the same sequence of runs, rank 0 writes the tables.
+The sweep is loaded and every run's config checked before torch is imported.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-import torch
-
-from rdprune import distributed
-from rdprune.cli.common import build_run_parser, check_gpu_decoding
-from rdprune.distributed.collectives import check_precision
-from rdprune.granularity.base import stage_class
-from rdprune.sweep.plan import check_plan, load_sweep, plan_hash, run_sweep
-from rdprune.sweep.tables import write_comparison
+from rdprune.cli.common import build_run_parser
+from rdprune.sweep.plan import load_sweep
 
 PROG = "python -m rdprune.compare"
 SWEEP_HELP = """
@@ -44,7 +39,16 @@ def main(argv: list[str]) -> int:
     """Validate the whole sweep first, then run it, leaving the process group on every exit."""
     ns = build_parser().parse_args(argv)
     path, overrides = ns.config, list(ns.overrides)
-    plan = load_sweep(path, overrides)
+    plan = load_sweep(path, overrides)  # no torch yet: a bad sweep is refused within a second
+    import torch
+
+    from rdprune import distributed
+    from rdprune.cli.common import check_gpu_decoding, deterministic_on_cpu
+    from rdprune.distributed.collectives import check_precision
+    from rdprune.granularity.base import stage_class
+    from rdprune.sweep.plan import check_plan, plan_hash, run_sweep
+    from rdprune.sweep.tables import write_comparison
+
     base = plan.base
     if base.run.threads:
         torch.set_num_threads(base.run.threads)
@@ -54,6 +58,7 @@ def main(argv: list[str]) -> int:
     single_group = base.distributed.engine == "deepspeed" or base.distributed.force_process_group
     with distributed.distributed_session(base.run.device, base.distributed.timeout_s, single_group=single_group) as dist:
         distributed.setup_logging(dist.rank)
+        deterministic_on_cpu(dist.device)
         check_precision(base.distributed.precision, dist.device)
         for planned in plan.runs:  # what a variant's granularity needs of the machine, before the shared pretraining
             stage_class(planned.cfg).precheck(planned.cfg, dist)

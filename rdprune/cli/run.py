@@ -1,31 +1,31 @@
 """``python -m rdprune.run CONFIG [section.key=value ...]``: prune and fine-tune as the config says.
 
-The same command runs under ``torchrun``; a single process is a world of size 1.
+The same command runs under ``torchrun``; a single process is a world of size 1. The config is
+loaded and checked before torch is imported, so a bad file, key, type or value fails at once.
 """
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
-import torch
-
-from rdprune import distributed
-from rdprune.cli.common import check_gpu_decoding, parse_run_args
+from rdprune.cli.common import parse_run_args
 from rdprune.config import config_hash, load_config
-from rdprune.distributed.collectives import check_precision
-from rdprune.pipeline.loop import run
-from rdprune.pipeline.report import results_table
 from rdprune.pipeline.run_dir import RunLayout
-
-log = logging.getLogger("rdprune")
 
 
 def main(argv: list[str]) -> int:
     """Validate everything first, then build, run, and always leave the process group."""
     path, overrides = parse_run_args(argv)
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, overrides)  # no torch yet: a bad config is refused within a second
+    import torch
+
+    from rdprune import distributed
+    from rdprune.cli.common import check_gpu_decoding, deterministic_on_cpu
+    from rdprune.distributed.collectives import check_precision
+    from rdprune.pipeline.loop import run
+    from rdprune.pipeline.report import results_table
+
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     check_gpu_decoding(cfg)
@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
     single_group = cfg.distributed.engine == "deepspeed" or cfg.distributed.force_process_group
     with distributed.distributed_session(cfg.run.device, cfg.distributed.timeout_s, single_group=single_group) as dist:
         distributed.setup_logging(dist.rank)
+        deterministic_on_cpu(dist.device)
         check_precision(cfg.distributed.precision, dist.device)
         distributed.check_same_config(config_hash(cfg))
         rows = run(cfg, dist)
@@ -51,4 +52,11 @@ def final_model_lines(out: Path) -> str:
     smaller = layout.smaller_model
     if smaller.is_file():
         lines += f"physically smaller model: {smaller} (load it with rdprune.load_model({literal}, smaller=True))\n"
+        try:
+            speed = json.loads((smaller.parent / "latency.json").read_text())
+            lines += (f"measured speed-up of {speed['timed']}: {speed['speedup']:.2f}x ({speed['dense_ms']:.2f} ms -> "
+                      f"{speed['pruned_ms']:.2f} ms per batch of {speed['batch']} on {speed['device']}, "
+                      f"{speed['parameters_dense']:,} -> {speed['parameters_pruned']:,} parameters)\n")
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an older run's latency.json, or none: the model is still there
     return lines

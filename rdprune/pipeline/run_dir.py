@@ -233,4 +233,35 @@ def provenance(config_hash: str, world_size: int) -> dict:
         "host": platform.node(),
         "world_size": world_size,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "numerics": numerics(),
     }
+
+
+NUMERICS_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS")
+"""Environment variables that choose the CPU kernels, and so the rounding, of a run."""
+
+
+def numerics() -> dict:
+    """What decides a CPU run's rounding besides the code and the seed: the CPU, the instruction set
+    torch's kernels dispatch to, the thread count and the variables that pin them. Two runs agree
+    bit for bit when these agree (see docs/quickstart.md, "Figures that reproduce")."""
+    import torch
+
+    return {
+        "cpu": _cpu_name(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "env": {v: os.environ[v] for v in NUMERICS_VARIABLES if v in os.environ},
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -18,17 +18,18 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from rdprune import distributed
 from rdprune.config import Config, config_from_dict, config_hash, config_to_dict, read_yaml
 from rdprune.config.schema import registered_methods
-from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
-from rdprune.pipeline.loop import check_run, run, same_run
 from rdprune.pipeline.run_dir import RunLayout, read_results
+
+if TYPE_CHECKING:
+    from rdprune.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,8 @@ def check_plan(plan: SweepPlan, dist: DistInfo) -> None:
     """Every unfinished run's model, data and pruning checked as its run will check them (``check_run``),
     before the shared pretraining: a variant or target out of reach fails now, not hours in. Runs that
     differ only in seed, fine-tuning or the method are checked once, and the data is loaded once."""
+    from rdprune.pipeline.loop import check_run  # torch: load_sweep refuses a bad sweep before it is imported
+
     finished = [finished_rows(r.cfg) is not None for r in plan.runs] if dist.is_main and plan.base.run.resume else None
     finished = distributed.broadcast_object(finished) or [False] * len(plan.runs)
     checked: set[str] = set()
@@ -294,6 +297,8 @@ def plan_hash(plan: SweepPlan) -> str:
 def finished_rows(cfg: Config) -> list[dict] | None:
     """The results of a completed run of exactly ``cfg`` (every scheduled iteration recorded, final
     model and plots written, same resume key), or None when the run still has work to do."""
+    from rdprune.pipeline.loop import same_run
+
     out = RunLayout(cfg.out_path)
     try:
         rows = read_results(out.root)
@@ -315,6 +320,8 @@ def _run_or_reuse(cfg: Config, dist: DistInfo) -> tuple[list[dict], bool]:
     done = distributed.broadcast_object(done)
     if done is not None:
         return done, True
+    from rdprune.pipeline.loop import run
+
     return run(cfg, dist), False
 
 

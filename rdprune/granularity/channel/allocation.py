@@ -216,6 +216,12 @@ class MeasuredLatency:
         return self.dense_s / self.pruned_s
 
 
+def _against_budget(measured_s: float, budget_s: float) -> str:
+    """"12.300 ms against a budget of 12.500 ms (met)", or "(over by 3.1 %)"."""
+    verdict = "met" if measured_s <= budget_s else f"over by {100 * (measured_s / budget_s - 1):.1f} %"
+    return f"{1e3 * measured_s:.3f} ms against a budget of {1e3 * budget_s:.3f} ms ({verdict})"
+
+
 def meet_measured_latency(
     solve: Callable[[float], dict[str, int]],
     measure: Callable[[dict[str, int]], tuple[float, float]],
@@ -237,6 +243,7 @@ def meet_measured_latency(
     predicted = predict(removal)
     dense_s, pruned_s = measure(removal)
     first_dense_s, first_s, done = dense_s, pruned_s, 0
+    log.info("latency check: the chosen model measures %s", _against_budget(pruned_s, keep * dense_s))
     while pruned_s > keep * dense_s and done < rounds:
         done += 1
         # Scale by the overshoot, and aim a little lower each round: timing noise of a percent or
@@ -250,7 +257,8 @@ def meet_measured_latency(
             break
         removal = candidate
         dense_s, pruned_s = measure(removal)
-        log.info("latency correction %d: measured %.3f ms against a budget of %.3f ms", done, 1e3 * pruned_s, 1e3 * keep * dense_s)
+        log.info("latency correction %d (the last model was over budget): re-solved, the new one measures %s",
+                 done, _against_budget(pruned_s, keep * dense_s))
     if pruned_s > keep * dense_s:
         log.warning("measured latency %.3f ms is over the budget %.3f ms after %d corrections", 1e3 * pruned_s, 1e3 * keep * dense_s, done)
     return MeasuredLatency(removal, predicted, predicted_dense, first_s, first_dense_s, dense_s, pruned_s, done)

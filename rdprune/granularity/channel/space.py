@@ -60,6 +60,10 @@ class ChannelGroup:
     norms: tuple[ChannelSlice, ...] = ()  # the BatchNorm layers of the group (dim 0: their per-channel parameters)
 
 
+WEIGHTS_INSTEAD = ("prune individual weights instead (a run's config: prune.granularity weight; the Python API: "
+                   "rdprune.estimate_curves, rdprune.allocate and rdprune.apply_masks)")
+"""How every refusal of a model at channel granularity ends: the fix for the command line and for the Python API."""
+
 _MASKABLE = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 """Group members whose masking equals removal: weights masked per channel, or per-channel statistics."""
 
@@ -70,7 +74,7 @@ def _handler_dim(module: nn.Module, out_channel_fn: bool) -> int:
         return 0  # one filter per channel: inputs and outputs tied
     if isinstance(module, nn.Conv2d) and module.groups > 1:
         raise UserError(f"layer {module!r} is a grouped convolution (groups={module.groups}); channel granularity supports "
-                        "plain and depthwise convolutions: use prune.granularity weight for this model")
+                        f"plain and depthwise convolutions; {WEIGHTS_INSTEAD}")
     return 0 if out_channel_fn else 1
 
 
@@ -115,7 +119,8 @@ class ChannelSpace:
             g.name: g for g in sorted(groups, key=lambda g: min(position.get(s.layer, len(order)) for s in g.slices))}
         if not self.groups:
             raise UserError(f"model {type(model).__name__} has no channel group that can lose a channel "
-                            f"(the output layer {self.output_layer} and prune.skip stay whole); use prune.granularity weight")
+                            f"(the output layer {self.output_layer} and the skipped layers, prune.skip / skip=, stay whole); "
+                            f"{WEIGHTS_INSTEAD}")
 
     def _group(self, tp: ModuleType, group: object, graph: object, names: Mapping[nn.Module, str], position: Mapping[str, int],
                min_density: float) -> ChannelGroup:
@@ -131,12 +136,12 @@ class ChannelSpace:
                 raise UserError(
                     f"the channels of {names[root]} pass through {type(dep.target.grad_fn).__name__}, which maps {change[0]} "
                     f"channels to {change[1]} (e.g. a shortcut that pads channels): torch-pruning's dependency graph cannot "
-                    "follow it; use prune.granularity weight")
+                    f"follow it; {WEIGHTS_INSTEAD}")
             if not isinstance(module, _MASKABLE) and any(True for _ in module.parameters(recurse=False)):
                 raise UserError(
                     f"layer {names.get(module, module)} ({type(module).__name__}) in the channel group of {names[root]} has "
                     "parameters but is not a convolution, linear or BatchNorm layer: masking its channels would not equal "
-                    "removing them (e.g. GroupNorm or LayerNorm normalise across channels); use prune.granularity weight")
+                    f"removing them (e.g. GroupNorm or LayerNorm normalise across channels); {WEIGHTS_INSTEAD}")
             counts = getattr(module, "num_features", None)
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 dim = _handler_dim(module, graph.is_out_channel_pruning_fn(dep.handler))
@@ -152,7 +157,7 @@ class ChannelSpace:
                 raise UserError(
                     f"the dependency graph maps the {size} channels of {names[root]} inconsistently onto layer "
                     f"{names.get(module, module)} ({counts} channels): this model's graph cannot be analysed at channel "
-                    "granularity; use prune.granularity weight")
+                    f"granularity; {WEIGHTS_INSTEAD}")
             by_root = local[torch.argsort(roots, stable=True)].view(size, per)
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 slices[(names[module], dim)] = ChannelSlice(names[module], dim, by_root)
