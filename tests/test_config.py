@@ -219,7 +219,8 @@ def test_negative_steps_from_an_override(minimal: Path):
 def test_bad_enum_lists_allowed_values(tmp_path: Path):
     path = write(tmp_path, MINIMAL + "  method: lmap\n")
     assert error_of(path) == (f"{path}: prune.method must be one of 'rd', 'lamp', 'glob', 'unif', 'unifplus', "
-                              "'erk', got 'lmap' (did you mean 'lamp'?)")
+                              "'erk', 'tp_l2', 'tp_l2_global', 'tp_taylor_global', 'tp_bn_scale_global', 'tp_lamp_global', "
+                              "got 'lmap' (did you mean 'lamp'?)")
     assert error_of(write(tmp_path, MINIMAL + "  method: RD\n")).endswith("got 'RD' (did you mean 'rd'?)")
     assert error_of(write(tmp_path, MINIMAL + "distributed:\n  zero_stage: true\n")).endswith(
         "distributed.zero_stage must be one of 0, 1, 2, got true")
