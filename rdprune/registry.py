@@ -51,9 +51,10 @@ def _declare_builtins() -> None:
 class Registry(Generic[T]):
     """Names of one kind, in registration order, each with what its implementation declares about it."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, first: tuple[str, ...] = ()):
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._first = first  # rdprune's own names, listed in this order whatever imported them first
 
     def register(self, name: str, entry: T) -> T:
         """Add ``name``; registering a name twice is an error (two implementations would shadow each other)."""
@@ -68,7 +69,7 @@ class Registry(Generic[T]):
 
     def names(self) -> tuple[str, ...]:
         _declare_builtins()
-        return tuple(self._entries)
+        return tuple(sorted(self._entries, key=lambda n: (self._first.index(n) if n in self._first else len(self._first))))
 
     def __contains__(self, name: object) -> bool:
         return name in self.names()
@@ -83,8 +84,7 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def entries(self) -> dict[str, T]:
-        _declare_builtins()
-        return dict(self._entries)
+        return {n: self._entries[n] for n in self.names()}
 
 
 def load(path: str) -> Any:
@@ -96,7 +96,7 @@ def load(path: str) -> Any:
     return obj
 
 
-GRANULARITIES: Registry[Any] = Registry("granularity")
+GRANULARITIES: Registry[Any] = Registry("granularity", first=("weight", "channel", "semi_structured"))
 """Name -> :class:`rdprune.granularity.spec.GranularitySpec`."""
 DATASETS: Registry[dict] = Registry("dataset")
 """Name -> {"needs_root": bool}."""
