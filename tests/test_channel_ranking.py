@@ -164,3 +164,21 @@ def test_run_directories_of_earlier_versions_resume_with_the_ranking_they_starte
     append_result(tmp_path, {"iteration": 0})
     with pytest.raises(UserError, match=r"holds a run of a different config \(it ran with prune.ranking=l2\); rerun with"):
         _prepare_out_dir(taylor, RunLayout(tmp_path), DistInfo())
+
+
+def test_api_friction_a_new_user_met():
+    """channel_baseline needs no current removal; plans and curves that disagree say so; one default grid."""
+    from rdprune.granularity.channel.allocation import allocate_channels
+    from rdprune.granularity.channel.curves import group_plan
+
+    model = _two_groups()
+    x = torch.randn(8, 2, 5, 5)
+    space = ChannelSpace(model, x[:1])
+    cost = ChannelCost(space, "weights")
+    assert channel_baseline("unif", space, cost, 0.7 * cost.dense) == channel_baseline("unif", space, cost, 0.7 * cost.dense,
+                                                                                       {g: 0 for g in space.groups})
+    curves = estimate_channel_curves(model, space, x, progress=False)  # the default grid: 101 levels, every count
+    assert len(curves["a"].amounts) == 4  # a has 4 channels: levels 0..3 (the floor keeps one)
+    plans = {g: group_plan(space, g, 3, "relative") for g in space.groups}
+    with pytest.raises(ValueError, match="the level plan of channel group 'a' has 3 levels but its curve has 4"):
+        allocate_channels(curves, plans, cost, 0.7 * cost.dense)

@@ -73,6 +73,15 @@ def allocate_channels(
     at its most pruned level costs more than ``limit``.
     """
     groups = list(curves)
+    missing = [g for g in groups if g not in plans]
+    if missing:
+        raise ValueError(f"no level plan for channel groups {missing[:5]}: give group_plan(space, g, levels, grid) for every curve")
+    mismatched = {g: (len(plans[g].counts), len(curves[g].amounts)) for g in groups
+                  if len(plans[g].counts) != len(curves[g].amounts)}
+    if mismatched:
+        g, (planned, measured) = next(iter(mismatched.items()))
+        raise ValueError(f"the level plan of channel group {g!r} has {planned} levels but its curve has {measured}: build the "
+                         "plans with the levels and grid the curves were estimated with (and on the same, unchanged model)")
     counts = {g: np.asarray(plans[g].counts) for g in groups}
     first = {g: int(np.searchsorted(counts[g], plans[g].zeros)) for g in groups}
     most = {g: int(counts[g][-1]) for g in groups}

@@ -44,8 +44,10 @@ def _global(space: ChannelSpace, current: Mapping[str, int]) -> Callable[[float]
 
 
 def channel_baseline(method: str, space: ChannelSpace, cost: ChannelCost, limit: float,
-                     current: Mapping[str, int]) -> dict[str, int]:
-    """Channels removed per group by ``method`` so that ``cost`` is at most ``limit`` (never fewer than ``current``)."""
+                     current: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Channels removed per group by ``method`` so that ``cost`` is at most ``limit`` (never fewer than ``current``,
+    by default what each group has removed already)."""
+    current = {g: space.removed(g) for g in space.groups} if current is None else current
     if method not in CHANNEL_BASELINES:
         raise ValueError(f"method {method!r} has no channel form; channel baselines are {CHANNEL_BASELINES}")
     removal = (_uniform if method == "unif" else _global)(space, current)

@@ -75,7 +75,7 @@ def estimate_channel_curves(
     model: nn.Module,
     space: ChannelSpace,
     inputs: torch.Tensor | Iterable[torch.Tensor],
-    levels: int = 11,
+    levels: int = 101,
     *,
     grid: Grid = "relative",
     worst_case: bool = False,
@@ -113,7 +113,7 @@ def estimate_channel_curves(
 
 
 def plain_channel_curves(
-    model: nn.Module, space: ChannelSpace, inputs: torch.Tensor | Iterable[torch.Tensor], levels: int = 11, *,
+    model: nn.Module, space: ChannelSpace, inputs: torch.Tensor | Iterable[torch.Tensor], levels: int = 101, *,
     grid: Grid = "relative", worst_case: bool = False, batch_size: int = 64, bn_aware: bool = False,
 ) -> dict[str, Curve]:
     """The definition run literally: for every group and level, mask, (with ``bn_aware``: re-estimate every BatchNorm
