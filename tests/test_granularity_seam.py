@@ -22,7 +22,8 @@ TOY = ["prune.granularity=halves", "prune.target_sparsity=0.3", "prune.amount_pe
 
 
 def _generic_modules() -> list[Path]:
-    return [p for d in GENERIC for p in sorted((PACKAGE / d).rglob("*.py"))]
+    """pipeline/ (with the run layout and the report), sweep/, cli/ and the sharded curves."""
+    return [p for d in GENERIC for p in sorted((PACKAGE / d).rglob("*.py"))] + [PACKAGE / "distributed" / "sharded_curves.py"]
 
 
 def _imports(path: Path) -> set[str]:
