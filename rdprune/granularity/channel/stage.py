@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -42,7 +43,9 @@ from rdprune.granularity.channel.peers import NEEDS_LABELS as PEER_LABELS
 from rdprune.granularity.channel.peers import PEERS, Channels, peer_channels
 from rdprune.granularity.channel.ranking import NEEDS_LABELS, rank_channels
 from rdprune.granularity.channel.space import ChannelSpace
-from rdprune.pipeline.run_dir import RunLayout
+
+if TYPE_CHECKING:  # the run layout is the pipeline's: only its paths are used here
+    from rdprune.pipeline.run_dir import RunLayout
 
 log = logging.getLogger(__name__)
 

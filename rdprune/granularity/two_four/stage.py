@@ -12,6 +12,7 @@ import copy
 import logging
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -50,7 +51,9 @@ from rdprune.granularity.two_four.units import (
     unit_plan,
     weight_cost,
 )
-from rdprune.pipeline.run_dir import RunLayout
+
+if TYPE_CHECKING:  # the run layout is the pipeline's: only its paths are used here
+    from rdprune.pipeline.run_dir import RunLayout
 
 log = logging.getLogger(__name__)
 
