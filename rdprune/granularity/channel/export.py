@@ -338,6 +338,18 @@ def require_onnx() -> ModuleType:
     return onnxruntime
 
 
+def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    """``model`` as a serialised ONNX model, exported as :func:`save_exported` does (no check, nothing written).
+
+    For timing in ONNX Runtime the graph a deployment would run (``UserError`` if the exporter is missing).
+    """
+    require_onnx()
+    example = example.contiguous()
+    program = _export_program(model.eval(), example)
+    exported = torch.onnx.export(program, (example,), None, dynamo=True, external_data=False, input_names=["input"], verbose=False)
+    return exported.model_proto.SerializeToString()
+
+
 def _export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
     """``torch.export`` of ``model`` with a dynamic batch where the model allows it, else a batch fixed at ``example``'s."""
     dynamic = ({0: torch.export.Dim.AUTO},)
