@@ -364,7 +364,9 @@ class LatencyTable:
                            [_keyword_maker(m) for m in makers])
         layers = {}
         for g, (grid, times) in zip(groups, grids):
-            times = np.maximum(times - overhead, 1e-9)
+            # the runtime's fixed cost of a call, but never more than half the cheapest point (a layer that costs
+            # about the fixed cost keeps its shape, and a dense point near zero cannot blow up the rescaling)
+            times = times - min(overhead, 0.5 * float(times.min()))
             for name in g:
                 scale = inside[name] / (times[-1] if len(grid) == 1 else times[-1, -1]) if name in inside else 1.0
                 layers[name] = LayerGrid(grid[0], grid[-1], times * scale, shapes[name].out_hw, len(grid) == 1)

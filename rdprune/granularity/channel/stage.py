@@ -154,12 +154,14 @@ class ChannelStage(GranularityStage):
 
     def check_reachable(self, target: float) -> None:
         """The final target against every group at its floor, before any work."""
-        space = self.space
-        most = {g: space.max_removed(g) for g in space.groups}
+        space, n = self.space, self.cfg.prune.round_to
+        most = {g: space.max_removed(g) if n <= 1 else
+                max(space.removed(g), grp.size - n * -(-grp.min_kept // n)) for g, grp in space.groups.items()}
         reachable = 1.0 - self.cost(most) / self.cost.dense
         if target > reachable:
+            rounded = f" (rounded to multiples of {n})" if n > 1 else ""
             raise UserError(f"prune.target_sparsity {target} is out of reach at channel granularity: with every channel group "
-                            f"at its floor at most {reachable:.6f} of the {self.cost.budget} can go; lower the target or "
+                            f"at its floor{rounded} at most {reachable:.6f} of the {self.cost.budget} can go; lower the target or "
                             "prune.min_density")
 
     def units(self) -> list[str]:
