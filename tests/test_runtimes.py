@@ -264,16 +264,16 @@ def test_run_in_onnxruntime_times_the_onnx_file_and_says_where(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "rdprune.run", str(CONFIG), f"run.out_dir={out}", MODEL, "pretrain.steps=10",
            "finetune.steps=2", "prune.levels=5", "prune.target_sparsity=0.15", "prune.amount_per_iteration=1",
-           "calibration.size=32", "calibration.batch_size=32", "calibration.bn_images=64", "latency.batch_size=16",
+           "calibration.size=32", "calibration.batch_size=32", "calibration.bn_images=64", "latency.batch_size=64",
            "latency.time_limit_s=20", "latency.repeats=3", "latency.points=3", "latency.runtime=onnxruntime",
-           "run.progress=false", "run.threads=1", "prune.round_to=4"]
+           "run.progress=false", "run.threads=1"]
     run_ok(cmd)
     table = json.loads((out / "latency_table.json").read_text())
     assert table["meta"]["runtime"] == "onnxruntime" and table["meta"]["optimization"] == "all"
     row = read_rows(out)[-1]
-    assert row["latency_runtime"] == "onnxruntime" and row["latency_batch"] == 16 and row["latency_threads"] == 1
+    assert row["latency_runtime"] == "onnxruntime" and row["latency_batch"] == 64 and row["latency_threads"] == 1
     assert row["latency_device"] == "cpu"
     speed = json.loads((out / "final" / "smaller" / "latency.json").read_text())
     assert speed["latency_runtime"] == "onnxruntime" and set(speed["formats"]) == {"torch_export", "onnx"}
-    assert set(speed["formats"]["onnx"]["batches"]) == {"1", "16"}
+    assert set(speed["formats"]["onnx"]["batches"]) == {"1", "64"}
     assert set(speed["deploy"]) == {f for f, v in speed["formats"].items() if v["deploy"]}

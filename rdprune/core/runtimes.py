@@ -178,10 +178,8 @@ class OnnxRuntime(Runtime):
         return functools.partial(session.run, None, {session.get_inputs()[0].name: np.ascontiguousarray(x)})
 
     def model_call(self, model: nn.Module, example: torch.Tensor) -> Callable[[], object]:
-        from rdprune.granularity.channel.export import onnx_bytes  # the exporter the run's files come from
-
         example = example.cpu()
-        return self._call(self.session(onnx_bytes(model.cpu().eval(), example)), example)
+        return self._call(self.session(export_onnx(model.cpu().eval(), example)), example)
 
     def file_call(self, path: str | Path, example: torch.Tensor) -> Callable[[], object]:
         return self._call(self.session(Path(path)), example)
@@ -223,10 +221,8 @@ class OnnxRuntime(Runtime):
         import json
         import tempfile
 
-        from rdprune.granularity.channel.export import onnx_bytes
-
         example = example.cpu()
-        data = onnx_bytes(model.cpu().eval(), example)
+        data = export_onnx(model.cpu().eval(), example)
         plain = self._call(self.session(data), example)
         with tempfile.TemporaryDirectory(prefix="rdprune-ort-profile-") as tmp:
             options = self.session_options()
@@ -312,6 +308,35 @@ def layer_graph(shape: LayerShape, kept_in: int, kept_out: int, groups: int, act
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
                               initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
     return _serialise(graph)
+
+
+def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` with a dynamic batch where the model allows it, else a batch fixed at ``example``'s.
+
+    A batch of 1 is traced as 2 (export would specialise a size-1 dimension)."""
+    dynamic = ({0: torch.export.Dim.AUTO},)
+    if example.shape[0] > 1:
+        return torch.export.export(model, (example,), dynamic_shapes=dynamic)
+    program = torch.export.export(model, (torch.cat([example, example]),), dynamic_shapes=dynamic)
+    if _batch_is_dynamic(program):
+        return program
+    return torch.export.export(model, (example,))
+
+
+def _batch_is_dynamic(program: torch.export.ExportedProgram) -> bool:
+    """Whether the exported program's (single) user input has a symbolic batch size."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    placeholder = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs)
+    return isinstance(placeholder.meta["val"].shape[0], torch.SymInt)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
+    """``model`` as a serialised ONNX model (the dynamo-based exporter, input named ``input``, dynamic batch where
+    the model allows it): the graph a deployment runs, exported as the run's ``model.onnx`` is."""
+    example = example.contiguous()
+    program = export_program(model.eval(), example)
+    exported = torch.onnx.export(program, (example,), None, dynamo=True, external_data=False, input_names=["input"], verbose=False)
+    return exported.model_proto.SerializeToString()
 
 
 def _weight_shapes(shape: LayerShape) -> list[list[int]]:
