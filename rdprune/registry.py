@@ -31,6 +31,7 @@ _DECLARATIONS = (
     "rdprune.models.choices",
     "rdprune.training.choices",
     "rdprune.distributed.choices",
+    "rdprune.core.runtime_choices",
 )
 """The light modules that declare rdprune's own names, imported on the first read of any registry."""
 PLUGINS_VARIABLE = "RDPRUNE_PLUGINS"
@@ -108,3 +109,5 @@ ENGINES: Registry[None] = Registry("engine")
 PRECISIONS: Registry[None] = Registry("precision")
 ZERO_STAGES: Registry[None] = Registry("ZeRO stage")
 DEVICES: Registry[None] = Registry("device")
+RUNTIMES: Registry[str] = Registry("runtime")
+"""Name -> import path of its :class:`rdprune.core.runtimes.Runtime` (what a latency budget is measured in)."""

@@ -6,16 +6,19 @@ Two parts, both on one CPU thread by default:
    weights, 1x28x28 inputs), every channel group's curve by :func:`estimate_channel_curves` and by
    the definition run literally, timed interleaved in this process; prints the ratio and the
    largest difference relative to the curve's scale (goal: >= 2x, within 1e-6).
-2. torchvision ResNet-50 (random weights: the benchmark is about speed) at each batch size: the
-   latency table, channel curves on ``--levels`` levels and ``--inputs`` synthetic inputs (computed
-   once, shared by the batch sizes), the allocation at ``--keep`` x the dense latency, then dense
-   and the physically smaller model timed interleaved. Prints ``speedup N.NNx``, the latency
-   model's error before any correction, and the seconds spent on table, curves and allocation.
+2. torchvision ResNet-50 (random weights: the benchmark is about speed) in each ``--runtime`` (torch,
+   onnxruntime) at each ``--batch``: the latency table, channel curves on ``--levels`` levels and
+   ``--inputs`` synthetic inputs (computed once, shared), the allocation at ``--keep`` x the dense
+   latency (RD, and ``--methods`` baselines), then dense and the physically smaller model timed
+   interleaved in the runtime. Prints ``speedup N.NNx``, the predicted and measured fraction of the
+   dense latency before any correction, the corrections, and per runtime and batch the median and
+   range over ``--runs`` repetitions.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import numpy as np
@@ -24,14 +27,17 @@ from torchvision.models import resnet50
 
 from rdprune.bench.report import compare_line, interleaved, machine_line
 from rdprune.core.curves import synthetic_inputs
-from rdprune.core.timing import layer_shapes, measure_latency
+from rdprune.core.runtimes import make_runtime
+from rdprune.core.timing import layer_shapes
 from rdprune.granularity.channel.allocation import allocate_channels, meet_measured_latency
+from rdprune.granularity.channel.baselines import channel_baseline
 from rdprune.granularity.channel.costs import ChannelCost
 from rdprune.granularity.channel.curves import estimate_channel_curves, group_plan, plain_channel_curves
 from rdprune.granularity.channel.export import remove_channels
 from rdprune.granularity.channel.latency import LatencyTable
 from rdprune.granularity.channel.space import ChannelSpace
 from rdprune.models.cifar_resnet import resnet20
+from rdprune.registry import RUNTIMES
 
 
 def curves_against_plain(repeats: int, levels: int) -> None:
@@ -52,65 +58,106 @@ def curves_against_plain(repeats: int, levels: int) -> None:
     print(f"largest difference from the plain loop: {worst:.1e} of the curve's scale (tolerance 1e-6)")
 
 
+def _spread(values: list[float]) -> str:
+    """Median and range of a list, for repetitions."""
+    return f"median {statistics.median(values):.3g} (range {min(values):.3g} to {max(values):.3g}, {len(values)} run(s))"
+
+
 def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float, threads: int, time_limit: float,
-                       repeats: int, rounds: int) -> None:
-    """Part 2: ResNet-50 pruned by RD over channel groups to ``keep`` x its measured latency."""
+                       repeats: int, rounds: int, runtimes: list[str], optimization: str, runs: int, methods: list[str],
+                       round_to: int) -> None:
+    """Part 2: ResNet-50 pruned by RD (and the baselines) over channel groups to ``keep`` x its measured latency, in each runtime.
+
+    Per runtime and batch, ``runs`` repetitions of: the latency table, the allocation, the measurement (dense and the
+    physically smaller model interleaved, ``repeats`` each, in the runtime) and the corrections. Prints each run, then
+    the median and range of the speed-up, of the prediction error before correction and of the corrections.
+    """
     torch.manual_seed(0)
     model = resnet50().eval()
     calibration = synthetic_inputs(inputs, (3, 224, 224))
     space = ChannelSpace(model, calibration[:1])
     start = time.perf_counter()
-    curves = estimate_channel_curves(model, space, calibration, levels, batch_size=inputs, progress=False)
+    curves = None
+    if "rd" in methods:
+        curves = estimate_channel_curves(model, space, calibration, levels, batch_size=inputs, progress=False, round_to=round_to)
     curve_s = time.perf_counter() - start
-    plans = {g: group_plan(space, g, levels, "relative") for g in space.groups}
-    print(f"\nResNet-50, {len(space.groups)} channel groups; curves: {levels} levels, {inputs} synthetic inputs, {curve_s:.1f} s")
-    for batch in batches:
-        example = torch.randn(batch, 3, 224, 224)
-        start = time.perf_counter()
-        table = LatencyTable.build(model, example, layer_shapes(model, example), threads=threads, time_limit_s=time_limit)
-        table_s = time.perf_counter() - start
-        cost = ChannelCost(space, "latency", latency=table)
-        allocation_s = []
+    plans = {g: group_plan(space, g, levels, "relative", round_to=round_to) for g in space.groups}
+    print(f"\nResNet-50, {len(space.groups)} channel groups; curves: {levels} levels, {inputs} synthetic inputs, "
+          f"round_to {round_to}, {curve_s:.1f} s")
+    current = dict.fromkeys(space.groups, 0)
+    for name in runtimes:
+        runtime = make_runtime(name, threads, "cpu", optimization)
+        for batch in batches:
+            example = torch.randn(batch, 3, 224, 224)
+            dense_call = runtime.model_call(model, example)
+            stats: dict[str, dict[str, list[float]]] = {}
+            for run in range(runs):
+                begin = time.perf_counter()
+                table = LatencyTable.build(model, example, layer_shapes(model, example), time_limit_s=time_limit, runtime=runtime)
+                table_s = time.perf_counter() - begin
+                cost = ChannelCost(space, "latency", latency=table)
 
-        def solve(limit: float) -> dict[str, int]:
-            begin = time.perf_counter()
-            removal = allocate_channels(curves, plans, cost, limit).choice
-            allocation_s.append(time.perf_counter() - begin)
-            return removal
+                def measure(removal: dict[str, int]) -> tuple[float, float]:
+                    smaller = remove_channels(copy.deepcopy(model), example[:1], space.removed_indices(removal))
+                    dense_s, pruned_s = runtime.medians([dense_call, runtime.model_call(smaller, example)], repeats)
+                    return dense_s, pruned_s
 
-        def measure(removal: dict[str, int]) -> tuple[float, float]:
-            smaller = remove_channels(copy.deepcopy(model), example[:1], space.removed_indices(removal))
-            dense_s, pruned_s = measure_latency([model, smaller], example, repeats=repeats, threads=threads)
-            return dense_s, pruned_s
+                for method in methods:
+                    allocation_s = []
 
-        checked = meet_measured_latency(solve, measure, cost, cost.dense, keep, rounds)
-        print(f"batch {batch}: dense {1e3 * checked.dense_s:.1f} ms, pruned {1e3 * checked.pruned_s:.1f} ms "
-              f"(budget {1e3 * keep * checked.dense_s:.1f} ms): speedup {checked.speedup:.2f}x")
-        print(f"  latency model before correction: predicted {1e3 * checked.predicted_s:.1f} ms of {1e3 * checked.predicted_dense_s:.1f}, "
-              f"measured {1e3 * checked.first_s:.1f} ms of {1e3 * checked.first_dense_s:.1f}: error of the fraction of dense "
-              f"{100 * checked.model_error:+.1f} %, of the seconds {100 * checked.absolute_error:+.1f} %; "
-              f"corrections: {checked.corrections}")
-        print(f"  time: latency table {table_s:.1f} s, curves {curve_s:.1f} s (shared), allocation "
-              f"{sum(allocation_s):.2f} s over {len(allocation_s)} solve(s)")
+                    def solve(limit: float, method: str = method) -> dict[str, int]:
+                        begin = time.perf_counter()
+                        if method == "rd":
+                            removal = allocate_channels(curves, plans, cost, limit).choice
+                        else:
+                            removal = channel_baseline(method, space, cost, limit, current)
+                        allocation_s.append(time.perf_counter() - begin)
+                        return removal
+
+                    checked = meet_measured_latency(solve, measure, cost, cost.dense, keep, rounds if method == "rd" else 0)
+                    row = stats.setdefault(method, {"speedup": [], "error": [], "corrections": [], "first_speedup": []})
+                    row["speedup"].append(checked.speedup)
+                    row["first_speedup"].append(checked.first_dense_s / checked.first_s)
+                    row["error"].append(100 * checked.model_error)
+                    row["corrections"].append(checked.corrections)
+                    print(f"{runtime.describe()}, batch {batch}, run {run + 1}, {method}: dense {1e3 * checked.dense_s:.1f} ms, "
+                          f"pruned {1e3 * checked.pruned_s:.1f} ms (budget {1e3 * keep * checked.dense_s:.1f} ms): speedup "
+                          f"{checked.speedup:.2f}x; predicted fraction {checked.predicted_s / checked.predicted_dense_s:.3f}, "
+                          f"measured {checked.first_s / checked.first_dense_s:.3f} before correction: error "
+                          f"{100 * checked.model_error:+.1f} %; corrections {checked.corrections}; latency table {table_s:.1f} s, "
+                          f"allocation {sum(allocation_s):.2f} s", flush=True)
+            for method, row in stats.items():
+                print(f"SUMMARY {name} batch {batch} {method}: speedup {_spread(row['speedup'])}; first solution's speedup "
+                      f"{_spread(row['first_speedup'])}; prediction error before correction (%) {_spread(row['error'])}; "
+                      f"corrections {_spread(row['corrections'])}", flush=True)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m rdprune.bench latency", description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--batch", "--batches", dest="batches", type=int, nargs="+", default=[1, 8],
+                        help="batch sizes of the ResNet-50 budget")
+    parser.add_argument("--runtime", nargs="+", default=["torch"], choices=list(RUNTIMES.names()),
+                        help="runtimes the latency is measured in (latency.runtime)")
+    parser.add_argument("--optimization", default="all", help="ONNX Runtime graph optimisation level")
+    parser.add_argument("--runs", type=int, default=1, help="repetitions of table, allocation and measurement")
+    parser.add_argument("--methods", nargs="+", default=["rd"], choices=["rd", "unif", "glob"])
+    parser.add_argument("--round-to", type=int, default=1, help="keep every group's width a multiple of this")
     parser.add_argument("--levels", type=int, default=11)
     parser.add_argument("--inputs", type=int, default=16, help="synthetic calibration inputs for the ResNet-50 curves")
     parser.add_argument("--keep", type=float, default=0.5, help="latency budget as a fraction of the dense latency")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--time-limit", type=float, default=300.0, help="cap on building each latency table (s)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed forward passes per model")
+    parser.add_argument("--repeats", type=int, default=20, help="timed forward passes per model (interleaved)")
     parser.add_argument("--rounds", type=int, default=3, help="latency corrections at most")
     parser.add_argument("--curve-repeats", type=int, default=3, help="interleaved repeats of the ResNet-20 curve comparison")
     parser.add_argument("--skip-resnet50", action="store_true", help="only the ResNet-20 curve comparison")
+    parser.add_argument("--skip-curves", action="store_true", help="only the ResNet-50 budget (no ResNet-20 comparison)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(machine_line(args.threads))
-    curves_against_plain(args.curve_repeats, args.levels)
+    if not args.skip_curves:
+        curves_against_plain(args.curve_repeats, args.levels)
     if not args.skip_resnet50:
         resnet50_at_budget(args.batches, args.levels, args.inputs, args.keep, args.threads, args.time_limit, args.repeats,
-                           args.rounds)
+                           args.rounds, args.runtime, args.optimization, args.runs, args.methods, args.round_to)
     return 0

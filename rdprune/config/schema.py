@@ -39,6 +39,7 @@ def registered_budgets() -> tuple[str, ...]:
 
 
 GRIDS = ("relative", "absolute")
+ORT_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 WEIGHT_DECAY_SKIPS = ("norm", "bias", "embedding")
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -250,6 +251,10 @@ class PruneConfig(_Section):
     weight per output unit on average (a Conv2d's out_channels, a Linear's out_features), so that
     no layer is pruned whole. Every method respects it, and every curve's grid stops at it. At
     granularity semi_structured a 2:4 layer keeps half of its weights, so at most 0.5."""
+    round_to: int = 1
+    """Channel granularity, rd only: every channel group keeps a multiple of this many channels
+    (Torch-Pruning's round_to; e.g. 8 or 16 for vector units), chosen by the same exact allocation
+    on each group's levels that keep such multiples (a group keeps its current count too). 1 = any count."""
 
     def validate(self) -> None:
         self._check("target_sparsity", 0.0 <= self.target_sparsity < 1.0, "a number in [0, 1)")
@@ -257,6 +262,7 @@ class PruneConfig(_Section):
         self._check("iterations", self.iterations is None or self.iterations >= 1, "null or an integer >= 1")
         self._check("levels", self.levels >= 2, "an integer >= 2")
         self._check("min_density", 0.0 <= self.min_density < 1.0, "a number in [0, 1)")
+        self._check("round_to", self.round_to >= 1, "an integer >= 1")
         duplicates = sorted({s for s in self.skip if self.skip.count(s) > 1})
         if duplicates:
             raise ConfigError("prune.skip", f"prune.skip lists {duplicates[0]!r} more than once")
@@ -363,6 +369,13 @@ class LatencyConfig(_Section):
     """Timed forward passes per model when the real latency is measured (median, interleaved)."""
     correction_rounds: int = 3
     """Rounds of re-solving with a tightened budget when the measured latency exceeds it."""
+    runtime: Literal[registry.RUNTIMES.names()] = "torch"
+    """What runs the model whose latency counts: torch (PyTorch eager) or onnxruntime (ONNX Runtime's
+    CPU execution provider, on the exported ONNX graph: fused convolution + BatchNorm + activation).
+    The latency table, the measured latency and the final timing of the exported file all use it."""
+    optimization: Literal[ORT_OPTIMIZATIONS] = "all"
+    """onnxruntime only: its graph optimisation level (disable, basic, extended, all); part of the
+    latency table's key. Sessions run sequentially with latency.threads intra-op threads."""
 
     def validate(self) -> None:
         self._check("batch_size", self.batch_size >= 1, "an integer >= 1")
@@ -372,6 +385,8 @@ class LatencyConfig(_Section):
         self._check("time_limit_s", self.time_limit_s > 0, "a number > 0")
         self._check("repeats", self.repeats >= 1, "an integer >= 1")
         self._check("correction_rounds", self.correction_rounds >= 0, "an integer >= 0")
+        self._check("device", self.runtime != "onnxruntime" or self.device in (None, "cpu"),
+                    "null or 'cpu' under runtime onnxruntime (its CPU execution provider)")
 
 
 @dataclass(kw_only=True)

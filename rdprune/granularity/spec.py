@@ -50,6 +50,10 @@ class GranularitySpec:
     """prune.ranking values it implements (which weights or channels go first)."""
     labelled_rankings: tuple[str, ...] = ()
     """Those of its rankings that need labelled calibration data."""
+    round_to: bool = False
+    """Whether it offers prune.round_to (widths in multiples of N) with method rd."""
+    latency_runtimes: tuple[str, ...] = ("torch",)
+    """latency.runtime values its latency budget and measurements run in."""
     max_min_density: float = 1.0
     """prune.min_density may be at most this."""
     min_density_reason: str = ""
@@ -87,6 +91,13 @@ class GranularitySpec:
             raise ConfigError("prune.bn_aware_curves", f"prune.bn_aware_curves at prune.granularity {self.name!r} measures the "
                               "calibration inputs in one batch: set calibration.batch_size to at least calibration.size "
                               f"({cfg.calibration.size})", related=["calibration.batch_size", "calibration.size"])
+        if prune.round_to > 1 and not (self.round_to and prune.method == "rd"):
+            raise ConfigError("prune.round_to", f"prune.round_to {prune.round_to} applies to prune.granularity "
+                              f"{_offering(lambda s: s.round_to)} with method rd (got granularity {self.name}, method "
+                              f"{prune.method}); leave it at 1", related=["prune.granularity", "prune.method"])
+        if cfg.latency.runtime not in self.latency_runtimes:
+            raise ConfigError("latency.runtime", f"latency.runtime {cfg.latency.runtime} is not offered at prune.granularity "
+                              f"{self.name!r}; choose {' or '.join(self.latency_runtimes)}", related=["prune.granularity"])
         if prune.min_density > self.max_min_density:
             raise ConfigError("prune.min_density", f"prune.min_density {prune.min_density} cannot hold at prune.granularity "
                               f"{self.name!r}: {self.min_density_reason}; choose at most {self.max_min_density}",

@@ -15,4 +15,6 @@ SPEC = GRANULARITIES.register("channel", GranularitySpec(
     bn_aware_one_batch=True,
     rankings=("l2", "taylor", "bn_scale"),  # .ranking
     labelled_rankings=("taylor",),
+    round_to=True,
+    latency_runtimes=("torch", "onnxruntime"),  # rdprune.core.runtimes
 ))

@@ -51,18 +51,26 @@ class ChannelUnit:
         del self._original, self._order
 
 
-def group_plan(space: ChannelSpace, group: str, levels: int, grid: Grid, level_range: tuple[int, int] | None = None) -> UnitPlan:
+def group_plan(space: ChannelSpace, group: str, levels: int, grid: Grid, level_range: tuple[int, int] | None = None,
+               round_to: int = 1) -> UnitPlan:
     """The levels of one group: distinct removed-channel counts from the grid, up to the group's floor.
 
     The grid is the weight grid on the fraction of channels removed (``relative``: from what is
     removed now to the floor; ``absolute``: the published levels below the floor, then the floor),
-    rounded to whole channels; amounts are exactly ``count / size``.
+    rounded to whole channels; amounts are exactly ``count / size``. With ``round_to`` N > 1 each
+    level's kept count is rounded to a multiple of N (within what is kept now and the floor raised
+    to a multiple of N), and what is removed now stays the first level.
     """
     size = space.groups[group].size
     removed = space.removed(group)
     top = space.max_removed(group) / size
     raw = level_amounts(levels, grid, removed / size, top)
     counts = np.unique(np.clip(np.floor(raw * size + 0.5).astype(np.int64), removed, max(removed, space.max_removed(group))))
+    if round_to > 1:
+        least = round_to * -(-(size - space.max_removed(group)) // round_to)  # the floor, up to a multiple
+        most = round_to * ((size - removed) // round_to)  # what is kept now, down to a multiple
+        kept = np.clip(round_to * np.floor((size - counts) / round_to + 0.5).astype(np.int64), least, most)
+        counts = np.unique(np.concatenate([[removed], size - kept[kept >= least] if least <= most else []]).astype(np.int64))
     if level_range is not None:
         start, stop = level_range
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= len(counts)):
@@ -85,10 +93,11 @@ def estimate_channel_curves(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     bn_aware: bool = False,
+    round_to: int = 1,
 ) -> dict[str, Curve]:
     """Curve of each channel group of ``space`` (``groups``: a subset, e.g. one rank's shard), in group order.
 
-    ``level_ranges`` index :func:`group_plan`'s counts, as for weight curves; with ``cache_dir``
+    ``level_ranges`` index :func:`group_plan`'s counts (with ``round_to``), as for weight curves; with ``cache_dir``
     each finished group is saved and reused by a later call with identical model, inputs and
     settings. ``bn_aware`` measures the network that will run: every BatchNorm layer normalises
     with the statistics of its new input on the calibration inputs (the unpruned reference too), as
@@ -98,15 +107,16 @@ def estimate_channel_curves(
     chosen = select_units(space.groups, groups, "channel groups")
     batches = as_batches(inputs, batch_size)
     ranges = dict(level_ranges or {})
-    plans = {g: (ChannelUnit(space, g), group_plan(space, g, levels, grid, ranges.get(g))) for g in chosen}
+    plans = {g: (ChannelUnit(space, g), group_plan(space, g, levels, grid, ranges.get(g), round_to)) for g in chosen}
     floors = ",".join(f"{g.min_kept}" for g in space.groups.values())
     bn_aware = bn_aware and bool(batchnorm_layers(model))
     if bn_aware and len(batches) > 1:
         raise ValueError(f"BatchNorm-aware channel curves need the calibration inputs in one batch: {sum(map(len, batches))} "
                          f"inputs came in {len(batches)} batches; raise the batch size to at least their number")
     settings = f"granularity=channel:levels={levels}:grid={grid}:worst_case={bool(worst_case)}:floors={floors}"
-    # Added to the key only when set, so that caches of earlier versions (stale statistics) stay valid.
+    # Added to the key only when set, so that caches of earlier versions (stale statistics, l2, no rounding) stay valid.
     settings += f":bn_aware=True:ranking={space.ranking}" if bn_aware else ("" if space.ranking == "l2" else f":ranking={space.ranking}")
+    settings += f":round_to={round_to}" if round_to > 1 else ""
     cache = curve_cache(cache_dir, model, batches, settings)
     with batch_statistics(model) if bn_aware else contextlib.nullcontext():
         return unit_curves(model, space.layers.values(), plans, batches, worst_case, cache, progress)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rdprune.core.runtimes import export_onnx
+from rdprune.core.runtimes import export_program as _export_program
 from rdprune.errors import UserError
 from rdprune.files import atomic_write
 
@@ -338,15 +340,13 @@ def require_onnx() -> ModuleType:
     return onnxruntime
 
 
-def _export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``model`` with a dynamic batch where the model allows it, else a batch fixed at ``example``'s."""
-    dynamic = ({0: torch.export.Dim.AUTO},)
-    if example.shape[0] > 1:
-        return torch.export.export(model, (example,), dynamic_shapes=dynamic)
-    program = torch.export.export(model, (torch.cat([example, example]),), dynamic_shapes=dynamic)
-    if _batch_is_dynamic(program):
-        return program
-    return torch.export.export(model, (example,))
+def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    """``model`` as a serialised ONNX model, exported as :func:`save_exported` does (no check, nothing written).
+
+    For timing in ONNX Runtime the graph a deployment would run (``UserError`` if the exporter is missing).
+    """
+    require_onnx()
+    return export_onnx(model, example)
 
 
 def _save_program(program: torch.export.ExportedProgram, path: str) -> None:
@@ -354,13 +354,6 @@ def _save_program(program: torch.export.ExportedProgram, path: str) -> None:
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     Path(path).write_bytes(buffer.getbuffer())
-
-
-def _batch_is_dynamic(program: torch.export.ExportedProgram) -> bool:
-    """Whether the exported program's (single) user input has a symbolic batch size."""
-    user_inputs = set(program.graph_signature.user_inputs)
-    placeholder = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs)
-    return isinstance(placeholder.meta["val"].shape[0], torch.SymInt)
 
 
 def _write_checked_onnx(

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from rdprune.core.runtimes import Runtime, TorchRuntime, fused_activations
 from rdprune.core.timing import LayerShape, interleaved_samples, torch_threads
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,36 @@ def _full_grid(shape: LayerShape, points: int, override: tuple[Sequence[int], Se
     return axes
 
 
+def _full_grids(shapes: Mapping[str, LayerShape], points: int,
+                channel_grid: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None) -> dict[str, tuple[tuple[int, ...], ...]]:
+    unknown = sorted(set(channel_grid or {}) - set(shapes))
+    if unknown:
+        raise ValueError(f"channel_grid names layers that are not in shapes: {unknown}")
+    return {name: _full_grid(s, points, (channel_grid or {}).get(name)) for name, s in shapes.items()}
+
+
+def _signature_groups(shapes: Mapping[str, LayerShape], full: Mapping[str, tuple], fused: set[str]) -> list[list[str]]:
+    """Names of the layers timed once, together: one signature, one grid (and, where it is fused, one activation)."""
+    signatures: dict[tuple, list[str]] = {}
+    for name, s in shapes.items():
+        key = (s.kind, s.kernel_size, s.stride, s.padding, s.dilation, s.groups, s.bias, s.in_hw, s.in_channels, s.out_channels,
+               full[name], name in fused)
+        signatures.setdefault(key, []).append(name)
+    return list(signatures.values())
+
+
+def _work(shape: LayerShape) -> float:
+    """Multiply-adds per sample of the dense layer (a priori share of the model's time)."""
+    kh, kw = shape.kernel_size
+    per_group = shape.in_channels // max(shape.groups, 1)
+    return float(per_group * shape.out_channels * kh * kw * shape.out_hw[0] * shape.out_hw[1])
+
+
+def _keyword_maker(layer_calls: Callable[..., list[Callable]]) -> Callable[[int, Sequence[int], int], list[Callable]]:
+    """``runtime.layer_calls`` partially applied, as ``make(kept_in, outs, groups)`` for :func:`_time_grid`."""
+    return lambda kept_in, outs, groups: layer_calls(kept_in=kept_in, outs=outs, groups=groups)
+
+
 def _coarse_grid(full: tuple[tuple[int, ...], ...], points: int) -> tuple[tuple[int, ...], ...]:
     return tuple(_coarsen(axis, points) for axis in full)
 
@@ -124,21 +155,35 @@ def _layer_calls(shape: LayerShape, batch: int, device: torch.device, kept_in: i
             for o in outs]
 
 
-def _time_grid(shape: LayerShape, grid: tuple[tuple[int, ...], ...], batch: int, device: torch.device) -> np.ndarray:
+def _time_grid(shape: LayerShape, grid: tuple[tuple[int, ...], ...], batch: int, device: torch.device,
+               make: Callable[..., list[Callable]] | None = None) -> np.ndarray:
     """Median seconds at every grid point over several sweeps of its rows.
 
     A row (the points of one kept-in count; depthwise: the whole axis) shares its tensors and is timed
     interleaved; its tensors are made afresh in each sweep, so memory stays about twice the dense layer's.
+    ``make(kept_in, outs, groups)`` gives a runtime's calls instead of ``torch.nn.functional`` ones; such a
+    row (sessions, costly to make) is made once and swept in place before the next row is made.
     """
+    in_place = make is not None
+    if make is None:
+        make = functools.partial(_layer_calls, shape, batch, device)
     if shape.depthwise:
-        rows = [lambda: [_layer_calls(shape, batch, device, c, [c], c)[0] for c in grid[0]]]
+        rows = [lambda: [make(c, [c], c)[0] for c in grid[0]]]
     else:
-        rows = [functools.partial(_layer_calls, shape, batch, device, i, grid[1], shape.groups) for i in grid[0]]
+        rows = [functools.partial(make, i, grid[1], shape.groups) for i in grid[0]]
     samples: list[list[list[float]]] = [[[] for _ in grid[-1]] for _ in rows]
-    for _ in range(_GRID_SWEEPS):
+    if in_place:
         for row, make_calls in zip(samples, rows):
-            for point, new in zip(row, interleaved_samples(make_calls(), _GRID_REPEATS, _GRID_WARMUP, device)):
-                point.extend(new)
+            calls = make_calls()
+            for _ in range(_GRID_SWEEPS):
+                for point, new in zip(row, interleaved_samples(calls, _GRID_REPEATS, _GRID_WARMUP, device)):
+                    point.extend(new)
+            del calls
+    else:
+        for _ in range(_GRID_SWEEPS):
+            for row, make_calls in zip(samples, rows):
+                for point, new in zip(row, interleaved_samples(make_calls(), _GRID_REPEATS, _GRID_WARMUP, device)):
+                    point.extend(new)
     medians = np.array([[statistics.median(point) for point in row] for row in samples])
     return medians[0] if shape.depthwise else medians
 
@@ -249,28 +294,28 @@ class LatencyTable:
     def build(cls, model: nn.Module, example: torch.Tensor, shapes: Mapping[str, LayerShape], *,
               channel_grid: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
               points: int = 11, device: torch.device | str = "cpu", threads: int | None = None,
-              time_limit_s: float = 300.0, progress: bool = False) -> LatencyTable:
+              time_limit_s: float = 300.0, progress: bool = False, runtime: Runtime | None = None) -> LatencyTable:
         """Measure `model` (on `device`, in eval mode) and each distinct layer of `shapes` on `device`.
 
         Layers with one signature (kind, kernel, stride, padding, dilation, groups, bias, input size, dense
         counts, batch) and one grid are timed once. The dense model is timed first (see the module docstring);
         the grids then take what is left of `time_limit_s`, coarsened (with a warning) when the estimate says
         the remaining layers would not fit.
+
+        ``runtime`` (default: torch eager on `device` with `threads`) is what is timed; its :meth:`Runtime.key`
+        goes into ``meta``. A runtime that runs layers of its own (ONNX Runtime: fused graphs) is timed by
+        :meth:`_build_separate`.
         """
+        if runtime is None:
+            runtime = TorchRuntime(threads, device)
+        device, threads = runtime.device, runtime.threads
+        if runtime.separate_layers:
+            return cls._build_separate(model, example, shapes, runtime, channel_grid, points, time_limit_s, progress)
         start = time.perf_counter()
-        device = torch.device(device)
         example = example.to(device)
         batch = int(example.shape[0])
-        unknown = sorted(set(channel_grid or {}) - set(shapes))
-        if unknown:
-            raise ValueError(f"channel_grid names layers that are not in shapes: {unknown}")
-        full = {name: _full_grid(s, points, (channel_grid or {}).get(name)) for name, s in shapes.items()}
-        signatures: dict[tuple, list[str]] = {}
-        for name, s in shapes.items():
-            key = (s.kind, s.kernel_size, s.stride, s.padding, s.dilation, s.groups, s.bias, s.in_hw, s.in_channels, s.out_channels,
-                   full[name])
-            signatures.setdefault(key, []).append(name)
-        groups = list(signatures.values())
+        full = _full_grids(shapes, points, channel_grid)
+        groups = _signature_groups(shapes, full, set())
         with torch_threads(threads), torch.inference_mode():
             inside, other = _dense_pass(model, example, list(shapes), device, time_limit_s)
             grids = _grid_pass([shapes[g[0]] for g in groups], [full[g[0]] for g in groups], [inside[g[0]] for g in groups], batch,
@@ -281,8 +326,59 @@ class LatencyTable:
                 scaled = times * (inside[name] / (times[-1] if len(grid) == 1 else times[-1, -1]))
                 layers[name] = LayerGrid(grid[0], grid[-1], scaled, shapes[name].out_hw, len(grid) == 1)
         layers = {name: layers[name] for name in shapes}
-        meta = {"device": str(device), "threads": threads, "batch": batch, "measured_dense": other + sum(inside.values()),
+        meta = {**runtime.key(), "batch": batch, "measured_dense": other + sum(inside.values()),
                 "build_seconds": time.perf_counter() - start}
+        return cls(layers, other, meta)
+
+    @classmethod
+    def _build_separate(cls, model: nn.Module, example: torch.Tensor, shapes: Mapping[str, LayerShape], runtime: Runtime,
+                        channel_grid: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None, points: int, time_limit_s: float,
+                        progress: bool) -> LatencyTable:
+        """The table in a runtime that runs the model as a whole graph (ONNX Runtime): no hooks inside it.
+
+        Each layer signature's grid is timed as the runtime runs the layer (:meth:`Runtime.layer_calls`: for ONNX
+        Runtime a single-layer graph, with the ReLU it fuses where the model has one after the layer's BatchNorm),
+        less the runtime's fixed cost of one call, then rescaled so that its dense point is the layer's time inside
+        the whole model (:meth:`Runtime.inside_times`: ONNX Runtime's profile of the exported model, plain runs
+        alternating with profiled ones). ``other`` is the plain model's median less the layers' times inside it
+        (everything else: pooling, reorders, the call), scaled by the activations kept as in the torch table.
+        """
+        start = time.perf_counter()
+        example = example.cpu()
+        batch = int(example.shape[0])
+        full = _full_grids(shapes, points, channel_grid)
+        fused = fused_activations(model, example, list(shapes))
+        groups = _signature_groups(shapes, full, fused)
+        dense_s, inside = runtime.inside_times(model, example, shapes, (_DENSE_MIN_REPEATS, 2 * _DENSE_REPEATS),
+                                               _DENSE_SHARE * time_limit_s, _DENSE_WARMUP)
+        missing = [name for name in shapes if name not in inside]
+        if missing:
+            log.warning("latency table (%s): %d layers not found in the runtime's profile (e.g. %s); their times are "
+                        "those of the layer alone", runtime.name, len(missing), missing[0])
+        overhead = runtime.call_overhead()
+        work = {name: _work(s) for name, s in shapes.items()}
+        estimate = {name: inside.get(name, dense_s * w / sum(work.values())) for name, w in work.items()}
+        makers = [functools.partial(runtime.layer_calls, shapes[g[0]], batch, activation=g[0] in fused) for g in groups]
+        grids = _grid_pass([shapes[g[0]] for g in groups], [full[g[0]] for g in groups], [estimate[g[0]] for g in groups], batch,
+                           runtime.device, points, time_limit_s - (time.perf_counter() - start), progress,
+                           [_keyword_maker(m) for m in makers])
+        layers = {}
+        for g, (grid, times) in zip(groups, grids):
+            # the runtime's fixed cost of a call, but never more than half the cheapest point (a layer that costs
+            # about the fixed cost keeps its shape, and a dense point near zero cannot blow up the rescaling)
+            times = times - min(overhead, 0.5 * float(times.min()))
+            for name in g:
+                scale = inside[name] / (times[-1] if len(grid) == 1 else times[-1, -1]) if name in inside else 1.0
+                layers[name] = LayerGrid(grid[0], grid[-1], times * scale, shapes[name].out_hw, len(grid) == 1)
+        layers = {name: layers[name] for name in shapes}
+        inside = sum(layer.dense_time for layer in layers.values())
+        other = dense_s - inside
+        if other < 0:
+            log.warning("latency table (%s): the layers timed alone take %.3f ms, more than the whole model's %.3f ms; the rest "
+                        "of the network counts as 0", runtime.name, 1e3 * inside, 1e3 * dense_s)
+            other = 0.0
+        meta = {**runtime.key(), "batch": batch, "measured_dense": dense_s, "call_overhead": overhead,
+                "fused_activations": len(fused), "build_seconds": time.perf_counter() - start}
         return cls(layers, other, meta)
 
     def layer_time(self, name: str, kept_in: int, kept_out: int) -> float:
@@ -408,7 +504,9 @@ def _dense_pass(model: nn.Module, example: torch.Tensor, names: Sequence[str], d
 
 
 def _grid_pass(shapes: Sequence[LayerShape], full: Sequence[tuple[tuple[int, ...], ...]], dense_times: Sequence[float], batch: int,
-               device: torch.device, points: int, budget_s: float, progress: bool) -> list[tuple[tuple[tuple[int, ...], ...], np.ndarray]]:
+               device: torch.device, points: int, budget_s: float, progress: bool,
+               makers: Sequence[Callable[..., list[Callable]] | None] | None = None,
+               ) -> list[tuple[tuple[tuple[int, ...], ...], np.ndarray]]:
     """Time each layer's grid, coarsening the rest when the estimate exceeds the budget.
 
     The estimate (:func:`_grid_cost`) is corrected as it goes by the ratio of time spent to time estimated so
@@ -427,7 +525,7 @@ def _grid_pass(shapes: Sequence[LayerShape], full: Sequence[tuple[tuple[int, ...
                         len(pending), len(shapes), budget_s - elapsed, p)
             current = p
         grid = _coarse_grid(grid_full, current)
-        times = _time_grid(shape, grid, batch, device)
+        times = _time_grid(shape, grid, batch, device, None if makers is None else makers[k])
         spent_estimate += _grid_cost(grid, dense_time)
         out.append((grid, times))
     return out

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from rdprune import distributed
+from rdprune import distributed, registry
 from rdprune.config import Config
 from rdprune.core.batchnorm import batch_statistics
 from rdprune.core.grid import Curve, Grid
 from rdprune.core.layers import layer_flops
 from rdprune.core.masks import enforce_masks
-from rdprune.core.timing import layer_shapes, measure_latency
+from rdprune.core.runtimes import OnnxRuntime, Runtime, TorchRuntime, runtime_of
+from rdprune.core.timing import layer_shapes
 from rdprune.distributed import DistInfo
 from rdprune.distributed.sharded_curves import sharded_unit_curves, suffix_pieces
 from rdprune.distributed.sharding import Piece
@@ -37,6 +38,7 @@ from rdprune.granularity.channel.allocation import allocate_channels, meet_measu
 from rdprune.granularity.channel.baselines import channel_baseline
 from rdprune.granularity.channel.costs import ChannelCost
 from rdprune.granularity.channel.curves import estimate_channel_curves, group_plan
+from rdprune.granularity.channel.deploy import mark_deploy, summary_line, time_formats
 from rdprune.granularity.channel.export import remove_channels, require_onnx, save_exported
 from rdprune.granularity.channel.latency import LatencyTable
 from rdprune.granularity.channel.peers import NEEDS_LABELS as PEER_LABELS
@@ -87,6 +89,7 @@ def sharded_channel_curves(
     dist: DistInfo,
     progress: bool,
     bn_aware: bool = False,
+    round_to: int = 1,
 ) -> dict[str, Curve] | None:
     """Every channel group's curve on rank 0 (``None`` elsewhere); equal to :func:`estimate_channel_curves`.
 
@@ -98,13 +101,15 @@ def sharded_channel_curves(
     def plan() -> list[list[Piece]]:
         order = list(flops)
         first = {g: min((s.layer for s in group.slices), key=order.index) for g, group in space.groups.items()}
-        return suffix_pieces({g: group_plan(space, g, levels, grid) for g in space.groups}, first, flops, dist.world_size)
+        return suffix_pieces({g: group_plan(space, g, levels, grid, round_to=round_to) for g in space.groups}, first, flops,
+                             dist.world_size)
 
     def estimate(mine: list[Piece]) -> dict[str, Curve]:
         return estimate_channel_curves(
             model, space, batches, levels, grid=grid, worst_case=worst_case, groups=[p.unit for p in mine],
             level_ranges={p.unit: (p.start, p.stop) for p in mine}, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
             bn_aware=bn_aware,
+            round_to=round_to,
         )
 
     return sharded_unit_curves(model, batches, dist, plan, estimate, list(space.groups), "channel curve estimation")
@@ -116,13 +121,14 @@ class ChannelStage(GranularityStage):
     spec = SPEC
 
     def __init__(self, cfg: Config, dist: DistInfo, out: RunLayout, space: ChannelSpace, cost: ChannelCost,
-                 flops: dict[str, int], table: LatencyTable | None, latency_example: torch.Tensor):
+                 flops: dict[str, int], table: LatencyTable | None, latency_example: torch.Tensor, runtime: Runtime | None = None):
         # Every convolution and linear layer carries masks: the consumers of a removed channel lose their input slice.
         super().__init__(space.layers, flops, dense_weights=0, dense_flops=0)
         self.cfg, self.dist, self.out = cfg, dist, out
         self.space, self.cost, self.table = space, cost, table
         self.latency_example = latency_example  # the batch whose latency counts, on the latency device
         self.example = torch.zeros(1, *latency_example.shape[1:], device=dist.device)  # what a peer pruner traces
+        self.runtime = runtime or TorchRuntime(cfg.latency.threads, latency_example.device)  # what that latency is measured in
 
     @property
     def device(self) -> torch.device:
@@ -131,6 +137,8 @@ class ChannelStage(GranularityStage):
     @classmethod
     def precheck(cls, cfg: Config, dist: DistInfo) -> None:
         check_latency_wait(cfg, dist)
+        runtime = getattr(cfg.latency, "runtime", "torch")
+        registry.load(registry.RUNTIMES.get(runtime)).require()  # an unavailable runtime: one line, before any work
 
     @classmethod
     def build(cls, setup: StageInputs) -> ChannelStage:
@@ -147,22 +155,29 @@ class ChannelStage(GranularityStage):
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("latency.device is cuda but CUDA is not available on this machine; measure on cpu, or run where "
                             "the deployment GPU is")
+        check_round_to(space, cfg.prune.round_to)
+        runtime = runtime_of(cfg.latency, device)
         latency_example = torch.randn(cfg.latency.batch_size, *setup.input_shape,
                                       generator=torch.Generator().manual_seed(0)).to(device)
-        table = _latency_table(cfg, model, latency_example, dist, setup.out) if cfg.prune.budget == "latency" else None
+        if runtime.separate_layers:  # a model or layer the runtime cannot run: one line, before any timing
+            with torch.no_grad():
+                runtime.check_model(copy.deepcopy(model).cpu().eval(), latency_example.cpu(), layer_shapes(model, example))
+        table = _latency_table(cfg, model, latency_example, dist, setup.out, runtime) if cfg.prune.budget == "latency" else None
         cost = ChannelCost(space, cfg.prune.budget, flops=flops, latency=table)
-        stage = cls(cfg, dist, setup.out, space, cost, flops, table, latency_example)
+        stage = cls(cfg, dist, setup.out, space, cost, flops, table, latency_example, runtime)
         stage.check_reachable(cfg.prune.target_sparsity)
         return stage
 
     def check_reachable(self, target: float) -> None:
         """The final target against every group at its floor, before any work."""
-        space = self.space
-        most = {g: space.max_removed(g) for g in space.groups}
+        space, n = self.space, self.cfg.prune.round_to
+        most = {g: space.max_removed(g) if n <= 1 else
+                max(space.removed(g), grp.size - n * -(-grp.min_kept // n)) for g, grp in space.groups.items()}
         reachable = 1.0 - self.cost(most) / self.cost.dense
         if target > reachable:
+            rounded = f" (rounded to multiples of {n})" if n > 1 else ""
             raise UserError(f"prune.target_sparsity {target} is out of reach at channel granularity: with every channel group "
-                            f"at its floor at most {reachable:.6f} of the {self.cost.budget} can go; lower the target or "
+                            f"at its floor{rounded} at most {reachable:.6f} of the {self.cost.budget} can go; lower the target or "
                             "prune.min_density")
 
     def units(self) -> list[str]:
@@ -216,11 +231,11 @@ class ChannelStage(GranularityStage):
                 model, space, inputs, cfg.prune.levels, grid=cfg.prune.grid, worst_case=cfg.prune.distortion == "worst_case",
                 batch_size=cfg.calibration.batch_size, flops=self.flops,
                 cache_dir=cfg.calibration.curve_cache or self.out.curve_cache(iteration), dist=self.dist, progress=progress,
-                bn_aware=self._renormalised,
+                bn_aware=self._renormalised, round_to=cfg.prune.round_to,
             )
 
         def solve(curves: dict[str, Curve] | None) -> tuple[Channels, dict]:
-            plans = {g: group_plan(space, g, cfg.prune.levels, cfg.prune.grid) for g in space.groups}
+            plans = {g: group_plan(space, g, cfg.prune.levels, cfg.prune.grid, round_to=cfg.prune.round_to) for g in space.groups}
 
             def allocate(limit: float) -> tuple[Channels, dict]:
                 if cfg.prune.method in PEERS:
@@ -267,15 +282,21 @@ class ChannelStage(GranularityStage):
                 "latency_first_dense_ms": 1e3 * checked.first_dense_s, "latency_model_error": checked.model_error,
                 "latency_model_error_absolute": checked.absolute_error, "latency_dense_ms": 1e3 * checked.dense_s,
                 "latency_ms": 1e3 * checked.pruned_s, "latency_speedup": checked.speedup,
-                "latency_corrections": checked.corrections}
+                "latency_corrections": checked.corrections, **self.latency_setting()}
         return checked.removal, info
 
+    def latency_setting(self) -> dict:
+        """Where the latency counted was measured: the results row's runtime, batch, threads and device."""
+        rt = self.runtime
+        return {"latency_runtime": rt.name, "latency_batch": len(self.latency_example), "latency_threads": rt.threads,
+                "latency_device": str(rt.device), "latency_optimization": rt.optimization}
+
     def _measure(self, model: nn.Module, removal: Channels, repeats: int, threads: int | None) -> tuple[float, float]:
-        """(dense, pruned) seconds of one forward pass, the physically smaller copy timed interleaved with the dense one."""
+        """(dense, pruned) seconds of one forward pass in the run's runtime, the physically smaller copy timed
+        interleaved with the dense one (under ONNX Runtime both exported to ONNX first)."""
         dense = copy.deepcopy(model).to(self.device).eval()
         smaller = remove_channels(dense, self.latency_example[:1], self.space.channel_indices(removal))
-        dense_s, pruned_s = measure_latency([dense, smaller], self.latency_example, repeats=repeats, threads=threads,
-                                            device=self.device)
+        dense_s, pruned_s = self.runtime.measure([dense, smaller], self.latency_example, repeats)
         return dense_s, pruned_s
 
     def finish(self, model: nn.Module, out: RunLayout, device: torch.device) -> None:
@@ -290,52 +311,77 @@ class ChannelStage(GranularityStage):
             write_json(out.smaller_model.parent / "latency.json", speed)
 
     def export_smaller(self, model: nn.Module, directory: Path) -> dict:
-        """``model.pt2`` and ``model.onnx`` of the smaller model in ``directory``; its latency and parameters against dense.
+        """``model.pt2`` and ``model.onnx`` of the smaller model in ``directory``; their latency and parameters against dense.
 
-        The latency timed is the exported file's: ``model.pt2`` loaded back as ``rdprune.load_model(run,
-        smaller=True)`` loads it, timed interleaved with the dense model; only where the export fixed its batch
-        at another size than the latency batch is the in-memory smaller model timed instead (``timed`` says which).
+        Each format's file is timed against the dense model's file of the same format in the runtime that runs it
+        (model.pt2: torch; model.onnx: ONNX Runtime, with the run's settings where it is the run's runtime), at batch 1
+        and at latency.batch_size; only the formats measured not slower at both are marked ``deploy``
+        (:mod:`rdprune.granularity.channel.deploy`). ``dense_ms``, ``pruned_ms`` and ``speedup`` are those of the run's
+        runtime at latency.batch_size.
         """
         removal = {g: self.space.removed(g) for g in self.space.groups}
         dense = copy.deepcopy(model).cpu().eval()
         example = self.latency_example[:1].cpu()
         smaller = remove_channels(dense, example, self.space.removed_indices(removal))
         paths = save_exported(smaller, example, directory)
-        exported = torch.export.load(paths["torch_export"]).module()
-        try:
-            with torch.inference_mode():
-                exported(self.latency_example.cpu())
-            timed, name = exported, paths["torch_export"].name
-        except Exception:  # noqa: BLE001 - a batch fixed at export: time the module it was exported from
-            timed, name = smaller, "the in-memory smaller model (the export fixed its batch size)"
-        dense_s, pruned_s = measure_latency([dense.to(self.device), timed.to(self.device)], self.latency_example,
-                                            repeats=self.cfg.latency.repeats, threads=self.cfg.latency.threads, device=self.device)
+        runtimes = self.format_runtimes()
+        batch = len(self.latency_example)
+        timings = time_formats(dense, paths, self.latency_example.cpu(), [1, batch], runtimes, self.cfg.latency.repeats)
+        marking = mark_deploy(timings, {f: r.name for f, r in runtimes.items()})
+        dense_s, pruned_s = timings[self.runtime.file_format][batch]
         params = (sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in smaller.parameters()))
-        log.info("physically smaller model: %s and %s; %d -> %d parameters; latency of %s at batch %d on %s: dense %.3f ms, "
-                 "pruned %.3f ms (%.2fx)", paths["torch_export"], paths["onnx"], params[0], params[1], name,
-                 len(self.latency_example), self.device, 1e3 * dense_s, 1e3 * pruned_s, dense_s / pruned_s)
+        log.info("physically smaller model: %s and %s; %d -> %d parameters; latency in %s at batch %d: dense %.3f ms, "
+                 "pruned %.3f ms (%.2fx)", paths["torch_export"], paths["onnx"], params[0], params[1], self.runtime.describe(),
+                 batch, 1e3 * dense_s, 1e3 * pruned_s, dense_s / pruned_s)
+        (log.info if not marking["slower"] else log.warning)("exported formats against dense at batch 1 and %d: %s", batch,
+                                                              summary_line(marking))
         return {"dense_ms": 1e3 * dense_s, "pruned_ms": 1e3 * pruned_s, "speedup": dense_s / pruned_s,
-                "parameters_dense": params[0], "parameters_pruned": params[1], "timed": name,
-                "batch": len(self.latency_example), "device": str(self.device), "threads": self.cfg.latency.threads}
+                "parameters_dense": params[0], "parameters_pruned": params[1], **self.latency_setting(), **marking}
+
+    def format_runtimes(self) -> dict[str, Runtime]:
+        """The runtime each exported format is timed in: the run's for its own format, the other one's defaults
+        (same threads; ONNX Runtime at optimisation level all, on the CPU) for the other."""
+        rt = self.runtime
+        torch_rt = rt if rt.file_format == "torch_export" else TorchRuntime(rt.threads, "cpu")
+        onnx_rt = rt if rt.file_format == "onnx" else OnnxRuntime(rt.threads, "cpu", "all")
+        return {"torch_export": torch_rt, "onnx": onnx_rt}
 
 
-def _latency_table(cfg: Config, model: nn.Module, example: torch.Tensor, dist: DistInfo, out: RunLayout) -> LatencyTable:
+def table_key_problem(meta: Mapping, runtime: Runtime, batch: int) -> str | None:
+    """Why a stored table's ``meta`` was not measured as this run measures (runtime, threads, optimisation level,
+    batch, device), or None: a table is reused only when every key matches. A table written before runtimes
+    existed was measured in torch."""
+    wanted = {**runtime.key(), "batch": batch}
+    stored = {"runtime": "torch", "optimization": None, **meta}
+    differs = [f"{k} {stored.get(k)!r} (this run: {v!r})" for k, v in wanted.items() if stored.get(k) != v]
+    return f"measured at {', '.join(differs)}" if differs else None
+
+
+def check_round_to(space: ChannelSpace, round_to: int) -> None:
+    """Refuse a prune.round_to larger than a channel group, in one line, before any work."""
+    if round_to > 1:
+        small = [(g, grp.size) for g, grp in space.groups.items() if grp.size < round_to]
+        if small:
+            raise UserError(f"prune.round_to {round_to} is larger than channel group {small[0][0]} ({small[0][1]} channels)"
+                            f"{f' and {len(small) - 1} more' if len(small) > 1 else ''}; lower it, or list the group's layer "
+                            "in prune.skip")
+
+
+def _latency_table(cfg: Config, model: nn.Module, example: torch.Tensor, dist: DistInfo, out: RunLayout,
+                   runtime: Runtime | None = None) -> LatencyTable:
     """The latency table: built (or reused, if it was measured alike) on rank 0 while the other ranks wait at the broadcast."""
     check_latency_wait(cfg, dist)
+    runtime = runtime or runtime_of(cfg.latency, example.device)
 
     def check(data: dict) -> str | None:
-        meta = LatencyTable.from_json(data).meta
-        wanted = {"batch": len(example), "threads": cfg.latency.threads, "device": str(example.device)}
-        differs = [f"{k} {meta.get(k)!r} (this run: {v!r})" for k, v in wanted.items() if meta.get(k) != v]
-        return f"measured at {', '.join(differs)}" if differs else None
+        return table_key_problem(LatencyTable.from_json(data).meta, runtime, len(example))
 
     def build() -> dict:
         probe = copy.deepcopy(model).to(example.device).eval()
-        log.info("latency table: timing the layers of %s at batch %d on %s (at most %.0f s)",
-                 cfg.model.name, len(example), example.device, cfg.latency.time_limit_s)
+        log.info("latency table: timing the layers of %s at batch %d in %s (at most %.0f s)",
+                 cfg.model.name, len(example), runtime.describe(), cfg.latency.time_limit_s)
         return LatencyTable.build(probe, example, layer_shapes(probe, example), points=cfg.latency.points,
-                                  device=example.device, threads=cfg.latency.threads,
-                                  time_limit_s=cfg.latency.time_limit_s, progress=cfg.run.progress).to_json()
+                                  time_limit_s=cfg.latency.time_limit_s, progress=cfg.run.progress, runtime=runtime).to_json()
 
     return LatencyTable.from_json(shared_table(out.latency_table, resume=cfg.run.resume, dist=dist, check=check, build=build,
                                                what="latency table"))

@@ -1,0 +1,395 @@
+"""What runs the model whose latency a budget counts, and how it is timed there.
+
+A :class:`Runtime` turns a torch model or an exported file into a callable of one forward pass,
+times callables interleaved (:func:`rdprune.core.timing.interleaved_samples`) under its thread
+setting, and tells a latency table what it runs per layer. Built in (names in
+:data:`rdprune.registry.RUNTIMES`):
+
+* ``torch``: PyTorch eager in this process, on the latency device; the exported file it runs is
+  ``model.pt2`` (``torch.export.load(path).module()``). Per-layer tables use ``torch.nn.functional``.
+* ``onnxruntime``: ONNX Runtime's CPU execution provider on the model exported to ONNX, with
+  ``threads`` intra-op threads, one inter-op thread, sequential execution and a stated graph
+  optimisation level (``disable``, ``basic``, ``extended``, ``all``). Per-layer tables time
+  single-layer graphs built with ``onnx.helper``: a convolution with a bias (BatchNorm folds into
+  it) and, where the model follows the layer by BatchNorm and ReLU, the ReLU ONNX Runtime fuses in.
+
+A GPU runtime (TensorRT, ONNX Runtime's CUDA provider) is a subclass registered under a new name,
+where it can be tested. :meth:`Runtime.key` is what a latency table measured in it is keyed by.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from rdprune import registry
+from rdprune.core.timing import LayerShape, interleaved_samples, torch_threads
+from rdprune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+"""ONNX Runtime's graph optimisation levels by the name a config gives them."""
+_OPSET = 17
+_IR_VERSION = 8
+_OVERHEAD_REPEATS = 200
+
+
+class Runtime(ABC):
+    """One way to run a model: ``threads`` (None: the runtime's default), ``device``, ``optimization`` (runtime-specific)."""
+
+    name: ClassVar[str]
+    separate_layers: ClassVar[bool] = False
+    """Whether a latency table times layers through :meth:`layer_calls` (True) or inside the model (torch)."""
+    file_format: ClassVar[str]
+    """The exported file this runtime runs: ``torch_export`` (model.pt2) or ``onnx`` (model.onnx)."""
+
+    def __init__(self, threads: int | None = None, device: torch.device | str = "cpu", optimization: str | None = None):
+        self.threads, self.device, self.optimization = threads, torch.device(device), optimization
+
+    def key(self) -> dict[str, object]:
+        """What a latency table measured in this runtime is keyed by (with the batch)."""
+        return {"runtime": self.name, "threads": self.threads, "optimization": self.optimization, "device": str(self.device)}
+
+    def describe(self) -> str:
+        extra = f", optimisation {self.optimization}" if self.optimization else ""
+        return f"{self.name} on {self.device}, {self.threads or 'default'} thread(s){extra}"
+
+    @classmethod
+    def require(cls) -> None:
+        """Raise ``UserError`` (one line) if this runtime cannot be used on this machine."""
+
+    def check_model(self, model: nn.Module, example: torch.Tensor, shapes: Mapping[str, LayerShape]) -> None:
+        """Raise ``UserError`` (one line) if this runtime cannot run ``model`` or one of its tabulated layers."""
+
+    @abstractmethod
+    def model_call(self, model: nn.Module, example: torch.Tensor) -> Callable[[], object]:
+        """One forward pass of ``model`` on ``example`` as this runtime runs it (exported first where it needs a file)."""
+
+    @abstractmethod
+    def file_call(self, path: str | Path, example: torch.Tensor) -> Callable[[], object]:
+        """One forward pass of the exported file ``path`` (this runtime's :attr:`file_format`) on ``example``."""
+
+    def layer_calls(self, shape: LayerShape, batch: int, kept_in: int, outs: Sequence[int], groups: int,
+                    activation: bool) -> list[Callable[[], object]] | None:
+        """One call per kept-out count of a layer keeping ``kept_in`` inputs, as this runtime runs the layer; None:
+        the table's ``torch.nn.functional`` calls are what it runs."""
+        return None
+
+    def call_overhead(self) -> float:
+        """Seconds one timed call costs beyond its work (subtracted from each per-layer time); 0 where the table's
+        dense pass already measures the layers inside the model."""
+        return 0.0
+
+    def samples(self, fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 3) -> list[list[float]]:
+        """Seconds of ``repeats`` calls of each of ``fns``, interleaved (round robin), under this runtime's threads."""
+        with torch_threads(self.threads), torch.inference_mode():
+            return interleaved_samples(fns, repeats, warmup, self.device)
+
+    def medians(self, fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 3) -> list[float]:
+        return [statistics.median(s) for s in self.samples(fns, repeats, warmup)]
+
+    def measure(self, models: Sequence[nn.Module], example: torch.Tensor, repeats: int, warmup: int = 3) -> list[float]:
+        """Median seconds of one forward pass of each model in this runtime, timed interleaved."""
+        return self.medians([self.model_call(m, example) for m in models], repeats, warmup)
+
+
+class TorchRuntime(Runtime):
+    """PyTorch eager, in this process (the latency tables time the layers inside the model, see ``LatencyTable``)."""
+
+    name = "torch"
+    file_format = "torch_export"
+
+    def __init__(self, threads: int | None = None, device: torch.device | str = "cpu", optimization: str | None = None):
+        super().__init__(threads, device, None)  # eager PyTorch has no graph optimisation level
+
+    def model_call(self, model: nn.Module, example: torch.Tensor) -> Callable[[], object]:
+        model = model.to(self.device).eval()
+        return functools.partial(model, example.to(self.device))
+
+    def file_call(self, path: str | Path, example: torch.Tensor) -> Callable[[], object]:
+        module = torch.export.load(str(path)).module().to(self.device)
+        return functools.partial(module, example.to(self.device))
+
+
+def _onnxruntime() -> ModuleType:
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise UserError("latency.runtime onnxruntime needs the onnxruntime package, which is not installed: "
+                        "pip install 'rdprune[channels]', or set latency.runtime torch") from err
+    return onnxruntime
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+class OnnxRuntime(Runtime):
+    """ONNX Runtime, CPU execution provider: the exported ONNX graph, and single-layer ONNX graphs for the tables."""
+
+    name = "onnxruntime"
+    file_format = "onnx"
+    separate_layers = True
+
+    def __init__(self, threads: int | None = None, device: torch.device | str = "cpu", optimization: str | None = "all"):
+        optimization = optimization or "all"
+        if optimization not in ORT_LEVELS:
+            raise ValueError(f"unknown ONNX Runtime optimisation level {optimization!r}: choose one of {', '.join(ORT_LEVELS)}")
+        super().__init__(threads, device, optimization)
+        if self.device.type != "cpu":
+            raise UserError(f"latency.runtime onnxruntime measures with its CPU execution provider; latency.device is "
+                            f"{self.device.type}: set latency.device cpu (a GPU runtime is not built in)")
+
+    @classmethod
+    def require(cls) -> None:
+        _onnxruntime()
+
+    def session_options(self) -> object:
+        """The session options every timing uses: they are what a deployment should set to see the same speed."""
+        ort = _onnxruntime()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads or 0
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[self.optimization])
+        options.log_severity_level = 3
+        return options
+
+    def session(self, model: bytes | str | Path) -> object:
+        ort = _onnxruntime()
+        source = str(model) if isinstance(model, Path) else model
+        return ort.InferenceSession(source, self.session_options(), providers=["CPUExecutionProvider"])
+
+    @staticmethod
+    def _call(session: object, example: torch.Tensor | np.ndarray) -> Callable[[], object]:
+        x = example.detach().cpu().numpy() if isinstance(example, torch.Tensor) else example
+        return functools.partial(session.run, None, {session.get_inputs()[0].name: np.ascontiguousarray(x)})
+
+    def model_call(self, model: nn.Module, example: torch.Tensor) -> Callable[[], object]:
+        example = example.cpu()
+        return self._call(self.session(export_onnx(model.cpu().eval(), example)), example)
+
+    def file_call(self, path: str | Path, example: torch.Tensor) -> Callable[[], object]:
+        return self._call(self.session(Path(path)), example)
+
+    def check_model(self, model: nn.Module, example: torch.Tensor, shapes: Mapping[str, LayerShape]) -> None:
+        for name, s in shapes.items():
+            try:
+                self.layer_calls(s, 1, s.in_channels, [s.out_channels], s.groups, False)[0]()
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise UserError(f"latency.runtime onnxruntime cannot run layer {name} ({s.kind}): {_first_line(exc)}") from exc
+        try:
+            self.model_call(model, example[:1])()
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"latency.runtime onnxruntime cannot run the model exported to ONNX: {_first_line(exc)}") from exc
+
+    def layer_calls(self, shape: LayerShape, batch: int, kept_in: int, outs: Sequence[int], groups: int,
+                    activation: bool) -> list[Callable[[], object]]:
+        """Sessions of single-layer graphs, all on one random input: a Conv (with bias: BatchNorm folds into it) or a
+        Gemm, then a Relu where ``activation`` (ONNX Runtime fuses it into the convolution)."""
+        rng = np.random.default_rng(0)
+        if shape.kind == "linear":
+            x = rng.standard_normal((batch * shape.in_hw[0] * shape.in_hw[1], kept_in), dtype=np.float32)
+        else:
+            x = rng.standard_normal((batch, kept_in, *shape.in_hw), dtype=np.float32)
+        return [self._call(self.session(layer_graph(shape, kept_in, o, groups, activation, rng)), x) for o in outs]
+
+    def inside_times(self, model: nn.Module, example: torch.Tensor, shapes: Mapping[str, LayerShape], repeats: tuple[int, int],
+                     budget_s: float, warmup: int = 2) -> tuple[float, dict[str, float]]:
+        """Median seconds of the exported model, and of each layer's node inside it, as ONNX Runtime runs them.
+
+        Plain runs alternate with runs of a profiling session of the same graph (ONNX Runtime's per-node times);
+        each convolution or Gemm node (fused with its BatchNorm, activation or residual addition, as optimised)
+        is matched to the first layer of ``shapes``, in call order, with its weight shape (a Gemm whose weight the
+        profile omits: with its input and output widths). A layer that no node matches is left out of the result.
+        ``repeats`` (least, most) rounds of one plain and one profiled run, as many as ``budget_s`` allows.
+        """
+        import json
+        import tempfile
+
+        example = example.cpu()
+        data = export_onnx(model.cpu().eval(), example)
+        plain = self._call(self.session(data), example)
+        with tempfile.TemporaryDirectory(prefix="rdprune-ort-profile-") as tmp:
+            options = self.session_options()
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(tmp) / "profile")
+            profiled = _onnxruntime().InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            run = self._call(profiled, example)
+            t0 = time.perf_counter()
+            plain()
+            price = 2 * (time.perf_counter() - t0)
+            rounds = int(min(repeats[1], max(repeats[0], budget_s / price - warmup)))
+            plain_s = []
+            for r in range(warmup + rounds):
+                for use_profile in ((True, False) if r % 2 else (False, True)):
+                    if use_profile:
+                        run()
+                    else:
+                        plain_s.append(interleaved_samples([plain], 1, 0, self.device)[0][0])
+            events = json.loads(Path(profiled.end_profiling()).read_text())
+        runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][warmup:]
+        nodes = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
+        per_run = [[e for e in nodes if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]] for r in runs]
+        per_run = [p for p in per_run if len(p) == len(per_run[0])]
+        inside: dict[str, float] = {}
+        remaining = list(shapes.items())
+        for k, node in enumerate(per_run[0] if per_run else []):
+            args = node.get("args", {})
+            if args.get("op_name") not in ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul"):
+                continue
+            inputs = [list(next(iter(t.values()))) for t in args.get("input_type_shape", [])]
+            outputs = [list(next(iter(t.values()))) for t in args.get("output_type_shape", [])]
+            weight = inputs[1] if len(inputs) > 1 else None
+            match = next((i for i, (_, s) in enumerate(remaining) if weight in _weight_shapes(s)), None)
+            if match is None and args.get("op_name") != "Conv" and inputs and outputs:
+                widths = [inputs[0][-1], outputs[0][-1]]
+                match = next((i for i, (_, s) in enumerate(remaining) if s.kind == "linear"
+                              and widths == [s.in_channels, s.out_channels]), None)
+            if match is None:
+                continue
+            name, _ = remaining.pop(match)
+            inside[name] = statistics.median(p[k]["dur"] for p in per_run) * 1e-6
+        return statistics.median(plain_s[warmup:]), inside
+
+    def call_overhead(self) -> float:
+        """Median seconds of running a one-element Identity graph: ONNX Runtime's fixed cost of one ``run``."""
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        call = self._call(self.session(_serialise(graph)), np.zeros(1, np.float32))
+        return self.medians([call], _OVERHEAD_REPEATS, 20)[0]
+
+
+def _serialise(graph: object) -> bytes:
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
+    model.ir_version = _IR_VERSION
+    return model.SerializeToString()
+
+
+def layer_graph(shape: LayerShape, kept_in: int, kept_out: int, groups: int, activation: bool,
+                rng: np.random.Generator | None = None) -> bytes:
+    """A serialised ONNX model of one layer keeping (kept_in, kept_out) channels: ``x -> Conv|Gemm [-> Relu] -> y``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = rng or np.random.default_rng(0)
+    if shape.kind == "linear":
+        x_shape, y_shape = ["n", kept_in], ["n", kept_out]
+        weight = rng.standard_normal((kept_out, kept_in), dtype=np.float32)
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["z" if activation else "y"], transB=1)
+    else:
+        weight = rng.standard_normal((kept_out, kept_in // groups, *shape.kernel_size), dtype=np.float32)
+        x_shape, y_shape = ["n", kept_in, *shape.in_hw], ["n", kept_out, *shape.out_hw]
+        node = helper.make_node("Conv", ["x", "w", "b"], ["z" if activation else "y"], kernel_shape=list(shape.kernel_size),
+                                strides=list(shape.stride), pads=[*shape.padding, *shape.padding],
+                                dilations=list(shape.dilation), group=groups)
+    nodes = [node] + ([helper.make_node("Relu", ["z"], ["y"])] if activation else [])
+    bias = rng.standard_normal(kept_out, dtype=np.float32)
+    graph = helper.make_graph(nodes, f"{shape.kind}_{kept_in}_{kept_out}",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                              initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    return _serialise(graph)
+
+
+def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` with a dynamic batch where the model allows it, else a batch fixed at ``example``'s.
+
+    A batch of 1 is traced as 2 (export would specialise a size-1 dimension)."""
+    dynamic = ({0: torch.export.Dim.AUTO},)
+    if example.shape[0] > 1:
+        return torch.export.export(model, (example,), dynamic_shapes=dynamic)
+    program = torch.export.export(model, (torch.cat([example, example]),), dynamic_shapes=dynamic)
+    if _batch_is_dynamic(program):
+        return program
+    return torch.export.export(model, (example,))
+
+
+def _batch_is_dynamic(program: torch.export.ExportedProgram) -> bool:
+    """Whether the exported program's (single) user input has a symbolic batch size."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    placeholder = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs)
+    return isinstance(placeholder.meta["val"].shape[0], torch.SymInt)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
+    """``model`` as a serialised ONNX model (the dynamo-based exporter, input named ``input``, dynamic batch where
+    the model allows it): the graph a deployment runs, exported as the run's ``model.onnx`` is."""
+    example = example.contiguous()
+    program = export_program(model.eval(), example)
+    exported = torch.onnx.export(program, (example,), None, dynamo=True, external_data=False, input_names=["input"], verbose=False)
+    return exported.model_proto.SerializeToString()
+
+
+def _weight_shapes(shape: LayerShape) -> list[list[int]]:
+    """The weight shapes an exported node of this layer may carry (a Gemm's either way round)."""
+    if shape.kind == "linear":
+        return [[shape.out_channels, shape.in_channels], [shape.in_channels, shape.out_channels]]
+    return [[shape.out_channels, shape.in_channels // max(shape.groups, 1), *shape.kernel_size]]
+
+
+def make_runtime(name: str, threads: int | None = None, device: torch.device | str = "cpu",
+                 optimization: str | None = None) -> Runtime:
+    """The runtime registered as ``name`` (``UserError`` if it is unknown or unavailable here)."""
+    if name not in registry.RUNTIMES:
+        raise UserError(f"unknown latency.runtime {name!r}: choose one of {', '.join(registry.RUNTIMES.names())}")
+    cls = registry.load(registry.RUNTIMES.get(name))
+    cls.require()
+    return cls(threads, device, optimization)
+
+
+def runtime_of(latency: object, device: torch.device | str) -> Runtime:
+    """The runtime a config's latency section names, on ``device``."""
+    return make_runtime(getattr(latency, "runtime", "torch"), latency.threads, device, getattr(latency, "optimization", None))
+
+
+def fused_activations(model: nn.Module, example: torch.Tensor, names: Sequence[str]) -> set[str]:
+    """Layers of ``names`` whose output reaches an ``nn.ReLU`` directly or through one BatchNorm: what ONNX Runtime
+    fuses into the convolution (BatchNorm folded, the activation fused). Found by following output tensors'
+    storage through forward hooks on one pass of ``example``."""
+    produced: dict[int, str] = {}  # storage of a tensor -> the layer whose output it carries (through a BatchNorm)
+    found: set[str] = set()
+    wanted = set(names)
+
+    def hook(name: str, module: nn.Module, args: tuple, output: object) -> None:
+        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+            return
+        source = produced.get(args[0].data_ptr())
+        if name in wanted:
+            produced[output.data_ptr()] = name
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and source is not None:
+            produced[output.data_ptr()] = source
+        elif isinstance(module, nn.ReLU) and source is not None:
+            found.add(source)
+        else:  # any other module's output there is no layer's any more (a freed buffer reused)
+            produced.pop(output.data_ptr(), None)
+
+    handles = [m.register_forward_hook(functools.partial(hook, n)) for n, m in model.named_modules() if not list(m.children())]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found
