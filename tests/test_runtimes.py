@@ -237,7 +237,7 @@ def test_config_refusals_are_one_line(capsys, tmp_path):
     out = f"run.out_dir={tmp_path / 'r'}"
     q = str(CONFIG)
     err = user_error(capsys, [q, MODEL, "prune.round_to=4", "prune.method=unif", out])
-    assert "prune.round_to 4 applies to prune.granularity channel with method rd" in err
+    assert "prune.round_to 4 applies to prune.granularity 'channel' with method rd" in err
     assert "latency.device must be null or 'cpu' under runtime onnxruntime" in user_error(
         capsys, [q, MODEL, "latency.runtime=onnxruntime", "latency.device=cuda", out])
     assert "latency.runtime must be one of 'torch', 'onnxruntime'" in user_error(capsys, [q, MODEL, "latency.runtime=tvm", out])
