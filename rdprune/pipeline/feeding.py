@@ -15,6 +15,7 @@ from rdprune.core.curves import synthetic_inputs
 from rdprune.data import DataBundle, calibration_inputs, dali, infinite_batches, train_loader
 from rdprune.data.preprocessing import RESNET, Preprocessing
 from rdprune.distributed import DistInfo
+from rdprune.stop import ignore_in_worker
 
 
 def uses_dali(cfg: Config) -> bool:
@@ -43,7 +44,8 @@ def eval_batches(cfg: Config, data: DataBundle, dist: DistInfo) -> Iterable[tupl
     if uses_dali(cfg):
         return dali.eval_batches(dali.folder_samples(data.test), per_rank, dist.rank, dist.world_size,
                                  dist.device, threads=max(1, cfg.data.workers), preprocessing=_preprocessing(data))
-    return DataLoader(rank_subset(data.test, dist), batch_size=per_rank, num_workers=cfg.data.workers)
+    return DataLoader(rank_subset(data.test, dist), batch_size=per_rank, num_workers=cfg.data.workers,
+                      worker_init_fn=ignore_in_worker)
 
 
 def calibration(cfg: Config, data: DataBundle) -> torch.Tensor:

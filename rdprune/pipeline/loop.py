@@ -9,18 +9,20 @@ same command continues after the last recorded iteration and reuses cached curve
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from rdprune import distributed
+from rdprune import distributed, stop
 from rdprune.config import Config, TrainingConfig, config_hash, config_to_dict, save_config
 from rdprune.config.schema import section_defaults
 from rdprune.core.batchnorm import batchnorm_layers, recalibrate_batchnorm
@@ -91,9 +93,13 @@ def run(cfg: Config, dist: DistInfo) -> list[dict]:
     """Run (or resume) the whole experiment; returns the rows of ``results.jsonl``."""
     out = RunLayout(cfg.out_path)
     out.check()
-    ctx = _build(cfg, dist, out)  # data and model checks fail before anything is written
-    lock = RunLock(out.root) if dist.is_main else nullcontext()
-    with lock:
+    checked = _checked(cfg, dist, out)  # data, model and config checks fail before anything is written
+    with ExitStack() as held:
+        # The lock before the stage: a busy directory is refused before a latency table is timed for it.
+        finished = distributed.broadcast_object(_lock_or_report(cfg, out, held) if dist.is_main else None)
+        if finished is not None:
+            return finished
+        ctx = _with_stage(checked)
         if dist.is_main:
             _prepare_out_dir(cfg, out, dist)
             ctx.stage.save_state(out)
@@ -104,10 +110,45 @@ def run(cfg: Config, dist: DistInfo) -> list[dict]:
         for t, target in enumerate(cfg.prune.schedule(), 1):
             if t < len(rows):
                 continue
+            stop.check(f"before iteration {t}, after iteration {t - 1} was recorded")  # a safe point (SIGTERM, SIGINT)
             rows.append(_iteration(ctx, t, target))
+        stop.check("before the final model was written")
         if dist.is_main:
             _finish(ctx, rows)
         distributed.barrier()
+    return rows
+
+
+def _lock_or_report(cfg: Config, out: RunLayout, held: ExitStack) -> list[dict] | None:
+    """Take the run's lock into ``held`` (rank 0) and return None; or, where the directory cannot be
+    written (read-only, no permission) and holds this config's finished run, its rows: the run is
+    reported as it is, nothing runs and nothing is written. Otherwise the write error's one line."""
+    try:
+        held.enter_context(RunLock(out.root))
+        return None
+    except UserError as err:
+        cause = err.__cause__
+        if not (isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM)):
+            raise
+        rows = _finished_rows(cfg, out)
+        if rows is None:
+            raise
+        log.info("%s holds this config's finished run and cannot be written (%s): reporting it as it is",
+                 out.root, os.strerror(cause.errno))
+        return rows
+
+
+def _finished_rows(cfg: Config, out: RunLayout) -> list[dict] | None:
+    """The rows of the finished run of this config in ``out``, read without writing; None if it is not one."""
+    if not cfg.run.resume or not (out.final_model.is_file() and out.final_masks.is_file()):
+        return None
+    rows = read_results(out.root)
+    try:
+        stored = json.loads(out.resume_key.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if len(rows) != len(cfg.prune.schedule()) + 1 or not isinstance(stored, dict) or not same_run(stored, cfg):
+        return None
     return rows
 
 
@@ -208,6 +249,22 @@ def _data(cfg: Config) -> DataBundle:
 
 
 def _build(cfg: Config, dist: DistInfo, out: RunLayout, data: DataBundle | None = None) -> Context:
+    return _with_stage(_checked(cfg, dist, out, data))
+
+
+@dataclass
+class _Checked:
+    """What :func:`_checked` built and checked: all but the granularity's stage."""
+
+    setup: StageInputs
+    data: DataBundle
+    recalibration_skip: str | None
+
+
+def _checked(cfg: Config, dist: DistInfo, out: RunLayout, data: DataBundle | None = None) -> _Checked:
+    """Data, the dense model and its prunable layers, with every check that needs no timing and writes
+    nothing (the granularity's precheck, BatchNorm recalibration images included); :func:`_with_stage`
+    then builds the stage, which may time a latency table."""
     torch.manual_seed(cfg.run.seed)
     data = data if data is not None else _data(cfg)
     if cfg.model.num_classes is not None and cfg.model.num_classes < data.num_classes:
@@ -224,12 +281,17 @@ def _build(cfg: Config, dist: DistInfo, out: RunLayout, data: DataBundle | None 
         layers={i.name: everything[i.name] for i in infos}, flops={i.name: i.flops for i in infos},
         skipped_weights=sum(m.weight.numel() for m in skipped.values()), skipped_flops=sum(skipped_flops.values()),
     )
-    stage_cls = stage_class(cfg)
-    stage_cls.precheck(cfg, dist)
-    ctx = Context(cfg=cfg, dist=dist, out=out, data=data, model=model, stage=stage_cls.build(setup),
-                  recalibration_skip=_recalibration_skip(cfg, model))
-    _check_recalibration(ctx)
-    return ctx
+    stage_class(cfg).precheck(cfg, dist)
+    skip = _recalibration_skip(cfg, model)
+    _check_recalibration(cfg, data, skip)
+    return _Checked(setup, data, skip)
+
+
+def _with_stage(checked: _Checked) -> Context:
+    """The run's context: :func:`_checked`'s, with the granularity's stage built (a latency table timed or reloaded)."""
+    setup = checked.setup
+    return Context(cfg=setup.cfg, dist=setup.dist, out=setup.out, data=checked.data, model=setup.model,
+                   stage=stage_class(setup.cfg).build(setup), recalibration_skip=checked.recalibration_skip)
 
 
 def _dense_model(cfg: Config, data: DataBundle) -> nn.Module:
@@ -251,12 +313,12 @@ def _recalibration_skip(cfg: Config, model: nn.Module) -> str | None:
     return None
 
 
-def _check_recalibration(ctx: Context) -> None:
+def _check_recalibration(cfg: Config, data: DataBundle, skip: str | None) -> None:
     """Enough training images for BatchNorm recalibration, checked before any work."""
-    cal = ctx.cfg.calibration
-    if ctx.recalibration_skip is not None:
+    cal = cfg.calibration
+    if skip is not None:
         return
-    available = len(ctx.data.calibration_pool)
+    available = len(data.calibration_pool)
     if cal.bn_images > available:
         raise UserError(f"calibration.bn_images is {cal.bn_images}, but the training set has {available} images; "
                         f"choose at most {available}, or set calibration.bn_recalibration: false")
