@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from rdprune import distributed, stop
-from rdprune.config import Config, TrainingConfig, config_hash, config_to_dict, save_config
+from rdprune.config import Config, TrainingConfig, config_hash, config_to_dict, load_config, save_config
 from rdprune.config.schema import section_defaults
 from rdprune.core.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from rdprune.core.grid import Curve
@@ -41,7 +42,7 @@ from rdprune.core.masks import (
 from rdprune.data import DataBundle, build_data
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError, one_line
-from rdprune.files import atomic_torch_save, atomic_write, remove_leftovers, write_json
+from rdprune.files import atomic_torch_save, atomic_write, read_error, remove_leftovers, write_json
 from rdprune.granularity.base import GranularityStage, StageInputs, stage_class
 from rdprune.granularity.spec import spec_of
 from rdprune.models.registry import build_model, model_preprocessing
@@ -143,10 +144,7 @@ def _finished_rows(cfg: Config, out: RunLayout) -> list[dict] | None:
     if not cfg.run.resume or not (out.final_model.is_file() and out.final_masks.is_file()):
         return None
     rows = read_results(out.root)
-    try:
-        stored = json.loads(out.resume_key.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
+    stored = _stored_key(out)
     if len(rows) != len(cfg.prune.schedule()) + 1 or not isinstance(stored, dict) or not same_run(stored, cfg):
         return None
     return rows
@@ -161,14 +159,13 @@ def _prepare_out_dir(cfg: Config, out: RunLayout, dist: DistInfo) -> None:
         moved = archive_previous(out.root)
         if moved:
             log.info("run.resume=false: moved the earlier run to %s", moved)
-    elif read_results(out.root) and out.resume_key.exists():
-        try:
-            stored = json.loads(out.resume_key.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            stored = err
+    elif read_results(out.root):
+        stored = _stored_key(out)
         if not isinstance(stored, dict):
+            what = "is missing, and so is config.yaml" if isinstance(stored, FileNotFoundError) else \
+                "is not the JSON object that names this run's config"
             raise UserError(
-                f"{out.resume_key} is not the JSON object that names this run's config; without it a rerun cannot tell "
+                f"{out.resume_key} {what}; without it a rerun cannot tell "
                 "whether it continues the same experiment: restore it, or set run.resume=false to archive the run "
                 "and start clean"
             )
@@ -180,6 +177,23 @@ def _prepare_out_dir(cfg: Config, out: RunLayout, dist: DistInfo) -> None:
     save_config(cfg, out.config)
     write_json(out.resume_key, resume_key(cfg))
     write_json(out.provenance, provenance(config_hash(cfg), dist.world_size))
+
+
+def _stored_key(out: RunLayout) -> object:
+    """The resume key of the run in ``out``: ``resume_key.json``, else the one of its ``config.yaml`` (a lost
+    key file); an error where neither can be read."""
+    path = out.resume_key if out.resume_key.exists() or not out.config.exists() else out.config
+    try:
+        if path == out.config:
+            log.warning("%s is missing: checking this config against %s instead", out.resume_key, out.config)
+            return resume_key(load_config(out.config, []))
+        return json.loads(path.read_text())
+    except OSError as err:
+        if (user := read_error(path, err)) is not None:
+            raise user from None
+        return err
+    except (UnicodeDecodeError, ValueError) as err:  # a ConfigError is a ValueError too
+        return err
 
 
 def resume_key(cfg: Config) -> dict:
@@ -369,6 +383,8 @@ def _resume_or_start(ctx: Context) -> list[dict]:
             except RuntimeError as err:
                 raise UserError(f"{path} does not fit model {cfg.model.name} ({one_line(err)}); "
                                 "set run.resume=false to archive this run and start clean") from None
+            if ctx.dist.is_main:
+                _check_allocations(ctx, last)
         elif last > 0:  # at 0 the dense model is the config's own (model.checkpoint or model.weights)
             raise UserError(f"{out.root} records iteration {last} but {path} is missing; set run.resume=false to start clean")
         log.info("resuming %s after iteration %d", out.root, last)
@@ -382,6 +398,36 @@ def _resume_or_start(ctx: Context) -> list[dict]:
         append_result(ctx.out.root, row)
     log.info("dense model: top-1 %.2f %%, loss %.4f", top1, loss)
     return [row]
+
+
+def _check_allocations(ctx: Context, last: int) -> None:
+    """Every recorded iteration's allocation file is there and readable (rank 0, the model holding iteration
+    ``last``). The last one, lost or damaged, is rebuilt from the model's zeros (``last.pt`` holds the masked
+    weights), where the granularity records nothing more; an earlier one cannot be: that is one line."""
+    schedule = ctx.cfg.prune.schedule()
+    for t in range(1, last + 1):
+        path = ctx.out.allocation(t)
+        try:
+            record = json.loads(path.read_text())
+            problem = None if isinstance(record, dict) and isinstance(record.get("amounts"), dict) else \
+                "not an allocation record"
+        except FileNotFoundError:
+            problem = "missing"
+        except OSError as err:
+            if (user := read_error(path, err)) is not None:
+                raise user from None
+            problem = f"not readable ({one_line(err)})"
+        except (UnicodeDecodeError, ValueError):
+            problem = "not readable JSON"
+        if problem is None:
+            continue
+        if t == last and type(ctx.stage).allocation_record is GranularityStage.allocation_record:
+            write_json(path, {"target_sparsity": schedule[t - 1], "amounts": layer_sparsity(ctx.layers)})
+            log.warning("%s was %s: rebuilt from the model of iteration %d in %s", path, problem, t, ctx.out.last_checkpoint)
+            continue
+        kept = "" if t == last else " (the run keeps only the last iteration's model)"
+        raise UserError(f"{path} is {problem}; it records iteration {t}'s per-layer choice, which this run cannot "
+                        f"derive again{kept}: restore it, or set run.resume=false to archive this run and start clean")
 
 
 def _pretrain(ctx: Context) -> None:
@@ -585,8 +631,12 @@ def _finish(ctx: Context, rows: list[dict]) -> None:
     last_curves = ctx.out.all_curves()
     if last_curves:
         units = ctx.stage.units()
-        with np.load(last_curves[-1]) as z:
-            curves = {n: Curve(z[f"{n}/amounts"], z[f"{n}/distortion"]) for n in units if f"{n}/amounts" in z}
+        try:
+            with np.load(last_curves[-1]) as z:
+                curves = {n: Curve(z[f"{n}/amounts"], z[f"{n}/distortion"]) for n in units if f"{n}/amounts" in z}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+            raise UserError(f"{last_curves[-1]} is not readable ({one_line(err)}); delete it to plot the curves of the "
+                            "iteration before, or set run.resume=false to archive this run and start clean") from None
         plot_curves(curves, units, ctx.out.plot("rd_curves"), f"RD curves, {last_curves[-1].parent.name}: {name}",
                     unit=ctx.stage.spec.unit)
     ctx.stage.finish(ctx.model, ctx.out, ctx.dist.device)  # last: a failed export must not keep the run from counting
