@@ -42,6 +42,8 @@ TINY = ["pretrain.steps=20", "finetune.steps=4", "finetune.checkpoint_every=2", 
         "prune.amount_per_iteration=0.5", "calibration.size=32", "prune.levels=5", "run.progress=false", "run.threads=1"]
 OUTCOMES: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 """Per test: faults injected, resumed identical, refused with one line."""
+REFUSALS: dict[str, str] = {}
+"""Damage -> the line it was refused with (printed at the end)."""
 
 
 class Crash(BaseException):
@@ -194,7 +196,7 @@ def test_crash_at_every_write_resumes_or_refuses(uninterrupted, tmp_path, monkey
     assert counts["faults injected"] == len(paths)
 
 
-def _full_disk_and_resume(uninterrupted, tmp_path, monkeypatch, capsys, k: int, counts) -> None:
+def _full_disk_and_resume(uninterrupted, tmp_path, monkeypatch, capsys, k: int, counts, resume: bool = True) -> None:
     root, paths, reference = uninterrupted
     out = tmp_path / f"full{k}" / "run"
     capsys.readouterr()
@@ -203,7 +205,12 @@ def _full_disk_and_resume(uninterrupted, tmp_path, monkeypatch, capsys, k: int, 
         assert run_code(out) == 2
     line = one_line(capsys.readouterr().err)
     assert f"cannot write {out / paths[k - 1].relative_to(root)}: No space left on device; free space there" in line, line
-    resume_and_judge(out, reference, capsys, counts, f"ENOSPC at write {k}")
+    assert not [p for p in out.rglob("*.tmp")]
+    if resume:
+        resume_and_judge(out, reference, capsys, counts, f"ENOSPC at write {k}")
+    else:
+        counts["faults injected"] += 1
+        counts["refused with one line"] += 1
     shutil.rmtree(out.parent)
 
 
@@ -215,9 +222,11 @@ def test_full_disk_at_key_writes_is_one_line_then_resumes(uninterrupted, tmp_pat
 
 @pytest.mark.slow
 def test_full_disk_at_every_write_is_one_line_then_resumes(uninterrupted, tmp_path, monkeypatch, capsys):
+    """One line at every write; the rerun after it is the rerun after a crash at that write (above), so only
+    the key writes' are run (the fast test)."""
     counts = OUTCOMES["ENOSPC at every write"]
     for k in range(1, len(uninterrupted[1]) + 1):
-        _full_disk_and_resume(uninterrupted, tmp_path, monkeypatch, capsys, k, counts)
+        _full_disk_and_resume(uninterrupted, tmp_path, monkeypatch, capsys, k, counts, resume=False)
 
 
 # every run file damaged in turn, in a run stopped mid fine-tuning of iteration 2 and in a finished run
@@ -239,27 +248,42 @@ DAMAGE = {"deleted": Path.unlink, "truncated": _truncate, "garbled": _garble, "e
 def stopped_mid_finetuning(uninterrupted, tmp_path_factory) -> Path:
     """A run stopped by SIGTERM after the first fine-tuning step of iteration 2 (checkpoint saved)."""
     out = tmp_path_factory.mktemp("stopped") / "run"
-    steps = []
-    real = stop.agreed
-
-    def signalled() -> int | None:
-        steps.append(1)
-        if len(steps) == 20 + 4 + 1:  # pretraining, iteration 1, then one step of iteration 2
-            stop.request(signal.SIGTERM)
-        return real()
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stop, "agreed", signalled)
+        signal_at_step(mp, 20 + 4 + 1, lambda: stop.request(signal.SIGTERM))  # pretraining, iteration 1, a step
         assert run_code(out) == 128 + signal.SIGTERM
     assert len(read_rows(out)) == 2 and (out / "checkpoints" / "finetune.pt").is_file()
     return out
 
 
-def _damage_each_file(run: Path, reference: dict, tmp_path: Path, capsys, counts) -> dict[str, str]:
-    refusals = {}
-    files = sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file() and p.name != ".lock")
+def signal_at_step(mp, n: int, send) -> None:
+    """Call ``send()`` during the ``n``-th training step of the run (pretraining's included)."""
+    from rdprune.training.local_engine import LocalEngine
+
+    real, steps = LocalEngine.train_step, []
+
+    def step(self, x, y) -> float:
+        steps.append(1)
+        if len(steps) == n:
+            send()
+        return real(self, x, y)
+
+    mp.setattr(LocalEngine, "train_step", step)
+
+
+def _damage_each_file(run: Path, reference: dict, tmp_path: Path, capsys, counts, kinds=tuple(DAMAGE)) -> dict[str, str]:
+    """Each file of ``run`` damaged in each of ``kinds`` in turn, then rerun. Of a folder's curve pieces, all
+    alike, the first stands for the others."""
+    refusals = REFUSALS
+    files, folders = [], set()
+    for path in sorted(p for p in run.rglob("*") if p.is_file() and p.name != ".lock"):
+        if path.name.endswith(".curve.pt"):
+            if path.parent in folders:
+                continue
+            folders.add(path.parent)
+        files.append(path.relative_to(run))
     for name in files:
-        for how, damage in DAMAGE.items():
+        for how in kinds:
+            damage = DAMAGE[how]
             out = tmp_path / "damaged"
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(run, out)
@@ -298,7 +322,10 @@ def test_key_files_damaged_resume_or_refuse(uninterrupted, stopped_mid_finetunin
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(stopped_mid_finetuning, out)
             damage(out / name)
-            resume_and_judge(out, uninterrupted[2], capsys, counts, f"{name} {how}")
+            refused = resume_and_judge(out, uninterrupted[2], capsys, counts, f"{name} {how}")
+            if refused:
+                REFUSALS[f"{name} {how}"] = refused
+                assert str(out / name) in refused or "results.jsonl" in refused, (name, how, refused)
 
 
 # signals
@@ -318,17 +345,8 @@ def test_sigterm_mid_finetuning_saves_and_the_rerun_resumes_identically(uninterr
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_at_the_next_step_with_one_line(tmp_path, capsys, signum):
     """The real handler: the signal sent to this process during pretraining."""
-    steps = []
-    real = stop.agreed
-
-    def signalled() -> int | None:
-        steps.append(1)
-        if len(steps) == 3:
-            os.kill(os.getpid(), signum)
-        return real()
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stop, "agreed", signalled)
+        signal_at_step(mp, 3, lambda: os.kill(os.getpid(), signum))
         assert run_code(tmp_path / "run") == 128 + signum
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -432,3 +450,5 @@ def _report_counts():
     yield
     if OUTCOMES:
         sys.stderr.write("\nfault injection outcomes:\n" + pytest_terminal_summary_counts() + "\n")
+    for what, line in REFUSALS.items():
+        sys.stderr.write(f"refused: {what}: {line}\n")

@@ -476,8 +476,9 @@ def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc
             engine.load(checkpoints)  # after the replay: the saved random state is the one to continue with
             log.info("iteration %d: resumed fine-tuning at step %d of %d", iteration, start, steps)
         every = cfg.finetune.checkpoint_every if iteration is not None else 0
-        loss = train_steps(engine, batches, steps, start=start, every=every, desc=desc, progress=ctx.show,
-                           checkpoint=lambda step: engine.save(checkpoints, iteration, step))
+        # pretraining (no iteration) has no checkpoint: a stop there redoes it
+        save = None if iteration is None else lambda step: engine.save(checkpoints, iteration, step)
+        loss = train_steps(engine, batches, steps, start=start, every=every, desc=desc, progress=ctx.show, checkpoint=save)
     finally:
         engine.close()
     # DDP sends rank 0's buffers before each forward, so the last forward leaves every rank its own
