@@ -415,6 +415,9 @@ BOUNDARIES = {
 }
 
 
+KILL_POINTS = ("pretraining", "fine-tuning of iteration 1", "fine-tuning of iteration 2")
+
+
 @pytest.fixture(scope="module")
 def torchrun_reference(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("torchrun_reference") / "run"
@@ -429,7 +432,9 @@ def torchrun_reference(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_torchrun_stopped_at_five_boundaries_resumes_identically(torchrun_reference, tmp_path, how):
     counts = OUTCOMES[f"torchrun {how}, 2 ranks"]
-    for where, ready in BOUNDARIES.items():
+    # kill -9 at three of the five points (the suite's time is bounded): SIGTERM is what is new here
+    points = BOUNDARIES if how == "SIGTERM" else {k: BOUNDARIES[k] for k in KILL_POINTS}
+    for where, ready in points.items():
         out = tmp_path / re.sub(r"\W+", "_", where) / "run"
         proc = _torchrun(out)
         _wait_for(out, ready, proc)
