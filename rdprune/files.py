@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -122,7 +123,38 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` atomically."""
+    """``torch.save`` atomically.
+
+    Through a Python file object: given a path, torch writes with its own C++ writer, which reports a
+    full disk as a ``RuntimeError`` ("unexpected pos ...") without the cause; Python's file raises the
+    ``OSError`` (ENOSPC) that :func:`atomic_write` turns into one line.
+    """
     import torch  # here, not at the top: the config loader writes files too and must not import torch
 
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError as err:
+                raise (full_disk(tmp) or err) from err
+
+    atomic_write(path, write)
+
+
+def full_disk(path: str | os.PathLike, margin: int = 1 << 20) -> OSError | None:
+    """ENOSPC for ``path`` if its file system has less than ``margin`` bytes free, else None: the cause of
+    a write that failed without saying why (torch's and DeepSpeed's C++ writers raise ``RuntimeError``)."""
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) if free < margin else None
+
+
+def read_error(path: str | os.PathLike, err: OSError) -> UserError | None:
+    """The one-line UserError for a run file that cannot be read for a reason the user fixes
+    (a permission), or None for another error."""
+    if err.errno not in (errno.EACCES, errno.EPERM):
+        return None
+    return UserError(f"cannot read {path}: {os.strerror(err.errno)}; allow reading it (and the folders above it), "
+                     "or choose another run.out_dir")

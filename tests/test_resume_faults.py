@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,146 @@ def test_read_only_run_folder_is_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", read_only)
     err = user_error(capsys, _argv(tmp_path / "run"))
     assert f"cannot write {tmp_path / 'run' / '.lock'}: Read-only file system; choose a writable file system" in err
+
+
+# 6. cheap checks before the latency table is timed; a busy directory refused before it too
+
+CHANNELS = str(ROOT / "configs" / "quickstart_channels.yaml")
+
+
+@pytest.fixture
+def untimed(monkeypatch):
+    """Timing a latency table fails the test: what is checked here must be refused before it."""
+    from rdprune.granularity.channel.latency import LatencyTable
+
+    def timed(*args, **kwargs):
+        raise AssertionError("the latency table was timed before a cheap check refused the run")
+
+    monkeypatch.setattr(LatencyTable, "build", timed)
+
+
+def test_too_many_recalibration_images_are_refused_before_the_latency_table(capsys, tmp_path, untimed):
+    err = user_error(capsys, [CHANNELS, f"run.out_dir={tmp_path / 'run'}", "calibration.bn_images=100000",
+                              "run.progress=false"])
+    assert "calibration.bn_images is 100000, but the training set has" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_busy_directory_is_refused_before_the_latency_table(capsys, tmp_path, untimed):
+    from rdprune.pipeline.run_dir import RunLock
+
+    with RunLock(tmp_path / "run"):
+        err = user_error(capsys, [CHANNELS, f"run.out_dir={tmp_path / 'run'}", "run.progress=false"])
+    assert f"output directory {tmp_path / 'run'} is in use by pid {os.getpid()}" in err
+
+
+# 7. the run's own files unreadable, a finished run in a read-only directory
+
+
+def test_unreadable_results_are_one_line(damaged, capsys, monkeypatch):
+    read_text = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == "results.jsonl":  # root reads any file: the permission error is simulated
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    err = user_error(capsys, _argv(damaged))
+    assert err == (f"rdprune: error: cannot read {damaged / 'results.jsonl'}: Permission denied; allow reading it "
+                   "(and the folders above it), or choose another run.out_dir")
+
+
+def _read_only(monkeypatch, folder: Path, code: int = errno.EROFS) -> None:
+    """Writing under ``folder`` fails as on a read-only file system (root writes anywhere: simulated)."""
+    import builtins
+
+    real_open, mkstemp = builtins.open, tempfile.mkstemp
+
+    def no_write_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file).is_relative_to(folder) and any(c in mode for c in "wax+"):
+            raise OSError(code, os.strerror(code), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def no_mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).is_relative_to(folder):
+            raise OSError(code, os.strerror(code), str(dir))
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_write_open)
+    monkeypatch.setattr(tempfile, "mkstemp", no_mkstemp)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_finished_run_in_a_read_only_directory_is_reported(finished, damaged, capsys, monkeypatch, code):
+    _read_only(monkeypatch, damaged, code)
+    before = {p: p.stat().st_mtime_ns for p in damaged.rglob("*")}
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, _argv(damaged))
+    assert exc.value.code == 0
+    captured = capsys.readouterr()
+    assert "holds this config's finished run and cannot be written" in captured.err
+    assert "results, final model and plots in" in captured.out
+    assert {p: p.stat().st_mtime_ns for p in damaged.rglob("*")} == before
+
+
+def test_unfinished_run_in_a_read_only_directory_is_one_line(damaged, capsys, monkeypatch):
+    _keep_rows(damaged, 2)
+    state = torch.load(damaged / "checkpoints" / "last.pt", weights_only=True)
+    torch.save({**state, "iteration": 1}, damaged / "checkpoints" / "last.pt")
+    _read_only(monkeypatch, damaged)
+    err = user_error(capsys, _argv(damaged))
+    assert f"cannot write {damaged / '.lock'}: Read-only file system; choose a writable file system" in err
+
+
+def test_out_dir_under_a_read_only_folder_is_one_line(capsys, tmp_path, monkeypatch):
+    _read_only(monkeypatch, tmp_path)
+    mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.is_relative_to(tmp_path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    err = user_error(capsys, _argv(tmp_path / "ro" / "run"))
+    assert f"cannot write {tmp_path / 'ro' / 'run' / '.lock'}: Read-only file system" in err
+
+
+# 8. a lost allocation file
+
+
+def test_lost_last_allocation_is_rebuilt_from_the_last_checkpoint(finished, damaged, caplog):
+    (damaged / "allocation" / "iter_02.json").unlink()
+    _succeeds(damaged)
+    assert (damaged / "allocation" / "iter_02.json").read_text() == (finished / "allocation" / "iter_02.json").read_text()
+    assert "allocation/iter_02.json was missing: rebuilt from the model of iteration 2" in caplog.text
+
+
+@pytest.mark.parametrize("damage", [Path.unlink, lambda p: p.write_text("{")], ids=["lost", "garbled"])
+def test_lost_earlier_allocation_is_one_line(damaged, capsys, damage):
+    damage(damaged / "allocation" / "iter_01.json")
+    err = user_error(capsys, _argv(damaged))
+    assert f"{damaged / 'allocation' / 'iter_01.json'} is " in err
+    assert "it records iteration 1's per-layer choice, which this run cannot derive again" in err
+
+
+def test_torch_save_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """torch's own writer says "unexpected pos" on a full disk; the file object it now writes to says ENOSPC."""
+    import builtins
+
+    from rdprune.files import atomic_torch_save
+
+    real_open = builtins.open
+
+    def full(file, mode="r", *args, **kwargs):
+        if str(file).endswith(".tmp") and "w" in mode:
+            return real_open("/dev/full", mode, *args, **kwargs)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(UserError) as exc:
+        atomic_torch_save({"w": torch.zeros(100_000)}, tmp_path / "m.pt")
+    assert str(exc.value) == (f"cannot write {tmp_path / 'm.pt'}: No space left on device; free space there, "
+                              "or choose another folder (run.out_dir)")
+    assert list(tmp_path.iterdir()) == []

@@ -1,7 +1,9 @@
 """Command-line plumbing shared by rdprune's entry points: argument parsing and the error contract.
 
 The contract users rely on (the README's "Errors"): exit 0 on success; a user error prints ``rdprune: error: <message>`` as
-one line on stderr and exits 2 without a traceback (``RDPRUNE_DEBUG=1`` shows it); Ctrl-C exits 130.
+one line on stderr and exits 2 without a traceback (``RDPRUNE_DEBUG=1`` shows it). SIGTERM or SIGINT (Ctrl-C) stops
+the run at its next safe point (:mod:`rdprune.stop`), keeping what a rerun resumes from: one line
+``rdprune: stopped by SIGTERM ...`` and exit 143 (SIGTERM) or 130 (SIGINT); a second Ctrl-C stops at once (exit 130).
 
 This module imports no torch, and the entry points import it only after the config is loaded: a bad
 file, key, type or value is refused in well under a second. Torch (and the ranks' coordination) is
@@ -13,13 +15,14 @@ import argparse
 import dataclasses
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 import rdprune
-from rdprune import distributed
+from rdprune import distributed, stop
 from rdprune.config import SECTIONS, Config
 from rdprune.errors import UserError
 
@@ -98,7 +101,8 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     """Call ``main(argv)`` (default: ``sys.argv[1:]``) and exit with its return code.
 
     User errors become one line on stderr and exit code 2; other errors keep their traceback and
-    reach torchrun's error file (:func:`rdprune.distributed.record`); Ctrl-C exits 130.
+    reach torchrun's error file (:func:`rdprune.distributed.record`). SIGTERM and SIGINT stop the run at its
+    next safe point: one line, exit 143 or 130; a second Ctrl-C stops at once (exit 130).
     """
     args = sys.argv[1:] if argv is None else list(argv)
     checked = _user_error_exits(main)
@@ -106,7 +110,16 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     # process has no peer, and no error file is asked for); alone, no torch is loaded for them.
     entry = distributed.record(checked) if _launched() else checked
     try:
-        code = entry(args)
+        with stop.handling_signals():
+            code = entry(args)
+    except stop.Stopped as stopped:
+        if _debug():
+            raise
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops alike: rank 0 says so
+            sys.stderr.write(f"rdprune: stopped by {signal.Signals(stopped.signum).name} ({stopped.what}); "
+                             "rerun the same command to resume\n")
+            sys.stderr.flush()
+        sys.exit(stopped.exit_code)
     except KeyboardInterrupt:
         if _debug():
             raise

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rdprune import stop
 from rdprune.core.batchnorm import batch_statistics, batchnorm_layers, recalibrate_batchnorm
 from rdprune.core.curve_cache import CurveCache, fingerprint_inputs
 from rdprune.core.floor import check_min_density, max_amount
@@ -530,6 +531,7 @@ def unit_curves(
             if cache is not None:
                 cache.save(n, plan.level_range, curve)
             curves[n] = curve
+            stop.check_local("curve estimation")  # a safe point: the units finished so far are cached
 
         with tqdm(total=work, desc="rd curves", unit="fwd", disable=not progress) as bar:
             for n in [n for n in pending if not plans[n][1].to_run]:
@@ -601,6 +603,7 @@ def estimate_curves(
             curves[n] = _recalibrated_curve(model, chosen[n], plans[n], batches, worst_case, device)
             if cache is not None:
                 cache.save(n, plans[n].level_range, curves[n])
+            stop.check_local("curve estimation")
     return curves
 
 

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from rdprune.errors import UserError
+from rdprune.stop import ignore_in_worker
 
 
 class SeededShuffle(Sampler[int]):
@@ -48,7 +49,7 @@ def train_loader(dataset: Dataset, batch_size: int, *, seed: int, rank: int = 0,
         sampler = SeededShuffle(len(dataset), seed)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_in_worker,
         generator=torch.Generator().manual_seed(seed * 1000 + rank),
     )
 

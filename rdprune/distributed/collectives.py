@@ -314,6 +314,12 @@ def _collective(what: str) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, ConnectionError) as e:
+        from rdprune import stop
+
+        if stop.requested() is not None:
+            # A signal reached every rank; a peer stopped at its own safe point (a curve piece) while this
+            # rank waited here: this rank stops too, with the same one line rather than a broken collective.
+            raise stop.Stopped(stop.requested(), f"{what}: a peer rank stopped first") from e
         note = _peer_failure()
         if note is None:
             raise

@@ -16,6 +16,7 @@ from rdprune.data import DataBundle, calibration_inputs, dali, infinite_batches,
 from rdprune.data.calibration import calibration_labels as labels_of_draw
 from rdprune.data.preprocessing import RESNET, Preprocessing
 from rdprune.distributed import DistInfo
+from rdprune.stop import ignore_in_worker
 
 
 def uses_dali(cfg: Config) -> bool:
@@ -44,7 +45,8 @@ def eval_batches(cfg: Config, data: DataBundle, dist: DistInfo) -> Iterable[tupl
     if uses_dali(cfg):
         return dali.eval_batches(dali.folder_samples(data.test), per_rank, dist.rank, dist.world_size,
                                  dist.device, threads=max(1, cfg.data.workers), preprocessing=_preprocessing(data))
-    return DataLoader(rank_subset(data.test, dist), batch_size=per_rank, num_workers=cfg.data.workers)
+    return DataLoader(rank_subset(data.test, dist), batch_size=per_rank, num_workers=cfg.data.workers,
+                      worker_init_fn=ignore_in_worker)
 
 
 def calibration(cfg: Config, data: DataBundle) -> torch.Tensor:

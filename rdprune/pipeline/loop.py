@@ -9,19 +9,22 @@ same command continues after the last recorded iteration and reuses cached curve
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
+import os
 import time
+import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from rdprune import distributed
-from rdprune.config import Config, TrainingConfig, config_hash, config_to_dict, save_config
+from rdprune import distributed, stop
+from rdprune.config import Config, TrainingConfig, config_hash, config_to_dict, load_config, save_config
 from rdprune.config.schema import section_defaults
 from rdprune.core.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from rdprune.core.grid import Curve
@@ -39,7 +42,7 @@ from rdprune.core.masks import (
 from rdprune.data import DataBundle, build_data
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError, one_line
-from rdprune.files import atomic_torch_save, atomic_write, remove_leftovers, write_json
+from rdprune.files import atomic_torch_save, atomic_write, read_error, remove_leftovers, write_json
 from rdprune.granularity.base import GranularityStage, StageInputs, stage_class
 from rdprune.granularity.spec import spec_of
 from rdprune.models.registry import build_model, model_preprocessing
@@ -91,9 +94,13 @@ def run(cfg: Config, dist: DistInfo) -> list[dict]:
     """Run (or resume) the whole experiment; returns the rows of ``results.jsonl``."""
     out = RunLayout(cfg.out_path)
     out.check()
-    ctx = _build(cfg, dist, out)  # data and model checks fail before anything is written
-    lock = RunLock(out.root) if dist.is_main else nullcontext()
-    with lock:
+    checked = _checked(cfg, dist, out)  # data, model and config checks fail before anything is written
+    with ExitStack() as held:
+        # The lock before the stage: a busy directory is refused before a latency table is timed for it.
+        finished = distributed.broadcast_object(_lock_or_report(cfg, out, held) if dist.is_main else None)
+        if finished is not None:
+            return finished
+        ctx = _with_stage(checked)
         if dist.is_main:
             _prepare_out_dir(cfg, out, dist)
             ctx.stage.save_state(out)
@@ -104,10 +111,42 @@ def run(cfg: Config, dist: DistInfo) -> list[dict]:
         for t, target in enumerate(cfg.prune.schedule(), 1):
             if t < len(rows):
                 continue
+            stop.check(f"before iteration {t}, after iteration {t - 1} was recorded")  # a safe point (SIGTERM, SIGINT)
             rows.append(_iteration(ctx, t, target))
+        stop.check("before the final model was written")
         if dist.is_main:
             _finish(ctx, rows)
         distributed.barrier()
+    return rows
+
+
+def _lock_or_report(cfg: Config, out: RunLayout, held: ExitStack) -> list[dict] | None:
+    """Take the run's lock into ``held`` (rank 0) and return None; or, where the directory cannot be
+    written (read-only, no permission) and holds this config's finished run, its rows: the run is
+    reported as it is, nothing runs and nothing is written. Otherwise the write error's one line."""
+    try:
+        held.enter_context(RunLock(out.root))
+        return None
+    except UserError as err:
+        cause = err.__cause__
+        if not (isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM)):
+            raise
+        rows = _finished_rows(cfg, out)
+        if rows is None:
+            raise
+        log.info("%s holds this config's finished run and cannot be written (%s): reporting it as it is",
+                 out.root, os.strerror(cause.errno))
+        return rows
+
+
+def _finished_rows(cfg: Config, out: RunLayout) -> list[dict] | None:
+    """The rows of the finished run of this config in ``out``, read without writing; None if it is not one."""
+    if not cfg.run.resume or not (out.final_model.is_file() and out.final_masks.is_file()):
+        return None
+    rows = read_results(out.root)
+    stored = _stored_key(out)
+    if len(rows) != len(cfg.prune.schedule()) + 1 or not isinstance(stored, dict) or not same_run(stored, cfg):
+        return None
     return rows
 
 
@@ -120,14 +159,13 @@ def _prepare_out_dir(cfg: Config, out: RunLayout, dist: DistInfo) -> None:
         moved = archive_previous(out.root)
         if moved:
             log.info("run.resume=false: moved the earlier run to %s", moved)
-    elif read_results(out.root) and out.resume_key.exists():
-        try:
-            stored = json.loads(out.resume_key.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            stored = err
+    elif read_results(out.root):
+        stored = _stored_key(out)
         if not isinstance(stored, dict):
+            what = "is missing, and so is config.yaml" if isinstance(stored, FileNotFoundError) else \
+                "is not the JSON object that names this run's config"
             raise UserError(
-                f"{out.resume_key} is not the JSON object that names this run's config; without it a rerun cannot tell "
+                f"{out.resume_key} {what}; without it a rerun cannot tell "
                 "whether it continues the same experiment: restore it, or set run.resume=false to archive the run "
                 "and start clean"
             )
@@ -148,6 +186,23 @@ def _as_override(value: object) -> str:
     if value is _NO_DEFAULT:
         return "(none)"
     return value if isinstance(value, str) else json.dumps(value)
+
+
+def _stored_key(out: RunLayout) -> object:
+    """The resume key of the run in ``out``: ``resume_key.json``, else the one of its ``config.yaml`` (a lost
+    key file); an error where neither can be read."""
+    path = out.resume_key if out.resume_key.exists() or not out.config.exists() else out.config
+    try:
+        if path == out.config:
+            log.warning("%s is missing: checking this config against %s instead", out.resume_key, out.config)
+            return resume_key(load_config(out.config, []))
+        return json.loads(path.read_text())
+    except OSError as err:
+        if (user := read_error(path, err)) is not None:
+            raise user from None
+        return err
+    except (UnicodeDecodeError, ValueError) as err:  # a ConfigError is a ValueError too
+        return err
 
 
 def resume_key(cfg: Config) -> dict:
@@ -228,6 +283,22 @@ def _data(cfg: Config) -> DataBundle:
 
 
 def _build(cfg: Config, dist: DistInfo, out: RunLayout, data: DataBundle | None = None) -> Context:
+    return _with_stage(_checked(cfg, dist, out, data))
+
+
+@dataclass
+class _Checked:
+    """What :func:`_checked` built and checked: all but the granularity's stage."""
+
+    setup: StageInputs
+    data: DataBundle
+    recalibration_skip: str | None
+
+
+def _checked(cfg: Config, dist: DistInfo, out: RunLayout, data: DataBundle | None = None) -> _Checked:
+    """Data, the dense model and its prunable layers, with every check that needs no timing and writes
+    nothing (the granularity's precheck, BatchNorm recalibration images included); :func:`_with_stage`
+    then builds the stage, which may time a latency table."""
     torch.manual_seed(cfg.run.seed)
     data = data if data is not None else _data(cfg)
     if cfg.model.num_classes is not None and cfg.model.num_classes < data.num_classes:
@@ -244,12 +315,17 @@ def _build(cfg: Config, dist: DistInfo, out: RunLayout, data: DataBundle | None 
         layers={i.name: everything[i.name] for i in infos}, flops={i.name: i.flops for i in infos},
         skipped_weights=sum(m.weight.numel() for m in skipped.values()), skipped_flops=sum(skipped_flops.values()),
     )
-    stage_cls = stage_class(cfg)
-    stage_cls.precheck(cfg, dist)
-    ctx = Context(cfg=cfg, dist=dist, out=out, data=data, model=model, stage=stage_cls.build(setup),
-                  recalibration_skip=_recalibration_skip(cfg, model))
-    _check_recalibration(ctx)
-    return ctx
+    stage_class(cfg).precheck(cfg, dist)
+    skip = _recalibration_skip(cfg, model)
+    _check_recalibration(cfg, data, skip)
+    return _Checked(setup, data, skip)
+
+
+def _with_stage(checked: _Checked) -> Context:
+    """The run's context: :func:`_checked`'s, with the granularity's stage built (a latency table timed or reloaded)."""
+    setup = checked.setup
+    return Context(cfg=setup.cfg, dist=setup.dist, out=setup.out, data=checked.data, model=setup.model,
+                   stage=stage_class(setup.cfg).build(setup), recalibration_skip=checked.recalibration_skip)
 
 
 def _dense_model(cfg: Config, data: DataBundle) -> nn.Module:
@@ -271,12 +347,12 @@ def _recalibration_skip(cfg: Config, model: nn.Module) -> str | None:
     return None
 
 
-def _check_recalibration(ctx: Context) -> None:
+def _check_recalibration(cfg: Config, data: DataBundle, skip: str | None) -> None:
     """Enough training images for BatchNorm recalibration, checked before any work."""
-    cal = ctx.cfg.calibration
-    if ctx.recalibration_skip is not None:
+    cal = cfg.calibration
+    if skip is not None:
         return
-    available = len(ctx.data.calibration_pool)
+    available = len(data.calibration_pool)
     if cal.bn_images > available:
         raise UserError(f"calibration.bn_images is {cal.bn_images}, but the training set has {available} images; "
                         f"choose at most {available}, or set calibration.bn_recalibration: false")
@@ -327,6 +403,8 @@ def _resume_or_start(ctx: Context) -> list[dict]:
             except RuntimeError as err:
                 raise UserError(f"{path} does not fit model {cfg.model.name} ({one_line(err)}); "
                                 "set run.resume=false to archive this run and start clean") from None
+            if ctx.dist.is_main:
+                _check_allocations(ctx, last)
         elif last > 0:  # at 0 the dense model is the config's own (model.checkpoint or model.weights)
             raise UserError(f"{out.root} records iteration {last} but {path} is missing; set run.resume=false to start clean")
         log.info("resuming %s after iteration %d", out.root, last)
@@ -340,6 +418,36 @@ def _resume_or_start(ctx: Context) -> list[dict]:
         append_result(ctx.out.root, row)
     log.info("dense model: top-1 %.2f %%, loss %.4f", top1, loss)
     return [row]
+
+
+def _check_allocations(ctx: Context, last: int) -> None:
+    """Every recorded iteration's allocation file is there and readable (rank 0, the model holding iteration
+    ``last``). The last one, lost or damaged, is rebuilt from the model's zeros (``last.pt`` holds the masked
+    weights), where the granularity records nothing more; an earlier one cannot be: that is one line."""
+    schedule = ctx.cfg.prune.schedule()
+    for t in range(1, last + 1):
+        path = ctx.out.allocation(t)
+        try:
+            record = json.loads(path.read_text())
+            problem = None if isinstance(record, dict) and isinstance(record.get("amounts"), dict) else \
+                "not an allocation record"
+        except FileNotFoundError:
+            problem = "missing"
+        except OSError as err:
+            if (user := read_error(path, err)) is not None:
+                raise user from None
+            problem = f"not readable ({one_line(err)})"
+        except (UnicodeDecodeError, ValueError):
+            problem = "not readable JSON"
+        if problem is None:
+            continue
+        if t == last and type(ctx.stage).allocation_record is GranularityStage.allocation_record:
+            write_json(path, {"target_sparsity": schedule[t - 1], "amounts": layer_sparsity(ctx.layers)})
+            log.warning("%s was %s: rebuilt from the model of iteration %d in %s", path, problem, t, ctx.out.last_checkpoint)
+            continue
+        kept = "" if t == last else " (the run keeps only the last iteration's model)"
+        raise UserError(f"{path} is {problem}; it records iteration {t}'s per-layer choice, which this run cannot "
+                        f"derive again{kept}: restore it, or set run.resume=false to archive this run and start clean")
 
 
 def _pretrain(ctx: Context) -> None:
@@ -388,8 +496,9 @@ def _train(ctx: Context, section: TrainingConfig, steps: int, *, seed: int, desc
             engine.load(checkpoints)  # after the replay: the saved random state is the one to continue with
             log.info("iteration %d: resumed fine-tuning at step %d of %d", iteration, start, steps)
         every = cfg.finetune.checkpoint_every if iteration is not None else 0
-        loss = train_steps(engine, batches, steps, start=start, every=every, desc=desc, progress=ctx.show,
-                           checkpoint=lambda step: engine.save(checkpoints, iteration, step))
+        # pretraining (no iteration) has no checkpoint: a stop there redoes it
+        save = None if iteration is None else lambda step: engine.save(checkpoints, iteration, step)
+        loss = train_steps(engine, batches, steps, start=start, every=every, desc=desc, progress=ctx.show, checkpoint=save)
     finally:
         engine.close()
     # DDP sends rank 0's buffers before each forward, so the last forward leaves every rank its own
@@ -547,8 +656,12 @@ def _finish(ctx: Context, rows: list[dict]) -> None:
     last_curves = ctx.out.all_curves()
     if last_curves:
         units = ctx.stage.units()
-        with np.load(last_curves[-1]) as z:
-            curves = {n: Curve(z[f"{n}/amounts"], z[f"{n}/distortion"]) for n in units if f"{n}/amounts" in z}
+        try:
+            with np.load(last_curves[-1]) as z:
+                curves = {n: Curve(z[f"{n}/amounts"], z[f"{n}/distortion"]) for n in units if f"{n}/amounts" in z}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+            raise UserError(f"{last_curves[-1]} is not readable ({one_line(err)}); delete it to plot the curves of the "
+                            "iteration before, or set run.resume=false to archive this run and start clean") from None
         plot_curves(curves, units, ctx.out.plot("rd_curves"), f"RD curves, {last_curves[-1].parent.name}: {name}",
                     unit=ctx.stage.spec.unit)
     ctx.stage.finish(ctx.model, ctx.out, ctx.dist.device)  # last: a failed export must not keep the run from counting

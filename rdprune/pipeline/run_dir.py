@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from rdprune.errors import UserError
-from rdprune.files import atomic_write_text, write_error
+from rdprune.files import atomic_write_text, read_error, write_error
 
 
 @dataclass(frozen=True)
@@ -187,8 +187,17 @@ def read_results(out_dir: Path) -> list[dict]:
     path = RunLayout(out_dir).results
     if not path.exists():
         return []
+    try:
+        text = path.read_text()
+    except OSError as err:
+        user = read_error(path, err)
+        if user is None:
+            raise
+        raise user from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not text ({err.reason}); move the file away or set run.resume=false") from None
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 row = json.loads(line)

@@ -9,6 +9,7 @@ any of them is stale and is removed.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -19,6 +20,7 @@ import torch
 from rdprune import distributed
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError, one_line
+from rdprune.files import read_error
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +34,39 @@ def deepspeed_tag(iteration: int, step: int) -> str:
     return f"iter{iteration:02d}_step{step:07d}"
 
 
+_KEYS = ("engine", "world_size", "iteration", "step")
+
+
 def _present(directory: Path) -> list[dict]:
-    """What each checkpoint present records: engine, world_size, iteration, step."""
+    """What each checkpoint present records: engine, world_size, iteration, step.
+
+    One that cannot be read (damaged: every write is atomic, so not by a kill) is reported as
+    ``{"engine": ..., "unreadable": reason}``: the caller removes it, and the iteration's
+    fine-tuning restarts from its beginning, which gives the same result.
+    """
     found = []
     if (directory / LOCAL_FILE).exists():
-        # mmap: only the few plain entries are read, not the model and optimizer tensors.
-        state = torch.load(directory / LOCAL_FILE, map_location="cpu", weights_only=True, mmap=True)
-        found.append({k: state[k] for k in ("engine", "world_size", "iteration", "step")})
+        try:
+            # mmap: only the few plain entries are read, not the model and optimizer tensors.
+            state = torch.load(directory / LOCAL_FILE, map_location="cpu", weights_only=True, mmap=True)
+            found.append({k: state[k] for k in _KEYS})
+        except Exception as err:  # torch.load meets damaged bytes with many exception types
+            _unreadable(directory / LOCAL_FILE, err)
+            found.append({"engine": "ddp", "unreadable": one_line(err)})
     if (directory / DEEPSPEED_MARKER).exists():
-        found.append(json.loads((directory / DEEPSPEED_MARKER).read_text()))
+        try:
+            marker = json.loads((directory / DEEPSPEED_MARKER).read_text())
+            found.append({**{k: marker[k] for k in _KEYS}, "tag": str(marker["tag"])})
+        except (ValueError, OSError, KeyError, TypeError) as err:
+            _unreadable(directory / DEEPSPEED_MARKER, err)
+            found.append({"engine": "deepspeed", "unreadable": one_line(err)})
     return found
+
+
+def _unreadable(path: Path, err: BaseException) -> None:
+    """A permission error is the user's to fix (one line); any other read error means a damaged file."""
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM):
+        raise read_error(path, err) from None
 
 
 def remove(directory: Path, engine: str | None = None) -> None:
@@ -63,11 +88,15 @@ def resume_step(directory: Path, iteration: int, engine: str, dist: DistInfo) ->
     if dist.is_main:
         wanted = {"engine": engine, "world_size": dist.world_size, "iteration": iteration}
         for found in _present(directory):
-            if {k: found.get(k) for k in wanted} == wanted:
+            if "unreadable" in found:
+                log.warning("removing an unreadable fine-tuning checkpoint (%s, %s): iteration %d's fine-tuning "
+                            "restarts from its beginning", found["engine"], found["unreadable"], iteration)
+            elif {k: found.get(k) for k in wanted} == wanted:
                 step = found["step"]
                 continue
-            log.info("removing a fine-tuning checkpoint of another run state (%s, iteration %s, %s ranks)",
-                     found.get("engine"), found.get("iteration"), found.get("world_size"))
+            else:
+                log.info("removing a fine-tuning checkpoint of another run state (%s, iteration %s, %s ranks)",
+                         found.get("engine"), found.get("iteration"), found.get("world_size"))
             remove(directory, found.get("engine"))
     return distributed.broadcast_object(step)
 

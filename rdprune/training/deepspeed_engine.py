@@ -22,7 +22,7 @@ from rdprune import distributed, registry
 from rdprune.core.masks import MaskGuard, Masks, enforce_masks
 from rdprune.distributed import DistInfo
 from rdprune.errors import UserError
-from rdprune.files import write_json
+from rdprune.files import full_disk, write_error, write_json
 from rdprune.training import checkpoint
 from rdprune.training.rng import rng_state, set_rng_state
 
@@ -157,8 +157,16 @@ class DeepSpeedEngine:
         tag = checkpoint.deepspeed_tag(iteration, step)
         rngs = distributed.gather_objects(rng_state(self.info.device))
         # DeepSpeed writes the client state with the model, from rank 0: rank 0's list is the one kept.
-        self.engine.save_checkpoint(str(directory / checkpoint.DEEPSPEED_DIR), tag=tag,
-                                    client_state={"rng": rngs}, save_latest=False)
+        target = directory / checkpoint.DEEPSPEED_DIR / tag
+        try:
+            self.engine.save_checkpoint(str(directory / checkpoint.DEEPSPEED_DIR), tag=tag,
+                                        client_state={"rng": rngs}, save_latest=False)
+        except (RuntimeError, OSError) as err:  # torch's C++ writer reports a full disk as a RuntimeError
+            cause = err if isinstance(err, OSError) else full_disk(directory / checkpoint.DEEPSPEED_DIR)
+            user = write_error(target, cause) if cause is not None else None
+            if user is None:
+                raise
+            raise user from err
         distributed.barrier()
         if self.info.is_main:
             write_json(directory / checkpoint.DEEPSPEED_MARKER, {

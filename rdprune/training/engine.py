@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from rdprune import registry
+from rdprune import registry, stop
 
 ENGINES = registry.ENGINES.names()
 """Fine-tuning engines: ``ddp`` is :class:`LocalEngine` (plain in one process), ``deepspeed`` is ZeRO."""
@@ -50,6 +50,10 @@ def train_steps(
 
     ``checkpoint(step)``, when given, is called after every ``every``-th step but the last
     (the caller records the end of training itself).
+
+    Every step is a safe point (:mod:`rdprune.stop`): on a SIGTERM or SIGINT noted on any rank, every
+    rank stops after the same step, saves ``checkpoint(step)`` (also after the last step: the rerun then
+    goes straight on to evaluation) and raises :class:`~rdprune.stop.Stopped`.
     """
     total = 0.0
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress, leave=False, dynamic_ncols=True)
@@ -58,6 +62,12 @@ def train_steps(
         total += loss
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         done = step + 1
+        signum = stop.agreed()
+        if signum is not None:
+            if checkpoint is not None:
+                checkpoint(done)
+            raise stop.Stopped(signum, f"{desc}: stopped after step {done} of {steps}"
+                                       f"{', saved' if checkpoint is not None else ''}")
         if checkpoint is not None and every and done % every == 0 and done < steps:
             checkpoint(done)
     return total / max(1, steps - start)
