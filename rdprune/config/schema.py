@@ -223,12 +223,12 @@ class PruneConfig(_Section):
     published (rd only)."""
     distortion: Literal["mse", "worst_case"] = "mse"
     """Output distortion: mse averages over samples, worst_case takes the worst sample (rd only)."""
-    bn_aware_curves: bool = False
+    bn_aware_curves: Optional[bool] = None
     """rd only: measure each unit's distortion with BatchNorm statistics re-estimated on the
     calibration inputs after pruning that unit (the network as it will be fine-tuned), instead of
-    with the stale statistics. Fast when calibration.batch_size >= calibration.size (one batch);
-    at weight granularity a larger set is measured by the plain definition (slow, warned), at
-    channel granularity it is refused."""
+    with the stale statistics; null = the granularity's default (see docs/config.md). Fast when
+    calibration.batch_size >= calibration.size (one batch); at weight granularity a larger set is
+    measured by the plain definition (slow, warned), at channel granularity it is refused."""
     ranking: Literal[registered_rankings()] = "l2"
     """Channel granularity: which channels of a group go first, for RD's curves and choice and the unif
     and glob baselines alike: l2 (weight norm), taylor (first-order Taylor, |activation x gradient| of
@@ -441,7 +441,10 @@ class Config:
             raise ConfigError("data.backend",
                               f"data.backend 'dali' needs data.name 'imagenet', got {self.data.name!r}",
                               related=["data.name"])
-        spec_of(self.prune.granularity).check(self)  # each granularity owns its methods, budgets and limits
+        spec = spec_of(self.prune.granularity)
+        if self.prune.bn_aware_curves is None:  # resolved here, so that run directories record what ran
+            self.prune.bn_aware_curves = spec.bn_aware_default
+        spec.check(self)  # each granularity owns its methods, budgets and limits
         if self.distributed.zero_stage != 0 and self.distributed.engine != "deepspeed":
             raise ConfigError("distributed.zero_stage", f"distributed.zero_stage {self.distributed.zero_stage} "
                               "needs distributed.engine 'deepspeed'", related=["distributed.engine"])

@@ -44,6 +44,8 @@ class GranularitySpec:
     """Whether the latency section changes its results (then it counts in the resume key)."""
     bn_aware_curves: bool = False
     """Whether it offers prune.bn_aware_curves."""
+    bn_aware_default: bool = False
+    """prune.bn_aware_curves when the config leaves it null."""
     bn_aware_one_batch: bool = False
     """Whether its BatchNorm-aware curves need the calibration inputs in one batch."""
     rankings: tuple[str, ...] = ("l2",)
@@ -88,9 +90,11 @@ class GranularitySpec:
                               related=["calibration.source"])
         if (prune.bn_aware_curves and self.bn_aware_one_batch and prune.method == "rd"
                 and cfg.calibration.batch_size < cfg.calibration.size):
-            raise ConfigError("prune.bn_aware_curves", f"prune.bn_aware_curves at prune.granularity {self.name!r} measures the "
-                              "calibration inputs in one batch: set calibration.batch_size to at least calibration.size "
-                              f"({cfg.calibration.size})", related=["calibration.batch_size", "calibration.size"])
+            default = " (its default there)" if self.bn_aware_default else ""
+            raise ConfigError("prune.bn_aware_curves", f"prune.bn_aware_curves{default} at prune.granularity {self.name!r} "
+                              "measures the calibration inputs in one batch: set calibration.batch_size to at least "
+                              f"calibration.size ({cfg.calibration.size}), or prune.bn_aware_curves: false",
+                              related=["calibration.batch_size", "calibration.size"])
         if prune.round_to > 1 and not (self.round_to and prune.method == "rd"):
             raise ConfigError("prune.round_to", f"prune.round_to {prune.round_to} applies to prune.granularity "
                               f"{_offering(lambda s: s.round_to)} with method rd (got granularity {self.name}, method "
