@@ -108,8 +108,7 @@ def sharded_channel_curves(
         return estimate_channel_curves(
             model, space, batches, levels, grid=grid, worst_case=worst_case, groups=[p.unit for p in mine],
             level_ranges={p.unit: (p.start, p.stop) for p in mine}, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
-            bn_aware=bn_aware,
-            round_to=round_to,
+            bn_aware=bn_aware, round_to=round_to,
         )
 
     return sharded_unit_curves(model, batches, dist, plan, estimate, list(space.groups), "channel curve estimation")
@@ -137,8 +136,7 @@ class ChannelStage(GranularityStage):
     @classmethod
     def precheck(cls, cfg: Config, dist: DistInfo) -> None:
         check_latency_wait(cfg, dist)
-        runtime = getattr(cfg.latency, "runtime", "torch")
-        registry.load(registry.RUNTIMES.get(runtime)).require()  # an unavailable runtime: one line, before any work
+        registry.load(registry.RUNTIMES.get(cfg.latency.runtime)).require()  # an unavailable runtime: one line, before any work
 
     @classmethod
     def build(cls, setup: StageInputs) -> ChannelStage:
