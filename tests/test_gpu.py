@@ -50,10 +50,11 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 CHANNELS = ROOT / "configs" / "quickstart_channels.yaml"
 BN_MODEL = "model.name=dist_scripts.user_models:batchnorm_cnn"
-ONE_ITERATION = [BN_MODEL, "run.device=cuda", "pretrain.steps=30", "finetune.steps=8", "prune.levels=11",
+UNTRAINED = "model.checkpoint=null"  # the config names the shipped checkpoint of another model
+ONE_ITERATION = [BN_MODEL, UNTRAINED, "run.device=cuda", "pretrain.steps=30", "finetune.steps=8", "prune.levels=11",
                  "prune.target_sparsity=0.5", "prune.amount_per_iteration=0.5", "calibration.size=64",
                  "calibration.batch_size=32", "calibration.bn_images=128", "run.progress=false", "run.threads=1"]
-CHANNEL_RUN = [BN_MODEL, "run.device=cuda", "pretrain.steps=30", "finetune.steps=4", "prune.levels=6",
+CHANNEL_RUN = [BN_MODEL, UNTRAINED, "run.device=cuda", "pretrain.steps=30", "finetune.steps=4", "prune.levels=6",
                "prune.target_sparsity=0.4", "prune.amount_per_iteration=0.25", "calibration.size=64",
                "calibration.batch_size=32", "calibration.bn_images=128", "latency.batch_size=16", "latency.time_limit_s=10",
                "latency.repeats=5", "run.progress=false", "run.threads=1"]

@@ -231,17 +231,18 @@ def test_a_layer_the_runtime_cannot_run_is_one_line(monkeypatch):
 
 CONFIG = ROOT / "configs" / "quickstart_channels.yaml"
 MODEL = "model.name=dist_scripts.user_models:batchnorm_cnn"
+UNTRAINED = "model.checkpoint=null"  # the config names the shipped checkpoint of another model
 
 
 def test_config_refusals_are_one_line(capsys, tmp_path):
     out = f"run.out_dir={tmp_path / 'r'}"
     q = str(CONFIG)
-    err = user_error(capsys, [q, MODEL, "prune.round_to=4", "prune.method=unif", out])
+    err = user_error(capsys, [q, MODEL, UNTRAINED, "prune.round_to=4", "prune.method=unif", out])
     assert "prune.round_to 4 applies to prune.granularity 'channel' with method rd" in err
     assert "latency.device must be null or 'cpu' under runtime onnxruntime" in user_error(
-        capsys, [q, MODEL, "latency.runtime=onnxruntime", "latency.device=cuda", out])
-    assert "latency.runtime must be one of 'torch', 'onnxruntime'" in user_error(capsys, [q, MODEL, "latency.runtime=tvm", out])
-    err = user_error(capsys, [q, MODEL, "prune.round_to=4096", "pretrain.steps=0", out])
+        capsys, [q, MODEL, UNTRAINED, "latency.runtime=onnxruntime", "latency.device=cuda", out])
+    assert "latency.runtime must be one of 'torch', 'onnxruntime'" in user_error(capsys, [q, MODEL, UNTRAINED, "latency.runtime=tvm", out])
+    err = user_error(capsys, [q, MODEL, UNTRAINED, "prune.round_to=4096", "pretrain.steps=0", out])
     assert "prune.round_to 4096 is larger than channel group" in err
 
 
@@ -249,11 +250,11 @@ def test_old_resume_key_without_the_new_settings_still_resumes():
     from rdprune.config import load_config
     from rdprune.pipeline.loop import resume_key, same_run
 
-    cfg = load_config(CONFIG, [MODEL])
+    cfg = load_config(CONFIG, [MODEL, UNTRAINED])
     stored = resume_key(cfg)
     del stored["latency"]["runtime"], stored["latency"]["optimization"], stored["prune"]["round_to"]
     assert same_run(stored, cfg)
-    other = load_config(CONFIG, [MODEL, "latency.runtime=onnxruntime"])
+    other = load_config(CONFIG, [MODEL, UNTRAINED, "latency.runtime=onnxruntime"])
     assert not same_run(stored, other)
 
 
@@ -262,7 +263,7 @@ def test_old_resume_key_without_the_new_settings_still_resumes():
 
 def test_run_in_onnxruntime_times_the_onnx_file_and_says_where(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "rdprune.run", str(CONFIG), f"run.out_dir={out}", MODEL, "pretrain.steps=10",
+    cmd = [sys.executable, "-m", "rdprune.run", str(CONFIG), f"run.out_dir={out}", MODEL, UNTRAINED, "pretrain.steps=10",
            "finetune.steps=2", "prune.levels=5", "prune.target_sparsity=0.15", "prune.amount_per_iteration=1",
            "calibration.size=32", "calibration.batch_size=32", "calibration.bn_images=64", "latency.batch_size=64",
            "latency.time_limit_s=20", "latency.repeats=3", "latency.points=3", "latency.runtime=onnxruntime",
