@@ -57,6 +57,9 @@ def final_model_lines(out: Path) -> str:
             lines += (f"measured speed-up of {speed['timed']}: {speed['speedup']:.2f}x ({speed['dense_ms']:.2f} ms -> "
                       f"{speed['pruned_ms']:.2f} ms per batch of {speed['batch']} on {speed['device']}, "
                       f"{speed['parameters_dense']:,} -> {speed['parameters_pruned']:,} parameters)\n")
+            if "deploy" in speed:
+                lines += (f"for deployment: {', '.join(speed['deploy']) or 'no exported format was faster than dense'}"
+                          f"{'; slower than dense: ' + '; '.join(speed['slower']) if speed['slower'] else ''}\n")
         except (OSError, ValueError, KeyError, TypeError):
             pass  # an older run's latency.json, or none: the model is still there
     return lines

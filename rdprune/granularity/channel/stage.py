@@ -334,6 +334,7 @@ class ChannelStage(GranularityStage):
         (log.info if not marking["slower"] else log.warning)("exported formats against dense at batch 1 and %d: %s", batch,
                                                               summary_line(marking))
         return {"dense_ms": 1e3 * dense_s, "pruned_ms": 1e3 * pruned_s, "speedup": dense_s / pruned_s,
+                "timed": paths[self.runtime.file_format].name, "batch": batch, "device": str(self.runtime.device),
                 "parameters_dense": params[0], "parameters_pruned": params[1], **self.latency_setting(), **marking}
 
     def format_runtimes(self) -> dict[str, Runtime]:
