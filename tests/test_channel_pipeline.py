@@ -18,7 +18,7 @@ CONFIG = ROOT / "configs" / "quickstart_channels.yaml"
 MODEL = "model.name=dist_scripts.user_models:batchnorm_cnn"
 UNTRAINED = "model.checkpoint=null"  # the config names the shipped checkpoint of another model
 REDUCED = [MODEL, UNTRAINED, "pretrain.steps=30", "finetune.steps=4", "prune.levels=6", "prune.target_sparsity=0.4",
-           "prune.amount_per_iteration=0.25", "calibration.size=64", "calibration.batch_size=32", "calibration.bn_images=128",
+           "prune.amount_per_iteration=0.25", "calibration.size=64", "calibration.batch_size=64", "calibration.bn_images=128",
            "latency.batch_size=16", "latency.time_limit_s=10", "latency.repeats=5", "run.progress=false", "run.threads=1"]
 
 

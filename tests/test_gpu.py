@@ -56,7 +56,7 @@ ONE_ITERATION = [BN_MODEL, UNTRAINED, "run.device=cuda", "pretrain.steps=30", "f
                  "calibration.batch_size=32", "calibration.bn_images=128", "run.progress=false", "run.threads=1"]
 CHANNEL_RUN = [BN_MODEL, UNTRAINED, "run.device=cuda", "pretrain.steps=30", "finetune.steps=4", "prune.levels=6",
                "prune.target_sparsity=0.4", "prune.amount_per_iteration=0.25", "calibration.size=64",
-               "calibration.batch_size=32", "calibration.bn_images=128", "latency.batch_size=16", "latency.time_limit_s=10",
+               "calibration.batch_size=64", "calibration.bn_images=128", "latency.batch_size=16", "latency.time_limit_s=10",
                "latency.repeats=5", "run.progress=false", "run.threads=1"]
 TWO_FOUR_RUN = ["model.name=dist_scripts.vit_models:small_vit", "run.device=cuda", "prune.granularity=semi_structured",
                 "prune.budget=latency", "prune.target_sparsity=0.02", "prune.amount_per_iteration=1.0", "pretrain.steps=30",

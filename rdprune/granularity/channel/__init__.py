@@ -12,6 +12,7 @@ SPEC = GRANULARITIES.register("channel", GranularitySpec(
     plugin="rdprune.granularity.channel.stage:ChannelStage",
     reads_latency=True,
     bn_aware_curves=True,
+    bn_aware_default=True,  # chosen by configs/compare_channel_peers.yaml: docs/compare_channel_peers.md
     bn_aware_one_batch=True,
     rankings=("l2", "taylor", "bn_scale"),  # .ranking
     labelled_rankings=("taylor",),
