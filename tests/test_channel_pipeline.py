@@ -89,8 +89,9 @@ def test_channel_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path):
     assert "prune.budget 'latency' needs prune.granularity 'channel'" in user_error(capsys, [q, "prune.granularity=weight", out])
     err = user_error(capsys, [q, "prune.method=lamp", out])
     assert "prune.method 'lamp' has no channel form; at prune.granularity 'channel' choose one of" in err
-    assert "is for prune.granularity 'weight' only" in user_error(capsys, [q, "prune.bn_aware_curves=true", out])
-    err = user_error(capsys, [q, "model.name=resnet20_cifar", "prune.budget=flops", out])
+    assert "set calibration.batch_size to at least calibration.size (256)" in user_error(
+        capsys, [q, "prune.bn_aware_curves=true", "calibration.batch_size=64", out])
+    err = user_error(capsys, [q, "model.name=resnet20_cifar", UNTRAINED, "prune.budget=flops", out])
     assert "pass through ConstantPadNdBackward0, which maps 16 channels to 32" in err and "prune.granularity weight" in err
     err = user_error(capsys, [q, MODEL, UNTRAINED, "prune.budget=flops", "prune.target_sparsity=0.99", out])
     assert "prune.target_sparsity 0.99 is out of reach at channel granularity" in err

@@ -95,6 +95,24 @@ def run(cfg: Config, dist: DistInfo) -> list[dict]:
     out = RunLayout(cfg.out_path)
     out.check()
     checked = _checked(cfg, dist, out)  # data, model and config checks fail before anything is written
+    existed = out.root.exists()
+    try:
+        return _run_locked(cfg, dist, out, checked)
+    except UserError:
+        if dist.is_main and not existed:
+            _discard_untouched(out)  # refused while building the stage: leave no folder holding only the lock
+        raise
+
+
+def _discard_untouched(out: RunLayout) -> None:
+    """Remove a run directory this run created that holds nothing but its lock file."""
+    if out.root.is_dir() and {p.name for p in out.root.iterdir()} <= {out.lock.name}:
+        out.lock.unlink(missing_ok=True)
+        out.root.rmdir()
+
+
+def _run_locked(cfg: Config, dist: DistInfo, out: RunLayout, checked: _Checked) -> list[dict]:
+    """The run once its cheap checks passed: the lock, the stage (latency tables), then every iteration."""
     with ExitStack() as held:
         # The lock before the stage: a busy directory is refused before a latency table is timed for it.
         finished = distributed.broadcast_object(_lock_or_report(cfg, out, held) if dist.is_main else None)
