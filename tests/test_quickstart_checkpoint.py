@@ -66,7 +66,8 @@ def test_the_shipped_checkpoint_loads_safely_and_scores_its_recorded_top1():
     assert _top1(cfg, state) == pytest.approx(_provenance()["top1"], abs=1e-6)
 
 
-@pytest.mark.slow  # pretrains the ResNet-20 for 600 steps: about 8 minutes of CPU time on one core
+@pytest.mark.slow
+@pytest.mark.soak  # pretrains the ResNet-20 for 600 steps: 6-8 minutes of CPU time; launch/test.sh -m soak runs it
 def test_the_config_trains_the_shipped_checkpoint_again(tmp_path):
     """Pretraining as the config says gives the shipped weights bit for bit where the kernels round alike (same
     torch version and CPU capability, one thread), else the same top-1 within 0.5 points (5 test digits)."""
