@@ -72,7 +72,11 @@ def _imagenet(root: str | None, preprocessing: Preprocessing | None) -> DataBund
     return DataBundle(train, test, pool, p.input_shape, len(train.classes), p)
 
 
-DATASET_NAMES: list[str] = list(DATASETS.names())
+def __getattr__(name: str) -> object:
+    """``DATASET_NAMES``, read on use: a plug-in the registry imports may import this module."""
+    if name == "DATASET_NAMES":
+        return list(DATASETS.names())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_data(name: str, root: str | None = None, *, seed: int = 0,
@@ -90,7 +94,7 @@ def build_data(name: str, root: str | None = None, *, seed: int = 0,
     elif ":" in name:
         bundle = _user_data(name, root, seed)
     else:
-        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}, "
+        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS.names())}, "
                         f"or give an import path '{IMPORT_FORM}'")
     if preprocessing is not None and bundle.preprocessing is None:
         log.debug("data %r keeps its own normalisation: the model's preprocessing (size %d, %s, crop_pct %g) is not applied",

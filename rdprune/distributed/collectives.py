@@ -43,7 +43,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEVICES = registry.DEVICES.names()
 DEFAULT_MASTER_PORT = 29500
 FAILURE_KEY = "rdprune/first_failure"
 PEER_FAILURE_WAIT_S = 5.0  # how long a broken collective waits for the failing rank's note
@@ -120,8 +119,8 @@ def _slurm_head_address(nodelist: str) -> str:
 
 
 def _select_device(device: str, local_rank: int) -> torch.device:
-    if device not in DEVICES:
-        raise UserError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device not in registry.DEVICES:  # read on use: a plug-in imported by the registry may import this module
+        raise UserError(f"device must be one of {', '.join(registry.DEVICES.names())}, got {device!r}")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if not use_cuda:
         return torch.device("cpu")

@@ -28,8 +28,6 @@ from rdprune.training.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
-ZERO_STAGES = registry.ZERO_STAGES.names()
-PRECISIONS = registry.PRECISIONS.names()
 
 
 def _import_deepspeed():
@@ -43,11 +41,11 @@ def _import_deepspeed():
 
 def deepspeed_config(zero_stage: int, precision: str, global_batch: int, world_size: int) -> dict:
     """DeepSpeed's config dict for rdprune's settings: no gradient clipping, one micro-batch per step."""
-    if zero_stage not in ZERO_STAGES:
-        raise UserError(f"distributed.zero_stage must be one of {', '.join(map(str, ZERO_STAGES))} "
+    if zero_stage not in registry.ZERO_STAGES:
+        raise UserError(f"distributed.zero_stage must be one of {', '.join(map(str, registry.ZERO_STAGES.names()))} "
                         f"(stage 3 shards weights, which pruning needs whole), got {zero_stage!r}")
-    if precision not in PRECISIONS:
-        raise UserError(f"distributed.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in registry.PRECISIONS:
+        raise UserError(f"distributed.precision must be one of {', '.join(registry.PRECISIONS.names())}, got {precision!r}")
     if global_batch < world_size or global_batch % world_size:
         raise UserError(f"the batch size {global_batch} must be a multiple of the number of ranks {world_size} "
                         "(each rank takes an equal share of every step)")

@@ -13,10 +13,7 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from rdprune import registry, stop
-
-ENGINES = registry.ENGINES.names()
-"""Fine-tuning engines: ``ddp`` is :class:`LocalEngine` (plain in one process), ``deepspeed`` is ZeRO."""
+from rdprune import stop
 
 
 class Engine(Protocol):

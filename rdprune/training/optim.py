@@ -9,16 +9,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from rdprune.registry import OPTIMIZERS as _OPTIMIZERS
-from rdprune.registry import SCHEDULERS as _SCHEDULERS
+from rdprune import registry
 
 if TYPE_CHECKING:  # the config is a leaf: imported for type checking only, never at run time
     from rdprune.config.schema import TrainingConfig
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = _OPTIMIZERS.names()
-SCHEDULERS = _SCHEDULERS.names()
 EMBEDDING_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "mask_token", "absolute_pos_embed",
                    "position_embeddings", "relative_position_bias_table", "distillation_token", "register_tokens")
 """Parameter names (last component) of position embeddings and learned tokens, in timm and Hugging Face models."""
@@ -65,7 +62,7 @@ def make_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimiz
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    raise ValueError(f"optimizer must be one of {', '.join(registry.OPTIMIZERS.names())}, got {cfg.optimizer!r}")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
