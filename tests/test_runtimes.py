@@ -190,7 +190,7 @@ def test_round_to_allocation_matches_brute_force(budget, keep):
     curves = _synthetic_curves(space, plans)
     limit = keep * cost.dense
     alloc = allocate_channels(curves, plans, cost, limit)
-    assert all((space.groups[g].size - n) % 4 == 0 for g, n in alloc.removal.items())
+    assert all((space.groups[g].size - n) % 4 == 0 for g, n in alloc.choice.items())
     best = min((sum(float(np.maximum.accumulate(curves[g].distortion)[k]) for g, k in zip(plans, levels)), levels)
                for levels in itertools.product(*(range(len(p.counts)) for p in plans.values()))
                if cost({g: plans[g].counts[k] for g, k in zip(plans, levels)}) <= limit)

@@ -55,7 +55,7 @@ def _choices(model: torch.nn.Module, inputs: torch.Tensor, target: float) -> tup
     cost = layer_cost(layers)
     rd = allocate_two_four(curves, cost, target)
     glob = glob_two_four(layers, cost, target)
-    return curves, rd.layers, rd.distortion, sum(float(curves[n].distortion[1]) for n in glob.layers)
+    return curves, rd.choice, rd.distortion, sum(float(curves[n].distortion[1]) for n in glob.choice)
 
 
 def smoke(reason: str) -> int:
