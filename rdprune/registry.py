@@ -64,10 +64,6 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
-    def unregister(self, name: str) -> None:
-        """Remove ``name`` (a plug-in's tests register toy entries and take them away again)."""
-        del self._entries[name]
-
     def names(self) -> tuple[str, ...]:
         _declare_builtins()
         return tuple(sorted(self._entries, key=lambda n: (self._first.index(n) if n in self._first else len(self._first))))

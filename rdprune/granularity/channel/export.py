@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from rdprune.core.runtimes import export_onnx
 from rdprune.core.runtimes import export_program as _export_program
 from rdprune.errors import UserError
 from rdprune.files import atomic_write
@@ -338,15 +337,6 @@ def require_onnx() -> ModuleType:
     except ImportError as err:
         raise UserError(f"the ONNX export needs onnx, onnxscript and onnxruntime ({err.name} is missing): {INSTALL_CHANNELS}") from err
     return onnxruntime
-
-
-def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
-    """``model`` as a serialised ONNX model, exported as :func:`save_exported` does (no check, nothing written).
-
-    For timing in ONNX Runtime the graph a deployment would run (``UserError`` if the exporter is missing).
-    """
-    require_onnx()
-    return export_onnx(model, example)
 
 
 def _save_program(program: torch.export.ExportedProgram, path: str) -> None:
