@@ -42,53 +42,54 @@ torchrun.
 """
 from __future__ import annotations
 
-import importlib
 import warnings
+
+from rdprune.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "allocate": ("rdprune.core.allocation", "allocate"),
-    "recalibrate_batchnorm": ("rdprune.core.batchnorm", "recalibrate_batchnorm"),
-    "estimate_curves": ("rdprune.core.curves", "estimate_curves"),
-    "synthetic_inputs": ("rdprune.core.curves", "synthetic_inputs"),
-    "max_amounts": ("rdprune.core.floor", "max_amounts"),
-    "max_sparsity": ("rdprune.core.floor", "max_sparsity"),
-    "min_kept": ("rdprune.core.floor", "min_kept"),
-    "Curve": ("rdprune.core.grid", "Curve"),
-    "describe_layers": ("rdprune.core.layers", "describe_layers"),
-    "prunable_layers": ("rdprune.core.layers", "prunable_layers"),
-    "layer_shapes": ("rdprune.core.timing", "layer_shapes"),
-    "measure_latency": ("rdprune.core.timing", "measure_latency"),
-    "allocate_channels": ("rdprune.granularity.channel.allocation", "allocate_channels"),
-    "meet_measured_latency": ("rdprune.granularity.channel.allocation", "meet_measured_latency"),
-    "channel_baseline": ("rdprune.granularity.channel.baselines", "channel_baseline"),
-    "ChannelCost": ("rdprune.granularity.channel.costs", "ChannelCost"),
-    "channel_cost": ("rdprune.granularity.channel.costs", "channel_cost"),
-    "estimate_channel_curves": ("rdprune.granularity.channel.curves", "estimate_channel_curves"),
-    "group_plan": ("rdprune.granularity.channel.curves", "group_plan"),
-    "remove_channels": ("rdprune.granularity.channel.export", "remove_channels"),
-    "save_exported": ("rdprune.granularity.channel.export", "save_exported"),
-    "LatencyTable": ("rdprune.granularity.channel.latency", "LatencyTable"),
-    "ChannelSpace": ("rdprune.granularity.channel.space", "ChannelSpace"),
-    "to_two_four": ("rdprune.granularity.two_four.kernels", "to_two_four"),
-    "allocate_two_four": ("rdprune.granularity.two_four.units", "allocate_two_four"),
-    "apply_two_four": ("rdprune.granularity.two_four.units", "apply_two_four"),
-    "estimate_two_four_curves": ("rdprune.granularity.two_four.units", "estimate_two_four_curves"),
-    "two_four_candidates": ("rdprune.granularity.two_four.units", "candidates"),
-    "two_four_weight_cost": ("rdprune.granularity.two_four.units", "weight_cost"),
-    "BASELINES": ("rdprune.granularity.weight.baselines", "BASELINES"),
-    "baseline_amounts": ("rdprune.granularity.weight.baselines", "baseline_amounts"),
-    "MaskGuard": ("rdprune.core.masks", "MaskGuard"),
-    "apply_masks": ("rdprune.core.masks", "apply_masks"),
-    "layer_sparsity": ("rdprune.core.masks", "layer_sparsity"),
-    "load_masks": ("rdprune.core.masks", "load_masks"),
-    "pruned_state_dict": ("rdprune.core.masks", "pruned_state_dict"),
-    "save_masks": ("rdprune.core.masks", "save_masks"),
-    "build_model": ("rdprune.models.registry", "build_model"),
-    "load_model": ("rdprune.pipeline.load", "load_model"),
+    "allocate": "rdprune.core.allocation:allocate",
+    "recalibrate_batchnorm": "rdprune.core.batchnorm:recalibrate_batchnorm",
+    "estimate_curves": "rdprune.core.curves:estimate_curves",
+    "synthetic_inputs": "rdprune.core.curves:synthetic_inputs",
+    "max_amounts": "rdprune.core.floor:max_amounts",
+    "max_sparsity": "rdprune.core.floor:max_sparsity",
+    "min_kept": "rdprune.core.floor:min_kept",
+    "Curve": "rdprune.core.grid:Curve",
+    "describe_layers": "rdprune.core.layers:describe_layers",
+    "prunable_layers": "rdprune.core.layers:prunable_layers",
+    "layer_shapes": "rdprune.core.timing:layer_shapes",
+    "measure_latency": "rdprune.core.timing:measure_latency",
+    "allocate_channels": "rdprune.granularity.channel.allocation:allocate_channels",
+    "meet_measured_latency": "rdprune.granularity.channel.allocation:meet_measured_latency",
+    "channel_baseline": "rdprune.granularity.channel.baselines:channel_baseline",
+    "ChannelCost": "rdprune.granularity.channel.costs:ChannelCost",
+    "channel_cost": "rdprune.granularity.channel.costs:channel_cost",
+    "estimate_channel_curves": "rdprune.granularity.channel.curves:estimate_channel_curves",
+    "group_plan": "rdprune.granularity.channel.curves:group_plan",
+    "remove_channels": "rdprune.granularity.channel.export:remove_channels",
+    "save_exported": "rdprune.granularity.channel.export:save_exported",
+    "LatencyTable": "rdprune.granularity.channel.latency:LatencyTable",
+    "ChannelSpace": "rdprune.granularity.channel.space:ChannelSpace",
+    "to_two_four": "rdprune.granularity.two_four.kernels:to_two_four",
+    "allocate_two_four": "rdprune.granularity.two_four.units:allocate_two_four",
+    "apply_two_four": "rdprune.granularity.two_four.units:apply_two_four",
+    "estimate_two_four_curves": "rdprune.granularity.two_four.units:estimate_two_four_curves",
+    "two_four_candidates": "rdprune.granularity.two_four.units:candidates",
+    "two_four_weight_cost": "rdprune.granularity.two_four.units:weight_cost",
+    "BASELINES": "rdprune.granularity.weight.baselines:BASELINES",
+    "baseline_amounts": "rdprune.granularity.weight.baselines:baseline_amounts",
+    "MaskGuard": "rdprune.core.masks:MaskGuard",
+    "apply_masks": "rdprune.core.masks:apply_masks",
+    "layer_sparsity": "rdprune.core.masks:layer_sparsity",
+    "load_masks": "rdprune.core.masks:load_masks",
+    "pruned_state_dict": "rdprune.core.masks:pruned_state_dict",
+    "save_masks": "rdprune.core.masks:save_masks",
+    "build_model": "rdprune.models.registry:build_model",
+    "load_model": "rdprune.pipeline.load:load_model",
 }
-"""Public names -> (module, attribute), imported on first use: ``import rdprune`` (and loading a config)
+"""Public names -> "module:attribute", imported on first use: ``import rdprune`` (and loading a config)
 imports no torch, so that a bad config is refused at once."""
 _DEPRECATED = {
     "estimate_semi_structured_curves": "estimate_two_four_curves",
@@ -97,15 +98,14 @@ _DEPRECATED = {
 """Old public names -> their new names; they keep working, with a DeprecationWarning, for one release."""
 
 
+_exports = lazy_exports(__name__, _LAZY)
+
+
 def __getattr__(name: str) -> object:
     if name in _DEPRECATED:
         warnings.warn(f"rdprune.{name} is deprecated; use rdprune.{_DEPRECATED[name]}", DeprecationWarning, stacklevel=2)
         return __getattr__(_DEPRECATED[name])
-    if name in _LAZY:
-        module, attribute = _LAZY[name]
-        value = globals()[name] = getattr(importlib.import_module(module), attribute)
-        return value
-    raise AttributeError(f"module 'rdprune' has no attribute {name!r}")
+    return _exports(name)
 
 
 __all__ = [

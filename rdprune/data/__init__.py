@@ -1,25 +1,21 @@
 """Datasets by name, calibration inputs and deterministic, rank-sharded loaders."""
 from __future__ import annotations
 
-import importlib
+from rdprune.lazy import lazy_exports
 
 _LAZY = {
-    "calibration_inputs": "rdprune.data.calibration",
-    "infinite_batches": "rdprune.data.loaders",
-    "train_loader": "rdprune.data.loaders",
-    "DATASET_NAMES": "rdprune.data.registry",
-    "DataBundle": "rdprune.data.registry",
-    "build_data": "rdprune.data.registry",
+    "calibration_inputs": "rdprune.data.calibration:calibration_inputs",
+    "infinite_batches": "rdprune.data.loaders:infinite_batches",
+    "train_loader": "rdprune.data.loaders:train_loader",
+    "DATASET_NAMES": "rdprune.data.registry:DATASET_NAMES",
+    "DataBundle": "rdprune.data.registry:DataBundle",
+    "build_data": "rdprune.data.registry:build_data",
 }
-"""Public names and their modules, imported on first use: the config reads this package's
+"""Public names and where they live, imported on first use: the config reads this package's
 light ``choices`` module without importing torch."""
 
 
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        value = globals()[name] = getattr(importlib.import_module(_LAZY[name]), name)
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

@@ -3,37 +3,33 @@ sharding plan of curve work (:mod:`.sharding`) and curve estimation by all ranks
 (:mod:`.sharded_curves`). No other module of rdprune calls ``torch.distributed``."""
 from __future__ import annotations
 
-import importlib
+from rdprune.lazy import lazy_exports
 
 _LAZY = {
-    "DistInfo": "rdprune.distributed.collectives",
-    "PeerFailureError": "rdprune.distributed.collectives",
-    "RankMismatchError": "rdprune.distributed.collectives",
-    "all_reduce_sum": "rdprune.distributed.collectives",
-    "barrier": "rdprune.distributed.collectives",
-    "broadcast_object": "rdprune.distributed.collectives",
-    "broadcast_tensors_": "rdprune.distributed.collectives",
-    "check_identical": "rdprune.distributed.collectives",
-    "check_same_config": "rdprune.distributed.collectives",
-    "distributed_session": "rdprune.distributed.collectives",
-    "fingerprint": "rdprune.distributed.collectives",
-    "first_to_report": "rdprune.distributed.collectives",
-    "gather_objects": "rdprune.distributed.collectives",
-    "init_distributed": "rdprune.distributed.collectives",
-    "record": "rdprune.distributed.collectives",
-    "setup_logging": "rdprune.distributed.collectives",
-    "teardown": "rdprune.distributed.collectives",
-    "wrap_ddp": "rdprune.distributed.collectives",
+    "DistInfo": "rdprune.distributed.collectives:DistInfo",
+    "PeerFailureError": "rdprune.distributed.collectives:PeerFailureError",
+    "RankMismatchError": "rdprune.distributed.collectives:RankMismatchError",
+    "all_reduce_sum": "rdprune.distributed.collectives:all_reduce_sum",
+    "barrier": "rdprune.distributed.collectives:barrier",
+    "broadcast_object": "rdprune.distributed.collectives:broadcast_object",
+    "broadcast_tensors_": "rdprune.distributed.collectives:broadcast_tensors_",
+    "check_identical": "rdprune.distributed.collectives:check_identical",
+    "check_same_config": "rdprune.distributed.collectives:check_same_config",
+    "distributed_session": "rdprune.distributed.collectives:distributed_session",
+    "fingerprint": "rdprune.distributed.collectives:fingerprint",
+    "first_to_report": "rdprune.distributed.collectives:first_to_report",
+    "gather_objects": "rdprune.distributed.collectives:gather_objects",
+    "init_distributed": "rdprune.distributed.collectives:init_distributed",
+    "record": "rdprune.distributed.collectives:record",
+    "setup_logging": "rdprune.distributed.collectives:setup_logging",
+    "teardown": "rdprune.distributed.collectives:teardown",
+    "wrap_ddp": "rdprune.distributed.collectives:wrap_ddp",
 }
-"""Public names and their modules, imported on first use: the config reads this package's
+"""Public names and where they live, imported on first use: the config reads this package's
 light ``choices`` module without importing torch."""
 
 
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        value = globals()[name] = getattr(importlib.import_module(_LAZY[name]), name)
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
