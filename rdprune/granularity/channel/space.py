@@ -195,16 +195,20 @@ class ChannelSpace:
 
     def importance(self, group: str) -> torch.Tensor:
         """Each channel's score under the ranking (float64, CPU, >= 0); exactly zero for a removed channel."""
-        norms = self.weight_norms(group)
-        if self._scores is None:
-            return norms
-        return torch.where(norms == 0, torch.zeros_like(norms), self._scores[group].abs())
+        return self._scores_and_removed(group)[0]
 
     def removal_order(self, group: str) -> torch.Tensor:
         """Channel indices, removed ones first, then least important first (ties by index): level n removes the first n."""
-        key = torch.where(self.weight_norms(group) == 0, torch.full((self.groups[group].size,), -1.0, dtype=torch.float64),
-                          self.importance(group))
-        return torch.sort(key, stable=True).indices
+        scores, removed = self._scores_and_removed(group)
+        return torch.sort(torch.where(removed, -1.0, scores), stable=True).indices
+
+    def _scores_and_removed(self, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ranking's scores (zero where removed) and which channels are removed, from one pass over the weights."""
+        norms = self.weight_norms(group)
+        removed = norms == 0
+        if self._scores is None:
+            return norms, removed
+        return torch.where(removed, 0.0, self._scores[group].abs()), removed
 
     def removed(self, group: str) -> int:
         """Channels of the group already removed (all their weights zero)."""
