@@ -95,17 +95,12 @@ def handling_signals() -> Iterator[None]:
 
 def agreed() -> int | None:
     """The signal noted on any rank (a collective when there are several ranks: call it on every rank alike)."""
-    from rdprune.distributed.collectives import _active
+    from rdprune.distributed.collectives import all_reduce_sum, several_ranks
 
     mine = _requested
-    if not _active():
+    if not several_ranks():
         return mine
     import torch
-    import torch.distributed as dist
-
-    if dist.get_world_size() == 1:
-        return mine
-    from rdprune.distributed import all_reduce_sum
 
     counts = all_reduce_sum(torch.tensor([mine == signal.SIGTERM, mine == signal.SIGINT], dtype=torch.int64))
     if mine is not None:

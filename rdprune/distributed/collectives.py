@@ -38,7 +38,7 @@ from rdprune.errors import UserError
 __all__ = [
     "DistInfo", "RankMismatchError", "PeerFailureError", "init_distributed", "teardown", "distributed_session", "barrier",
     "broadcast_object", "broadcast_tensors_", "gather_objects", "all_reduce_sum", "fingerprint", "check_identical",
-    "check_same_config", "wrap_ddp", "setup_logging", "record", "first_to_report", "check_precision",
+    "check_same_config", "several_ranks", "wrap_ddp", "setup_logging", "record", "first_to_report", "check_precision",
 ]
 
 log = logging.getLogger(__name__)
@@ -230,6 +230,11 @@ def record(fn: Callable) -> Callable:
 def _active() -> bool:
     """Whether a process group exists: then every collective goes through it, even at world size 1."""
     return dist.is_available() and dist.is_initialized()
+
+
+def several_ranks() -> bool:
+    """Whether this process works with other ranks (a process group of more than one process)."""
+    return _active() and dist.get_world_size() > 1
 
 
 def _store():
