@@ -156,15 +156,17 @@ def test_restart_recomputes_only_missing_pieces(tmp_path):
 def test_deepspeed_settings_checked_before_any_work():
     from rdprune.training.deepspeed_engine import deepspeed_config
 
-    cfg = deepspeed_config(2, "bf16", 64, 8)
+    cfg = deepspeed_config(2, "bf16", 64, 8, 1234)
     assert cfg["train_micro_batch_size_per_gpu"] == 8 and cfg["zero_optimization"]["stage"] == 2
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == cfg["zero_optimization"]["allgather_bucket_size"] == 4096
+    assert deepspeed_config(2, "fp32", 64, 8, 10**10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
     assert cfg["bf16"]["enabled"] and cfg["gradient_clipping"] == 0.0
     with pytest.raises(UserError, match="zero_stage must be one of 0, 1, 2"):
-        deepspeed_config(3, "fp32", 64, 8)
+        deepspeed_config(3, "fp32", 64, 8, 1234)
     with pytest.raises(UserError, match="precision must be one of fp32, bf16"):
-        deepspeed_config(1, "fp16", 64, 8)
+        deepspeed_config(1, "fp16", 64, 8, 1234)
     with pytest.raises(UserError, match="multiple of the number of ranks"):
-        deepspeed_config(1, "fp32", 60, 8)
+        deepspeed_config(1, "fp32", 60, 8, 1234)
 
 
 @pytest.mark.slow  # the first DeepSpeed start on a machine compiles an op (~35 s); then ~13 s each
