@@ -255,6 +255,11 @@ class PruneConfig(_Section):
     """Channel granularity, rd only: every channel group keeps a multiple of this many channels
     (Torch-Pruning's round_to; e.g. 8 or 16 for vector units), chosen by the same exact allocation
     on each group's levels that keep such multiples (a group keeps its current count too). 1 = any count."""
+    curve_rounds: int = 1
+    """Channel granularity, rd only: cut each iteration's budget in this many equal steps of cost, the
+    curves of each step measured on the network the earlier steps pruned (curves assume groups prune
+    independently; re-measuring after part of the cut prices their interaction). 1 = one allocation
+    per iteration; n costs n curve estimations per iteration."""
 
     def validate(self) -> None:
         self._check("target_sparsity", 0.0 <= self.target_sparsity < 1.0, "a number in [0, 1)")
@@ -263,6 +268,7 @@ class PruneConfig(_Section):
         self._check("levels", self.levels >= 2, "an integer >= 2")
         self._check("min_density", 0.0 <= self.min_density < 1.0, "a number in [0, 1)")
         self._check("round_to", self.round_to >= 1, "an integer >= 1")
+        self._check("curve_rounds", self.curve_rounds >= 1, "an integer >= 1")
         duplicates = sorted({s for s in self.skip if self.skip.count(s) > 1})
         if duplicates:
             raise ConfigError("prune.skip", f"prune.skip lists {duplicates[0]!r} more than once")

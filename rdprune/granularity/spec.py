@@ -54,6 +54,8 @@ class GranularitySpec:
     """Those of its rankings that need labelled calibration data."""
     round_to: bool = False
     """Whether it offers prune.round_to (widths in multiples of N) with method rd."""
+    curve_rounds: bool = False
+    """Whether it offers prune.curve_rounds (several allocations per iteration, curves re-measured between)."""
     latency_runtimes: tuple[str, ...] = ("torch",)
     """latency.runtime values its latency budget and measurements run in."""
     max_min_density: float = 1.0
@@ -98,6 +100,10 @@ class GranularitySpec:
         if prune.round_to > 1 and not (self.round_to and prune.method == "rd"):
             raise ConfigError("prune.round_to", f"prune.round_to {prune.round_to} applies to prune.granularity "
                               f"{_offering(lambda s: s.round_to)} with method rd (got granularity {self.name}, method "
+                              f"{prune.method}); leave it at 1", related=["prune.granularity", "prune.method"])
+        if prune.curve_rounds > 1 and not (self.curve_rounds and prune.method == "rd"):
+            raise ConfigError("prune.curve_rounds", f"prune.curve_rounds {prune.curve_rounds} applies to prune.granularity "
+                              f"{_offering(lambda s: s.curve_rounds)} with method rd (got granularity {self.name}, method "
                               f"{prune.method}); leave it at 1", related=["prune.granularity", "prune.method"])
         if cfg.latency.runtime not in self.latency_runtimes:
             raise ConfigError("latency.runtime", f"latency.runtime {cfg.latency.runtime} is not offered at prune.granularity "

@@ -17,5 +17,6 @@ SPEC = GRANULARITIES.register("channel", GranularitySpec(
     rankings=("l2", "taylor", "bn_scale"),  # .ranking
     labelled_rankings=("taylor",),
     round_to=True,
+    curve_rounds=True,
     latency_runtimes=("torch", "onnxruntime"),  # rdprune.core.runtimes
 ))

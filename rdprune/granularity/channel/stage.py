@@ -13,6 +13,7 @@ import copy
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,6 +113,14 @@ def sharded_channel_curves(
         )
 
     return sharded_unit_curves(model, batches, dist, plan, estimate, list(space.groups), "channel curve estimation")
+
+
+@dataclass
+class Rounds:
+    """RD's curves of an iteration's last round, and the row info of the rounds before it (``prune.curve_rounds``)."""
+
+    curves: dict[str, Curve] | None
+    earlier: list[dict]
 
 
 class ChannelStage(GranularityStage):
@@ -222,9 +231,9 @@ class ChannelStage(GranularityStage):
         self._rank(inputs, labels)
         current = {g: space.removed(g) for g in space.groups}
 
-        def curves() -> dict[str, Curve] | None:
-            if cfg.prune.method != "rd":
-                return None
+        limit = (1.0 - target) * cost.dense
+
+        def estimate() -> dict[str, Curve] | None:
             return sharded_channel_curves(
                 model, space, inputs, cfg.prune.levels, grid=cfg.prune.grid, worst_case=cfg.prune.distortion == "worst_case",
                 batch_size=cfg.calibration.batch_size, flops=self.flops,
@@ -232,34 +241,56 @@ class ChannelStage(GranularityStage):
                 bn_aware=self._renormalised, round_to=cfg.prune.round_to,
             )
 
-        def solve(curves: dict[str, Curve] | None) -> tuple[Channels, dict]:
+        def rd(curves: dict[str, Curve], limit: float) -> tuple[Channels, dict]:
             plans = {g: group_plan(space, g, cfg.prune.levels, cfg.prune.grid, round_to=cfg.prune.round_to) for g in space.groups}
+            alloc = allocate_channels(curves, plans, cost, limit)
+            return space.channels_for(alloc.choice), {"distortion_predicted": alloc.distortion,
+                                                       "distortion_lower_bound": alloc.lower_bound,
+                                                       "allocation_rounds": alloc.rounds}
 
+        def curves() -> Rounds | None:
+            """The curves of the last round, after the earlier rounds' cuts are applied to ``model`` (every rank)."""
+            if cfg.prune.method != "rd":
+                return None
+            rounds, start = cfg.prune.curve_rounds, cost(current)
+            earlier: list[dict] = []
+            for r in range(1, rounds):
+                found, step = estimate(), None
+                if self.dist.is_main:
+                    step, info = rd(found, start + (limit - start) * r / rounds)
+                    earlier.append(info)
+                    log.info("curve round %d of %d: %s of the %s left, curves re-measured on that network", r, rounds,
+                             f"{cost(counts(step)) / cost.dense:.1%}", cost.budget)
+                step = distributed.broadcast_object(step)
+                enforce_masks(self.layers, space.channel_masks(step))
+            return Rounds(estimate(), earlier)
+
+        def solve(found: Rounds | None) -> tuple[Channels, dict]:
             def allocate(limit: float) -> tuple[Channels, dict]:
                 if cfg.prune.method in PEERS:
                     return peer_channels(cfg.prune.method, space, cost, limit, self.example, [space.output_layer, *cfg.prune.skip],
                                          cfg.prune.min_density, inputs, labels, cfg.calibration.batch_size), {}
-                if curves is None:
+                if found is None:
                     return space.channels_for(channel_baseline(cfg.prune.method, space, cost, limit, current)), {}
-                alloc = allocate_channels(curves, plans, cost, limit)
-                return space.channels_for(alloc.choice), {"distortion_predicted": alloc.distortion,
-                                                           "distortion_lower_bound": alloc.lower_bound,
-                                                           "allocation_rounds": alloc.rounds}
+                return rd(found.curves, limit)
 
             if cfg.prune.budget == "latency":
                 chosen, info = self._meet_latency(model, allocate, target)
             else:
-                chosen, info = allocate((1.0 - target) * cost.dense)
+                chosen, info = allocate(limit)
+            if found is not None and found.earlier:  # the rounds' predictions add up to the iteration's
+                for key in ("distortion_predicted", "distortion_lower_bound", "allocation_rounds"):
+                    info[key] += sum(r[key] for r in found.earlier)
             info["cost_remaining"] = cost(counts(chosen)) / cost.dense
             info["channels_removed"] = sum(map(len, chosen.values()))
             return chosen, info
 
-        removal, info, curves_found = chosen_once(self.out.chosen(iteration), target, self.dist, curves, solve)
+        removal, info, found = chosen_once(self.out.chosen(iteration), target, self.dist, curves, solve)
         if all(isinstance(v, int) for v in removal.values()):  # kept by an earlier version: counts of the ranking's first
             removal = space.channels_for(removal)
         masks = space.channel_masks(removal)
         enforce_masks(self.layers, masks)
-        return Choice(masks, info, curves_found)
+        return Choice(masks, info, None if found is None else found.curves)
 
     def _meet_latency(self, model: nn.Module, allocate: Callable[[float], tuple[Channels, dict]],
                       target: float) -> tuple[Channels, dict]:
