@@ -280,7 +280,8 @@ class ChannelStage(GranularityStage):
                 chosen, info = allocate(limit)
             if found is not None and found.earlier:  # the rounds' predictions add up to the iteration's
                 for key in ("distortion_predicted", "distortion_lower_bound", "allocation_rounds"):
-                    info[key] += sum(r[key] for r in found.earlier)
+                    parts = [info.get(key), *(r.get(key) for r in found.earlier)]
+                    info[key] = None if None in parts else sum(parts)
             info["cost_remaining"] = cost(counts(chosen)) / cost.dense
             info["channels_removed"] = sum(map(len, chosen.values()))
             return chosen, info
