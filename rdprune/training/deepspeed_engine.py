@@ -46,9 +46,9 @@ DEFAULT_BUCKET = 500_000_000
 def deepspeed_config(zero_stage: int, precision: str, global_batch: int, world_size: int, parameters: int) -> dict:
     """DeepSpeed's config dict for rdprune's settings: no gradient clipping, one micro-batch per step.
 
-    ZeRO's reduce and all-gather buckets hold at most the model's ``parameters`` (rounded up to 4,096): DeepSpeed allocates its
-    default 5e8-element bucket afresh at every step, which on a CPU made a small model's ZeRO step ~50x
-    slower than DDP's (mostly in the kernel, mapping and unmapping 2 GB twice a step).
+    ZeRO's reduce and all-gather buckets hold at most the model's ``parameters`` (rounded up to 4,096):
+    DeepSpeed allocates its default 5e8-element bucket afresh at every step, which on a CPU made a
+    small model's ZeRO step ~50x slower than DDP's (mostly in the kernel, mapping 2 GB twice a step).
     """
     if zero_stage not in registry.ZERO_STAGES:
         raise UserError(f"distributed.zero_stage must be one of {', '.join(map(str, registry.ZERO_STAGES.names()))} "
