@@ -48,7 +48,7 @@ from rdprune import stop
 from rdprune.cli.common import run_cli
 from rdprune.run import main
 
-from launch import REPO, clean_env, read_rows, torchrun_command
+from launch import REPO, SCRIPTS, clean_env, read_rows, torchrun_command
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 TINY = ["pretrain.steps=20", "finetune.steps=4", "finetune.checkpoint_every=2", "prune.iterations=2",
@@ -488,6 +488,64 @@ def test_torchrun_stopped_at_five_boundaries_resumes_identically(torchrun_refere
         else:
             one_line("\n".join(line for line in relog.splitlines() if line.startswith("rdprune:")))
             counts["refused with one line"] += 1
+
+
+# DeepSpeed's own checkpoint writes: a rank killed before each of them, under torchrun
+
+
+DEEPSPEED = ["finetune.checkpoint_every=2", "distributed.engine=deepspeed", "distributed.zero_stage=2",
+             "distributed.timeout_s=120", "distributed.curve_threads=1"]
+
+
+def _deepspeed_run(out: Path, writes: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """The tiny run under torchrun, 2 ranks, ZeRO-2; each rank's writes listed in ``writes``; ``kill_at``
+    ('<rank>:<k>') kills that rank before its k-th write."""
+    writes.mkdir(parents=True, exist_ok=True)
+    env = clean_env(OMP_NUM_THREADS="1", RDPRUNE_WRITES=str(writes), **({"RDPRUNE_KILL_AT": kill_at} if kill_at else {}))
+    cmd = torchrun_command(2, str(SCRIPTS / "deepspeed_writes.py"), *argv(out, *DEEPSPEED))
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _writes(folder: Path, rank: int, out: Path) -> list[str]:
+    log = folder / f"writes.rank{rank}"
+    return [str(Path(line).relative_to(out)) for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_rank_killed_at_each_deepspeed_checkpoint_write_resumes_identically(tmp_path):
+    """Every write of iteration 1's DeepSpeed checkpoint (rank 0's model states and optimizer shard, rank 1's
+    shard, then the marker naming them): that rank killed before it, then the same command again."""
+    pytest.importorskip("deepspeed")
+    counts = OUTCOMES["DeepSpeed checkpoint writes, 2 ranks"]
+    reference = tmp_path / "reference" / "run"
+    done = _deepspeed_run(reference, tmp_path / "reference" / "writes")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logs = {r: _writes(tmp_path / "reference" / "writes", r, reference) for r in (0, 1)}
+    shards = {r: [(k, w) for k, w in enumerate(logs[r], 1) if "/deepspeed/" in w] for r in (0, 1)}
+    tag = shards[0][0][1].split("/")[2]  # iteration 1's first checkpoint
+    marker = next(k for k, w in enumerate(logs[0], 1) if w.endswith("finetune.json"))
+    points = [(r, k, w) for r in (0, 1) for k, w in shards[r] if w.split("/")[2] == tag] + [(0, marker, logs[0][marker - 1])]
+    assert sorted(w.rsplit("/", 1)[-1] for _, _, w in points) == sorted([
+        "finetune.json", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]), points
+    expected = state(reference)
+    for rank, k, what in points:
+        out, writes = tmp_path / f"killed{rank}_{k}" / "run", tmp_path / f"killed{rank}_{k}" / "writes"
+        killed = _deepspeed_run(out, writes, f"{rank}:{k}")
+        assert killed.returncode != 0, f"rank {rank} was not killed before {what}"
+        assert _writes(writes, rank, out) == logs[rank][:k - 1], f"rank {rank} wrote in another order than the reference"
+        counts["faults injected"] += 1
+        rerun = _deepspeed_run(out, writes.with_name("rewrites"))
+        if rerun.returncode == 0:
+            assert_same(state(out), expected)
+            assert not [p for p in out.rglob("*.tmp")], what
+            counts["resumed identical"] += 1
+        else:
+            one_line("\n".join(line for line in rerun.stderr.splitlines() if line.startswith("rdprune:")))
+            counts["refused with one line"] += 1
+        shutil.rmtree(out.parent)
+    assert counts["resumed identical"] == counts["faults injected"] == 4
 
 
 def pytest_terminal_summary_counts() -> str:
