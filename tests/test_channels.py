@@ -231,6 +231,41 @@ def test_measured_latency_over_budget_is_corrected_by_re_solving():
 
 
 
+
+def test_a_model_fitted_to_the_dense_and_a_uniform_measurement_predicts_an_affine_runtime_exactly():
+    """The runtime takes a fixed time per call plus 0.7 x what the table says: the table alone mispredicts the fraction of
+    dense latency; fitted through the dense model and a uniform one measured together, the model is exact, the first
+    solution meets the budget without correction, and the row keeps the table's own error beside it."""
+    from rdprune.granularity.channel.baselines import channel_baseline
+
+    model = lived_in(DepthwiseConcat())
+    x = torch.randn(16, 3, 8, 8)
+    space = ChannelSpace(model, x[:1])
+    cost = ChannelCost(space, "latency", latency=_fixed_table(space))
+    curves = estimate_channel_curves(model, space, x, 9, progress=False)
+    plans = {g: group_plan(space, g, 9, "relative") for g in space.groups}
+    overhead = 0.2 * cost.dense
+
+    def measure(removal):
+        return overhead + 0.7 * cost.dense, overhead + 0.7 * cost(removal)
+
+    def solve(limit):
+        return allocate_channels(curves, plans, cost, limit).choice
+
+    uniform = channel_baseline("unif", space, cost, 0.6 * cost.dense)
+    fitted = meet_measured_latency(solve, measure, cost, cost.dense, 0.6, rounds=3, reference=uniform)
+    assert fitted.offset_s == pytest.approx(overhead) and fitted.scale == pytest.approx(0.7)
+    assert fitted.model_error == pytest.approx(0.0, abs=1e-9) and fitted.corrections == 0
+    assert fitted.pruned_s <= 0.6 * fitted.dense_s
+    truth = (overhead + 0.7 * fitted.table_s) / (overhead + 0.7 * fitted.table_dense_s)
+    assert fitted.table_error == pytest.approx((fitted.table_s / fitted.table_dense_s) / truth - 1)
+    plain = meet_measured_latency(solve, measure, cost, cost.dense, 0.6, rounds=3)
+    assert (plain.offset_s, plain.scale) == (0.0, 1.0) and plain.table_error == plain.model_error != pytest.approx(0.0)
+    # a reference no faster than dense cannot define the line: the table is used as it is
+    same = meet_measured_latency(solve, measure, cost, cost.dense, 0.6, rounds=3, reference=dict.fromkeys(space.groups, 0))
+    assert (same.offset_s, same.scale) == (0.0, 1.0)
+
+
 def test_the_latency_check_logs_say_when_a_correction_was_needed(caplog):
     """A model under budget at the first measurement logs no correction; a correction names the overshoot that caused it."""
     removals = iter([{"a": 1}, {"a": 2}])

@@ -1,5 +1,6 @@
-"""prune.curve_rounds: an iteration's channel budget cut in equal steps of cost, the curves of each step measured
-on the network the earlier steps pruned; checked against the same rounds done by hand with the public functions."""
+"""prune.curve_rounds (an iteration's channel budget cut in equal steps of cost, the curves of each step measured
+on the network the earlier steps pruned) against the same rounds done by hand with the public functions, and how run
+directories of earlier versions resume under the new settings (curve_rounds, latency.fit_to_measurement)."""
 import copy
 from pathlib import Path
 
@@ -76,3 +77,19 @@ def test_two_rounds_are_two_allocations_with_curves_remeasured_between(tmp_path)
 def test_curve_rounds_refused_where_they_mean_nothing(extra, says):
     with pytest.raises(UserError, match=says):
         _config(*extra)
+
+
+def test_run_directories_made_before_the_latency_fit_resume_as_they_started():
+    """latency.fit_to_measurement (new, default true) changes only latency budgets: a FLOPs run made before it
+    resumes; a latency run made before it resumes only with the fit off, and says so in one line."""
+    from rdprune.pipeline.loop import resume_key, run_differences
+
+    for budget, expected in (("flops", []), ("latency", ["latency.fit_to_measurement=false"])):
+        cfg = _config(f"prune.budget={budget}")
+        old = resume_key(cfg)
+        old["latency"].pop("fit_to_measurement", None)  # what a run directory of an earlier version holds
+        old["prune"].pop("curve_rounds")
+        assert run_differences(old, cfg) == expected
+        assert run_differences(old, _config(f"prune.budget={budget}", "latency.fit_to_measurement=false")) == []
+        again = _config(f"prune.budget={budget}", "latency.fit_to_measurement=false", "prune.curve_rounds=2")
+        assert run_differences(old, again) == ["prune.curve_rounds=1"]

@@ -65,10 +65,11 @@ def _spread(values: list[float]) -> str:
 
 def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float, threads: int, time_limit: float,
                        repeats: int, rounds: int, runtimes: list[str], optimization: str, runs: int, methods: list[str],
-                       round_to: int) -> None:
+                       round_to: int, fit: bool = True) -> None:
     """Part 2: ResNet-50 pruned by RD (and the baselines) over channel groups to ``keep`` x its measured latency, in each runtime.
 
-    Per runtime and batch, ``runs`` repetitions of: the latency table, the allocation, the measurement (dense and the
+    Per runtime and batch, ``runs`` repetitions of: the latency table, with ``fit`` its fit to the dense and a uniform
+    model measured together (as a run does, ``latency.fit_to_measurement``), the allocation, the measurement (dense and the
     physically smaller model interleaved, ``repeats`` each, in the runtime) and the corrections. Prints each run, then
     the median and range of the speed-up, of the prediction error before correction and of the corrections.
     """
@@ -114,21 +115,28 @@ def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float
                         allocation_s.append(time.perf_counter() - begin)
                         return removal
 
-                    checked = meet_measured_latency(solve, measure, cost, cost.dense, keep, rounds if method == "rd" else 0)
-                    row = stats.setdefault(method, {"speedup": [], "error": [], "corrections": [], "first_speedup": []})
+                    reference = channel_baseline("unif", space, cost, keep * cost.dense, current) if fit else None
+                    checked = meet_measured_latency(solve, measure, cost, cost.dense, keep, rounds if method == "rd" else 0,
+                                                    reference)
+                    row = stats.setdefault(method, {"speedup": [], "error": [], "table_error": [], "corrections": [],
+                                                    "first_speedup": []})
                     row["speedup"].append(checked.speedup)
                     row["first_speedup"].append(checked.first_dense_s / checked.first_s)
                     row["error"].append(100 * checked.model_error)
+                    row["table_error"].append(100 * checked.table_error)
                     row["corrections"].append(checked.corrections)
                     print(f"{runtime.describe()}, batch {batch}, run {run + 1}, {method}: dense {1e3 * checked.dense_s:.1f} ms, "
                           f"pruned {1e3 * checked.pruned_s:.1f} ms (budget {1e3 * keep * checked.dense_s:.1f} ms): speedup "
                           f"{checked.speedup:.2f}x; predicted fraction {checked.predicted_s / checked.predicted_dense_s:.3f}, "
                           f"measured {checked.first_s / checked.first_dense_s:.3f} before correction: error "
-                          f"{100 * checked.model_error:+.1f} %; corrections {checked.corrections}; latency table {table_s:.1f} s, "
+                          f"{100 * checked.model_error:+.1f} % (the table alone: {100 * checked.table_error:+.1f} %; fit "
+                          f"{1e3 * checked.offset_s:.2f} ms + {checked.scale:.3f} x table); corrections {checked.corrections}; "
+                          f"latency table {table_s:.1f} s, "
                           f"allocation {sum(allocation_s):.2f} s", flush=True)
             for method, row in stats.items():
                 print(f"SUMMARY {name} batch {batch} {method}: speedup {_spread(row['speedup'])}; first solution's speedup "
                       f"{_spread(row['first_speedup'])}; prediction error before correction (%) {_spread(row['error'])}; "
+                      f"the table alone (%) {_spread(row['table_error'])}; "
                       f"corrections {_spread(row['corrections'])}", flush=True)
 
 
@@ -142,6 +150,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=1, help="repetitions of table, allocation and measurement")
     parser.add_argument("--methods", nargs="+", default=["rd"], choices=["rd", "unif", "glob"])
     parser.add_argument("--round-to", type=int, default=1, help="keep every group's width a multiple of this")
+    parser.add_argument("--no-fit", dest="fit", action="store_false",
+                        help="use the latency table as it is (no fit to the dense and a uniform model measured first)")
     parser.add_argument("--levels", type=int, default=11)
     parser.add_argument("--inputs", type=int, default=16, help="synthetic calibration inputs for the ResNet-50 curves")
     parser.add_argument("--keep", type=float, default=0.5, help="latency budget as a fraction of the dense latency")
@@ -159,5 +169,5 @@ def main(argv: list[str]) -> int:
         curves_against_plain(args.curve_repeats, args.levels)
     if not args.skip_resnet50:
         resnet50_at_budget(args.batches, args.levels, args.inputs, args.keep, args.threads, args.time_limit, args.repeats,
-                           args.rounds, args.runtime, args.optimization, args.runs, args.methods, args.round_to)
+                           args.rounds, args.runtime, args.optimization, args.runs, args.methods, args.round_to, args.fit)
     return 0

@@ -65,6 +65,8 @@ RESUME_FREE = {"finetune": ("checkpoint_every",), "calibration": ("curve_cache",
 RESUME_ONLY = {"distributed": ("precision",)}
 """Sections of which only these keys count: the training precision changes results, the engine,
 timeouts and threads do not (a run may resume under DeepSpeed what DDP started)."""
+LATENCY_BUDGET_ONLY = {"latency": ("fit_to_measurement",)}
+"""Keys that change results only under prune.budget latency (elsewhere a rerun may change them)."""
 
 
 @dataclass
@@ -230,11 +232,13 @@ def resume_key(cfg: Config) -> dict:
     """
     resolved = config_to_dict(cfg)
     sections = [s for s in RESUME_SECTIONS if s != "latency" or spec_of(cfg.prune.granularity).reads_latency]
+    free = {s: RESUME_FREE.get(s, ()) + (LATENCY_BUDGET_ONLY.get(s, ()) if cfg.prune.budget != "latency" else ())
+            for s in sections}
     return {s: {k: v for k, v in resolved[s].items()
-                if k not in RESUME_FREE.get(s, ()) and (s not in RESUME_ONLY or k in RESUME_ONLY[s])} for s in sections}
+                if k not in free.get(s, ()) and (s not in RESUME_ONLY or k in RESUME_ONLY[s])} for s in sections}
 
 
-KEYS_BEFORE_THEY_EXISTED = {"prune": {"ranking": "l2"}}
+KEYS_BEFORE_THEY_EXISTED = {"prune": {"ranking": "l2"}, "latency": {"fit_to_measurement": False}}
 """What a run made before a key existed ran with: a stored resume key that lacks the key compares with
 this, not with the key's current default, so a changed default never switches a resumed run."""
 

@@ -198,12 +198,21 @@ class MeasuredLatency:
 
     removal: dict[str, int]
     predicted_s: float  # the latency model's prediction for the first solution, before any correction
-    predicted_dense_s: float  # the latency model's dense latency (measured when the table was built)
+    predicted_dense_s: float  # the latency model's dense latency (the table's; with a fit, the dense model measured for it)
     first_s: float  # measured latency of that first solution
     first_dense_s: float  # measured dense latency, timed together with it
     dense_s: float  # measured dense latency, timed together with the final removal
     pruned_s: float  # measured latency of the final removal
     corrections: int
+    offset_s: float  # the fit of the latency model to measurement: prediction = offset + scale x table
+    scale: float
+    table_s: float  # the table's own prediction for the first solution, before the fit
+    table_dense_s: float
+
+    @property
+    def table_error(self) -> float:
+        """:attr:`model_error` of the table alone, before the fit to measurement (equal to it without a fit)."""
+        return (self.table_s / self.table_dense_s) / (self.first_s / self.first_dense_s) - 1.0
 
     @property
     def model_error(self) -> float:
@@ -238,6 +247,7 @@ def meet_measured_latency(
     predicted_dense: float,
     keep: float,
     rounds: int,
+    reference: dict[str, int] | None = None,
 ) -> MeasuredLatency:
     """Solve at ``keep`` times the predicted dense latency, measure, and re-solve while the measurement is over budget.
 
@@ -246,10 +256,22 @@ def meet_measured_latency(
     ``budget / measured`` (but by no less than 0.8) and by ``1 - 0.01 k`` (at most ``rounds``
     times): the model's relative error is what it corrects, the margin what timing noise would
     leave, the floor what one timing disturbed by other load would otherwise over-correct.
+
+    With a ``reference`` removal (e.g. a uniform one near the budget), the model is first fitted to
+    measurement: the dense model and the reference are timed together and the prediction becomes
+    ``offset + scale x table`` through those two points. The table times layers one by one; the
+    offset takes what it cannot see (per-call overhead, the layers it does not time), the scale a
+    runtime that runs the whole graph faster or slower than its layers alone.
     """
-    limit = keep * predicted_dense
-    removal = solve(limit)
-    predicted = predict(removal)
+    offset, scale = 0.0, 1.0
+    if reference is not None:
+        offset, scale = _fit(predict(reference), predicted_dense, *measure(reference), keep)
+    table_dense = predicted_dense
+    predicted_dense = offset + scale * table_dense
+    limit = keep * predicted_dense  # in the fitted model's seconds; the table's own limit is (limit - offset) / scale
+    removal = solve((limit - offset) / scale)
+    table = predict(removal)
+    predicted = offset + scale * table
     dense_s, pruned_s = measure(removal)
     first_dense_s, first_s, done = dense_s, pruned_s, 0
     log.info("latency check: the chosen model measures %s", _against_budget(pruned_s, keep * dense_s))
@@ -260,7 +282,9 @@ def meet_measured_latency(
         # more than _CORRECTION_FLOOR: on a loaded machine a single noisy timing must not halve the model.
         limit *= max(keep * dense_s / pruned_s, _CORRECTION_FLOOR) * (1.0 - _CORRECTION_MARGIN * done)
         try:
-            candidate = solve(limit)
+            if limit <= offset:
+                raise ValueError("the tightened budget is below the fitted model's offset")
+            candidate = solve((limit - offset) / scale)
         except ValueError:
             log.warning("latency correction %d: no removal meets the tightened budget; keeping the last one", done)
             break
@@ -270,4 +294,23 @@ def meet_measured_latency(
                  done, _against_budget(pruned_s, keep * dense_s))
     if pruned_s > keep * dense_s:
         log.warning("measured latency %.3f ms is over the budget %.3f ms after %d corrections", 1e3 * pruned_s, 1e3 * keep * dense_s, done)
-    return MeasuredLatency(removal, predicted, predicted_dense, first_s, first_dense_s, dense_s, pruned_s, done)
+    return MeasuredLatency(removal, predicted, predicted_dense, first_s, first_dense_s, dense_s, pruned_s, done,
+                           offset, scale, table, table_dense)
+
+
+def _fit(table_reference: float, table_dense: float, dense_s: float, reference_s: float, keep: float) -> tuple[float, float]:
+    """(offset, scale) of the line through (table, measured) at the dense model and the reference; (0, 1), the table
+    as it is, where the two points cannot define a usable line (a reference no faster in the table or when measured,
+    or a line whose offset alone would exceed the budget)."""
+    if table_dense <= table_reference or dense_s <= reference_s:
+        log.warning("latency model fit skipped: the reference removal is not faster than dense (table %.3f -> %.3f ms, "
+                    "measured %.3f -> %.3f ms)", 1e3 * table_dense, 1e3 * table_reference, 1e3 * dense_s, 1e3 * reference_s)
+        return 0.0, 1.0
+    scale = (dense_s - reference_s) / (table_dense - table_reference)
+    offset = dense_s - scale * table_dense
+    if offset >= keep * dense_s:
+        log.warning("latency model fit skipped: its offset %.3f ms alone is over the budget", 1e3 * offset)
+        return 0.0, 1.0
+    log.info("latency model fitted to measurement: %.3f ms + %.3f x the table (dense %.3f ms, reference %.3f ms measured)",
+             1e3 * offset, scale, 1e3 * dense_s, 1e3 * reference_s)
+    return offset, scale

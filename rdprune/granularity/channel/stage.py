@@ -303,14 +303,19 @@ class ChannelStage(GranularityStage):
             details.update(extra)
             return removal
 
-        lat = self.cfg.latency
+        lat, space = self.cfg.latency, self.space
+        reference = None
+        if lat.fit_to_measurement:  # a uniform cut near the budget: the second point of the fit
+            reference = space.channels_for(channel_baseline("unif", space, self.cost, (1.0 - target) * self.cost.dense))
         checked = meet_measured_latency(
             solve_latency, lambda removal: self._measure(model, removal, lat.repeats, lat.threads),
-            lambda removal: self.cost(counts(removal)), self.cost.dense, 1.0 - target, lat.correction_rounds)
+            lambda removal: self.cost(counts(removal)), self.cost.dense, 1.0 - target, lat.correction_rounds, reference)
         info = {**details, "latency_predicted_ms": 1e3 * checked.predicted_s,
                 "latency_predicted_dense_ms": 1e3 * checked.predicted_dense_s, "latency_first_ms": 1e3 * checked.first_s,
                 "latency_first_dense_ms": 1e3 * checked.first_dense_s, "latency_model_error": checked.model_error,
-                "latency_model_error_absolute": checked.absolute_error, "latency_dense_ms": 1e3 * checked.dense_s,
+                "latency_model_error_absolute": checked.absolute_error, "latency_table_error": checked.table_error,
+                "latency_fit_offset_ms": 1e3 * checked.offset_s, "latency_fit_scale": checked.scale,
+                "latency_dense_ms": 1e3 * checked.dense_s,
                 "latency_ms": 1e3 * checked.pruned_s, "latency_speedup": checked.speedup,
                 "latency_corrections": checked.corrections, **self.latency_setting()}
         return checked.removal, info
