@@ -5,7 +5,8 @@ masks, allocation files) or stop with one line (exit 2, no traceback). Never a s
 result, never a traceback.
 
 The in-process faults patch :func:`rdprune.files._atomic_write`, through which every file of a run
-goes (DeepSpeed's own checkpoint files aside, covered by the torchrun tests). A first, uninterrupted
+goes; DeepSpeed's own checkpoint files, written by its checkpoint engine on every rank, are counted and
+injected under torchrun (``tests/dist_scripts/deepspeed_writes.py``). A first, uninterrupted
 run records the sequence of writes; the fault at write k is injected before write k, for every k.
 Each test counts its outcomes (faults injected / resumed identical / refused with one line) in
 ``OUTCOMES``, printed at the end of the session (``-s`` shows it).
@@ -20,10 +21,12 @@ Counts at the time of writing (faults injected / resumed identical / refused wit
 * every file of a finished run, 3 kinds: 51 / 39 / 12
 * the fast share of the damage (the files a resume reads): 24 / 15 / 9
 * torchrun, 2 ranks: SIGTERM at 5 points 5 / 5 / 0 (each stopped in under 20 s), kill -9 at 3 points 3 / 3 / 0
+* torchrun, 2 ranks, DeepSpeed ZeRO-2: a rank killed before each write of a DeepSpeed checkpoint (rank 0's model
+  states and optimizer shard, rank 1's shard, the marker naming them) 4 / 4 / 0
 
-No silently different result, no traceback. Wall times there: the fast tests 2 min; crash and
-ENOSPC at every write about 8 min together, the two damage tests 3 and 2 min, torchrun SIGTERM 6 min
-and kill -9 3 min.
+No silently different result, no traceback. Wall times in a whole `.ci/run` on the 2-core machine: about 10 minutes
+for the file-level faults and torchrun signals (crash at every kind of write 1.8 min, ENOSPC 1 min, the damage tests
+1.2 and 0.6 min, torchrun SIGTERM 2.3 min and kill -9 1.2 min, the fast tests 2 min), DeepSpeed's writes 2.8 min.
 """
 from __future__ import annotations
 
