@@ -266,6 +266,23 @@ def test_a_model_fitted_to_the_dense_and_a_uniform_measurement_predicts_an_affin
     assert (same.offset_s, same.scale) == (0.0, 1.0)
 
 
+
+def test_a_fit_that_puts_the_budget_out_of_reach_falls_back_to_the_table(caplog):
+    """A noisy fit with a large fixed part must not refuse a budget the table reaches: the measurement decides."""
+    def solve(limit):
+        if limit < 0.3:  # the most pruned model the table knows costs 0.3
+            raise ValueError("out of reach")
+        return {"t": limit}
+
+    def measure(removal):
+        return 1.0, 0.5 + 0.5 * removal["t"]  # 0.5 fixed + 0.5 x table: fitted budget 0.6 -> table limit 0.2
+
+    with caplog.at_level(logging.WARNING, logger="rdprune.granularity.channel.allocation"):
+        result = meet_measured_latency(solve, measure, lambda r: r["t"], 1.0, 0.6, rounds=0, reference={"t": 0.5})
+    assert (result.offset_s, result.scale) == (0.0, 1.0) and result.removal == {"t": 0.6}
+    assert "puts the budget out of reach" in caplog.text
+
+
 def test_the_latency_check_logs_say_when_a_correction_was_needed(caplog):
     """A model under budget at the first measurement logs no correction; a correction names the overshoot that caused it."""
     removals = iter([{"a": 1}, {"a": 2}])

@@ -267,9 +267,17 @@ def meet_measured_latency(
     if reference is not None:
         offset, scale = _fit(predict(reference), predicted_dense, *measure(reference), keep)
     table_dense = predicted_dense
+    limit = keep * (offset + scale * table_dense)  # in the fitted model's seconds; the table's is (limit - offset) / scale
+    try:
+        removal = solve((limit - offset) / scale)
+    except ValueError:
+        if (offset, scale) == (0.0, 1.0):
+            raise
+        log.warning("the latency model fitted to measurement puts the budget out of reach (a fixed %.3f ms of %.3f ms); "
+                    "solving on the table as it is, the measurement decides", 1e3 * offset, 1e3 * limit / keep)
+        offset, scale, limit = 0.0, 1.0, keep * table_dense
+        removal = solve(limit)
     predicted_dense = offset + scale * table_dense
-    limit = keep * predicted_dense  # in the fitted model's seconds; the table's own limit is (limit - offset) / scale
-    removal = solve((limit - offset) / scale)
     table = predict(removal)
     predicted = offset + scale * table
     dense_s, pruned_s = measure(removal)
