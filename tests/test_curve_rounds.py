@@ -79,17 +79,16 @@ def test_curve_rounds_refused_where_they_mean_nothing(extra, says):
         _config(*extra)
 
 
-def test_run_directories_made_before_the_latency_fit_resume_as_they_started():
-    """latency.fit_to_measurement (new, default true) changes only latency budgets: a FLOPs run made before it
-    resumes; a latency run made before it resumes only with the fit off, and says so in one line."""
+def test_run_directories_made_before_the_new_keys_resume_as_they_started():
+    """A run directory of an earlier version (no prune.curve_rounds, no latency.fit_to_measurement) resumes under
+    the defaults; another setting is refused with the value to resume with. The fit counts only for latency budgets."""
     from rdprune.pipeline.loop import resume_key, run_differences
 
-    for budget, expected in (("flops", []), ("latency", ["latency.fit_to_measurement=false"])):
+    for budget, fit in (("flops", []), ("latency", ["latency.fit_to_measurement=false"])):
         cfg = _config(f"prune.budget={budget}")
         old = resume_key(cfg)
         old["latency"].pop("fit_to_measurement", None)  # what a run directory of an earlier version holds
         old["prune"].pop("curve_rounds")
-        assert run_differences(old, cfg) == expected
-        assert run_differences(old, _config(f"prune.budget={budget}", "latency.fit_to_measurement=false")) == []
-        again = _config(f"prune.budget={budget}", "latency.fit_to_measurement=false", "prune.curve_rounds=2")
-        assert run_differences(old, again) == ["prune.curve_rounds=1"]
+        assert run_differences(old, cfg) == []
+        assert run_differences(old, _config(f"prune.budget={budget}", "latency.fit_to_measurement=true")) == fit
+        assert run_differences(old, _config(f"prune.budget={budget}", "prune.curve_rounds=2")) == ["prune.curve_rounds=1"]

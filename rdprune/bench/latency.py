@@ -65,7 +65,7 @@ def _spread(values: list[float]) -> str:
 
 def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float, threads: int, time_limit: float,
                        repeats: int, rounds: int, runtimes: list[str], optimization: str, runs: int, methods: list[str],
-                       round_to: int, fit: bool = True) -> None:
+                       round_to: int, fit: bool = False) -> None:
     """Part 2: ResNet-50 pruned by RD (and the baselines) over channel groups to ``keep`` x its measured latency, in each runtime.
 
     Per runtime and batch, ``runs`` repetitions of: the latency table, with ``fit`` its fit to the dense and a uniform
@@ -150,8 +150,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=1, help="repetitions of table, allocation and measurement")
     parser.add_argument("--methods", nargs="+", default=["rd"], choices=["rd", "unif", "glob"])
     parser.add_argument("--round-to", type=int, default=1, help="keep every group's width a multiple of this")
-    parser.add_argument("--no-fit", dest="fit", action="store_false",
-                        help="use the latency table as it is (no fit to the dense and a uniform model measured first)")
+    parser.add_argument("--fit", action="store_true",
+                        help="fit the latency model to the dense and a uniform model measured first (latency.fit_to_measurement)")
     parser.add_argument("--levels", type=int, default=11)
     parser.add_argument("--inputs", type=int, default=16, help="synthetic calibration inputs for the ResNet-50 curves")
     parser.add_argument("--keep", type=float, default=0.5, help="latency budget as a fraction of the dense latency")

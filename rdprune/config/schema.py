@@ -375,11 +375,11 @@ class LatencyConfig(_Section):
     """Timed forward passes per model when the real latency is measured (median, interleaved)."""
     correction_rounds: int = 3
     """Rounds of re-solving with a tightened budget when the measured latency exceeds it."""
-    fit_to_measurement: bool = True
+    fit_to_measurement: bool = False
     """Channel granularity, latency budget: before the first solve, time the dense model and a uniformly
     pruned one near the budget in the runtime, and fit the latency model through the two (offset +
-    scale x the table): the table times layers one by one and misses per-call overhead and the
-    untimed layers. Costs one timing."""
+    scale x the table). Off by default: on ResNet-50 in ONNX Runtime it made the prediction error
+    worse, not better (docs/benchmarks.md). Costs one timing."""
     runtime: Literal[registry.RUNTIMES.names()] = "torch"
     """What runs the model whose latency counts: torch (PyTorch eager) or onnxruntime (ONNX Runtime's
     CPU execution provider, on the exported ONNX graph: fused convolution + BatchNorm + activation).

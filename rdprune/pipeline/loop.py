@@ -238,7 +238,7 @@ def resume_key(cfg: Config) -> dict:
                 if k not in free.get(s, ()) and (s not in RESUME_ONLY or k in RESUME_ONLY[s])} for s in sections}
 
 
-KEYS_BEFORE_THEY_EXISTED = {"prune": {"ranking": "l2"}, "latency": {"fit_to_measurement": False}}
+KEYS_BEFORE_THEY_EXISTED = {"prune": {"ranking": "l2"}}
 """What a run made before a key existed ran with: a stored resume key that lacks the key compares with
 this, not with the key's current default, so a changed default never switches a resumed run."""
 
