@@ -161,13 +161,18 @@ def _fixed_table(space: ChannelSpace) -> LatencyTable:
     return LatencyTable(grids, other=1e-5)
 
 
-def test_latency_budget_allocation_and_baselines_meet_the_predicted_budget():
+def _latency_problem(levels: int) -> tuple[ChannelSpace, ChannelCost, dict, dict]:
+    """A depthwise network's groups under the fixed latency table, with their curves and level plans."""
     model = lived_in(DepthwiseConcat())
     x = torch.randn(16, 3, 8, 8)
     space = ChannelSpace(model, x[:1])
     cost = ChannelCost(space, "latency", latency=_fixed_table(space))
-    curves = estimate_channel_curves(model, space, x, 5, progress=False)
-    plans = {g: group_plan(space, g, 5, "relative") for g in space.groups}
+    curves = estimate_channel_curves(model, space, x, levels, progress=False)
+    return space, cost, curves, {g: group_plan(space, g, levels, "relative") for g in space.groups}
+
+
+def test_latency_budget_allocation_and_baselines_meet_the_predicted_budget():
+    space, cost, curves, plans = _latency_problem(5)
     limit = 0.5 * cost.dense
     result = allocate_channels(curves, plans, cost, limit)
     assert cost(result.choice) <= limit and result.lower_bound is None
@@ -207,12 +212,7 @@ def test_allocate_levels_is_exact_against_brute_force():
 
 
 def test_measured_latency_over_budget_is_corrected_by_re_solving():
-    model = lived_in(DepthwiseConcat())
-    x = torch.randn(16, 3, 8, 8)
-    space = ChannelSpace(model, x[:1])
-    cost = ChannelCost(space, "latency", latency=_fixed_table(space))
-    curves = estimate_channel_curves(model, space, x, 9, progress=False)
-    plans = {g: group_plan(space, g, 9, "relative") for g in space.groups}
+    space, cost, curves, plans = _latency_problem(9)
     measured = []
 
     def measure(removal):  # the device runs 25 % slower than the table says, except the dense model
@@ -238,12 +238,7 @@ def test_a_model_fitted_to_the_dense_and_a_uniform_measurement_predicts_an_affin
     solution meets the budget without correction, and the row keeps the table's own error beside it."""
     from rdprune.granularity.channel.baselines import channel_baseline
 
-    model = lived_in(DepthwiseConcat())
-    x = torch.randn(16, 3, 8, 8)
-    space = ChannelSpace(model, x[:1])
-    cost = ChannelCost(space, "latency", latency=_fixed_table(space))
-    curves = estimate_channel_curves(model, space, x, 9, progress=False)
-    plans = {g: group_plan(space, g, 9, "relative") for g in space.groups}
+    space, cost, curves, plans = _latency_problem(9)
     overhead = 0.2 * cost.dense
 
     def measure(removal):
