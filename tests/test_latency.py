@@ -1,4 +1,5 @@
 """Latency model: layer discovery, grids, interpolation, the rest-of-network term, JSON, building and timing."""
+import itertools
 import json
 import logging
 
@@ -8,7 +9,9 @@ import torch
 from torch import nn
 
 from rdprune.core.timing import LayerShape, layer_shapes, measure_latency
-from rdprune.granularity.channel.latency import LatencyTable, LayerGrid, channel_values
+from rdprune.granularity.channel.curves import group_plan
+from rdprune.granularity.channel.latency import LatencyTable, LayerGrid, channel_values, level_widths
+from rdprune.granularity.channel.space import ChannelSpace
 
 
 class SmallNet(nn.Module):
@@ -160,6 +163,26 @@ def test_build_on_a_tiny_net(net, one_thread):
     back = LatencyTable.from_json(json.loads(json.dumps(table.to_json())))
     plan = {"stem": (3, 9), "depthwise": (9, 9), "pointwise": (9, 20), "head": (20, 5)}
     assert back.predict(plan) == table.predict(plan) > 0
+
+
+def test_level_widths_are_the_counts_every_allocation_gives_and_the_table_times_exactly_those(net, one_thread):
+    """latency.grid levels: each layer's axes are the (in, out) counts over every combination of the groups'
+    levels (brute force), and the table is timed at those counts, not at more or fewer."""
+    model, x = net
+    space = ChannelSpace(model, x[:1])
+    plans = {g: group_plan(space, g, 5, "relative") for g in space.groups}
+    widths = level_widths(space, plans)
+    seen = {n: (set(), set()) for n in space.layers}
+    for levels in itertools.product(*(p.counts for p in plans.values())):
+        for n, (i, o) in space.kept_channels(dict(zip(plans, levels))).items():
+            seen[n][0].add(i)
+            seen[n][1].add(o)
+    assert widths == {n: (tuple(sorted(ins)), tuple(sorted(outs))) for n, (ins, outs) in seen.items()}
+    assert widths["stem"][0] == (3,) and widths["head"][1] == (5,) and len(widths["pointwise"][1]) == 5
+    table = LatencyTable.build(model, x, layer_shapes(model, x), channel_grid=widths, points=2, threads=1, time_limit_s=1e6)
+    for n, (ins, outs) in widths.items():
+        grid = table.layers[n]
+        assert grid.kept_out == outs and grid.kept_in == (outs if grid.depthwise else ins), n
 
 
 def test_channel_grid_overrides_must_include_the_dense_count(net):

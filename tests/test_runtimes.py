@@ -258,6 +258,22 @@ def test_old_resume_key_without_the_new_settings_still_resumes():
     assert not same_run(stored, other)
 
 
+def test_a_latency_run_made_before_latency_grid_resumes_only_on_its_even_grid():
+    """Tables on the counts the levels give are the new default; a latency run directory made before keeps the
+    even grid it was timed on (the resume key asks for latency.grid=even), a FLOPs run is not concerned."""
+    from rdprune.config import load_config
+    from rdprune.pipeline.loop import resume_key, run_differences
+
+    cfg = load_config(CONFIG, [MODEL, UNTRAINED])
+    assert cfg.prune.budget == "latency" and cfg.latency.grid == "levels"
+    stored = resume_key(cfg)
+    del stored["latency"]["grid"]
+    assert run_differences(stored, cfg) == ["latency.grid=even"]
+    assert not run_differences(stored, load_config(CONFIG, [MODEL, UNTRAINED, "latency.grid=even"]))
+    flops = load_config(CONFIG, [MODEL, UNTRAINED, "prune.budget=flops"])
+    assert "grid" not in resume_key(flops)["latency"]
+
+
 # --------------------------------------------------------------------------------------------- whole run
 
 
@@ -271,6 +287,8 @@ def test_run_in_onnxruntime_times_the_onnx_file_and_says_where(tmp_path):
     run_ok(cmd)
     table = json.loads((out / "latency_table.json").read_text())
     assert table["meta"]["runtime"] == "onnxruntime" and table["meta"]["optimization"] == "all"
+    conv = table["layers"]["features.4"]  # latency.grid levels: timed at the 5 levels' counts, not latency.points 3
+    assert len(conv["kept_in"]) == len(conv["kept_out"]) == 5 and conv["kept_out"][-1] == 16
     row = read_rows(out)[-1]
     assert row["latency_runtime"] == "onnxruntime" and row["latency_batch"] == 64 and row["latency_threads"] == 1
     assert row["latency_device"] == "cpu"

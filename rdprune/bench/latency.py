@@ -34,7 +34,7 @@ from rdprune.granularity.channel.baselines import channel_baseline
 from rdprune.granularity.channel.costs import ChannelCost
 from rdprune.granularity.channel.curves import estimate_channel_curves, group_plan, plain_channel_curves
 from rdprune.granularity.channel.export import remove_channels
-from rdprune.granularity.channel.latency import LatencyTable
+from rdprune.granularity.channel.latency import LatencyTable, level_widths
 from rdprune.granularity.channel.space import ChannelSpace
 from rdprune.models.cifar_resnet import resnet20
 from rdprune.registry import RUNTIMES
@@ -65,7 +65,7 @@ def _spread(values: list[float]) -> str:
 
 def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float, threads: int, time_limit: float,
                        repeats: int, rounds: int, runtimes: list[str], optimization: str, runs: int, methods: list[str],
-                       round_to: int, fit: bool = False) -> None:
+                       round_to: int, fit: bool = False, grid: str = "levels") -> None:
     """Part 2: ResNet-50 pruned by RD (and the baselines) over channel groups to ``keep`` x its measured latency, in each runtime.
 
     Per runtime and batch, ``runs`` repetitions of: the latency table, with ``fit`` its fit to the dense and a uniform
@@ -94,7 +94,9 @@ def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float
             stats: dict[str, dict[str, list[float]]] = {}
             for run in range(runs):
                 begin = time.perf_counter()
-                table = LatencyTable.build(model, example, layer_shapes(model, example), time_limit_s=time_limit, runtime=runtime)
+                widths = level_widths(space, plans) if grid == "levels" else None
+                table = LatencyTable.build(model, example, layer_shapes(model, example), channel_grid=widths, time_limit_s=time_limit,
+                                           runtime=runtime)
                 table_s = time.perf_counter() - begin
                 cost = ChannelCost(space, "latency", latency=table)
 
@@ -152,6 +154,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--round-to", type=int, default=1, help="keep every group's width a multiple of this")
     parser.add_argument("--fit", action="store_true",
                         help="fit the latency model to the dense and a uniform model measured first (latency.fit_to_measurement)")
+    parser.add_argument("--grid", choices=["levels", "even"], default="levels",
+                        help="latency table timed at the widths the levels give (latency.grid levels) or at evenly spaced counts")
     parser.add_argument("--levels", type=int, default=11)
     parser.add_argument("--inputs", type=int, default=16, help="synthetic calibration inputs for the ResNet-50 curves")
     parser.add_argument("--keep", type=float, default=0.5, help="latency budget as a fraction of the dense latency")
@@ -169,5 +173,6 @@ def main(argv: list[str]) -> int:
         curves_against_plain(args.curve_repeats, args.levels)
     if not args.skip_resnet50:
         resnet50_at_budget(args.batches, args.levels, args.inputs, args.keep, args.threads, args.time_limit, args.repeats,
-                           args.rounds, args.runtime, args.optimization, args.runs, args.methods, args.round_to, args.fit)
+                           args.rounds, args.runtime, args.optimization, args.runs, args.methods, args.round_to, args.fit,
+                           args.grid)
     return 0

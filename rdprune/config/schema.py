@@ -40,6 +40,7 @@ def registered_budgets() -> tuple[str, ...]:
 
 GRIDS = ("relative", "absolute")
 ORT_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
+LATENCY_GRIDS = ("levels", "even")
 WEIGHT_DECAY_SKIPS = ("norm", "bias", "embedding")
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -366,8 +367,13 @@ class LatencyConfig(_Section):
     device: Optional[str] = None
     """Where latency is measured: null = the run's device on rank 0 (on a multi-node run, rank 0's
     node), or cpu / cuda to name the deployment device."""
+    grid: Literal[LATENCY_GRIDS] = "levels"
+    """Channel counts at which the latency table times each layer: levels = exactly the counts the
+    allocation can give it (each group on its prune.levels, as the run's first iteration plans them);
+    even = latency.points evenly spaced counts (multiples of 8 or 16), interpolated in between, which
+    misses the steps kernels take between multiples of their vector width (docs/benchmarks.md)."""
     points: int = 11
-    """Channel counts per layer dimension at which the latency table is measured (then interpolated)."""
+    """latency.grid even: channel counts per layer dimension at which the latency table is measured."""
     time_limit_s: float = 300.0
     """Target for the time spent building the latency table (the grid is coarsened to meet it); under
     several ranks distributed.timeout_s must be at least twice it, as the others wait meanwhile."""

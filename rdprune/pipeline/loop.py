@@ -65,7 +65,7 @@ RESUME_FREE = {"finetune": ("checkpoint_every",), "calibration": ("curve_cache",
 RESUME_ONLY = {"distributed": ("precision",)}
 """Sections of which only these keys count: the training precision changes results, the engine,
 timeouts and threads do not (a run may resume under DeepSpeed what DDP started)."""
-LATENCY_BUDGET_ONLY = {"latency": ("fit_to_measurement",)}
+LATENCY_BUDGET_ONLY = {"latency": ("fit_to_measurement", "grid")}
 """Keys that change results only under prune.budget latency (elsewhere a rerun may change them)."""
 
 
@@ -238,7 +238,7 @@ def resume_key(cfg: Config) -> dict:
                 if k not in free.get(s, ()) and (s not in RESUME_ONLY or k in RESUME_ONLY[s])} for s in sections}
 
 
-KEYS_BEFORE_THEY_EXISTED = {"prune": {"ranking": "l2"}}
+KEYS_BEFORE_THEY_EXISTED = {"prune": {"ranking": "l2"}, "latency": {"grid": "even"}}
 """What a run made before a key existed ran with: a stored resume key that lacks the key compares with
 this, not with the key's current default, so a changed default never switches a resumed run."""
 

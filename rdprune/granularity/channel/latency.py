@@ -27,6 +27,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,10 @@ from tqdm import tqdm
 
 from rdprune.core.runtimes import Runtime, TorchRuntime, fused_activations
 from rdprune.core.timing import LayerShape, interleaved_samples, torch_threads
+
+if TYPE_CHECKING:  # a space's widths are read, never built, here
+    from rdprune.core.curves import UnitPlan
+    from rdprune.granularity.channel.space import ChannelSpace
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +209,28 @@ def _plan_points(pending: Sequence[tuple[tuple[tuple[int, ...], ...], float]], p
     return 2
 
 
+def level_widths(space: ChannelSpace, plans: Mapping[str, UnitPlan]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per convolution and linear layer of ``space``: the (kept in, kept out) channel counts an allocation on ``plans`` can give it.
+
+    Each group is moved through its plan's levels with every other group where it is now; a layer's axis is the
+    union of the counts its dimension takes, plus its dense count (a table's axes end there). A latency table
+    timed on these counts (``LatencyTable.build(channel_grid=...)``) is exact at every width the allocation
+    chooses, where interpolating between even counts misses the steps kernels take between multiples of their
+    vector width (an ONNX Runtime convolution keeping 57 output channels costs what it costs at 64).
+    """
+    current = {g: space.removed(g) for g in space.groups}
+    dense = space.kept_channels({})
+    axes = {name: ({i, kept[0]}, {o, kept[1]}) for (name, (i, o)), kept in zip(dense.items(), space.kept_channels(current).values())}
+    for group, plan in plans.items():
+        touched = {s.layer for s in space.groups[group].slices}
+        for count in plan.counts:
+            kept = space.kept_channels({**current, group: count})
+            for name in touched:
+                axes[name][0].add(kept[name][0])
+                axes[name][1].add(kept[name][1])
+    return {name: (tuple(sorted(ins)), tuple(sorted(outs))) for name, (ins, outs) in axes.items()}
+
+
 # ---------------------------------------------------------------------------------------------- table
 
 
@@ -302,6 +329,9 @@ class LatencyTable:
         the grids then take what is left of `time_limit_s`, coarsened (with a warning) when the estimate says
         the remaining layers would not fit.
 
+        ``channel_grid`` (:func:`level_widths`): the (kept in, kept out) counts to time per layer, instead of
+        ``points`` evenly spaced ones (:func:`channel_values`); each must end at the dense count.
+
         ``runtime`` (default: torch eager on `device` with `threads`) is what is timed; its :meth:`Runtime.key`
         goes into ``meta``. A runtime that runs layers of its own (ONNX Runtime: fused graphs) is timed by
         :meth:`_build_separate`.
@@ -309,6 +339,8 @@ class LatencyTable:
         if runtime is None:
             runtime = TorchRuntime(threads, device)
         device, threads = runtime.device, runtime.threads
+        if channel_grid:  # given counts are all timed while the time limit allows (coarsened only to meet it)
+            points = max(points, *(len(axis) for axes in channel_grid.values() for axis in axes))
         if runtime.separate_layers:
             return cls._build_separate(model, example, shapes, runtime, channel_grid, points, time_limit_s, progress)
         start = time.perf_counter()

@@ -41,7 +41,7 @@ from rdprune.granularity.channel.costs import ChannelCost
 from rdprune.granularity.channel.curves import estimate_channel_curves, group_plan
 from rdprune.granularity.channel.deploy import mark_deploy, summary_line, time_formats
 from rdprune.granularity.channel.export import remove_channels, require_onnx, save_exported
-from rdprune.granularity.channel.latency import LatencyTable
+from rdprune.granularity.channel.latency import LatencyTable, level_widths
 from rdprune.granularity.channel.peers import NEEDS_LABELS as PEER_LABELS
 from rdprune.granularity.channel.peers import PEERS, Channels, peer_channels
 from rdprune.granularity.channel.ranking import NEEDS_LABELS, rank_channels
@@ -169,7 +169,11 @@ class ChannelStage(GranularityStage):
         if runtime.separate_layers:  # a model or layer the runtime cannot run: one line, before any timing
             with torch.no_grad():
                 runtime.check_model(copy.deepcopy(model).cpu().eval(), latency_example.cpu(), layer_shapes(model, example))
-        table = _latency_table(cfg, model, latency_example, dist, setup.out, runtime) if cfg.prune.budget == "latency" else None
+        table = None
+        if cfg.prune.budget == "latency":
+            plans = {g: group_plan(space, g, cfg.prune.levels, cfg.prune.grid, round_to=cfg.prune.round_to) for g in space.groups}
+            widths = level_widths(space, plans) if cfg.latency.grid == "levels" else None
+            table = _latency_table(cfg, model, latency_example, dist, setup.out, runtime, widths)
         cost = ChannelCost(space, cfg.prune.budget, flops=flops, latency=table)
         stage = cls(cfg, dist, setup.out, space, cost, flops, table, latency_example, runtime)
         stage.check_reachable(cfg.prune.target_sparsity)
@@ -404,8 +408,11 @@ def check_round_to(space: ChannelSpace, round_to: int) -> None:
 
 
 def _latency_table(cfg: Config, model: nn.Module, example: torch.Tensor, dist: DistInfo, out: RunLayout,
-                   runtime: Runtime | None = None) -> LatencyTable:
-    """The latency table: built (or reused, if it was measured alike) on rank 0 while the other ranks wait at the broadcast."""
+                   runtime: Runtime | None = None, widths: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+                   ) -> LatencyTable:
+    """The latency table: built (or reused, if it was measured alike) on rank 0 while the other ranks wait at the broadcast.
+
+    ``widths`` (latency.grid levels): each layer's channel counts to time, else latency.points evenly spaced ones."""
     check_latency_wait(cfg, dist)
     runtime = runtime or runtime_of(cfg.latency, example.device)
 
@@ -416,7 +423,7 @@ def _latency_table(cfg: Config, model: nn.Module, example: torch.Tensor, dist: D
         probe = copy.deepcopy(model).to(example.device).eval()
         log.info("latency table: timing the layers of %s at batch %d in %s (at most %.0f s)",
                  cfg.model.name, len(example), runtime.describe(), cfg.latency.time_limit_s)
-        return LatencyTable.build(probe, example, layer_shapes(probe, example), points=cfg.latency.points,
+        return LatencyTable.build(probe, example, layer_shapes(probe, example), points=cfg.latency.points, channel_grid=widths,
                                   time_limit_s=cfg.latency.time_limit_s, progress=cfg.run.progress, runtime=runtime).to_json()
 
     return LatencyTable.from_json(shared_table(out.latency_table, resume=cfg.run.resume, dist=dist, check=check, build=build,
