@@ -17,7 +17,9 @@ coupled channels, with weights, FLOPs or a measured latency as the budget::
     space = rdprune.ChannelSpace(model, example_input)
     curves = rdprune.estimate_channel_curves(model, space, calibration_inputs, levels=11)
     plans = {g: rdprune.group_plan(space, g, 11, "relative") for g in space.groups}
-    cost = rdprune.ChannelCost(space, "latency", latency=rdprune.LatencyTable.build(model, batch, rdprune.layer_shapes(model, batch)))
+    widths = rdprune.level_widths(space, plans)  # time each layer at exactly the channel counts the levels give
+    table = rdprune.LatencyTable.build(model, batch, rdprune.layer_shapes(model, batch), channel_grid=widths)
+    cost = rdprune.ChannelCost(space, "latency", latency=table)
     removal = rdprune.allocate_channels(curves, plans, cost, 0.5 * cost.total).choice
     smaller = rdprune.remove_channels(model, example_input, space.removed_indices(removal))
 
@@ -71,6 +73,7 @@ _LAZY = {
     "remove_channels": "rdprune.granularity.channel.export:remove_channels",
     "save_exported": "rdprune.granularity.channel.export:save_exported",
     "LatencyTable": "rdprune.granularity.channel.latency:LatencyTable",
+    "level_widths": "rdprune.granularity.channel.latency:level_widths",
     "ChannelSpace": "rdprune.granularity.channel.space:ChannelSpace",
     "to_two_four": "rdprune.granularity.two_four.kernels:to_two_four",
     "allocate_two_four": "rdprune.granularity.two_four.units:allocate_two_four",
@@ -131,6 +134,7 @@ __all__ = [
     "group_plan",
     "layer_shapes",
     "layer_sparsity",
+    "level_widths",
     "load_masks",
     "load_model",
     "max_amounts",

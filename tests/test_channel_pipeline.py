@@ -31,7 +31,7 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def channel_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("channels") / "run"
-    _run(out)
+    (out.parent / "stderr.txt").write_text(_run(out).stderr)
     return out
 
 
@@ -46,6 +46,21 @@ def test_latency_rows_record_prediction_measurement_and_additivity(channel_run):
         assert r["distortion_lower_bound"] is None  # no provable bound for a measured latency table
     table = json.loads((channel_run / "latency_table.json").read_text())
     assert table["layers"]
+
+
+def test_the_second_iteration_retimes_the_table_at_its_own_levels_and_chooses_counts_it_timed(channel_run):
+    """latency.grid levels: iteration 2's levels start from what iteration 1 removed, so its counts are timed anew
+    (once); the final widths of every layer are counts of the table in the run directory, not interpolated."""
+    import rdprune
+
+    assert (channel_run.parent / "stderr.txt").read_text().count("the table was not timed at; timing them") == 1
+    table = json.loads((channel_run / "latency_table.json").read_text())["layers"]
+    model = rdprune.load_model(channel_run)
+    for name, module in prunable_layers(model).items():
+        w = module.weight.detach()
+        kept_out = int((w.flatten(1).abs().sum(1) > 0).sum())
+        kept_in = int((w.transpose(0, 1).flatten(1).abs().sum(1) > 0).sum())
+        assert kept_out in table[name]["kept_out"] and kept_in in table[name]["kept_in"], (name, kept_in, kept_out)
 
 
 def test_masked_final_model_and_exported_smaller_model_agree(channel_run):

@@ -83,6 +83,14 @@ def test_onnxruntime_table_is_built_by_onnxruntime(monkeypatch):
     assert LatencyTable.from_json(json.loads(json.dumps(table.to_json()))).meta == table.meta
 
 
+def test_onnxruntime_op_times_split_the_profile_by_node_type():
+    """What the bench's --profile prints: the exported model's time per node type, convolutions included."""
+    model, x = _net(), torch.randn(2, 3, 12, 12)
+    ops = OnnxRuntime(threads=1).op_times(model, x, runs=3, warmup=1)
+    assert {"Conv", "FusedConv"} & set(ops) and "Gemm" in ops
+    assert all(t >= 0 for t in ops.values()) and sum(ops.values()) > 0
+
+
 def test_fused_activations_follow_batchnorm_into_relu():
     model, x = _net(), torch.randn(1, 3, 8, 8)
     assert fused_activations(model, x, list(layer_shapes(model, x))) == {"conv1", "conv2"}

@@ -12,7 +12,9 @@ Two parts, both on one CPU thread by default:
    latency (RD, and ``--methods`` baselines), then dense and the physically smaller model timed
    interleaved in the runtime. Prints ``speedup N.NNx``, the predicted and measured fraction of the
    dense latency before any correction, the corrections, and per runtime and batch the median and
-   range over ``--runs`` repetitions.
+   range over ``--runs`` repetitions. The latency table is timed at the channel counts the levels give
+   (``--grid levels``, as runs do by default) or at evenly spaced counts (``--grid even``);
+   ``--profile`` adds, in ONNX Runtime, the time per node type of the dense and the pruned model.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def _spread(values: list[float]) -> str:
 
 def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float, threads: int, time_limit: float,
                        repeats: int, rounds: int, runtimes: list[str], optimization: str, runs: int, methods: list[str],
-                       round_to: int, fit: bool = False, grid: str = "levels") -> None:
+                       round_to: int, fit: bool = False, grid: str = "levels", profile: bool = False) -> None:
     """Part 2: ResNet-50 pruned by RD (and the baselines) over channel groups to ``keep`` x its measured latency, in each runtime.
 
     Per runtime and batch, ``runs`` repetitions of: the latency table, with ``fit`` its fit to the dense and a uniform
@@ -120,6 +122,12 @@ def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float
                     reference = channel_baseline("unif", space, cost, keep * cost.dense, current) if fit else None
                     checked = meet_measured_latency(solve, measure, cost, cost.dense, keep, rounds if method == "rd" else 0,
                                                     reference)
+                    if profile and run == 0 and hasattr(runtime, "op_times"):
+                        final = remove_channels(copy.deepcopy(model), example[:1], space.removed_indices(checked.removal))
+                        for label, m in (("dense", model), (f"{method} pruned", final)):
+                            ops = sorted(runtime.op_times(m, example).items(), key=lambda kv: -kv[1])
+                            print(f"PROFILE {name} batch {batch} {label}, ms per op type: "
+                                  + ", ".join(f"{op} {1e3 * t:.2f}" for op, t in ops), flush=True)
                     row = stats.setdefault(method, {"speedup": [], "error": [], "table_error": [], "corrections": [],
                                                     "first_speedup": []})
                     row["speedup"].append(checked.speedup)
@@ -156,6 +164,8 @@ def main(argv: list[str]) -> int:
                         help="fit the latency model to the dense and a uniform model measured first (latency.fit_to_measurement)")
     parser.add_argument("--grid", choices=["levels", "even"], default="levels",
                         help="latency table timed at the widths the levels give (latency.grid levels) or at evenly spaced counts")
+    parser.add_argument("--profile", action="store_true",
+                        help="onnxruntime: after the first run, the time per node type of the dense and the pruned model")
     parser.add_argument("--levels", type=int, default=11)
     parser.add_argument("--inputs", type=int, default=16, help="synthetic calibration inputs for the ResNet-50 curves")
     parser.add_argument("--keep", type=float, default=0.5, help="latency budget as a fraction of the dense latency")
@@ -174,5 +184,5 @@ def main(argv: list[str]) -> int:
     if not args.skip_resnet50:
         resnet50_at_budget(args.batches, args.levels, args.inputs, args.keep, args.threads, args.time_limit, args.repeats,
                            args.rounds, args.runtime, args.optimization, args.runs, args.methods, args.round_to, args.fit,
-                           args.grid)
+                           args.grid, args.profile)
     return 0

@@ -413,6 +413,14 @@ class LatencyTable:
                 "fused_activations": len(fused), "build_seconds": time.perf_counter() - start}
         return cls(layers, other, meta)
 
+    def covers(self, channel_grid: Mapping[str, tuple[Sequence[int], Sequence[int]]]) -> bool:
+        """Whether every (kept in, kept out) count of ``channel_grid`` (:func:`level_widths`) was timed, not interpolated."""
+        for name, (ins, outs) in channel_grid.items():
+            grid = self.layers[name]
+            if not (set(outs) <= set(grid.kept_out) and set(ins if not grid.depthwise else outs) <= set(grid.kept_in)):
+                return False
+        return True
+
     def layer_time(self, name: str, kept_in: int, kept_out: int) -> float:
         """Interpolated seconds of layer `name` keeping (kept_in, kept_out) channels."""
         return self.layers[name].time(kept_in, kept_out)

@@ -23,6 +23,7 @@ from torch import nn
 from rdprune import distributed, registry
 from rdprune.config import Config
 from rdprune.core.batchnorm import batch_statistics
+from rdprune.core.curves import UnitPlan
 from rdprune.core.grid import Curve, Grid
 from rdprune.core.layers import layer_flops
 from rdprune.core.masks import enforce_masks
@@ -115,6 +116,11 @@ def sharded_channel_curves(
     return sharded_unit_curves(model, batches, dist, plan, estimate, list(space.groups), "channel curve estimation")
 
 
+def level_plans(cfg: Config, space: ChannelSpace) -> dict[str, UnitPlan]:
+    """Every group's levels this iteration, as the curves and RD take them (from what each group has removed now)."""
+    return {g: group_plan(space, g, cfg.prune.levels, cfg.prune.grid, round_to=cfg.prune.round_to) for g in space.groups}
+
+
 @dataclass
 class Rounds:
     """RD's curves of an iteration's last round, and the row info of the rounds before it (``prune.curve_rounds``)."""
@@ -171,8 +177,7 @@ class ChannelStage(GranularityStage):
                 runtime.check_model(copy.deepcopy(model).cpu().eval(), latency_example.cpu(), layer_shapes(model, example))
         table = None
         if cfg.prune.budget == "latency":
-            plans = {g: group_plan(space, g, cfg.prune.levels, cfg.prune.grid, round_to=cfg.prune.round_to) for g in space.groups}
-            widths = level_widths(space, plans) if cfg.latency.grid == "levels" else None
+            widths = level_widths(space, level_plans(cfg, space)) if cfg.latency.grid == "levels" else None
             table = _latency_table(cfg, model, latency_example, dist, setup.out, runtime, widths)
         cost = ChannelCost(space, cfg.prune.budget, flops=flops, latency=table)
         stage = cls(cfg, dist, setup.out, space, cost, flops, table, latency_example, runtime)
@@ -246,8 +251,7 @@ class ChannelStage(GranularityStage):
             )
 
         def rd(curves: dict[str, Curve], limit: float) -> tuple[Channels, dict]:
-            plans = {g: group_plan(space, g, cfg.prune.levels, cfg.prune.grid, round_to=cfg.prune.round_to) for g in space.groups}
-            alloc = allocate_channels(curves, plans, cost, limit)
+            alloc = allocate_channels(curves, level_plans(cfg, space), self.cost, limit)
             return space.channels_for(alloc.choice), {"distortion_predicted": alloc.distortion,
                                                        "distortion_lower_bound": alloc.lower_bound,
                                                        "allocation_rounds": alloc.rounds}
@@ -270,6 +274,9 @@ class ChannelStage(GranularityStage):
             return Rounds(estimate(), earlier)
 
         def solve(found: Rounds | None) -> tuple[Channels, dict]:
+            self._refresh_table(model)
+            cost = self.cost
+
             def allocate(limit: float) -> tuple[Channels, dict]:
                 if cfg.prune.method in PEERS:
                     return peer_channels(cfg.prune.method, space, cost, limit, self.example, [space.output_layer, *cfg.prune.skip],
@@ -296,6 +303,20 @@ class ChannelStage(GranularityStage):
         masks = space.channel_masks(removal)
         enforce_masks(self.layers, masks)
         return Choice(masks, info, None if found is None else found.curves)
+
+    def _refresh_table(self, model: nn.Module) -> None:
+        """latency.grid levels, rank 0: time the table again when this iteration's levels give channel counts it
+        was not timed at (an iteration after the first starts from what the earlier ones removed), so that the
+        allocation prices exactly the counts it chooses from; the run directory keeps the newest table."""
+        if self.table is None or self.cfg.latency.grid != "levels":
+            return
+        widths = level_widths(self.space, level_plans(self.cfg, self.space))
+        if self.table.covers(widths):
+            return
+        log.info("latency table: this iteration's levels give channel counts the table was not timed at; timing them")
+        self.table = LatencyTable.from_json(_build_table(self.cfg, model, self.latency_example, self.runtime, widths))
+        self.cost = ChannelCost(self.space, self.cfg.prune.budget, flops=self.flops, latency=self.table)
+        write_json(self.out.latency_table, self.table.to_json())
 
     def _meet_latency(self, model: nn.Module, allocate: Callable[[float], tuple[Channels, dict]],
                       target: float) -> tuple[Channels, dict]:
@@ -419,12 +440,16 @@ def _latency_table(cfg: Config, model: nn.Module, example: torch.Tensor, dist: D
     def check(data: dict) -> str | None:
         return table_key_problem(LatencyTable.from_json(data).meta, runtime, len(example))
 
-    def build() -> dict:
-        probe = copy.deepcopy(model).to(example.device).eval()
-        log.info("latency table: timing the layers of %s at batch %d in %s (at most %.0f s)",
-                 cfg.model.name, len(example), runtime.describe(), cfg.latency.time_limit_s)
-        return LatencyTable.build(probe, example, layer_shapes(probe, example), points=cfg.latency.points, channel_grid=widths,
-                                  time_limit_s=cfg.latency.time_limit_s, progress=cfg.run.progress, runtime=runtime).to_json()
-
-    return LatencyTable.from_json(shared_table(out.latency_table, resume=cfg.run.resume, dist=dist, check=check, build=build,
+    return LatencyTable.from_json(shared_table(out.latency_table, resume=cfg.run.resume, dist=dist, check=check,
+                                               build=lambda: _build_table(cfg, model, example, runtime, widths),
                                                what="latency table"))
+
+
+def _build_table(cfg: Config, model: nn.Module, example: torch.Tensor, runtime: Runtime,
+                 widths: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] | None) -> dict:
+    """A latency table of ``model`` timed now in ``runtime`` (JSON form), on ``widths`` or latency.points even counts."""
+    probe = copy.deepcopy(model).to(example.device).eval()
+    log.info("latency table: timing the layers of %s at batch %d in %s (at most %.0f s)",
+             cfg.model.name, len(example), runtime.describe(), cfg.latency.time_limit_s)
+    return LatencyTable.build(probe, example, layer_shapes(probe, example), points=cfg.latency.points, channel_grid=widths,
+                              time_limit_s=cfg.latency.time_limit_s, progress=cfg.run.progress, runtime=runtime).to_json()
