@@ -180,9 +180,21 @@ def test_level_widths_are_the_counts_every_allocation_gives_and_the_table_times_
     assert widths == {n: (tuple(sorted(ins)), tuple(sorted(outs))) for n, (ins, outs) in seen.items()}
     assert widths["stem"][0] == (3,) and widths["head"][1] == (5,) and len(widths["pointwise"][1]) == 5
     table = LatencyTable.build(model, x, layer_shapes(model, x), channel_grid=widths, points=2, threads=1, time_limit_s=1e6)
+    assert table.covers(widths) and table.meta["channel_grid"]["pointwise"] == [list(a) for a in widths["pointwise"]]
     for n, (ins, outs) in widths.items():
         grid = table.layers[n]
         assert grid.kept_out == outs and grid.kept_in == (outs if grid.depthwise else ins), n
+
+
+def test_a_table_covers_the_counts_it_timed_or_was_asked_for():
+    """What decides whether an iteration times its table again: counts timed, or asked for and coarsened away by
+    the time limit (timing again would coarsen them again), survive the JSON round trip."""
+    table = fixed_table()  # conv: (1, 5, 9) x (2, 4, 8, 16); depthwise: (1, 3, 9)
+    assert table.covers({"conv": ((1, 9), (4, 16)), "dw": ((3, 9), (3, 9))})
+    assert not table.covers({"conv": ((1, 9), (5, 16))}) and not table.covers({"dw": ((2,), (2,))})
+    table.meta["channel_grid"] = {"conv": [[1, 5, 9], [2, 4, 5, 8, 16]]}
+    back = LatencyTable.from_json(json.loads(json.dumps(table.to_json())))
+    assert back.covers({"conv": ((1, 9), (5, 16))}) and not back.covers({"conv": ((1, 9), (6, 16))})
 
 
 def test_channel_grid_overrides_must_include_the_dense_count(net):

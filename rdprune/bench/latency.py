@@ -15,6 +15,8 @@ Two parts, both on one CPU thread by default:
    range over ``--runs`` repetitions. The latency table is timed at the channel counts the levels give
    (``--grid levels``, as runs do by default) or at evenly spaced counts (``--grid even``);
    ``--profile`` adds, in ONNX Runtime, the time per node type of the dense and the pruned model.
+3. ``--steps`` (alone): one 3x3 convolution timed by itself in each runtime at output counts around
+   and between multiples of 8, reading 56, 60 or 64 channels.
 """
 from __future__ import annotations
 
@@ -30,13 +32,13 @@ from torchvision.models import resnet50
 from rdprune.bench.report import compare_line, interleaved, machine_line
 from rdprune.core.curves import synthetic_inputs
 from rdprune.core.runtimes import make_runtime
-from rdprune.core.timing import layer_shapes
+from rdprune.core.timing import LayerShape, layer_shapes
 from rdprune.granularity.channel.allocation import allocate_channels, meet_measured_latency
 from rdprune.granularity.channel.baselines import channel_baseline
 from rdprune.granularity.channel.costs import ChannelCost
 from rdprune.granularity.channel.curves import estimate_channel_curves, group_plan, plain_channel_curves
 from rdprune.granularity.channel.export import remove_channels
-from rdprune.granularity.channel.latency import LatencyTable, level_widths
+from rdprune.granularity.channel.latency import LatencyTable, level_widths, torch_layer_calls
 from rdprune.granularity.channel.space import ChannelSpace
 from rdprune.models.cifar_resnet import resnet20
 from rdprune.registry import RUNTIMES
@@ -58,6 +60,22 @@ def curves_against_plain(repeats: int, levels: int) -> None:
     print(f"ResNet-20 (projection shortcuts), {len(space.groups)} channel groups, {levels} levels, 64 inputs 1x28x28:")
     print(compare_line("channel curves, rdprune vs plain loop", [t.wall for t in timings["plain"]], [t.wall for t in timings["fast"]]))
     print(f"largest difference from the plain loop: {worst:.1e} of the curve's scale (tolerance 1e-6)")
+
+
+def width_steps(runtimes: list[str], threads: int, optimization: str, batch: int, repeats: int) -> None:
+    """Part 3 (``--steps``): one ResNet-50 3x3 convolution (64 -> 64 channels on 56x56) alone in each runtime, at kept
+    counts around and between multiples of 8: the steps a table interpolated between even counts misses."""
+    shape = LayerShape("layer1.0.conv2", "conv2d", 64, 64, (3, 3), (1, 1), (1, 1), in_hw=(56, 56), out_hw=(56, 56))
+    outs = [48, 52, 56, 57, 60, 63, 64]
+    for name in runtimes:
+        runtime = make_runtime(name, threads, "cpu", optimization)
+        for kept_in in (56, 60, 64):
+            calls = runtime.layer_calls(shape, batch, kept_in, outs, 1, True)
+            if calls is None:  # torch: the table's own torch.nn.functional calls
+                calls = torch_layer_calls(shape, batch, torch.device("cpu"), kept_in, outs, 1)
+            times = runtime.medians(calls, repeats, 5)
+            print(f"STEPS {runtime.describe()}, batch {batch}, 3x3 conv on 56x56 reading {kept_in} channels, ms by output "
+                  "channels kept: " + ", ".join(f"{o}: {1e3 * t:.3f}" for o, t in zip(outs, times)), flush=True)
 
 
 def _spread(values: list[float]) -> str:
@@ -166,6 +184,8 @@ def main(argv: list[str]) -> int:
                         help="latency table timed at the widths the levels give (latency.grid levels) or at evenly spaced counts")
     parser.add_argument("--profile", action="store_true",
                         help="onnxruntime: after the first run, the time per node type of the dense and the pruned model")
+    parser.add_argument("--steps", action="store_true",
+                        help="only one 3x3 convolution alone, at output counts around multiples of 8, in each runtime")
     parser.add_argument("--levels", type=int, default=11)
     parser.add_argument("--inputs", type=int, default=16, help="synthetic calibration inputs for the ResNet-50 curves")
     parser.add_argument("--keep", type=float, default=0.5, help="latency budget as a fraction of the dense latency")
@@ -179,6 +199,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(machine_line(args.threads))
+    if args.steps:
+        width_steps(args.runtime, args.threads, args.optimization, args.batches[0], args.repeats)
+        return 0
     if not args.skip_curves:
         curves_against_plain(args.curve_repeats, args.levels)
     if not args.skip_resnet50:

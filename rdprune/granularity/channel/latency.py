@@ -146,7 +146,8 @@ def _coarse_grid(full: tuple[tuple[int, ...], ...], points: int) -> tuple[tuple[
 # ------------------------------------------------------------------------------------- layer timing
 
 
-def _layer_calls(shape: LayerShape, batch: int, device: torch.device, kept_in: int, outs: Sequence[int], groups: int) -> list[Callable]:
+def torch_layer_calls(shape: LayerShape, batch: int, device: torch.device, kept_in: int, outs: Sequence[int],
+                      groups: int) -> list[Callable]:
     """One call per kept-out count, all sharing one random input and one weight (out-prefix views stay contiguous)."""
     top = max(outs)
     bias = torch.randn(top, device=device) if shape.bias else None
@@ -171,7 +172,7 @@ def _time_grid(shape: LayerShape, grid: tuple[tuple[int, ...], ...], batch: int,
     """
     in_place = make is not None
     if make is None:
-        make = functools.partial(_layer_calls, shape, batch, device)
+        make = functools.partial(torch_layer_calls, shape, batch, device)
     if shape.depthwise:
         rows = [lambda: [make(c, [c], c)[0] for c in grid[0]]]
     else:
@@ -342,7 +343,8 @@ class LatencyTable:
         if channel_grid:  # given counts are all timed while the time limit allows (coarsened only to meet it)
             points = max(points, *(len(axis) for axes in channel_grid.values() for axis in axes))
         if runtime.separate_layers:
-            return cls._build_separate(model, example, shapes, runtime, channel_grid, points, time_limit_s, progress)
+            table = cls._build_separate(model, example, shapes, runtime, channel_grid, points, time_limit_s, progress)
+            return table._asked(channel_grid)
         start = time.perf_counter()
         example = example.to(device)
         batch = int(example.shape[0])
@@ -360,7 +362,13 @@ class LatencyTable:
         layers = {name: layers[name] for name in shapes}
         meta = {**runtime.key(), "batch": batch, "measured_dense": other + sum(inside.values()),
                 "build_seconds": time.perf_counter() - start}
-        return cls(layers, other, meta)
+        return cls(layers, other, meta)._asked(channel_grid)
+
+    def _asked(self, channel_grid: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None) -> LatencyTable:
+        """Record the counts the build was asked to time (the time limit may have coarsened them) in ``meta``."""
+        if channel_grid:
+            self.meta["channel_grid"] = {name: [[int(v) for v in axis] for axis in axes] for name, axes in channel_grid.items()}
+        return self
 
     @classmethod
     def _build_separate(cls, model: nn.Module, example: torch.Tensor, shapes: Mapping[str, LayerShape], runtime: Runtime,
@@ -414,10 +422,13 @@ class LatencyTable:
         return cls(layers, other, meta)
 
     def covers(self, channel_grid: Mapping[str, tuple[Sequence[int], Sequence[int]]]) -> bool:
-        """Whether every (kept in, kept out) count of ``channel_grid`` (:func:`level_widths`) was timed, not interpolated."""
+        """Whether the table was built for every (kept in, kept out) count of ``channel_grid`` (:func:`level_widths`):
+        timed, or asked for and left out by the build's time limit (timing again would leave it out again)."""
+        asked = self.meta.get("channel_grid", {})
         for name, (ins, outs) in channel_grid.items():
             grid = self.layers[name]
-            if not (set(outs) <= set(grid.kept_out) and set(ins if not grid.depthwise else outs) <= set(grid.kept_in)):
+            kept_in, kept_out = [set(axis) for axis in asked.get(name, ((), ()))]
+            if not (set(outs) <= set(grid.kept_out) | kept_out and set(outs if grid.depthwise else ins) <= set(grid.kept_in) | kept_in):
                 return False
         return True
 

@@ -307,7 +307,8 @@ class ChannelStage(GranularityStage):
     def _refresh_table(self, model: nn.Module) -> None:
         """latency.grid levels, rank 0: time the table again when this iteration's levels give channel counts it
         was not timed at (an iteration after the first starts from what the earlier ones removed), so that the
-        allocation prices exactly the counts it chooses from; the run directory keeps the newest table."""
+        allocation prices exactly the counts it chooses from; the run directory keeps the newest table. Only rank 0
+        solves, so the other ranks keep the first table (it served them only to check the target's reach)."""
         if self.table is None or self.cfg.latency.grid != "levels":
             return
         widths = level_widths(self.space, level_plans(self.cfg, self.space))
