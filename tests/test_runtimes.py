@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from rdprune.core.grid import Curve
-from rdprune.core.runtimes import OnnxRuntime, TorchRuntime, fused_activations, make_runtime
+from rdprune.core.runtimes import OnnxRuntime, TorchRuntime, fused_neighbours, make_runtime
 from rdprune.core.timing import layer_shapes
 from rdprune.errors import UserError
 from rdprune.granularity.channel.allocation import allocate_channels
@@ -57,9 +57,9 @@ def test_onnxruntime_table_is_built_by_onnxruntime(monkeypatch):
     seen, profiled = [], []
     layer_calls, inside_times = OnnxRuntime.layer_calls, OnnxRuntime.inside_times
 
-    def spy_calls(self, shape, batch, kept_in, outs, groups, activation):
+    def spy_calls(self, shape, batch, kept_in, outs, groups, activation, residual=False):
         seen.append((shape.name, kept_in, tuple(outs), activation))
-        return layer_calls(self, shape, batch, kept_in, outs, groups, activation)
+        return layer_calls(self, shape, batch, kept_in, outs, groups, activation, residual)
 
     def spy_inside(self, *args, **kwargs):
         result = inside_times(self, *args, **kwargs)
@@ -91,9 +91,48 @@ def test_onnxruntime_op_times_split_the_profile_by_node_type():
     assert all(t >= 0 for t in ops.values()) and sum(ops.values()) > 0
 
 
-def test_fused_activations_follow_batchnorm_into_relu():
+class ResidualNet(nn.Module):
+    """A stem, then a block whose second convolution's output is added to the block's input before the ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.conv1, self.bn1 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(y)) + x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_fused_neighbours_read_the_exported_graph():
+    """ReLUs after BatchNorm, and a residual addition before one: what ONNX Runtime fuses into a convolution."""
     model, x = _net(), torch.randn(1, 3, 8, 8)
-    assert fused_activations(model, x, list(layer_shapes(model, x))) == {"conv1", "conv2"}
+    assert fused_neighbours(model, x, layer_shapes(model, x)) == ({"conv1", "conv2"}, set())
+    torch.manual_seed(0)
+    model = ResidualNet().eval()
+    assert fused_neighbours(model, x, layer_shapes(model, x)) == ({"stem", "conv1", "conv2"}, {"conv2"})
+
+
+def test_a_residual_layer_is_timed_with_its_addition_and_activation():
+    """The single-layer graph of a residual convolution adds its second input before the ReLU (the values prove it)."""
+    from rdprune.core.runtimes import layer_graph
+
+    shape = layer_shapes(ResidualNet().eval(), torch.zeros(1, 3, 8, 8))["conv2"]
+    runtime = OnnxRuntime(threads=1)
+    session = runtime.session(layer_graph(shape, 16, 12, 1, True, np.random.default_rng(0), residual=True))
+    assert [i.name for i in session.get_inputs()] == ["x", "r"]
+    x = np.zeros((2, 16, 8, 8), np.float32)
+    r = np.random.default_rng(1).standard_normal((2, 12, 8, 8), dtype=np.float32)
+    bias = np.random.default_rng(0)  # the graph's bias follows its weight in the generator: recompute both
+    bias.standard_normal((12, 16, 3, 3), dtype=np.float32)
+    expected = np.maximum(r + bias.standard_normal(12, dtype=np.float32)[None, :, None, None], 0)
+    assert np.allclose(session.run(None, {"x": x, "r": r})[0], expected, atol=1e-6)
+    calls = runtime.layer_calls(shape, 2, 16, [8, 16], 1, True, residual=True)
+    assert len(calls) == 2 and calls[1]()[0].shape == (2, 16, 8, 8)
 
 
 def test_torch_table_records_its_runtime():

@@ -11,7 +11,8 @@ setting, and tells a latency table what it runs per layer. Built in (names in
   ``threads`` intra-op threads, one inter-op thread, sequential execution and a stated graph
   optimisation level (``disable``, ``basic``, ``extended``, ``all``). Per-layer tables time
   single-layer graphs built with ``onnx.helper``: a convolution with a bias (BatchNorm folds into
-  it) and, where the model follows the layer by BatchNorm and ReLU, the ReLU ONNX Runtime fuses in.
+  it) and, where the exported model has them after the layer, the residual addition and the ReLU
+  (fused into the convolution where the widths allow it, separate nodes where they do not).
 
 A GPU runtime (TensorRT, ONNX Runtime's CUDA provider) is a subclass registered under a new name,
 where it can be tested. :meth:`Runtime.key` is what a latency table measured in it is keyed by.
@@ -81,9 +82,10 @@ class Runtime(ABC):
         """One forward pass of the exported file ``path`` (this runtime's :attr:`file_format`) on ``example``."""
 
     def layer_calls(self, shape: LayerShape, batch: int, kept_in: int, outs: Sequence[int], groups: int,
-                    activation: bool) -> list[Callable[[], object]] | None:
-        """One call per kept-out count of a layer keeping ``kept_in`` inputs, as this runtime runs the layer; None:
-        the table's ``torch.nn.functional`` calls are what it runs."""
+                    activation: bool, residual: bool = False) -> list[Callable[[], object]] | None:
+        """One call per kept-out count of a layer keeping ``kept_in`` inputs (followed by a residual addition and a ReLU
+        where the model has them), as this runtime runs the layer; None: the table's ``torch.nn.functional`` calls are
+        what it runs."""
         return None
 
     def call_overhead(self) -> float:
@@ -198,15 +200,23 @@ class OnnxRuntime(Runtime):
             raise UserError(f"latency.runtime onnxruntime cannot run the model exported to ONNX: {_first_line(exc)}") from exc
 
     def layer_calls(self, shape: LayerShape, batch: int, kept_in: int, outs: Sequence[int], groups: int,
-                    activation: bool) -> list[Callable[[], object]]:
+                    activation: bool, residual: bool = False) -> list[Callable[[], object]]:
         """Sessions of single-layer graphs, all on one random input: a Conv (with bias: BatchNorm folds into it) or a
-        Gemm, then a Relu where ``activation`` (ONNX Runtime fuses it into the convolution)."""
+        Gemm, then the addition of a residual input where ``residual`` and a Relu where ``activation``: ONNX Runtime
+        fuses both into the convolution where the widths allow it, and runs them apart where they do not."""
         rng = np.random.default_rng(0)
         if shape.kind == "linear":
             x = rng.standard_normal((batch * shape.in_hw[0] * shape.in_hw[1], kept_in), dtype=np.float32)
         else:
             x = rng.standard_normal((batch, kept_in, *shape.in_hw), dtype=np.float32)
-        return [self._call(self.session(layer_graph(shape, kept_in, o, groups, activation, rng)), x) for o in outs]
+        calls = []
+        for o in outs:
+            session = self.session(layer_graph(shape, kept_in, o, groups, activation, rng, residual))
+            feed = {"x": x}
+            if residual:
+                feed["r"] = rng.standard_normal((batch, o, *shape.out_hw), dtype=np.float32)
+            calls.append(functools.partial(session.run, None, feed))
+        return calls
 
     def inside_times(self, model: nn.Module, example: torch.Tensor, shapes: Mapping[str, LayerShape], repeats: tuple[int, int],
                      budget_s: float, warmup: int = 2) -> tuple[float, dict[str, float]]:
@@ -316,25 +326,34 @@ def _serialise(graph: object) -> bytes:
 
 
 def layer_graph(shape: LayerShape, kept_in: int, kept_out: int, groups: int, activation: bool,
-                rng: np.random.Generator | None = None) -> bytes:
-    """A serialised ONNX model of one layer keeping (kept_in, kept_out) channels: ``x -> Conv|Gemm [-> Relu] -> y``."""
+                rng: np.random.Generator | None = None, residual: bool = False) -> bytes:
+    """A serialised ONNX model of one layer keeping (kept_in, kept_out) channels:
+    ``x -> Conv|Gemm [-> Add r] [-> Relu] -> y`` (a residual input ``r`` only for a convolution)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = rng or np.random.default_rng(0)
+    residual = residual and shape.kind != "linear"
     if shape.kind == "linear":
         x_shape, y_shape = ["n", kept_in], ["n", kept_out]
         weight = rng.standard_normal((kept_out, kept_in), dtype=np.float32)
-        node = helper.make_node("Gemm", ["x", "w", "b"], ["z" if activation else "y"], transB=1)
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["z"], transB=1)
     else:
         weight = rng.standard_normal((kept_out, kept_in // groups, *shape.kernel_size), dtype=np.float32)
         x_shape, y_shape = ["n", kept_in, *shape.in_hw], ["n", kept_out, *shape.out_hw]
-        node = helper.make_node("Conv", ["x", "w", "b"], ["z" if activation else "y"], kernel_shape=list(shape.kernel_size),
+        node = helper.make_node("Conv", ["x", "w", "b"], ["z"], kernel_shape=list(shape.kernel_size),
                                 strides=list(shape.stride), pads=[*shape.padding, *shape.padding],
                                 dilations=list(shape.dilation), group=groups)
-    nodes = [node] + ([helper.make_node("Relu", ["z"], ["y"])] if activation else [])
+    nodes = [node]
+    if residual:
+        nodes.append(helper.make_node("Add", [nodes[-1].output[0], "r"], ["s"]))
+    if activation:
+        nodes.append(helper.make_node("Relu", [nodes[-1].output[0]], ["a"]))
+    nodes[-1].output[0] = "y"
     bias = rng.standard_normal(kept_out, dtype=np.float32)
-    graph = helper.make_graph(nodes, f"{shape.kind}_{kept_in}_{kept_out}",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)]
+    if residual:
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, y_shape))
+    graph = helper.make_graph(nodes, f"{shape.kind}_{kept_in}_{kept_out}", inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
                               initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
     return _serialise(graph)
@@ -391,35 +410,38 @@ def runtime_of(latency: object, device: torch.device | str) -> Runtime:
     return make_runtime(getattr(latency, "runtime", "torch"), latency.threads, device, getattr(latency, "optimization", None))
 
 
-def fused_activations(model: nn.Module, example: torch.Tensor, names: Sequence[str]) -> set[str]:
-    """Layers of ``names`` whose output reaches an ``nn.ReLU`` directly or through one BatchNorm: what ONNX Runtime
-    fuses into the convolution (BatchNorm folded, the activation fused). Found by following output tensors'
-    storage through forward hooks on one pass of ``example``."""
-    produced: dict[int, str] = {}  # storage of a tensor -> the layer whose output it carries (through a BatchNorm)
-    found: set[str] = set()
-    wanted = set(names)
+def fused_neighbours(model: nn.Module, example: torch.Tensor, shapes: Mapping[str, LayerShape]) -> tuple[set[str], set[str]]:
+    """(activations, residuals): the layers of ``shapes`` whose exported node is followed by a ReLU, and the convolutions
+    whose output is the first input of an addition (a residual connection, then possibly the ReLU): what ONNX Runtime
+    fuses into the layer's node where the widths let it, and runs as separate nodes where they do not.
 
-    def hook(name: str, module: nn.Module, args: tuple, output: object) -> None:
-        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
-            return
-        source = produced.get(args[0].data_ptr())
-        if name in wanted:
-            produced[output.data_ptr()] = name
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and source is not None:
-            produced[output.data_ptr()] = source
-        elif isinstance(module, nn.ReLU) and source is not None:
-            found.add(source)
-        else:  # any other module's output there is no layer's any more (a freed buffer reused)
-            produced.pop(output.data_ptr(), None)
+    Read from the model exported to ONNX (BatchNorm folded into the convolutions), each Conv or Gemm node matched,
+    in order, to the first layer of ``shapes`` not yet matched with its weight shape.
+    """
+    import onnx
 
-    handles = [m.register_forward_hook(functools.partial(hook, n)) for n, m in model.named_modules() if not list(m.children())]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return found
+    graph = onnx.load_from_string(export_onnx(model.cpu().eval(), example.cpu())).graph
+    dims = {init.name: list(init.dims) for init in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    remaining = list(shapes.items())
+    activations: set[str] = set()
+    residuals: set[str] = set()
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+            continue
+        match = next((i for i, (_, s) in enumerate(remaining) if dims.get(node.input[1]) in _weight_shapes(s)), None)
+        if match is None:
+            continue
+        name, _ = remaining.pop(match)
+        out = node.output[0]
+        after = consumers.get(out, [])
+        if node.op_type == "Conv" and len(after) == 1 and after[0].op_type == "Add" and after[0].input[0] == out:
+            residuals.add(name)
+            out = after[0].output[0]
+            after = consumers.get(out, [])
+        if len(after) == 1 and after[0].op_type == "Relu":
+            activations.add(name)
+    return activations, residuals

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from rdprune.core.runtimes import Runtime, TorchRuntime, fused_activations
+from rdprune.core.runtimes import Runtime, TorchRuntime, fused_neighbours
 from rdprune.core.timing import LayerShape, interleaved_samples, torch_threads
 
 if TYPE_CHECKING:  # a space's widths are read, never built, here
@@ -117,12 +117,13 @@ def _full_grids(shapes: Mapping[str, LayerShape], points: int,
     return {name: _full_grid(s, points, (channel_grid or {}).get(name)) for name, s in shapes.items()}
 
 
-def _signature_groups(shapes: Mapping[str, LayerShape], full: Mapping[str, tuple], fused: set[str]) -> list[list[str]]:
-    """Names of the layers timed once, together: one signature, one grid (and, where it is fused, one activation)."""
+def _signature_groups(shapes: Mapping[str, LayerShape], full: Mapping[str, tuple],
+                      fused: Mapping[str, tuple[bool, bool]]) -> list[list[str]]:
+    """Names of the layers timed once, together: one signature, one grid, one (activation, residual) fused after it."""
     signatures: dict[tuple, list[str]] = {}
     for name, s in shapes.items():
         key = (s.kind, s.kernel_size, s.stride, s.padding, s.dilation, s.groups, s.bias, s.in_hw, s.in_channels, s.out_channels,
-               full[name], name in fused)
+               full[name], fused.get(name, (False, False)))
         signatures.setdefault(key, []).append(name)
     return list(signatures.values())
 
@@ -349,7 +350,7 @@ class LatencyTable:
         example = example.to(device)
         batch = int(example.shape[0])
         full = _full_grids(shapes, points, channel_grid)
-        groups = _signature_groups(shapes, full, set())
+        groups = _signature_groups(shapes, full, {})
         with torch_threads(threads), torch.inference_mode():
             inside, other = _dense_pass(model, example, list(shapes), device, time_limit_s)
             grids = _grid_pass([shapes[g[0]] for g in groups], [full[g[0]] for g in groups], [inside[g[0]] for g in groups], batch,
@@ -377,7 +378,7 @@ class LatencyTable:
         """The table in a runtime that runs the model as a whole graph (ONNX Runtime): no hooks inside it.
 
         Each layer signature's grid is timed as the runtime runs the layer (:meth:`Runtime.layer_calls`: for ONNX
-        Runtime a single-layer graph, with the ReLU it fuses where the model has one after the layer's BatchNorm),
+        Runtime a single-layer graph, with the residual addition and the ReLU the exported model has after the layer),
         less the runtime's fixed cost of one call, then rescaled so that its dense point is the layer's time inside
         the whole model (:meth:`Runtime.inside_times`: ONNX Runtime's profile of the exported model, plain runs
         alternating with profiled ones). ``other`` is the plain model's median less the layers' times inside it
@@ -387,7 +388,8 @@ class LatencyTable:
         example = example.cpu()
         batch = int(example.shape[0])
         full = _full_grids(shapes, points, channel_grid)
-        fused = fused_activations(model, example, list(shapes))
+        activations, residuals = fused_neighbours(model, example, shapes)
+        fused = {name: (name in activations, name in residuals) for name in shapes}
         groups = _signature_groups(shapes, full, fused)
         dense_s, inside = runtime.inside_times(model, example, shapes, (_DENSE_MIN_REPEATS, 2 * _DENSE_REPEATS),
                                                _DENSE_SHARE * time_limit_s, _DENSE_WARMUP)
@@ -398,7 +400,8 @@ class LatencyTable:
         overhead = runtime.call_overhead()
         work = {name: _work(s) for name, s in shapes.items()}
         estimate = {name: inside.get(name, dense_s * w / sum(work.values())) for name, w in work.items()}
-        makers = [functools.partial(runtime.layer_calls, shapes[g[0]], batch, activation=g[0] in fused) for g in groups]
+        makers = [functools.partial(runtime.layer_calls, shapes[g[0]], batch, activation=fused[g[0]][0], residual=fused[g[0]][1])
+                  for g in groups]
         grids = _grid_pass([shapes[g[0]] for g in groups], [full[g[0]] for g in groups], [estimate[g[0]] for g in groups], batch,
                            runtime.device, points, time_limit_s - (time.perf_counter() - start), progress,
                            [_keyword_maker(m) for m in makers])
@@ -418,7 +421,7 @@ class LatencyTable:
                         "of the network counts as 0", runtime.name, 1e3 * inside, 1e3 * dense_s)
             other = 0.0
         meta = {**runtime.key(), "batch": batch, "measured_dense": dense_s, "call_overhead": overhead,
-                "fused_activations": len(fused), "build_seconds": time.perf_counter() - start}
+                "fused_activations": len(activations), "fused_residuals": len(residuals), "build_seconds": time.perf_counter() - start}
         return cls(layers, other, meta)
 
     def covers(self, channel_grid: Mapping[str, tuple[Sequence[int], Sequence[int]]]) -> bool:
