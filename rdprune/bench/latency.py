@@ -13,7 +13,8 @@ Two parts, both on one CPU thread by default:
    interleaved in the runtime. Prints ``speedup N.NNx``, the predicted and measured fraction of the
    dense latency before any correction, the corrections, and per runtime and batch the median and
    range over ``--runs`` repetitions. The latency table is timed at the channel counts the levels give
-   (``--grid levels``, as runs do by default) or at evenly spaced counts (``--grid even``);
+   (``--grid levels``, as runs do by default) or at evenly spaced counts (``--grid even``), or
+   both in turn within each run (``--grid levels even``);
    ``--profile`` adds, in ONNX Runtime, the time per node type of the dense and the pruned model.
 3. ``--steps`` (alone): one 3x3 convolution timed by itself in each runtime at output counts around
    and between multiples of 8, reading 56, 60 or 64 channels.
@@ -85,7 +86,7 @@ def _spread(values: list[float]) -> str:
 
 def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float, threads: int, time_limit: float,
                        repeats: int, rounds: int, runtimes: list[str], optimization: str, runs: int, methods: list[str],
-                       round_to: int, fit: bool = False, grid: str = "levels", profile: bool = False) -> None:
+                       round_to: int, fit: bool = False, grids: tuple[str, ...] = ("levels",), profile: bool = False) -> None:
     """Part 2: ResNet-50 pruned by RD (and the baselines) over channel groups to ``keep`` x its measured latency, in each runtime.
 
     Per runtime and batch, ``runs`` repetitions of: the latency table, with ``fit`` its fit to the dense and a uniform
@@ -113,54 +114,56 @@ def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float
             dense_call = runtime.model_call(model, example)
             stats: dict[str, dict[str, list[float]]] = {}
             for run in range(runs):
-                begin = time.perf_counter()
-                widths = level_widths(space, plans) if grid == "levels" else None
-                table = LatencyTable.build(model, example, layer_shapes(model, example), channel_grid=widths, time_limit_s=time_limit,
-                                           runtime=runtime)
-                table_s = time.perf_counter() - begin
-                cost = ChannelCost(space, "latency", latency=table)
+                for grid in grids:  # alternating, so that a change of load hits every grid alike
+                    begin = time.perf_counter()
+                    widths = level_widths(space, plans) if grid == "levels" else None
+                    table = LatencyTable.build(model, example, layer_shapes(model, example), channel_grid=widths, time_limit_s=time_limit,
+                                               runtime=runtime)
+                    table_s = time.perf_counter() - begin
+                    cost = ChannelCost(space, "latency", latency=table)
 
-                def measure(removal: dict[str, int]) -> tuple[float, float]:
-                    smaller = remove_channels(copy.deepcopy(model), example[:1], space.removed_indices(removal))
-                    dense_s, pruned_s = runtime.medians([dense_call, runtime.model_call(smaller, example)], repeats)
-                    return dense_s, pruned_s
+                    def measure(removal: dict[str, int]) -> tuple[float, float]:
+                        smaller = remove_channels(copy.deepcopy(model), example[:1], space.removed_indices(removal))
+                        dense_s, pruned_s = runtime.medians([dense_call, runtime.model_call(smaller, example)], repeats)
+                        return dense_s, pruned_s
 
-                for method in methods:
-                    allocation_s = []
+                    for method in methods:
+                        allocation_s = []
 
-                    def solve(limit: float, method: str = method) -> dict[str, int]:
-                        begin = time.perf_counter()
-                        if method == "rd":
-                            removal = allocate_channels(curves, plans, cost, limit).choice
-                        else:
-                            removal = channel_baseline(method, space, cost, limit, current)
-                        allocation_s.append(time.perf_counter() - begin)
-                        return removal
+                        def solve(limit: float, method: str = method) -> dict[str, int]:
+                            begin = time.perf_counter()
+                            if method == "rd":
+                                removal = allocate_channels(curves, plans, cost, limit).choice
+                            else:
+                                removal = channel_baseline(method, space, cost, limit, current)
+                            allocation_s.append(time.perf_counter() - begin)
+                            return removal
 
-                    reference = channel_baseline("unif", space, cost, keep * cost.dense, current) if fit else None
-                    checked = meet_measured_latency(solve, measure, cost, cost.dense, keep, rounds if method == "rd" else 0,
-                                                    reference)
-                    if profile and run == 0 and hasattr(runtime, "op_times"):
-                        final = remove_channels(copy.deepcopy(model), example[:1], space.removed_indices(checked.removal))
-                        for label, m in (("dense", model), (f"{method} pruned", final)):
-                            ops = sorted(runtime.op_times(m, example).items(), key=lambda kv: -kv[1])
-                            print(f"PROFILE {name} batch {batch} {label}, ms per op type: "
-                                  + ", ".join(f"{op} {1e3 * t:.2f}" for op, t in ops), flush=True)
-                    row = stats.setdefault(method, {"speedup": [], "error": [], "table_error": [], "corrections": [],
-                                                    "first_speedup": []})
-                    row["speedup"].append(checked.speedup)
-                    row["first_speedup"].append(checked.first_dense_s / checked.first_s)
-                    row["error"].append(100 * checked.model_error)
-                    row["table_error"].append(100 * checked.table_error)
-                    row["corrections"].append(checked.corrections)
-                    print(f"{runtime.describe()}, batch {batch}, run {run + 1}, {method}: dense {1e3 * checked.dense_s:.1f} ms, "
-                          f"pruned {1e3 * checked.pruned_s:.1f} ms (budget {1e3 * keep * checked.dense_s:.1f} ms): speedup "
-                          f"{checked.speedup:.2f}x; predicted fraction {checked.predicted_s / checked.predicted_dense_s:.3f}, "
-                          f"measured {checked.first_s / checked.first_dense_s:.3f} before correction: error "
-                          f"{100 * checked.model_error:+.1f} % (the table alone: {100 * checked.table_error:+.1f} %; fit "
-                          f"{1e3 * checked.offset_s:.2f} ms + {checked.scale:.3f} x table); corrections {checked.corrections}; "
-                          f"latency table {table_s:.1f} s, "
-                          f"allocation {sum(allocation_s):.2f} s", flush=True)
+                        reference = channel_baseline("unif", space, cost, keep * cost.dense, current) if fit else None
+                        checked = meet_measured_latency(solve, measure, cost, cost.dense, keep, rounds if method == "rd" else 0,
+                                                        reference)
+                        if profile and run == 0 and hasattr(runtime, "op_times"):
+                            final = remove_channels(copy.deepcopy(model), example[:1], space.removed_indices(checked.removal))
+                            for label, m in (("dense", model), (f"{method} pruned", final)):
+                                ops = sorted(runtime.op_times(m, example).items(), key=lambda kv: -kv[1])
+                                print(f"PROFILE {name} batch {batch} {grid} grid {label}, ms per op type: "
+                                      + ", ".join(f"{op} {1e3 * t:.2f}" for op, t in ops), flush=True)
+                        row = stats.setdefault(f"{method}, {grid} grid", {"speedup": [], "error": [], "table_error": [], "corrections": [],
+                                                        "first_speedup": []})
+                        row["speedup"].append(checked.speedup)
+                        row["first_speedup"].append(checked.first_dense_s / checked.first_s)
+                        row["error"].append(100 * checked.model_error)
+                        row["table_error"].append(100 * checked.table_error)
+                        row["corrections"].append(checked.corrections)
+                        print(f"{runtime.describe()}, batch {batch}, run {run + 1}, {method}, {grid} grid: dense "
+                              f"{1e3 * checked.dense_s:.1f} ms, "
+                              f"pruned {1e3 * checked.pruned_s:.1f} ms (budget {1e3 * keep * checked.dense_s:.1f} ms): speedup "
+                              f"{checked.speedup:.2f}x; predicted fraction {checked.predicted_s / checked.predicted_dense_s:.3f}, "
+                              f"measured {checked.first_s / checked.first_dense_s:.3f} before correction: error "
+                              f"{100 * checked.model_error:+.1f} % (the table alone: {100 * checked.table_error:+.1f} %; fit "
+                              f"{1e3 * checked.offset_s:.2f} ms + {checked.scale:.3f} x table); corrections {checked.corrections}; "
+                              f"latency table {table_s:.1f} s, "
+                              f"allocation {sum(allocation_s):.2f} s", flush=True)
             for method, row in stats.items():
                 print(f"SUMMARY {name} batch {batch} {method}: speedup {_spread(row['speedup'])}; first solution's speedup "
                       f"{_spread(row['first_speedup'])}; prediction error before correction (%) {_spread(row['error'])}; "
@@ -180,8 +183,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--round-to", type=int, default=1, help="keep every group's width a multiple of this")
     parser.add_argument("--fit", action="store_true",
                         help="fit the latency model to the dense and a uniform model measured first (latency.fit_to_measurement)")
-    parser.add_argument("--grid", choices=["levels", "even"], default="levels",
-                        help="latency table timed at the widths the levels give (latency.grid levels) or at evenly spaced counts")
+    parser.add_argument("--grid", nargs="+", choices=["levels", "even"], default=["levels"],
+                        help="latency table timed at the counts the levels give (latency.grid levels), at evenly spaced counts "
+                             "(even), or both in turn")
     parser.add_argument("--profile", action="store_true",
                         help="onnxruntime: after the first run, the time per node type of the dense and the pruned model")
     parser.add_argument("--steps", action="store_true",
@@ -207,5 +211,5 @@ def main(argv: list[str]) -> int:
     if not args.skip_resnet50:
         resnet50_at_budget(args.batches, args.levels, args.inputs, args.keep, args.threads, args.time_limit, args.repeats,
                            args.rounds, args.runtime, args.optimization, args.runs, args.methods, args.round_to, args.fit,
-                           args.grid, args.profile)
+                           tuple(args.grid), args.profile)
     return 0
