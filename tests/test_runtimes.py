@@ -83,6 +83,29 @@ def test_onnxruntime_table_is_built_by_onnxruntime(monkeypatch):
     assert LatencyTable.from_json(json.loads(json.dumps(table.to_json()))).meta == table.meta
 
 
+def test_onnxruntime_table_corrects_only_the_points_the_dense_kernels_run(monkeypatch):
+    """Injected kernel times and paths: each layer's points on its dense point's kernel path are scaled to its time
+    inside the model, points on another path (ONNX Runtime leaves the blocked layout for odd widths) keep theirs."""
+    from rdprune.core.runtimes import ProfiledLayerCall
+
+    model, x = _net(), torch.randn(2, 3, 12, 12)
+    shapes = layer_shapes(model, x)
+
+    def kernels(self):
+        kept_out = self.session.get_outputs()[0].shape[1]
+        dense = kept_out in (16, 24, 5)  # every layer's dense output count
+        return 1e-3, "Conv" if dense else "FusedConv"
+
+    def inside_times(self, model, example, shapes, repeats, budget_s, warmup=2):
+        return 1.0, dict.fromkeys(shapes, 2e-3)
+
+    monkeypatch.setattr(ProfiledLayerCall, "kernels", kernels)
+    monkeypatch.setattr(OnnxRuntime, "inside_times", inside_times)
+    table = LatencyTable.build(model, x, shapes, channel_grid={"conv2": ((8, 16), (12, 24))}, time_limit_s=30.0,
+                               runtime=OnnxRuntime(threads=1))
+    assert table.layers["conv2"].times.tolist() == [[1e-3, 2e-3], [1e-3, 2e-3]]
+
+
 def test_onnxruntime_op_times_split_the_profile_by_node_type():
     """What the bench's --profile prints: the exported model's time per node type, convolutions included."""
     model, x = _net(), torch.randn(2, 3, 12, 12)

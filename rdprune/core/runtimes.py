@@ -211,11 +211,10 @@ class OnnxRuntime(Runtime):
             x = rng.standard_normal((batch, kept_in, *shape.in_hw), dtype=np.float32)
         calls = []
         for o in outs:
-            session = self.session(layer_graph(shape, kept_in, o, groups, activation, rng, residual))
             feed = {"x": x}
             if residual:
                 feed["r"] = rng.standard_normal((batch, o, *shape.out_hw), dtype=np.float32)
-            calls.append(functools.partial(session.run, None, feed))
+            calls.append(ProfiledLayerCall(self, layer_graph(shape, kept_in, o, groups, activation, rng, residual), feed))
         return calls
 
     def inside_times(self, model: nn.Module, example: torch.Tensor, shapes: Mapping[str, LayerShape], repeats: tuple[int, int],
@@ -293,16 +292,7 @@ class OnnxRuntime(Runtime):
             for _ in range(warmup + runs):
                 run()
             events = json.loads(Path(session.end_profiling()).read_text())
-        spans = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][warmup:]
-        nodes = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
-        per_run: list[dict[str, float]] = []
-        for span in spans:
-            totals: dict[str, float] = {}
-            for e in nodes:
-                if span["ts"] <= e["ts"] <= span["ts"] + span["dur"]:
-                    op = e.get("args", {}).get("op_name", "?")
-                    totals[op] = totals.get(op, 0.0) + e["dur"] * 1e-6
-            per_run.append(totals)
+        per_run = profile_runs(events)[warmup:]
         ops = sorted({op for totals in per_run for op in totals})
         return {op: statistics.median(t.get(op, 0.0) for t in per_run) for op in ops}
 
@@ -315,6 +305,57 @@ class OnnxRuntime(Runtime):
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
         call = self._call(self.session(_serialise(graph)), np.zeros(1, np.float32))
         return self.medians([call], _OVERHEAD_REPEATS, 20)[0]
+
+
+def profile_runs(events: list[dict]) -> list[dict[str, float]]:
+    """Per run of an ONNX Runtime profile (its JSON events), the seconds each kind of node took."""
+    spans = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    nodes = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
+    per_run = []
+    for span in spans:
+        totals: dict[str, float] = {}
+        for e in nodes:
+            if span["ts"] <= e["ts"] <= span["ts"] + span["dur"]:
+                op = e.get("args", {}).get("op_name", "?")
+                totals[op] = totals.get(op, 0.0) + e["dur"] * 1e-6
+        per_run.append(totals)
+    return per_run
+
+
+class ProfiledLayerCall:
+    """One single-layer graph's session, profiled: calling it runs the layer once; :meth:`kernels` then gives what the
+    table keeps, the median time of its nodes other than the reorders into and out of ONNX Runtime's blocked layout
+    (which a graph of one layer needs at its boundary and the model runs only where its widths change layout), and
+    the kernel path (the node kinds) that ran it."""
+
+    def __init__(self, runtime: OnnxRuntime, graph: bytes, feed: dict[str, np.ndarray]):
+        import shutil
+        import tempfile
+        import weakref
+
+        self._dir = tempfile.mkdtemp(prefix="rdprune-ort-layer-")
+        weakref.finalize(self, shutil.rmtree, self._dir, True)  # the profile's folder goes with the call
+        options = runtime.session_options()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(self._dir) / "profile")
+        self.session = _onnxruntime().InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.feed = feed
+
+    def __call__(self) -> object:
+        return self.session.run(None, self.feed)
+
+    def kernels(self) -> tuple[float, str]:
+        """(median seconds of the layer's own nodes per run, their kinds joined by '+'); ends the profile."""
+        import json
+        import shutil
+
+        path = Path(self.session.end_profiling())
+        try:
+            runs = profile_runs(json.loads(path.read_text()))
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        own = [{op: t for op, t in run.items() if not op.startswith("Reorder")} for run in runs]
+        return statistics.median(sum(run.values()) for run in own), "+".join(sorted({op for run in own for op in run}))
 
 
 def _serialise(graph: object) -> bytes:

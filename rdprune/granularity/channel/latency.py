@@ -163,13 +163,15 @@ def torch_layer_calls(shape: LayerShape, batch: int, device: torch.device, kept_
 
 
 def _time_grid(shape: LayerShape, grid: tuple[tuple[int, ...], ...], batch: int, device: torch.device,
-               make: Callable[..., list[Callable]] | None = None) -> np.ndarray:
-    """Median seconds at every grid point over several sweeps of its rows.
+               make: Callable[..., list[Callable]] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Median seconds at every grid point over several sweeps of its rows, and each point's kernel path (or None).
 
     A row (the points of one kept-in count; depthwise: the whole axis) shares its tensors and is timed
     interleaved; its tensors are made afresh in each sweep, so memory stays about twice the dense layer's.
     ``make(kept_in, outs, groups)`` gives a runtime's calls instead of ``torch.nn.functional`` ones; such a
-    row (sessions, costly to make) is made once and swept in place before the next row is made.
+    row (sessions, costly to make) is made once and swept in place before the next row is made. Calls that
+    profile themselves (:class:`rdprune.core.runtimes.ProfiledLayerCall`) give their kernels' time and path
+    instead of the wall time of the call.
     """
     in_place = make is not None
     if make is None:
@@ -179,12 +181,17 @@ def _time_grid(shape: LayerShape, grid: tuple[tuple[int, ...], ...], batch: int,
     else:
         rows = [functools.partial(make, i, grid[1], shape.groups) for i in grid[0]]
     samples: list[list[list[float]]] = [[[] for _ in grid[-1]] for _ in rows]
+    paths: list[list[str]] = []
     if in_place:
         for row, make_calls in zip(samples, rows):
             calls = make_calls()
             for _ in range(_GRID_SWEEPS):
                 for point, new in zip(row, interleaved_samples(calls, _GRID_REPEATS, _GRID_WARMUP, device)):
                     point.extend(new)
+            if all(hasattr(call, "kernels") for call in calls):
+                kernels = [call.kernels() for call in calls]
+                row[:] = [[seconds] for seconds, _ in kernels]
+                paths.append([path for _, path in kernels])
             del calls
     else:
         for _ in range(_GRID_SWEEPS):
@@ -192,7 +199,10 @@ def _time_grid(shape: LayerShape, grid: tuple[tuple[int, ...], ...], batch: int,
                 for point, new in zip(row, interleaved_samples(make_calls(), _GRID_REPEATS, _GRID_WARMUP, device)):
                     point.extend(new)
     medians = np.array([[statistics.median(point) for point in row] for row in samples])
-    return medians[0] if shape.depthwise else medians
+    kinds = np.array(paths, dtype=object) if len(paths) == len(rows) else None
+    if shape.depthwise:
+        return medians[0], None if kinds is None else kinds[0]
+    return medians, kinds
 
 
 def _grid_cost(grid: tuple[tuple[int, ...], ...], dense_time: float) -> float:
@@ -356,7 +366,7 @@ class LatencyTable:
             grids = _grid_pass([shapes[g[0]] for g in groups], [full[g[0]] for g in groups], [inside[g[0]] for g in groups], batch,
                                device, points, time_limit_s - (time.perf_counter() - start), progress)
         layers = {}
-        for g, (grid, times) in zip(groups, grids):
+        for g, (grid, times, _) in zip(groups, grids):
             for name in g:
                 scaled = times * (inside[name] / (times[-1] if len(grid) == 1 else times[-1, -1]))
                 layers[name] = LayerGrid(grid[0], grid[-1], scaled, shapes[name].out_hw, len(grid) == 1)
@@ -406,13 +416,18 @@ class LatencyTable:
                            runtime.device, points, time_limit_s - (time.perf_counter() - start), progress,
                            [_keyword_maker(m) for m in makers])
         layers = {}
-        for g, (grid, times) in zip(groups, grids):
-            # the runtime's fixed cost of a call, but never more than half the cheapest point (a layer that costs
-            # about the fixed cost keeps its shape, and a dense point near zero cannot blow up the rescaling)
-            times = times - min(overhead, 0.5 * float(times.min()))
+        for g, (grid, times, paths) in zip(groups, grids):
+            if paths is None:
+                # wall times: less the runtime's fixed cost of a call, but never more than half the cheapest point (a
+                # layer that costs about the fixed cost keeps its shape, and a dense point near zero cannot blow up)
+                times = times - min(overhead, 0.5 * float(times.min()))
+            dense_point = times[-1] if len(grid) == 1 else times[-1, -1]
             for name in g:
-                scale = inside[name] / (times[-1] if len(grid) == 1 else times[-1, -1]) if name in inside else 1.0
-                layers[name] = LayerGrid(grid[0], grid[-1], times * scale, shapes[name].out_hw, len(grid) == 1)
+                # the layer inside the model against alone, measured at its dense counts, corrects the points that the
+                # same kernels run; a count that takes another path (off the blocked layout) keeps its own time
+                scale = inside[name] / dense_point if name in inside else 1.0
+                factor = scale if paths is None else np.where(paths == paths.flat[-1], scale, 1.0)
+                layers[name] = LayerGrid(grid[0], grid[-1], times * factor, shapes[name].out_hw, len(grid) == 1)
         layers = {name: layers[name] for name in shapes}
         inside = sum(layer.dense_time for layer in layers.values())
         other = dense_s - inside
@@ -560,8 +575,9 @@ def _dense_pass(model: nn.Module, example: torch.Tensor, names: Sequence[str], d
 def _grid_pass(shapes: Sequence[LayerShape], full: Sequence[tuple[tuple[int, ...], ...]], dense_times: Sequence[float], batch: int,
                device: torch.device, points: int, budget_s: float, progress: bool,
                makers: Sequence[Callable[..., list[Callable]] | None] | None = None,
-               ) -> list[tuple[tuple[tuple[int, ...], ...], np.ndarray]]:
-    """Time each layer's grid, coarsening the rest when the estimate exceeds the budget.
+               ) -> list[tuple[tuple[tuple[int, ...], ...], np.ndarray, np.ndarray | None]]:
+    """Time each layer's grid (seconds, and kernel paths where the calls report them), coarsening the rest when the
+    estimate exceeds the budget.
 
     The estimate (:func:`_grid_cost`) is corrected as it goes by the ratio of time spent to time estimated so
     far.
@@ -579,7 +595,7 @@ def _grid_pass(shapes: Sequence[LayerShape], full: Sequence[tuple[tuple[int, ...
                         len(pending), len(shapes), budget_s - elapsed, p)
             current = p
         grid = _coarse_grid(grid_full, current)
-        times = _time_grid(shape, grid, batch, device, None if makers is None else makers[k])
+        times, paths = _time_grid(shape, grid, batch, device, None if makers is None else makers[k])
         spent_estimate += _grid_cost(grid, dense_time)
-        out.append((grid, times))
+        out.append((grid, times, paths))
     return out
