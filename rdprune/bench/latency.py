@@ -148,8 +148,8 @@ def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float
                                 ops = sorted(runtime.op_times(m, example).items(), key=lambda kv: -kv[1])
                                 print(f"PROFILE {name} batch {batch} {grid} grid {label}, ms per op type: "
                                       + ", ".join(f"{op} {1e3 * t:.2f}" for op, t in ops), flush=True)
-                        row = stats.setdefault(f"{method}, {grid} grid", {"speedup": [], "error": [], "table_error": [], "corrections": [],
-                                                        "first_speedup": []})
+                        row = stats.setdefault(f"{method}, {grid} grid", {"speedup": [], "error": [], "table_error": [],
+                                                                          "corrections": [], "first_speedup": []})
                         row["speedup"].append(checked.speedup)
                         row["first_speedup"].append(checked.first_dense_s / checked.first_s)
                         row["error"].append(100 * checked.model_error)

@@ -388,11 +388,13 @@ class LatencyTable:
         """The table in a runtime that runs the model as a whole graph (ONNX Runtime): no hooks inside it.
 
         Each layer signature's grid is timed as the runtime runs the layer (:meth:`Runtime.layer_calls`: for ONNX
-        Runtime a single-layer graph, with the residual addition and the ReLU the exported model has after the layer),
-        less the runtime's fixed cost of one call, then rescaled so that its dense point is the layer's time inside
-        the whole model (:meth:`Runtime.inside_times`: ONNX Runtime's profile of the exported model, plain runs
-        alternating with profiled ones). ``other`` is the plain model's median less the layers' times inside it
-        (everything else: pooling, reorders, the call), scaled by the activations kept as in the torch table.
+        Runtime a single-layer graph, with the residual addition and the ReLU the exported model has after the layer):
+        each point's kernel time and kernel path where the calls profile themselves, else its wall time less the
+        runtime's fixed cost of one call. The points on the dense point's path are rescaled so that the dense point is
+        the layer's time inside the whole model (:meth:`Runtime.inside_times`: ONNX Runtime's profile of the exported
+        model, plain runs alternating with profiled ones); points on another path keep their time. ``other`` is the
+        plain model's median less the layers' times inside it (everything else: pooling, reorders, the call), scaled
+        by the activations kept as in the torch table.
         """
         start = time.perf_counter()
         example = example.cpu()
