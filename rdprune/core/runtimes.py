@@ -169,10 +169,15 @@ class OnnxRuntime(Runtime):
         options.log_severity_level = 3
         return options
 
-    def session(self, model: bytes | str | Path) -> object:
+    def session(self, model: bytes | str | Path, profile_dir: str | Path | None = None) -> object:
+        """A session with :meth:`session_options`; with ``profile_dir``, profiled, its profile written there."""
         ort = _onnxruntime()
         source = str(model) if isinstance(model, Path) else model
-        return ort.InferenceSession(source, self.session_options(), providers=["CPUExecutionProvider"])
+        options = self.session_options()
+        if profile_dir is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(profile_dir) / "profile")
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
     @staticmethod
     def _call(session: object, example: torch.Tensor | np.ndarray) -> Callable[[], object]:
@@ -234,10 +239,7 @@ class OnnxRuntime(Runtime):
         data = export_onnx(model.cpu().eval(), example)
         plain = self._call(self.session(data), example)
         with tempfile.TemporaryDirectory(prefix="rdprune-ort-profile-") as tmp:
-            options = self.session_options()
-            options.enable_profiling = True
-            options.profile_file_prefix = str(Path(tmp) / "profile")
-            profiled = _onnxruntime().InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            profiled = self.session(data, tmp)
             run = self._call(profiled, example)
             t0 = time.perf_counter()
             plain()
@@ -283,11 +285,7 @@ class OnnxRuntime(Runtime):
 
         example = example.cpu()
         with tempfile.TemporaryDirectory(prefix="rdprune-ort-profile-") as tmp:
-            options = self.session_options()
-            options.enable_profiling = True
-            options.profile_file_prefix = str(Path(tmp) / "profile")
-            session = _onnxruntime().InferenceSession(export_onnx(model.cpu().eval(), example), options,
-                                                      providers=["CPUExecutionProvider"])
+            session = self.session(export_onnx(model.cpu().eval(), example), tmp)
             run = self._call(session, example)
             for _ in range(warmup + runs):
                 run()
@@ -335,10 +333,7 @@ class ProfiledLayerCall:
 
         self._dir = tempfile.mkdtemp(prefix="rdprune-ort-layer-")
         weakref.finalize(self, shutil.rmtree, self._dir, True)  # the profile's folder goes with the call
-        options = runtime.session_options()
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(self._dir) / "profile")
-        self.session = _onnxruntime().InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.session = runtime.session(graph, self._dir)
         self.feed = feed
 
     def __call__(self) -> object:

@@ -315,9 +315,10 @@ class ChannelStage(GranularityStage):
         if self.table.covers(widths):
             return
         log.info("latency table: this iteration's levels give channel counts the table was not timed at; timing them")
-        self.table = LatencyTable.from_json(_build_table(self.cfg, model, self.latency_example, self.runtime, widths))
+        data = _build_table(self.cfg, model, self.latency_example, self.runtime, widths)
+        self.table = LatencyTable.from_json(data)
         self.cost = ChannelCost(self.space, self.cfg.prune.budget, flops=self.flops, latency=self.table)
-        write_json(self.out.latency_table, self.table.to_json())
+        write_json(self.out.latency_table, data)
 
     def _meet_latency(self, model: nn.Module, allocate: Callable[[float], tuple[Channels, dict]],
                       target: float) -> tuple[Channels, dict]:
