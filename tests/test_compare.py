@@ -304,6 +304,20 @@ def test_entries_are_paired_with_the_best_peer_seed_by_seed():
     assert "true" in csv_table(list(rows.values()))
 
 
+def test_the_dense_spread_is_over_seeds_not_over_runs():
+    from rdprune.sweep.tables import dense_top1
+
+    def run(dense: float) -> list[dict]:
+        return [{**row, "top1": dense} if row["iteration"] == 0 else row for row in _level_rows(80.0)]
+
+    # each seed pretrained its own network: 97, 98 and 99 % dense, whatever the number of methods
+    results = {m: {0: run(97.0), 1: run(98.0), 2: run(99.0)} for m in ("rd", "unif", "peer_a", "peer_b", "peer_c")}
+    dense = dense_top1(results)
+    assert dense.mean == pytest.approx(98.0) and dense.std == pytest.approx(1.0)  # over 15 runs it would be 0.85
+    shared = dense_top1({m: {0: run(97.0), 1: run(97.0)} for m in ("rd", "unif")})  # one checkpoint for every seed
+    assert shared.mean == 97.0 and shared.std == 0.0 and shared.n == 2
+
+
 def test_each_seed_can_pretrain_its_own_network(tmp_path):
     sweep = tmp_path / "sweep.yaml"
     section = "\nsweep:\n  methods: [rd, glob]\n  seeds: [0, 3]\n  pretrain_per_seed: true\n"
