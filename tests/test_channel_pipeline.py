@@ -48,19 +48,50 @@ def test_latency_rows_record_prediction_measurement_and_additivity(channel_run):
     assert table["layers"]
 
 
-def test_the_second_iteration_retimes_the_table_at_its_own_levels_and_chooses_counts_it_timed(channel_run):
-    """latency.grid levels: iteration 2's levels start from what iteration 1 removed, so its counts are timed anew
-    (once); the final widths of every layer are counts of the table in the run directory, not interpolated."""
-    import rdprune
+def _second_iteration_widths(run: Path) -> dict:
+    """The (kept in, kept out) counts iteration 2's levels give every layer: the pretrained network with
+    iteration 1's removal counts applied (the counts alone fix the widths, not which channels they are)."""
+    from dist_scripts.user_models import batchnorm_cnn
 
-    assert (channel_run.parent / "stderr.txt").read_text().count("the table was not timed at; timing them") == 1
-    table = json.loads((channel_run / "latency_table.json").read_text())["layers"]
+    from rdprune.config import load_config
+    from rdprune.core.masks import enforce_masks
+    from rdprune.granularity.channel.latency import level_widths
+    from rdprune.granularity.channel.space import ChannelSpace
+    from rdprune.granularity.channel.stage import level_plans
+
+    cfg = load_config(run / "config.yaml")
+    model = batchnorm_cnn(10)
+    model.load_state_dict(torch.load(run / "pretrained.pt", weights_only=True)["model"])
+    space = ChannelSpace(model, torch.zeros(1, 1, 28, 28), skip=cfg.prune.skip, min_density=cfg.prune.min_density)
+    first = json.loads((run / "allocation" / "iter_01.json").read_text())["removal"]
+    with torch.no_grad():
+        enforce_masks(space.layers, space.channel_masks(space.channels_for(first)))
+    assert {g: space.removed(g) for g in first} == first
+    return level_widths(space, level_plans(cfg, space))
+
+
+def test_the_second_iteration_prices_its_own_levels_and_chooses_counts_it_timed(channel_run):
+    """latency.grid levels: iteration 2's levels start from what iteration 1 removed. The table is timed again
+    (once, at exactly those counts) unless the first table already holds them: iteration 1 can take every
+    group either nowhere or to its floor, and then iteration 2 has no new count. Either way the run
+    directory's table covers iteration 2's counts, and every layer's final widths are counts of it."""
+    import rdprune
+    from rdprune.granularity.channel.latency import LatencyTable
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    retimed = (channel_run.parent / "stderr.txt").read_text().count("the table was not timed at; timing them")
+    data = json.loads((channel_run / "latency_table.json").read_text())
+    widths = _second_iteration_widths(channel_run)
+    assert retimed in (0, 1)
+    assert LatencyTable.from_json(data).covers(widths)
+    if retimed:  # the newest table was timed for iteration 2's counts, no more
+        assert {name: (tuple(i), tuple(o)) for name, (i, o) in data["meta"]["channel_grid"].items()} == widths
     model = rdprune.load_model(channel_run)
     for name, module in prunable_layers(model).items():
         w = module.weight.detach()
         kept_out = int((w.flatten(1).abs().sum(1) > 0).sum())
         kept_in = int((w.transpose(0, 1).flatten(1).abs().sum(1) > 0).sum())
-        assert kept_out in table[name]["kept_out"] and kept_in in table[name]["kept_in"], (name, kept_in, kept_out)
+        assert kept_out in data["layers"][name]["kept_out"] and kept_in in data["layers"][name]["kept_in"], (name, kept_in, kept_out)
 
 
 def test_masked_final_model_and_exported_smaller_model_agree(channel_run):
