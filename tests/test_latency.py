@@ -147,6 +147,44 @@ def test_json_round_trip_is_bit_identical():
         LatencyTable.from_json({"format": "something else", "layers": {}, "other": 0.0})
 
 
+def layout_table() -> LatencyTable:
+    """a -> b -> c, and c also adds a's output (a residual): each layer blocked at its dense counts, plain at some
+    others, as ONNX Runtime runs them; every time zero, so that a prediction is its reorders alone."""
+    from rdprune.core.runtimes import BLOCKED, BLOCKED_FROM_PLAIN, PLAIN
+
+    def grid(kin, kout, layout):
+        return LayerGrid(kin, kout, np.zeros((len(kin), len(kout))), out_hw=(4, 4), layout=layout)
+
+    layers = {"a": grid((3,), (6, 8), [[BLOCKED_FROM_PLAIN, BLOCKED_FROM_PLAIN]]),
+              "b": grid((6, 8), (5, 8), [[PLAIN, PLAIN], [BLOCKED, BLOCKED]]),
+              "c": grid((5, 8), (8,), [[PLAIN], [BLOCKED]])}
+    links = {"a": [], "b": [["a", 4, 4]], "c": [["b", 4, 4], ["a", 2, 2]]}
+    return LatencyTable(layers, 0.0, links=links, reorder_s=1e-6)
+
+
+def test_reorders_are_priced_where_linked_layers_leave_each_others_layout():
+    """Per layer read from and direction, one reorder of its largest tensor, priced at reorder_s per channel x pixel,
+    as a change from the dense model; a count off the grid adds nothing; JSON keeps it all."""
+    table = layout_table()
+    assert table.dense == 0.0 and table.reorders({}) == 0.0  # dense: every link blocked to blocked (a reads the image)
+    # b reads 6 channels: plain; a writes blocked, so its output is reordered out once (6 x 16) for b, and b's plain
+    # output is reordered into the blocked layout for c (8 x 16)
+    assert table.predict({"a": (3, 6), "b": (6, 8)}) == pytest.approx(1e-6 * (6 * 16 + 8 * 16))
+    # b and c plain: a's output out of the blocked layout once, the largest of its two tensors (6 x 16 for b, not
+    # 6 x 4 for c); b's plain output to c's plain input: no reorder
+    assert table.predict({"a": (3, 6), "b": (6, 5), "c": (5, 8)}) == pytest.approx(1e-6 * 6 * 16)
+    # only c plain: b's and a's blocked outputs both reordered out for it (5 x 16 and 8 x 4)
+    assert table.predict({"b": (8, 5), "c": (5, 8)}) == pytest.approx(1e-6 * (5 * 16 + 8 * 4))
+    assert table.predict({"b": (7, 8)}) == 0.0  # 7 input channels were not timed: no layout known, no reorder priced
+    back = LatencyTable.from_json(json.loads(json.dumps(table.to_json())))
+    assert back.predict({"b": (8, 5), "c": (5, 8)}) == table.predict({"b": (8, 5), "c": (5, 8)})
+    assert back.links == table.links and back.reorder_s == table.reorder_s
+    with pytest.raises(ValueError, match="links name layers not in the table"):
+        LatencyTable(table.layers, 0.0, links={"b": [["z", 1, 1]]}, reorder_s=1e-6)
+    with pytest.raises(ValueError, match="layout must hold"):
+        LayerGrid((1, 2), (1, 2), np.zeros((2, 2)), layout=[[0, 3], [1, 1]])
+
+
 def test_build_on_a_tiny_net(net, one_thread):
     model, x = net
     shapes = layer_shapes(model, x)

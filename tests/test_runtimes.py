@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from rdprune.core.grid import Curve
-from rdprune.core.runtimes import OnnxRuntime, TorchRuntime, fused_neighbours, make_runtime
+from rdprune.core.runtimes import (
+    BLOCKED,
+    PLAIN,
+    LayerKernels,
+    OnnxRuntime,
+    TorchRuntime,
+    graph_links,
+    make_runtime,
+)
 from rdprune.core.timing import layer_shapes
 from rdprune.errors import UserError
 from rdprune.granularity.channel.allocation import allocate_channels
@@ -94,7 +102,7 @@ def test_onnxruntime_table_corrects_only_the_points_the_dense_kernels_run(monkey
     def kernels(self):
         kept_out = self.session.get_outputs()[0].shape[1]
         dense = kept_out in (16, 24, 5)  # every layer's dense output count
-        return 1e-3, "Conv" if dense else "FusedConv"
+        return LayerKernels(1e-3, "Conv" if dense else "FusedConv", BLOCKED if dense else PLAIN, 1e-9 if dense else None)
 
     def inside_times(self, model, example, shapes, repeats, budget_s, warmup=2):
         return 1.0, dict.fromkeys(shapes, 2e-3)
@@ -104,6 +112,8 @@ def test_onnxruntime_table_corrects_only_the_points_the_dense_kernels_run(monkey
     table = LatencyTable.build(model, x, shapes, channel_grid={"conv2": ((8, 16), (12, 24))}, time_limit_s=30.0,
                                runtime=OnnxRuntime(threads=1))
     assert table.layers["conv2"].times.tolist() == [[1e-3, 2e-3], [1e-3, 2e-3]]
+    assert table.layers["conv2"].layout.tolist() == [[PLAIN, BLOCKED], [PLAIN, BLOCKED]] and table.reorder_s == 1e-9
+    assert table.links == {"conv1": (), "conv2": (("conv1", 12, 12),), "head": (("conv2", 1, 1),)}
 
 
 def test_onnxruntime_op_times_split_the_profile_by_node_type():
@@ -131,13 +141,21 @@ class ResidualNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def test_fused_neighbours_read_the_exported_graph():
-    """ReLUs after BatchNorm, and a residual addition before one: what ONNX Runtime fuses into a convolution."""
+def test_graph_links_read_the_exported_graph():
+    """ReLUs after BatchNorm, and a residual addition before one: what ONNX Runtime fuses into a convolution; and
+    which layer each layer reads from, through ReLUs, pooling and the addition (counted as its layer's output), at
+    the size the tensor has where it arrives."""
     model, x = _net(), torch.randn(1, 3, 8, 8)
-    assert fused_neighbours(model, x, layer_shapes(model, x)) == ({"conv1", "conv2"}, set())
+    links = graph_links(model, x, layer_shapes(model, x))
+    assert (links.activations, links.residuals) == ({"conv1", "conv2"}, set())
+    assert links.inputs == {"conv1": (), "conv2": (("conv1", 8, 8),), "head": (("conv2", 1, 1),)}
     torch.manual_seed(0)
     model = ResidualNet().eval()
-    assert fused_neighbours(model, x, layer_shapes(model, x)) == ({"stem", "conv1", "conv2"}, {"conv2"})
+    links = graph_links(model, x, layer_shapes(model, x))
+    assert (links.activations, links.residuals) == ({"stem", "conv1", "conv2"}, {"conv2"})
+    # conv2 reads conv1, and adds the stem's output; the head reads the sum, which is conv2's
+    assert links.inputs == {"stem": (), "conv1": (("stem", 8, 8),), "conv2": (("conv1", 8, 8), ("stem", 8, 8)),
+                            "head": (("conv2", 1, 1),)}
 
 
 def test_a_residual_layer_is_timed_with_its_addition_and_activation():

@@ -25,9 +25,10 @@ import statistics
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -219,7 +220,8 @@ class OnnxRuntime(Runtime):
             feed = {"x": x}
             if residual:
                 feed["r"] = rng.standard_normal((batch, o, *shape.out_hw), dtype=np.float32)
-            calls.append(ProfiledLayerCall(self, layer_graph(shape, kept_in, o, groups, activation, rng, residual), feed))
+            boundary = (kept_in * shape.in_hw[0] * shape.in_hw[1], o * shape.out_hw[0] * shape.out_hw[1])
+            calls.append(ProfiledLayerCall(self, layer_graph(shape, kept_in, o, groups, activation, rng, residual), feed, boundary))
         return calls
 
     def inside_times(self, model: nn.Module, example: torch.Tensor, shapes: Mapping[str, LayerShape], repeats: tuple[int, int],
@@ -320,13 +322,31 @@ def profile_runs(events: list[dict]) -> list[dict[str, float]]:
     return per_run
 
 
+PLAIN, BLOCKED, BLOCKED_FROM_PLAIN = 0, 1, 2
+"""A layer's memory layout in ONNX Runtime, as its single-layer graph shows it: ``PLAIN`` (NCHW: no reorders),
+``BLOCKED`` (the blocked NCHWc layout: reorders into and out of it) or ``BLOCKED_FROM_PLAIN`` (blocked output read
+from a plain input, as a convolution with fewer than a block of input channels does: a reorder out of it only)."""
+
+
+class LayerKernels(NamedTuple):
+    """What a single-layer graph's profile says: the median seconds of the layer's own nodes per run (without the
+    reorders its boundary needs), their kinds joined by '+', its layout (:data:`PLAIN`...), and the seconds its
+    reorders took per channel x pixel they moved (None where it ran none)."""
+
+    seconds: float
+    path: str
+    layout: int
+    reorder_s: float | None
+
+
 class ProfiledLayerCall:
     """One single-layer graph's session, profiled: calling it runs the layer once; :meth:`kernels` then gives what the
     table keeps, the median time of its nodes other than the reorders into and out of ONNX Runtime's blocked layout
-    (which a graph of one layer needs at its boundary and the model runs only where its widths change layout), and
-    the kernel path (the node kinds) that ran it."""
+    (which a graph of one layer needs at its boundary and the model runs only where two layers' layouts differ), the
+    kernel path (the node kinds) that ran it, the layout it ran in, and what its reorders cost per element moved.
+    ``boundary`` is (input, output) channels x pixels per sample."""
 
-    def __init__(self, runtime: OnnxRuntime, graph: bytes, feed: dict[str, np.ndarray]):
+    def __init__(self, runtime: OnnxRuntime, graph: bytes, feed: dict[str, np.ndarray], boundary: tuple[int, int]):
         import shutil
         import tempfile
         import weakref
@@ -334,13 +354,13 @@ class ProfiledLayerCall:
         self._dir = tempfile.mkdtemp(prefix="rdprune-ort-layer-")
         weakref.finalize(self, shutil.rmtree, self._dir, True)  # the profile's folder goes with the call
         self.session = runtime.session(graph, self._dir)
-        self.feed = feed
+        self.feed, self.boundary = feed, boundary
 
     def __call__(self) -> object:
         return self.session.run(None, self.feed)
 
-    def kernels(self) -> tuple[float, str]:
-        """(median seconds of the layer's own nodes per run, their kinds joined by '+'); ends the profile."""
+    def kernels(self) -> LayerKernels:
+        """The profile's summary (:class:`LayerKernels`); ends the profile."""
         import json
         import shutil
 
@@ -350,7 +370,12 @@ class ProfiledLayerCall:
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)
         own = [{op: t for op, t in run.items() if not op.startswith("Reorder")} for run in runs]
-        return statistics.median(sum(run.values()) for run in own), "+".join(sorted({op for run in own for op in run}))
+        reads, writes = (any(op in run for run in runs) for op in ("ReorderInput", "ReorderOutput"))
+        layout = (BLOCKED if reads else BLOCKED_FROM_PLAIN) if writes else PLAIN
+        moved = self.boundary[0] * reads + self.boundary[1] * writes
+        reorder = statistics.median(sum(t for op, t in run.items() if op.startswith("Reorder")) for run in runs)
+        return LayerKernels(statistics.median(sum(run.values()) for run in own), "+".join(sorted({op for run in own for op in run})),
+                            layout, reorder / moved if moved else None)
 
 
 def _serialise(graph: object) -> bytes:
@@ -446,23 +471,39 @@ def runtime_of(latency: object, device: torch.device | str) -> Runtime:
     return make_runtime(getattr(latency, "runtime", "torch"), latency.threads, device, getattr(latency, "optimization", None))
 
 
-def fused_neighbours(model: nn.Module, example: torch.Tensor, shapes: Mapping[str, LayerShape]) -> tuple[set[str], set[str]]:
-    """(activations, residuals): the layers of ``shapes`` whose exported node is followed by a ReLU, and the convolutions
-    whose output is the first input of an addition (a residual connection, then possibly the ReLU): what ONNX Runtime
-    fuses into the layer's node where the widths let it, and runs as separate nodes where they do not.
+@dataclass(frozen=True)
+class GraphLinks:
+    """How the layers of a model meet in its exported ONNX graph (BatchNorm folded into the convolutions).
 
-    Read from the model exported to ONNX (BatchNorm folded into the convolutions), each Conv or Gemm node matched,
-    in order, to the first layer of ``shapes`` not yet matched with its weight shape.
+    ``activations``: the layers whose node is followed by a ReLU; ``residuals``: the convolutions whose output is the
+    first input of an addition (a residual connection, then possibly the ReLU). ONNX Runtime fuses both into the
+    layer's node where the widths let it, and runs them as separate nodes where they do not. ``inputs``: per layer,
+    the layers whose outputs reach its input through other nodes (ReLUs, pooling, a residual addition, which counts
+    as the output of the layer it is fused into), with the spatial size (h, w) the tensor has where it arrives; a
+    residual layer's second addend counts as an input at the layer's output size. Where two linked layers run in
+    different layouts, ONNX Runtime reorders that tensor between them.
     """
+
+    activations: frozenset[str]
+    residuals: frozenset[str]
+    inputs: Mapping[str, tuple[tuple[str, int, int], ...]]
+
+
+def graph_links(model: nn.Module, example: torch.Tensor, shapes: Mapping[str, LayerShape]) -> GraphLinks:
+    """:class:`GraphLinks` of ``model``: each Conv or Gemm node of its ONNX export matched, in order, to the first layer of
+    ``shapes`` not yet matched with its weight shape."""
     import onnx
 
     graph = onnx.load_from_string(export_onnx(model.cpu().eval(), example.cpu())).graph
     dims = {init.name: list(init.dims) for init in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     remaining = list(shapes.items())
+    layer_of: dict[str, str] = {}  # tensor -> the layer whose output it is
+    data_in: dict[str, list[tuple[str, tuple[int, int]]]] = {}  # layer -> (tensor, size where it arrives)
     activations: set[str] = set()
     residuals: set[str] = set()
     for node in graph.node:
@@ -471,13 +512,34 @@ def fused_neighbours(model: nn.Module, example: torch.Tensor, shapes: Mapping[st
         match = next((i for i, (_, s) in enumerate(remaining) if dims.get(node.input[1]) in _weight_shapes(s)), None)
         if match is None:
             continue
-        name, _ = remaining.pop(match)
+        name, shape = remaining.pop(match)
+        data_in[name] = [(node.input[0], shape.in_hw)]
         out = node.output[0]
+        layer_of[out] = name
         after = consumers.get(out, [])
         if node.op_type == "Conv" and len(after) == 1 and after[0].op_type == "Add" and after[0].input[0] == out:
             residuals.add(name)
+            data_in[name].append((after[0].input[1], shape.out_hw))
             out = after[0].output[0]
+            layer_of[out] = name
             after = consumers.get(out, [])
         if len(after) == 1 and after[0].op_type == "Relu":
             activations.add(name)
-    return activations, residuals
+
+    def sources(tensor: str, seen: set[str]) -> list[str]:
+        if tensor in layer_of:
+            return [layer_of[tensor]]
+        node = producer.get(tensor)
+        if node is None or tensor in seen:  # a graph input or an initializer
+            return []
+        seen.add(tensor)
+        return [layer for t in node.input if t not in dims for layer in sources(t, seen)]
+
+    inputs = {}
+    for name, tensors in data_in.items():
+        links = {}
+        for tensor, (h, w) in tensors:
+            for layer in sources(tensor, set()):
+                links.setdefault(layer, (layer, int(h), int(w)))
+        inputs[name] = tuple(links.values())
+    return GraphLinks(frozenset(activations), frozenset(residuals), inputs)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from rdprune.core.runtimes import Runtime, TorchRuntime, fused_neighbours
+from rdprune.core.runtimes import BLOCKED, BLOCKED_FROM_PLAIN, PLAIN, Runtime, TorchRuntime, graph_links
 from rdprune.core.timing import LayerShape, interleaved_samples, torch_threads
 
 if TYPE_CHECKING:  # a space's widths are read, never built, here
@@ -162,16 +162,27 @@ def torch_layer_calls(shape: LayerShape, batch: int, device: torch.device, kept_
             for o in outs]
 
 
+@dataclass(frozen=True)
+class GridTimes:
+    """One layer grid's timings: median seconds per point, and where the calls profile themselves each point's kernel
+    path, layout (:data:`rdprune.core.runtimes.PLAIN`...) and the reorder seconds per element moved that it showed."""
+
+    times: np.ndarray
+    paths: np.ndarray | None = None
+    layouts: np.ndarray | None = None
+    reorder_rates: tuple[float, ...] = ()
+
+
 def _time_grid(shape: LayerShape, grid: tuple[tuple[int, ...], ...], batch: int, device: torch.device,
-               make: Callable[..., list[Callable]] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Median seconds at every grid point over several sweeps of its rows, and each point's kernel path (or None).
+               make: Callable[..., list[Callable]] | None = None) -> GridTimes:
+    """Median seconds at every grid point over several sweeps of its rows, and what profiled calls say of each point.
 
     A row (the points of one kept-in count; depthwise: the whole axis) shares its tensors and is timed
     interleaved; its tensors are made afresh in each sweep, so memory stays about twice the dense layer's.
     ``make(kept_in, outs, groups)`` gives a runtime's calls instead of ``torch.nn.functional`` ones; such a
     row (sessions, costly to make) is made once and swept in place before the next row is made. Calls that
     profile themselves (:class:`rdprune.core.runtimes.ProfiledLayerCall`) give their kernels' time and path
-    instead of the wall time of the call.
+    instead of the wall time of the call, with its layout.
     """
     in_place = make is not None
     if make is None:
@@ -181,7 +192,7 @@ def _time_grid(shape: LayerShape, grid: tuple[tuple[int, ...], ...], batch: int,
     else:
         rows = [functools.partial(make, i, grid[1], shape.groups) for i in grid[0]]
     samples: list[list[list[float]]] = [[[] for _ in grid[-1]] for _ in rows]
-    paths: list[list[str]] = []
+    profiles: list[list] = []
     if in_place:
         for row, make_calls in zip(samples, rows):
             calls = make_calls()
@@ -189,9 +200,8 @@ def _time_grid(shape: LayerShape, grid: tuple[tuple[int, ...], ...], batch: int,
                 for point, new in zip(row, interleaved_samples(calls, _GRID_REPEATS, _GRID_WARMUP, device)):
                     point.extend(new)
             if all(hasattr(call, "kernels") for call in calls):
-                kernels = [call.kernels() for call in calls]
-                row[:] = [[seconds] for seconds, _ in kernels]
-                paths.append([path for _, path in kernels])
+                profiles.append([call.kernels() for call in calls])
+                row[:] = [[k.seconds] for k in profiles[-1]]
             del calls
     else:
         for _ in range(_GRID_SWEEPS):
@@ -199,10 +209,14 @@ def _time_grid(shape: LayerShape, grid: tuple[tuple[int, ...], ...], batch: int,
                 for point, new in zip(row, interleaved_samples(make_calls(), _GRID_REPEATS, _GRID_WARMUP, device)):
                     point.extend(new)
     medians = np.array([[statistics.median(point) for point in row] for row in samples])
-    kinds = np.array(paths, dtype=object) if len(paths) == len(rows) else None
+    if len(profiles) != len(rows):
+        return GridTimes(medians[0] if shape.depthwise else medians)
+    paths = np.array([[k.path for k in row] for row in profiles], dtype=object)
+    layouts = np.array([[k.layout for k in row] for row in profiles], dtype=np.int64)
+    rates = tuple(k.reorder_s for row in profiles for k in row if k.reorder_s is not None)
     if shape.depthwise:
-        return medians[0], None if kinds is None else kinds[0]
-    return medians, kinds
+        return GridTimes(medians[0], paths[0], layouts[0], rates)
+    return GridTimes(medians, paths, layouts, rates)
 
 
 def _grid_cost(grid: tuple[tuple[int, ...], ...], dense_time: float) -> float:
@@ -254,6 +268,8 @@ class LayerGrid:
     axes are strictly increasing and end at the dense count. A depthwise layer has one channel count:
     ``kept_in == kept_out`` and ``times`` is 1-d. ``out_hw`` is the output spatial size (linear: rows per
     sample, 1), used to weigh the layer's output activations in the term for the rest of the network.
+    ``layout`` (same shape as ``times``, where the runtime has layouts): the layout each point runs in
+    (:data:`rdprune.core.runtimes.PLAIN`, ``BLOCKED``, ``BLOCKED_FROM_PLAIN``).
     """
 
     kept_in: tuple[int, ...]
@@ -261,6 +277,7 @@ class LayerGrid:
     times: np.ndarray
     out_hw: tuple[int, int] = (1, 1)
     depthwise: bool = False
+    layout: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         kin, kout = tuple(int(v) for v in self.kept_in), tuple(int(v) for v in self.kept_out)
@@ -274,6 +291,12 @@ class LayerGrid:
         if times.shape != expected or not np.all(np.isfinite(times)):
             raise ValueError(f"times must be finite with shape {expected}, got shape {times.shape}")
         times.flags.writeable = False
+        if self.layout is not None:
+            layout = np.array(self.layout, dtype=np.int64)
+            if layout.shape != expected or not np.isin(layout, (PLAIN, BLOCKED, BLOCKED_FROM_PLAIN)).all():
+                raise ValueError(f"layout must hold {PLAIN}, {BLOCKED} or {BLOCKED_FROM_PLAIN} with shape {expected}, got {self.layout}")
+            layout.flags.writeable = False
+            object.__setattr__(self, "layout", layout)
         object.__setattr__(self, "kept_in", kin)
         object.__setattr__(self, "kept_out", kout)
         object.__setattr__(self, "times", times)
@@ -287,6 +310,13 @@ class LayerGrid:
     def dense_activations(self) -> int:
         """Output activations per sample of the dense layer."""
         return self.kept_out[-1] * self.out_hw[0] * self.out_hw[1]
+
+    def layout_at(self, kept_in: int, kept_out: int) -> int | None:
+        """The layout of a timed point (None off the grid, or where the table has no layouts)."""
+        if self.layout is None or kept_in not in self.kept_in or kept_out not in self.kept_out:
+            return None
+        return int(self.layout[self.kept_in.index(kept_in)] if self.depthwise else
+                   self.layout[self.kept_in.index(kept_in), self.kept_out.index(kept_out)])
 
     def time(self, kept_in: int, kept_out: int) -> float:
         """Interpolated seconds: linear on a depthwise axis, bilinear otherwise; exact at grid points."""
@@ -319,15 +349,49 @@ class LatencyTable:
     of pieces of the forward pass, so it cannot come out negative; a hand-made table may use any value, and
     a negative one is kept as given (predictions then grow as output channels are removed).
     ``meta`` records how the table was built (device, threads, batch, measured dense seconds, build seconds).
+
+    Where the runtime runs layers in different memory layouts (ONNX Runtime's blocked NCHWc layout holds only
+    some channel counts), ``links`` (:attr:`rdprune.core.runtimes.GraphLinks.inputs`) and ``reorder_s`` (seconds
+    per channel x pixel moved) price the reorders a pruned model runs where a layer and the layer it reads from
+    end up in different layouts (:attr:`LayerGrid.layout`), one per tensor and direction, as a change from the
+    dense model's (whose reorders are in ``other``).
     """
 
-    def __init__(self, layers: Mapping[str, LayerGrid], other: float, meta: Mapping[str, object] | None = None):
+    def __init__(self, layers: Mapping[str, LayerGrid], other: float, meta: Mapping[str, object] | None = None,
+                 links: Mapping[str, Sequence[tuple[str, int, int]]] | None = None, reorder_s: float = 0.0):
         if not layers:
             raise ValueError("a latency table needs at least one layer")
         self.layers: dict[str, LayerGrid] = dict(layers)
         self.other = float(other)
         self.meta: dict[str, object] = dict(meta or {})
+        self.links = {name: tuple((str(p), int(h), int(w)) for p, h, w in links_in) for name, links_in in (links or {}).items()}
+        unknown = sorted({p for ls in self.links.values() for p, _, _ in ls} | set(self.links)) if self.links else []
+        unknown = [n for n in unknown if n not in self.layers]
+        if unknown:
+            raise ValueError(f"links name layers not in the table: {unknown}")
+        self.reorder_s = float(reorder_s)
         self._dense_activations = sum(g.dense_activations for g in self.layers.values())
+        self._dense_reorders = self.reorders({})
+
+    def reorders(self, kept: Mapping[str, tuple[int, int]]) -> float:
+        """Predicted seconds of the reorders between linked layers that run in different layouts when layer `name` keeps
+        kept[name] = (in, out) channels: per layer read from, one reorder out of the blocked layout if any reader runs
+        plain, one into it if it runs plain and a reader runs blocked, each of the largest tensor it serves. A layer
+        at counts the table did not time keeps its dense layout's links out of the sum."""
+        if not self.links or self.reorder_s == 0.0:
+            return 0.0
+        kept = {name: kept.get(name, (g.kept_in[-1], g.kept_out[-1])) for name, g in self.layers.items()}
+        layout = {name: g.layout_at(*kept[name]) for name, g in self.layers.items()}
+        moved: dict[tuple[str, bool], int] = {}
+        for reader, sources in self.links.items():
+            for source, h, w in sources:
+                if layout[reader] is None or layout[source] is None:
+                    continue
+                writes_blocked, reads_blocked = layout[source] != PLAIN, layout[reader] == BLOCKED
+                if writes_blocked != reads_blocked:
+                    key = (source, writes_blocked)
+                    moved[key] = max(moved.get(key, 0), kept[source][1] * h * w)
+        return self.reorder_s * sum(moved.values())
 
     @classmethod
     def build(cls, model: nn.Module, example: torch.Tensor, shapes: Mapping[str, LayerShape], *,
@@ -366,7 +430,8 @@ class LatencyTable:
             grids = _grid_pass([shapes[g[0]] for g in groups], [full[g[0]] for g in groups], [inside[g[0]] for g in groups], batch,
                                device, points, time_limit_s - (time.perf_counter() - start), progress)
         layers = {}
-        for g, (grid, times, _) in zip(groups, grids):
+        for g, (grid, timed) in zip(groups, grids):
+            times = timed.times
             for name in g:
                 scaled = times * (inside[name] / (times[-1] if len(grid) == 1 else times[-1, -1]))
                 layers[name] = LayerGrid(grid[0], grid[-1], scaled, shapes[name].out_hw, len(grid) == 1)
@@ -394,13 +459,16 @@ class LatencyTable:
         the layer's time inside the whole model (:meth:`Runtime.inside_times`: ONNX Runtime's profile of the exported
         model, plain runs alternating with profiled ones); points on another path keep their time. ``other`` is the
         plain model's median less the layers' times inside it (everything else: pooling, reorders, the call), scaled
-        by the activations kept as in the torch table.
+        by the activations kept as in the torch table. Where the calls report layouts, each point's layout, the
+        graph's links and the median reorder seconds per element the single-layer graphs moved price the reorders
+        that pruning adds or removes (:meth:`reorders`).
         """
         start = time.perf_counter()
         example = example.cpu()
         batch = int(example.shape[0])
         full = _full_grids(shapes, points, channel_grid)
-        activations, residuals = fused_neighbours(model, example, shapes)
+        links = graph_links(model, example, shapes)
+        activations, residuals = links.activations, links.residuals
         fused = {name: (name in activations, name in residuals) for name in shapes}
         groups = _signature_groups(shapes, full, fused)
         dense_s, inside = runtime.inside_times(model, example, shapes, (_DENSE_MIN_REPEATS, 2 * _DENSE_REPEATS),
@@ -418,7 +486,8 @@ class LatencyTable:
                            runtime.device, points, time_limit_s - (time.perf_counter() - start), progress,
                            [_keyword_maker(m) for m in makers])
         layers = {}
-        for g, (grid, times, paths) in zip(groups, grids):
+        for g, (grid, timed) in zip(groups, grids):
+            times, paths = timed.times, timed.paths
             if paths is None:
                 # wall times: less the runtime's fixed cost of a call, but never more than half the cheapest point (a
                 # layer that costs about the fixed cost keeps its shape, and a dense point near zero cannot blow up)
@@ -429,8 +498,9 @@ class LatencyTable:
                 # same kernels run; a count that takes another path (off the blocked layout) keeps its own time
                 scale = inside[name] / dense_point if name in inside else 1.0
                 factor = scale if paths is None else np.where(paths == paths.flat[-1], scale, 1.0)
-                layers[name] = LayerGrid(grid[0], grid[-1], times * factor, shapes[name].out_hw, len(grid) == 1)
+                layers[name] = LayerGrid(grid[0], grid[-1], times * factor, shapes[name].out_hw, len(grid) == 1, timed.layouts)
         layers = {name: layers[name] for name in shapes}
+        rates = [r for _, timed in grids for r in timed.reorder_rates]
         inside = sum(layer.dense_time for layer in layers.values())
         other = dense_s - inside
         if other < 0:
@@ -439,7 +509,7 @@ class LatencyTable:
             other = 0.0
         meta = {**runtime.key(), "batch": batch, "measured_dense": dense_s, "call_overhead": overhead,
                 "fused_activations": len(activations), "fused_residuals": len(residuals), "build_seconds": time.perf_counter() - start}
-        return cls(layers, other, meta)
+        return cls(layers, other, meta, links.inputs, statistics.median(rates) if rates else 0.0)
 
     def covers(self, channel_grid: Mapping[str, tuple[Sequence[int], Sequence[int]]]) -> bool:
         """Whether the table was built for every (kept in, kept out) count of ``channel_grid`` (:func:`level_widths`):
@@ -467,7 +537,8 @@ class LatencyTable:
             times.append(grid.time(kin, kout))
             activations += kout * grid.out_hw[0] * grid.out_hw[1]
         # fsum: exactly rounded, so the order of the layers (a reloaded table's is sorted) cannot change a prediction
-        return math.fsum(times) + self.other * (activations / self._dense_activations)
+        return (math.fsum(times) + self.other * (activations / self._dense_activations)
+                + (self.reorders(kept) - self._dense_reorders))
 
     @property
     def dense(self) -> float:
@@ -479,20 +550,25 @@ class LatencyTable:
 
         Schema: ``{"format": "rdprune-latency/1", "other": seconds, "meta": {...}, "layers": {name: {"kept_in": [...],
         "kept_out": [...], "times": [[seconds per kept_out] per kept_in] (depthwise: [seconds]), "out_hw": [h, w],
-        "depthwise": bool}}}``, layers in call order.
+        "depthwise": bool, "layout": like times (optional)}}, "links": {name: [[layer read from, h, w], ...]}
+        (optional), "reorder_s": seconds (optional)}``, layers in call order.
         """
         layers = {name: {"kept_in": list(g.kept_in), "kept_out": list(g.kept_out), "times": g.times.tolist(),
-                         "out_hw": list(g.out_hw), "depthwise": g.depthwise} for name, g in self.layers.items()}
-        return {"format": JSON_FORMAT, "other": self.other, "meta": dict(self.meta), "layers": layers}
+                         "out_hw": list(g.out_hw), "depthwise": g.depthwise,
+                         **({} if g.layout is None else {"layout": g.layout.tolist()})} for name, g in self.layers.items()}
+        data = {"format": JSON_FORMAT, "other": self.other, "meta": dict(self.meta), "layers": layers}
+        if self.links:
+            data.update(links={name: [list(link) for link in links] for name, links in self.links.items()}, reorder_s=self.reorder_s)
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> LatencyTable:
         """The table written by :meth:`to_json` (or hand-written to that schema)."""
         if data.get("format") != JSON_FORMAT:
             raise ValueError(f"not a latency table of format {JSON_FORMAT!r}: {data.get('format')!r}")
-        layers = {name: LayerGrid(g["kept_in"], g["kept_out"], g["times"], g.get("out_hw", (1, 1)), g.get("depthwise", False))
-                  for name, g in data["layers"].items()}
-        return cls(layers, data["other"], data.get("meta"))
+        layers = {name: LayerGrid(g["kept_in"], g["kept_out"], g["times"], g.get("out_hw", (1, 1)), g.get("depthwise", False),
+                                  g.get("layout")) for name, g in data["layers"].items()}
+        return cls(layers, data["other"], data.get("meta"), data.get("links"), data.get("reorder_s", 0.0))
 
 
 class _PieceClock:
@@ -577,9 +653,8 @@ def _dense_pass(model: nn.Module, example: torch.Tensor, names: Sequence[str], d
 def _grid_pass(shapes: Sequence[LayerShape], full: Sequence[tuple[tuple[int, ...], ...]], dense_times: Sequence[float], batch: int,
                device: torch.device, points: int, budget_s: float, progress: bool,
                makers: Sequence[Callable[..., list[Callable]] | None] | None = None,
-               ) -> list[tuple[tuple[tuple[int, ...], ...], np.ndarray, np.ndarray | None]]:
-    """Time each layer's grid (seconds, and kernel paths where the calls report them), coarsening the rest when the
-    estimate exceeds the budget.
+               ) -> list[tuple[tuple[tuple[int, ...], ...], GridTimes]]:
+    """Time each layer's grid (:class:`GridTimes`), coarsening the rest when the estimate exceeds the budget.
 
     The estimate (:func:`_grid_cost`) is corrected as it goes by the ratio of time spent to time estimated so
     far.
@@ -597,7 +672,7 @@ def _grid_pass(shapes: Sequence[LayerShape], full: Sequence[tuple[tuple[int, ...
                         len(pending), len(shapes), budget_s - elapsed, p)
             current = p
         grid = _coarse_grid(grid_full, current)
-        times, paths = _time_grid(shape, grid, batch, device, None if makers is None else makers[k])
+        timed = _time_grid(shape, grid, batch, device, None if makers is None else makers[k])
         spent_estimate += _grid_cost(grid, dense_time)
-        out.append((grid, times, paths))
+        out.append((grid, timed))
     return out
