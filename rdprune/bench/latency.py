@@ -148,6 +148,7 @@ def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float
                                 ops = sorted(runtime.op_times(m, example).items(), key=lambda kv: -kv[1])
                                 print(f"PROFILE {name} batch {batch} {grid} grid {label}, ms per op type: "
                                       + ", ".join(f"{op} {1e3 * t:.2f}" for op, t in ops), flush=True)
+                        reorders = table.reorders(space.kept_channels(checked.removal)) - table.reorders({})
                         row = stats.setdefault(f"{method}, {grid} grid", {"speedup": [], "error": [], "table_error": [],
                                                                           "corrections": [], "first_speedup": []})
                         row["speedup"].append(checked.speedup)
@@ -162,6 +163,7 @@ def resnet50_at_budget(batches: list[int], levels: int, inputs: int, keep: float
                               f"measured {checked.first_s / checked.first_dense_s:.3f} before correction: error "
                               f"{100 * checked.model_error:+.1f} % (the table alone: {100 * checked.table_error:+.1f} %; fit "
                               f"{1e3 * checked.offset_s:.2f} ms + {checked.scale:.3f} x table); corrections {checked.corrections}; "
+                              f"reorders between layouts priced in the final model: {1e3 * reorders:+.2f} ms; "
                               f"latency table {table_s:.1f} s, "
                               f"allocation {sum(allocation_s):.2f} s", flush=True)
             for method, row in stats.items():

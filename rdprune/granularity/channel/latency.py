@@ -365,8 +365,7 @@ class LatencyTable:
         self.other = float(other)
         self.meta: dict[str, object] = dict(meta or {})
         self.links = {name: tuple((str(p), int(h), int(w)) for p, h, w in links_in) for name, links_in in (links or {}).items()}
-        unknown = sorted({p for ls in self.links.values() for p, _, _ in ls} | set(self.links)) if self.links else []
-        unknown = [n for n in unknown if n not in self.layers]
+        unknown = sorted(({p for ls in self.links.values() for p, _, _ in ls} | set(self.links)) - set(self.layers))
         if unknown:
             raise ValueError(f"links name layers not in the table: {unknown}")
         self.reorder_s = float(reorder_s)
@@ -377,7 +376,7 @@ class LatencyTable:
         """Predicted seconds of the reorders between linked layers that run in different layouts when layer `name` keeps
         kept[name] = (in, out) channels: per layer read from, one reorder out of the blocked layout if any reader runs
         plain, one into it if it runs plain and a reader runs blocked, each of the largest tensor it serves. A layer
-        at counts the table did not time keeps its dense layout's links out of the sum."""
+        at counts the table did not time has no known layout: its links add nothing."""
         if not self.links or self.reorder_s == 0.0:
             return 0.0
         kept = {name: kept.get(name, (g.kept_in[-1], g.kept_out[-1])) for name, g in self.layers.items()}
