@@ -78,7 +78,6 @@ def test_the_second_iteration_prices_its_own_levels_and_chooses_counts_it_timed(
     import rdprune
     from rdprune.granularity.channel.latency import LatencyTable
 
-    sys.path.insert(0, str(ROOT / "tests"))
     retimed = (channel_run.parent / "stderr.txt").read_text().count("the table was not timed at; timing them")
     data = json.loads((channel_run / "latency_table.json").read_text())
     widths = _second_iteration_widths(channel_run)
@@ -95,7 +94,6 @@ def test_the_second_iteration_prices_its_own_levels_and_chooses_counts_it_timed(
 
 
 def test_masked_final_model_and_exported_smaller_model_agree(channel_run):
-    sys.path.insert(0, str(ROOT / "tests"))
     from dist_scripts.user_models import batchnorm_cnn
 
     masked = batchnorm_cnn(10)
