@@ -184,3 +184,22 @@ def test_collective_timeout_shorter_than_the_latency_build_is_refused_up_front(t
                       "while rank 0 times the layers, which can take longer than the limit; set distributed.timeout_s to at "
                       "least 20 or lower latency.time_limit_s"], proc.stderr[-3000:]
     assert not (out / "results.jsonl").exists() and not (out / "pretrained.pt").exists()
+
+
+def test_a_channel_run_measures_its_curves_and_its_result_in_kl(tmp_path):
+    """The setting reaches the curves and the measured distortion of the whole pruned network (same seed,
+    same choice of calibration images: only the measure differs)."""
+    flops = ["prune.budget=flops", "prune.amount_per_iteration=0.4", "prune.bn_aware_curves=true"]
+    rows, curves = {}, {}
+    for name in ("mse", "kl"):
+        out = tmp_path / name
+        _run(out, *flops, f"prune.distortion={name}")
+        rows[name] = read_rows(out)[1]
+        with np.load(out / "curves" / "iter_01" / "curves.npz") as saved:
+            curves[name] = {k: saved[k] for k in saved.files if k.endswith("/distortion")}
+    assert curves["mse"].keys() == curves["kl"].keys()
+    assert all(c[0] == 0.0 for c in curves["kl"].values())  # level 0 is the unpruned network
+    assert any(not np.allclose(curves["mse"][k], curves["kl"][k]) for k in curves["kl"])
+    for name in ("mse", "kl"):
+        assert rows[name]["distortion_measured"] > 0 and rows[name]["distortion_predicted"] > 0
+    assert rows["kl"]["distortion_measured"] != pytest.approx(rows["mse"]["distortion_measured"])

@@ -28,8 +28,9 @@ def _resnet():
     return lived_in(resnet20(10, in_channels=1, shortcut="projection"))
 
 
+@pytest.mark.parametrize("measure", ["mse", "kl"])
 @pytest.mark.parametrize("build,shape", [(_resnet, (1, 28, 28)), (lambda: lived_in(DepthwiseConcat()), (3, 12, 12))])
-def test_recalibrated_curves_equal_their_definition(build, shape, tmp_path):
+def test_recalibrated_curves_equal_their_definition(build, shape, measure, tmp_path):
     """remove the group's channels, recalibrate_batchnorm on the inputs, measure: the fast path (one suffix pass
     with each BatchNorm normalising with its new input's statistics) gives the same curves, level 0 exactly zero,
     and leaves weights and statistics as they were."""
@@ -39,9 +40,10 @@ def test_recalibrated_curves_equal_their_definition(build, shape, tmp_path):
     first = next(iter(space.groups))
     enforce_masks(space.layers, space.masks({first: 1}))  # partly pruned already
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fast = estimate_channel_curves(model, space, x, 5, batch_size=40, cache_dir=tmp_path, progress=False, bn_aware=True)
-    plain = plain_channel_curves(model, space, x, 5, batch_size=40, bn_aware=True)
-    stale = estimate_channel_curves(model, space, x, 5, batch_size=40, cache_dir=tmp_path, progress=False)
+    fast = estimate_channel_curves(model, space, x, 5, batch_size=40, cache_dir=tmp_path, progress=False, bn_aware=True,
+                                   measure=measure)
+    plain = plain_channel_curves(model, space, x, 5, batch_size=40, bn_aware=True, measure=measure)
+    stale = estimate_channel_curves(model, space, x, 5, batch_size=40, cache_dir=tmp_path, progress=False, measure=measure)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     for g in space.groups:
         scale = max(float(plain[g].distortion.max()), 1e-30)

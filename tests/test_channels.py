@@ -78,14 +78,14 @@ def test_channel_granularity_without_torch_pruning_names_the_extra(monkeypatch, 
         ChannelSpace(resnet, torch.zeros(1, 1, 28, 28))
 
 
-@pytest.mark.parametrize("worst_case", [False, True])
-def test_channel_curves_equal_their_plain_definition(resnet, worst_case, tmp_path):
+@pytest.mark.parametrize("distortion", [{}, {"worst_case": True}, {"measure": "kl"}], ids=["mse", "worst", "kl"])
+def test_channel_curves_equal_their_plain_definition(resnet, distortion, tmp_path):
     x = torch.randn(24, 1, 28, 28)
     space = ChannelSpace(resnet, x[:1])
     enforce_masks(space.layers, space.masks({"layer2.1.conv1": 5, "conv1": 2}))  # already partly pruned
     before = {k: v.clone() for k, v in resnet.state_dict().items()}
-    fast = estimate_channel_curves(resnet, space, x, 6, worst_case=worst_case, batch_size=10, cache_dir=tmp_path, progress=False)
-    plain = plain_channel_curves(resnet, space, x, 6, worst_case=worst_case, batch_size=10)
+    fast = estimate_channel_curves(resnet, space, x, 6, batch_size=10, cache_dir=tmp_path, progress=False, **distortion)
+    plain = plain_channel_curves(resnet, space, x, 6, batch_size=10, **distortion)
     assert all(torch.equal(v, resnet.state_dict()[k]) for k, v in before.items())
     for g in space.groups:
         scale = max(float(np.abs(plain[g].distortion).max()), 1e-30)
@@ -93,7 +93,7 @@ def test_channel_curves_equal_their_plain_definition(resnet, worst_case, tmp_pat
         np.testing.assert_array_equal(fast[g].amounts, plain[g].amounts)
         assert fast[g].distortion[0] == 0.0 and fast[g].distortion[-1] > 0
     assert fast["layer2.1.conv1"].amounts[0] == 5 / 32  # levels start at what is already removed
-    again = estimate_channel_curves(resnet, space, x, 6, worst_case=worst_case, batch_size=10, cache_dir=tmp_path, progress=False)
+    again = estimate_channel_curves(resnet, space, x, 6, batch_size=10, cache_dir=tmp_path, progress=False, **distortion)
     assert all(np.array_equal(again[g].distortion, fast[g].distortion) for g in space.groups)
 
 

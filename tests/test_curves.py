@@ -149,19 +149,20 @@ def _assert_restored(model, snapshot):
 
 @pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
 @pytest.mark.parametrize("grid", ["relative", "absolute"])
-@pytest.mark.parametrize("worst_case", [False, True], ids=["mse", "worst"])
+@pytest.mark.parametrize("distortion", [{}, {"worst_case": True}, {"measure": "kl"}, {"measure": "kl", "worst_case": True}],
+                         ids=["mse", "worst", "kl", "kl_worst"])
 @pytest.mark.parametrize("cls,shape", [(Branchy, (3, 8, 8)), (SharedAndFlat, (3, 6, 6))], ids=["branchy", "shared"])
-def test_matches_plain_definition(cls, shape, worst_case, grid, pruned, caplog):
+def test_matches_plain_definition(cls, shape, distortion, grid, pruned, caplog):
     model = _model(cls)
     if pruned:
         apply_masks(model, {n: 0.2 + 0.15 * i for i, n in enumerate(prunable_layers(model))})
     model.train()  # estimation must still use eval mode, and restore this afterwards
     snapshot = _snapshot(model)
     batches = [synthetic_inputs(5, shape, seed=s) for s in range(3)]  # multi-batch, uneven is fine too
-    fast = estimate_curves(model, batches, 9, grid=grid, worst_case=worst_case, progress=False)
+    fast = estimate_curves(model, batches, 9, grid=grid, progress=False, **distortion)
     _assert_restored(model, snapshot)
     assert not caplog.records  # the traced fast path, no fallback
-    plain = plain_curves(model, batches, 9, grid=grid, worst_case=worst_case)
+    plain = plain_curves(model, batches, 9, grid=grid, **distortion)
     _assert_close(fast, plain)
     assert all(c.distortion[0] == 0.0 for c in fast.values())
     if cls is SharedAndFlat:

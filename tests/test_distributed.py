@@ -110,22 +110,23 @@ def test_mismatched_configs_fail_on_every_rank():
     assert "launch every node with the same config and overrides" in out.stderr
 
 
-def single_process_curves(grid: str, worst_case: bool) -> dict:
+def single_process_curves(grid: str, distortion: str) -> dict:
     from dist_scripts.sharded_curves import setup
 
     from rdprune.core.curves import estimate_curves
 
     model, inputs = setup()
-    return estimate_curves(model, inputs, 11, grid=grid, worst_case=worst_case, batch_size=8, progress=False)
+    return estimate_curves(model, inputs, 11, grid=grid, worst_case=distortion == "worst_case",
+                           measure="kl" if distortion == "kl" else "mse", batch_size=8, progress=False)
 
 
-@pytest.mark.parametrize("nproc, grid, worst_case", [(2, "relative", False), (3, "absolute", True)])
+@pytest.mark.parametrize("nproc, grid, distortion", [(2, "relative", "mse"), (3, "absolute", "worst_case"), (2, "relative", "kl")])
 @pytest.mark.distributed
-def test_sharded_curves_equal_one_process(tmp_path, one_thread, nproc, grid, worst_case):
-    out = run_script("sharded_curves.py", nproc, str(tmp_path / "curves.pt"), "-", grid, str(int(worst_case)))
+def test_sharded_curves_equal_one_process(tmp_path, one_thread, nproc, grid, distortion):
+    out = run_script("sharded_curves.py", nproc, str(tmp_path / "curves.pt"), "-", grid, distortion)
     assert out.returncode == 0, out.stdout + out.stderr
     sharded = torch.load(tmp_path / "curves.pt", weights_only=True)
-    reference = single_process_curves(grid, worst_case)
+    reference = single_process_curves(grid, distortion)
     assert list(sharded) == list(reference)
     scale = max(float(abs(c.distortion).max()) for c in reference.values())
     assert scale > 0
@@ -138,7 +139,7 @@ def test_sharded_curves_equal_one_process(tmp_path, one_thread, nproc, grid, wor
 @pytest.mark.distributed
 def test_restart_recomputes_only_missing_pieces(tmp_path):
     cache = tmp_path / "cache"
-    args = (str(tmp_path / "curves.pt"), str(cache), "relative", "0")
+    args = (str(tmp_path / "curves.pt"), str(cache), "relative", "mse")
     assert run_script("sharded_curves.py", 2, *args).returncode == 0
     files = sorted(cache.glob("*.curve.pt"))
     assert len(files) >= 5  # every layer, and at least one layer split between the ranks

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from rdprune.core.curves import synthetic_inputs
+from rdprune.core.distortion import Distortion
 from rdprune.core.grid import Curve
 from rdprune.distributed import DistInfo
 from rdprune.granularity.two_four.stage import sharded_two_four_curves
@@ -141,7 +142,7 @@ def test_sharded_curves_in_one_process_equal_the_core(one_thread):
     layers, _ = candidates(model)
     x = synthetic_inputs(8, (1, 28, 28))
     flops = {n: 1 for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    sharded = sharded_two_four_curves(model, layers, x, worst_case=False, batch_size=8, flops=flops, cache_dir=None,
+    sharded = sharded_two_four_curves(model, layers, x, distortion=Distortion(), batch_size=8, flops=flops, cache_dir=None,
                                              dist=DistInfo(), progress=False)
     core = estimate_two_four_curves(model, layers, x, batch_size=8, progress=False)
     assert list(sharded) == list(core)

@@ -55,7 +55,8 @@ import torch
 from torch import nn
 
 from rdprune.bench.report import interleaved, machine_line, pair_ratios, spread, time_call
-from rdprune.core.curves import batch_distortion, estimate_curves, layer_plan, plain_curves, synthetic_inputs
+from rdprune.core.curves import estimate_curves, layer_plan, plain_curves, synthetic_inputs
+from rdprune.core.distortion import Distortion
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import magnitude_mask, magnitude_order
 from rdprune.core.suffix import TracedNetwork, tensor_version
@@ -279,7 +280,7 @@ def profile(model: nn.Module, inputs: torch.Tensor, levels: int, repeats: int, d
                     _ = any(tensor_version(boundary[n]) != v for n, v in versions.items())
                     guard += guard_before + clock() - start
                     start = clock()
-                    batch_distortion(reference, out, False)
+                    float(Distortion().batch(reference, out))
                     distortion += clock() - start
             finally:
                 weight.copy_(original)
@@ -610,7 +611,7 @@ def sharded_worker(args: argparse.Namespace) -> None:
                     global_magnitude_prune(model, 0.2)
             distributed.barrier()
             start = time.perf_counter()
-            curves = sharded_curves(model, inputs, args.levels, grid="absolute", worst_case=False, skip=(),
+            curves = sharded_curves(model, inputs, args.levels, grid="absolute", distortion=Distortion(), skip=(),
                                     batch_size=args.samples, cache_dir=None, dist=info, progress=False)
             distributed.barrier()
             results[case] = (time.perf_counter() - start, curves)

@@ -222,8 +222,9 @@ class PruneConfig(_Section):
     grid: Literal[GRIDS] = "relative"
     """relative = levels span each layer's remaining weights; absolute = 0, 1/(levels-1), ..., 1 as
     published (rd only)."""
-    distortion: Literal["mse", "worst_case"] = "mse"
-    """Output distortion: mse averages over samples, worst_case takes the worst sample (rd only)."""
+    distortion: Literal["mse", "worst_case", "kl"] = "mse"
+    """Output distortion (rd only): mse = squared error of the outputs averaged over samples, worst_case = its
+    worst sample, kl = KL divergence of the softmax outputs from the unpruned ones, averaged over samples."""
     bn_aware_curves: Optional[bool] = None
     """rd only: measure each unit's distortion with BatchNorm statistics re-estimated on the
     calibration inputs after pruning that unit (the network as it will be fine-tuned), instead of

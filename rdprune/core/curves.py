@@ -5,7 +5,9 @@ For layer l and amount a_k, the ``round(a_k * n_l)`` smallest-magnitude weights 
 output is compared with the unpruned output Y:
 
 - ``mse``: mean over samples and outputs of ``(Y - Ŷ)^2``;
-- ``worst_case``: max over samples of the per-sample mean of ``(Y - Ŷ)^2``.
+- ``worst_case``: max over samples of the per-sample mean of ``(Y - Ŷ)^2``;
+- ``measure="kl"``: ``KL(softmax(Y) || softmax(Ŷ))`` over the classes instead of the squared error
+  (mean over samples, or with ``worst_case`` the worst sample; :mod:`rdprune.core.distortion`).
 
 BatchNorm-aware curves (``bn_aware=True``) measure the network as it will run after pruning: for
 every (layer, level), the BatchNorm statistics are re-estimated exactly on the calibration inputs
@@ -36,6 +38,7 @@ from tqdm.auto import tqdm
 from rdprune import stop
 from rdprune.core.batchnorm import batch_statistics, batchnorm_layers, recalibrate_batchnorm
 from rdprune.core.curve_cache import CurveCache, fingerprint_inputs
+from rdprune.core.distortion import Distortion, Measure
 from rdprune.core.floor import check_min_density, max_amount
 from rdprune.core.grid import Curve, Grid, level_amounts
 from rdprune.core.layers import evaluation, prunable_layers
@@ -124,20 +127,6 @@ def _reference_outputs(model: nn.Module, batches: list[torch.Tensor], device: to
         _check_output(model(b.to(device)), b, f"on calibration batch {i} (unpruned model)")
         for i, b in enumerate(batches)
     ]
-
-
-def distortion_tensor(reference: torch.Tensor, out: torch.Tensor, worst_case: bool) -> torch.Tensor:
-    """Sum (mse) or max over samples (worst case) of this batch's squared error: a float64 scalar on
-    the outputs' device, so that a caller can collect many without waiting for the device."""
-    err = (out.double() - reference.double()).pow_(2)
-    if worst_case:
-        return err.reshape(len(err), -1).mean(dim=1).max()
-    return err.sum()
-
-
-def batch_distortion(reference: torch.Tensor, out: torch.Tensor, worst_case: bool) -> float:
-    """:func:`distortion_tensor` as a Python float (waits for the device)."""
-    return float(distortion_tensor(reference, out, worst_case))
 
 
 @dataclass(frozen=True)
@@ -345,7 +334,7 @@ def _level_values(
     unit: PruningUnit,
     counts: list[int],
     reference: torch.Tensor,
-    worst_case: bool,
+    distortion: Distortion,
     bar: tqdm,
 ) -> np.ndarray:
     """One batch's distortion at each of the increasing pruned ``counts`` of one unit.
@@ -359,7 +348,7 @@ def _level_values(
         state = runner.prepare(unit.modules, session)  # with the unpruned weights
         for i, count in enumerate(counts):
             unit.prune(count)
-            values[i] = distortion_tensor(reference, runner.run(unit.modules, state), worst_case)
+            values[i] = distortion.batch(reference, runner.run(unit.modules, state))
             bar.update(1)
         del state
     finally:
@@ -377,7 +366,7 @@ def _group_distortions(
     todo: Sequence[tuple[PruningUnit, list[int]]],
     batches: list[torch.Tensor],
     references: list[torch.Tensor],
-    worst_case: bool,
+    distortion: Distortion,
     device: torch.device,
     bar: tqdm,
     finished: Callable[[str, np.ndarray], None],
@@ -390,10 +379,8 @@ def _group_distortions(
     turns out unsafe to re-run (in-place updates of its inputs) is redone afterwards with the
     whole model, so a surprise in the traced graph costs speed, never correctness.
     """
-    scale = sum(r.numel() for r in references)
-
     def finish(name: str, totals: np.ndarray) -> None:
-        finished(name, totals if worst_case else totals / scale)
+        finished(name, distortion.finish(totals, references))
 
     totals = {unit.name: np.zeros(len(counts), np.float64) for unit, counts in todo}
     active = []
@@ -405,7 +392,7 @@ def _group_distortions(
             finish(unit.name, totals[unit.name])
 
     def add(name: str, values: np.ndarray) -> None:
-        totals[name] = np.maximum(totals[name], values) if worst_case else totals[name] + values
+        totals[name] = distortion.combine(totals[name], values)
 
     unsafe: list[tuple[PruningUnit, list[int]]] = []
     for b, (x, reference) in enumerate(zip(batches, references)):
@@ -417,7 +404,7 @@ def _group_distortions(
                 continue
             progress_before = bar.n
             try:
-                add(unit.name, _level_values(runner, session, unit, counts, reference, worst_case, bar))
+                add(unit.name, _level_values(runner, session, unit, counts, reference, distortion, bar))
             except UnsafeSuffix as exc:
                 logger.warning("%s %s: %s; using the plain loop for it", unit.kind, unit.name, exc)
                 bar.n = progress_before - b * len(counts)
@@ -430,7 +417,7 @@ def _group_distortions(
     for unit, counts in unsafe:
         totals[unit.name][:] = 0.0
         for x, reference in zip(batches, references):
-            add(unit.name, _level_values(plain, x.to(device), unit, counts, reference, worst_case, bar))
+            add(unit.name, _level_values(plain, x.to(device), unit, counts, reference, distortion, bar))
         finish(unit.name, totals[unit.name])
 
 
@@ -452,8 +439,8 @@ def curve_cache(cache_dir: str | os.PathLike | None, model: nn.Module, batches: 
 
 @torch.no_grad()
 def plain_unit_curves(
-    model: nn.Module, units: Mapping[str, tuple[PruningUnit, UnitPlan]], batches: list[torch.Tensor], worst_case: bool,
-    *, recalibrate: bool = False,
+    model: nn.Module, units: Mapping[str, tuple[PruningUnit, UnitPlan]], batches: list[torch.Tensor],
+    distortion: Distortion, *, recalibrate: bool = False,
 ) -> dict[str, Curve]:
     """The definition run literally for units of any kind: prune each unit to each level of its plan, run the whole
     model on every batch, compare with the unpruned output (the reference the fast engine is checked against).
@@ -475,20 +462,17 @@ def plain_unit_curves(
             renormalise()
             references = _reference_outputs(model, batches, device)
             for name, (unit, plan) in units.items():
-                distortion = np.zeros(len(plan.counts), np.float64)
+                values = np.zeros(len(plan.counts), np.float64)
                 unit.hold()
                 try:
                     for k, count in enumerate(plan.counts):
                         unit.prune(count)
                         renormalise()
                         for x, reference in zip(batches, references):
-                            value = batch_distortion(reference, model(x.to(device)), worst_case)
-                            distortion[k] = max(distortion[k], value) if worst_case else distortion[k] + value
+                            values[k] = distortion.combine(values[k], float(distortion.batch(reference, model(x.to(device)))))
                 finally:
                     unit.restore()
-                if not worst_case:
-                    distortion /= sum(r.numel() for r in references)
-                curves[name] = Curve(plan.amounts, distortion)
+                curves[name] = Curve(plan.amounts, distortion.finish(values, references))
     finally:
         for n, b in model.named_buffers():
             if n in buffers:
@@ -501,7 +485,7 @@ def unit_curves(
     leaves: Iterable[nn.Module],
     plans: Mapping[str, tuple[PruningUnit, UnitPlan]],
     batches: list[torch.Tensor],
-    worst_case: bool,
+    distortion: Distortion,
     cache: CurveCache | None,
     progress: bool,
 ) -> dict[str, Curve]:
@@ -539,7 +523,7 @@ def unit_curves(
             todo = [(plans[n][0], plans[n][1].to_run) for n in pending if plans[n][1].to_run]
             group = _CACHED_GROUP if cache is not None and len(batches) > 1 else max(len(todo), 1)
             for start in range(0, len(todo), group):
-                _group_distortions(runner, todo[start:start + group], batches, references, worst_case, device, bar, finished)
+                _group_distortions(runner, todo[start:start + group], batches, references, distortion, device, bar, finished)
     return {n: curves[n] for n in plans}
 
 
@@ -550,6 +534,7 @@ def estimate_curves(
     *,
     grid: Grid = "relative",
     worst_case: bool = False,
+    measure: Measure = "mse",
     layers: Iterable[str] | None = None,
     skip: Iterable[str] = (),
     level_ranges: Mapping[str, tuple[int, int]] | None = None,
@@ -569,10 +554,12 @@ def estimate_curves(
     each finished layer is written there at once and reused by a later call with identical
     model, inputs and settings. ``bn_aware`` measures each pruned network with BatchNorm
     statistics re-estimated on ``inputs`` (module notes); it needs ``inputs`` in one batch
-    (``batch_size`` >= their number) to be fast. Runs on the model's device; the model is left
-    exactly as it was.
+    (``batch_size`` >= their number) to be fast. ``measure`` is the output distortion (``mse`` or
+    ``kl``; :mod:`rdprune.core.distortion`), ``worst_case`` takes its worst sample instead of the
+    mean. Runs on the model's device; the model is left exactly as it was.
     """
     min_density = check_min_density(min_density)
+    distortion = Distortion(measure, worst_case)
     every, chosen = _select_layers(model, layers, skip)
     level_ranges = dict(level_ranges or {})
     unknown = sorted(set(level_ranges) - set(chosen))
@@ -583,14 +570,14 @@ def estimate_curves(
     plans = {n: layer_plan(n, m, levels, grid, level_ranges.get(n), min_density) for n, m in chosen.items()}
     # The floor rule is part of the grid: "floor=units" marks grids capped at one weight per
     # output unit, so curves cached before the floor existed (top level 1) are not reused.
-    cache = curve_cache(cache_dir, model, batches, f"levels={levels}:grid={grid}:worst_case={bool(worst_case)}:floor=units"
+    cache = curve_cache(cache_dir, model, batches, f"levels={levels}:grid={grid}:{distortion.cache_key}:floor=units"
                                                    f":min_density={min_density!r}:bn_aware={bool(bn_aware)}")
     bn_aware = bn_aware and bool(batchnorm_layers(model))
     if not (bn_aware and len(batches) > 1):
         renormalised = batch_statistics(model) if bn_aware else contextlib.nullcontext()
         with renormalised:
             units = {n: (_LayerUnit(n, m), plans[n]) for n, m in chosen.items()}
-            return unit_curves(model, every.values(), units, batches, worst_case, cache, progress)
+            return unit_curves(model, every.values(), units, batches, distortion, cache, progress)
     curves = {n: cache.load(n, plans[n].level_range) if cache is not None else None for n in chosen}
     if any(c is None for c in curves.values()):
         logger.warning(
@@ -600,7 +587,7 @@ def estimate_curves(
         )
     for n, curve in curves.items():
         if curve is None:
-            curves[n] = _recalibrated_curve(model, chosen[n], plans[n], batches, worst_case, device)
+            curves[n] = _recalibrated_curve(model, chosen[n], plans[n], batches, distortion, device)
             if cache is not None:
                 cache.save(n, plans[n].level_range, curves[n])
             stop.check_local("curve estimation")
@@ -649,6 +636,7 @@ def plain_curves(
     *,
     grid: Grid = "relative",
     worst_case: bool = False,
+    measure: Measure = "mse",
     layers: Iterable[str] | None = None,
     skip: Iterable[str] = (),
     batch_size: int = 64,
@@ -661,12 +649,13 @@ def plain_curves(
     statistics re-estimated on ``inputs``. The reference that :func:`estimate_curves` is tested
     and benchmarked against.
     """
+    distortion = Distortion(measure, worst_case)
     _, chosen = _select_layers(model, layers, skip)
     batches = as_batches(inputs, batch_size)
     device = _model_device(model)
     if bn_aware and batchnorm_layers(model):
         return {name: _recalibrated_curve(model, module, layer_plan(name, module, levels, grid, None, min_density),
-                                          batches, worst_case, device, every_level=True)
+                                          batches, distortion, device, every_level=True)
                 for name, module in chosen.items()}
     curves = {}
     with evaluation(model):
@@ -674,25 +663,22 @@ def plain_curves(
         for name, module in chosen.items():
             amounts = layer_amounts(module, levels, grid, min_density)
             original = module.weight.detach().clone()
-            distortion = np.zeros(len(amounts), np.float64)
+            values = np.zeros(len(amounts), np.float64)
             try:
                 for k, amount in enumerate(amounts):
                     mask = magnitude_mask(original, pruned_count(float(amount), original.numel()))
                     module.weight.copy_(original * mask)
                     for x, reference in zip(batches, references):
-                        value = batch_distortion(reference, model(x.to(device)), worst_case)
-                        distortion[k] = max(distortion[k], value) if worst_case else distortion[k] + value
+                        values[k] = distortion.combine(values[k], float(distortion.batch(reference, model(x.to(device)))))
             finally:
                 module.weight.copy_(original)
-            if not worst_case:
-                distortion /= sum(r.numel() for r in references)
-            curves[name] = Curve(amounts, distortion)
+            curves[name] = Curve(amounts, distortion.finish(values, references))
     return curves
 
 
 @torch.no_grad()
 def _recalibrated_curve(
-    model: nn.Module, module: nn.Module, plan: UnitPlan, batches: list[torch.Tensor], worst_case: bool,
+    model: nn.Module, module: nn.Module, plan: UnitPlan, batches: list[torch.Tensor], distortion: Distortion,
     device: torch.device, every_level: bool = False,
 ) -> Curve:
     """One layer's BatchNorm-aware curve by the definition: prune, re-estimate the statistics, run, compare.
@@ -714,14 +700,11 @@ def _recalibrated_curve(
                 module.weight.copy_(original * magnitude_mask(original, count))
                 recalibrate_batchnorm(model, batches)
                 for x, reference in zip(batches, references):
-                    value = batch_distortion(reference, model(x.to(device)), worst_case)
-                    values[k] = max(values[k], value) if worst_case else values[k] + value
+                    values[k] = distortion.combine(values[k], float(distortion.batch(reference, model(x.to(device)))))
                 module.weight.copy_(original)
     finally:
         module.weight.copy_(original)
         for n, b in model.named_buffers():
             b.copy_(buffers[n])
-    if not worst_case:
-        values /= sum(r.numel() for r in references)
-    return Curve(plan.amounts, values)
+    return Curve(plan.amounts, distortion.finish(values, references))
 

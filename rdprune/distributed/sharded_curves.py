@@ -17,6 +17,7 @@ from torch import nn
 
 from rdprune import distributed
 from rdprune.core.curves import UnitPlan, curve_costs, estimate_curves, layer_amounts, merge_curve_pieces
+from rdprune.core.distortion import Distortion
 from rdprune.core.grid import Curve, Grid
 from rdprune.core.layers import prunable_layers
 from rdprune.core.masks import pruned_count
@@ -103,7 +104,7 @@ def sharded_curves(
     levels: int,
     *,
     grid: Grid,
-    worst_case: bool,
+    distortion: Distortion,
     skip: Iterable[str],
     batch_size: int,
     cache_dir: str | os.PathLike | None,
@@ -125,7 +126,8 @@ def sharded_curves(
 
     def estimate(mine: list[Piece]) -> dict[str, Curve]:
         return estimate_curves(
-            model, batches, levels, grid=grid, worst_case=worst_case, layers=[p.unit for p in mine], skip=skip,
+            model, batches, levels, grid=grid, worst_case=distortion.worst_case, measure=distortion.measure,
+            layers=[p.unit for p in mine], skip=skip,
             level_ranges={p.unit: (p.start, p.stop) for p in mine}, batch_size=batch_size,
             cache_dir=cache_dir, progress=progress, min_density=min_density, bn_aware=bn_aware,
         )

@@ -27,6 +27,7 @@ from rdprune import distributed, stop
 from rdprune.config import Config, TrainingConfig, config_hash, config_to_dict, load_config, save_config
 from rdprune.config.schema import section_defaults
 from rdprune.core.batchnorm import batchnorm_layers, recalibrate_batchnorm
+from rdprune.core.distortion import Distortion
 from rdprune.core.grid import Curve
 from rdprune.core.layers import describe_layers, evaluation, layer_flops, prunable_layers
 from rdprune.core.masks import (
@@ -607,8 +608,7 @@ def _outputs(ctx: Context, inputs: torch.Tensor) -> torch.Tensor:
 
 def _distortion(cfg: Config, reference: torch.Tensor, out: torch.Tensor) -> float:
     """The curves' distortion measure (mse or worst case) of the whole pruned network on the calibration inputs."""
-    err = (out.double() - reference.double()).pow(2).reshape(len(out), -1).mean(dim=1)
-    return float(err.max() if cfg.prune.distortion == "worst_case" else err.mean())
+    return Distortion.named(cfg.prune.distortion).measured(reference, out)
 
 
 @contextmanager

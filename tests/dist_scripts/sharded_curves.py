@@ -7,6 +7,7 @@ import sys
 import torch
 
 from rdprune import distributed as d
+from rdprune.core.distortion import Distortion
 from rdprune.distributed.sharded_curves import sharded_curves
 
 from tiny_models import Branchy
@@ -24,11 +25,11 @@ def setup() -> tuple[torch.nn.Module, torch.Tensor]:
 
 @d.record
 def main() -> None:
-    out, cache_dir, grid, worst_case = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+    out, cache_dir, grid, distortion = sys.argv[1], sys.argv[2], sys.argv[3], Distortion.named(sys.argv[4])
     torch.set_num_threads(1)
     with d.distributed_session("cpu", timeout_s=120) as info:
         model, inputs = setup()
-        curves = sharded_curves(model, inputs, 11, grid=grid, worst_case=worst_case, skip=(), batch_size=8,
+        curves = sharded_curves(model, inputs, 11, grid=grid, distortion=distortion, skip=(), batch_size=8,
                                 cache_dir=cache_dir if cache_dir != "-" else None, dist=info, progress=False)
         if info.rank == 0:
             torch.save({n: (torch.from_numpy(c.amounts), torch.from_numpy(c.distortion)) for n, c in curves.items()}, out)

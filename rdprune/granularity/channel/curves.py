@@ -2,8 +2,8 @@
 
 For group g and level n, the n least important channels of g are masked in every layer of the
 group (:class:`rdprune.granularity.channel.space.ChannelSpace`), the network runs in eval mode on the
-calibration inputs and its output is compared with the unpruned output (``mse`` or
-``worst_case``, as for weights). A curve's amounts are fractions of the group's channels.
+calibration inputs and its output is compared with the unpruned output (``mse``, ``kl``, either
+at its worst sample: :mod:`rdprune.core.distortion`, as for weights). A curve's amounts are fractions of the group's channels.
 
 :func:`estimate_channel_curves` re-runs only what depends on the group's layers (the suffix from
 its first layer, :mod:`rdprune.core.suffix`) and skips levels that remove nothing new, through
@@ -22,6 +22,7 @@ from torch import nn
 
 from rdprune.core.batchnorm import batch_statistics, batchnorm_layers
 from rdprune.core.curves import UnitPlan, as_batches, curve_cache, plain_unit_curves, select_units, unit_curves
+from rdprune.core.distortion import Distortion, Measure
 from rdprune.core.grid import Curve, Grid, level_amounts
 from rdprune.granularity.channel.space import ChannelSpace
 
@@ -87,6 +88,7 @@ def estimate_channel_curves(
     *,
     grid: Grid = "relative",
     worst_case: bool = False,
+    measure: Measure = "mse",
     groups: Iterable[str] | None = None,
     level_ranges: Mapping[str, tuple[int, int]] | None = None,
     batch_size: int = 64,
@@ -113,21 +115,22 @@ def estimate_channel_curves(
     if bn_aware and len(batches) > 1:
         raise ValueError(f"BatchNorm-aware channel curves need the calibration inputs in one batch: {sum(map(len, batches))} "
                          f"inputs came in {len(batches)} batches; raise the batch size to at least their number")
-    settings = f"granularity=channel:levels={levels}:grid={grid}:worst_case={bool(worst_case)}:floors={floors}"
+    distortion = Distortion(measure, worst_case)
+    settings = f"granularity=channel:levels={levels}:grid={grid}:{distortion.cache_key}:floors={floors}"
     # Added to the key only when set, so that caches of earlier versions (stale statistics, l2, no rounding) stay valid.
     settings += f":bn_aware=True:ranking={space.ranking}" if bn_aware else ("" if space.ranking == "l2" else f":ranking={space.ranking}")
     settings += f":round_to={round_to}" if round_to > 1 else ""
     cache = curve_cache(cache_dir, model, batches, settings)
     with batch_statistics(model) if bn_aware else contextlib.nullcontext():
-        return unit_curves(model, space.layers.values(), plans, batches, worst_case, cache, progress)
+        return unit_curves(model, space.layers.values(), plans, batches, distortion, cache, progress)
 
 
 def plain_channel_curves(
     model: nn.Module, space: ChannelSpace, inputs: torch.Tensor | Iterable[torch.Tensor], levels: int = 101, *,
-    grid: Grid = "relative", worst_case: bool = False, batch_size: int = 64, bn_aware: bool = False,
+    grid: Grid = "relative", worst_case: bool = False, measure: Measure = "mse", batch_size: int = 64, bn_aware: bool = False,
 ) -> dict[str, Curve]:
     """The definition run literally: for every group and level, mask, (with ``bn_aware``: re-estimate every BatchNorm
     layer's statistics on the inputs with :func:`rdprune.core.batchnorm.recalibrate_batchnorm``), run the whole model,
     compare."""
     units = {g: (ChannelUnit(space, g), group_plan(space, g, levels, grid)) for g in space.groups}
-    return plain_unit_curves(model, units, as_batches(inputs, batch_size), worst_case, recalibrate=bn_aware)
+    return plain_unit_curves(model, units, as_batches(inputs, batch_size), Distortion(measure, worst_case), recalibrate=bn_aware)

@@ -24,6 +24,7 @@ from rdprune import distributed, registry
 from rdprune.config import Config
 from rdprune.core.batchnorm import batch_statistics
 from rdprune.core.curves import UnitPlan
+from rdprune.core.distortion import Distortion
 from rdprune.core.grid import Curve, Grid
 from rdprune.core.layers import layer_flops
 from rdprune.core.masks import enforce_masks
@@ -84,7 +85,7 @@ def sharded_channel_curves(
     levels: int,
     *,
     grid: Grid,
-    worst_case: bool,
+    distortion: Distortion,
     batch_size: int,
     flops: Mapping[str, int],
     cache_dir: str | os.PathLike | None,
@@ -108,7 +109,8 @@ def sharded_channel_curves(
 
     def estimate(mine: list[Piece]) -> dict[str, Curve]:
         return estimate_channel_curves(
-            model, space, batches, levels, grid=grid, worst_case=worst_case, groups=[p.unit for p in mine],
+            model, space, batches, levels, grid=grid, worst_case=distortion.worst_case, measure=distortion.measure,
+            groups=[p.unit for p in mine],
             level_ranges={p.unit: (p.start, p.stop) for p in mine}, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
             bn_aware=bn_aware, round_to=round_to,
         )
@@ -244,7 +246,7 @@ class ChannelStage(GranularityStage):
 
         def estimate() -> dict[str, Curve] | None:
             return sharded_channel_curves(
-                model, space, inputs, cfg.prune.levels, grid=cfg.prune.grid, worst_case=cfg.prune.distortion == "worst_case",
+                model, space, inputs, cfg.prune.levels, grid=cfg.prune.grid, distortion=Distortion.named(cfg.prune.distortion),
                 batch_size=cfg.calibration.batch_size, flops=self.flops,
                 cache_dir=cfg.calibration.curve_cache or self.out.curve_cache(iteration), dist=self.dist, progress=progress,
                 bn_aware=self._renormalised, round_to=cfg.prune.round_to,

@@ -19,6 +19,7 @@ from torch import nn
 
 from rdprune import distributed
 from rdprune.config import Config
+from rdprune.core.distortion import Distortion
 from rdprune.core.grid import Curve
 from rdprune.core.masks import enforce_masks
 from rdprune.distributed import DistInfo
@@ -144,7 +145,7 @@ class TwoFourStage(GranularityStage):
         curves = None
         if cfg.prune.method == "rd":
             curves = sharded_two_four_curves(
-                model, self.candidates, inputs, worst_case=cfg.prune.distortion == "worst_case",
+                model, self.candidates, inputs, distortion=Distortion.named(cfg.prune.distortion),
                 batch_size=cfg.calibration.batch_size, flops=self.flops,
                 cache_dir=cfg.calibration.curve_cache or self.out.curve_cache(iteration), dist=self.dist, progress=progress,
             )
@@ -266,7 +267,7 @@ def sharded_two_four_curves(
     layers: Mapping[str, nn.Linear],
     inputs: torch.Tensor,
     *,
-    worst_case: bool,
+    distortion: Distortion,
     batch_size: int,
     flops: Mapping[str, int],
     cache_dir: str | os.PathLike | None,
@@ -285,7 +286,7 @@ def sharded_two_four_curves(
 
     def estimate(mine: list[Piece]) -> dict[str, Curve]:
         return estimate_two_four_curves(
-            model, layers, batches, worst_case=worst_case, units=[p.unit for p in mine],
+            model, layers, batches, worst_case=distortion.worst_case, measure=distortion.measure, units=[p.unit for p in mine],
             level_ranges={p.unit: (p.start, p.stop) for p in mine}, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
         )
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from rdprune.core.allocation import Allocation, allocate_levels, predicted_distortion
 from rdprune.core.curves import UnitPlan, as_batches, curve_cache, plain_unit_curves, select_units, unit_curves
+from rdprune.core.distortion import Distortion, Measure
 from rdprune.core.grid import Curve
 from rdprune.core.layers import prunable_layers
 
@@ -142,6 +143,7 @@ def estimate_two_four_curves(
     inputs: torch.Tensor | Iterable[torch.Tensor],
     *,
     worst_case: bool = False,
+    measure: Measure = "mse",
     units: Iterable[str] | None = None,
     level_ranges: Mapping[str, tuple[int, int]] | None = None,
     batch_size: int = 64,
@@ -158,17 +160,18 @@ def estimate_two_four_curves(
     batches = as_batches(inputs, batch_size)
     ranges = dict(level_ranges or {})
     plans = {n: (TwoFourUnit(n, layers[n]), unit_plan(layers[n], ranges.get(n))) for n in chosen}
-    cache = curve_cache(cache_dir, model, batches, f"granularity=semi_structured:pattern=2:4:worst_case={bool(worst_case)}")
-    return unit_curves(model, layers.values(), plans, batches, worst_case, cache, progress)
+    distortion = Distortion(measure, worst_case)
+    cache = curve_cache(cache_dir, model, batches, f"granularity=semi_structured:pattern=2:4:{distortion.cache_key}")
+    return unit_curves(model, layers.values(), plans, batches, distortion, cache, progress)
 
 
 def plain_two_four_curves(
     model: nn.Module, layers: Mapping[str, nn.Linear], inputs: torch.Tensor | Iterable[torch.Tensor], *,
-    worst_case: bool = False, batch_size: int = 64,
+    worst_case: bool = False, measure: Measure = "mse", batch_size: int = 64,
 ) -> dict[str, Curve]:
     """The definition run literally: for every candidate, apply its 2:4 mask, run the whole model, compare."""
     units = {n: (TwoFourUnit(n, m), unit_plan(m)) for n, m in layers.items()}
-    return plain_unit_curves(model, units, as_batches(inputs, batch_size), worst_case)
+    return plain_unit_curves(model, units, as_batches(inputs, batch_size), Distortion(measure, worst_case))
 
 
 def current_two_four(layers: Mapping[str, nn.Linear]) -> list[str]:

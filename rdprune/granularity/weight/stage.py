@@ -15,6 +15,7 @@ from torch import nn
 from rdprune import distributed
 from rdprune.core.allocation import allocate, predicted_distortion
 from rdprune.core.batchnorm import batch_statistics
+from rdprune.core.distortion import Distortion
 from rdprune.core.floor import max_sparsity
 from rdprune.core.grid import Curve
 from rdprune.core.masks import apply_masks, layer_sparsity
@@ -84,7 +85,7 @@ class WeightStage(GranularityStage):
             amounts, info = distributed.broadcast_object(amounts), {}
         else:
             curves = sharded_curves(
-                model, inputs, cfg.prune.levels, grid=cfg.prune.grid, worst_case=cfg.prune.distortion == "worst_case",
+                model, inputs, cfg.prune.levels, grid=cfg.prune.grid, distortion=Distortion.named(cfg.prune.distortion),
                 skip=cfg.prune.skip, batch_size=cfg.calibration.batch_size,
                 cache_dir=cfg.calibration.curve_cache or self.out.curve_cache(iteration), dist=self.dist, progress=progress,
                 min_density=cfg.prune.min_density, bn_aware=cfg.prune.bn_aware_curves,
