@@ -203,3 +203,11 @@ def test_a_channel_run_measures_its_curves_and_its_result_in_kl(tmp_path):
     for name in ("mse", "kl"):
         assert rows[name]["distortion_measured"] > 0 and rows[name]["distortion_predicted"] > 0
     assert rows["kl"]["distortion_measured"] != pytest.approx(rows["mse"]["distortion_measured"])
+
+
+def test_a_baseline_ranked_by_activation_gets_the_calibration_inputs_even_without_data(tmp_path):
+    """unif needs no curves, but its ranking reads the calibration inputs: zero-data (synthetic) inputs are enough."""
+    _run(tmp_path / "run", "prune.method=unif", "prune.budget=flops", "prune.amount_per_iteration=0.4",
+         "prune.ranking=activation", "calibration.source=synthetic")
+    rows = read_rows(tmp_path / "run")
+    assert [r["iteration"] for r in rows] == [0, 1] and rows[-1]["flops_remaining"] <= 0.6 + 1e-9

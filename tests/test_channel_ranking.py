@@ -116,9 +116,19 @@ def test_each_ranking_against_a_hand_computation():
     for name in "ab":
         torch.testing.assert_close(space.importance(name), expected[name])
     assert all(p.grad is None for p in model.parameters())  # the gradients it took are gone
+    # activation: a's channel c read by b (after the BatchNorm and ReLU): Var over samples and positions x |b.weight[:, c]|^2;
+    # b's channel read by the head (after the mean over positions) likewise; two batches pooled
+    with torch.no_grad():
+        into_b = torch.relu(model.bn(model.a(x)))
+        into_head = torch.relu(model.b(into_b)).mean(dim=(2, 3))
+    var_b = into_b.double().transpose(0, 1).reshape(4, -1).var(dim=1, correction=0)
+    var_head = into_head.double().var(dim=0, correction=0)
+    rank_channels(space, "activation", x, batch_size=4)
+    torch.testing.assert_close(space.importance("a"), var_b * model.b.weight.detach().double().pow(2).sum(dim=(0, 2, 3)))
+    torch.testing.assert_close(space.importance("b"), var_head * model.head.weight.detach().double().pow(2).sum(dim=0))
 
 
-@pytest.mark.parametrize("ranking", ["l2", "bn_scale", "taylor"])
+@pytest.mark.parametrize("ranking", ["l2", "bn_scale", "taylor", "activation"])
 def test_removed_channels_stay_first_whatever_the_ranking(ranking):
     model = _two_groups()
     x, y = torch.randn(8, 2, 5, 5), torch.arange(8) % 5
@@ -144,7 +154,7 @@ def test_taylor_ranking_is_refused_without_labelled_data():
         load_config(ROOT / "configs" / "quickstart_channels.yaml", ["prune.ranking=taylor", "calibration.source=synthetic"])
     with pytest.raises(UserError, match="prune.ranking 'taylor' is not offered at prune.granularity 'weight'"):
         load_config(ROOT / "configs" / "quickstart.yaml", ["prune.ranking=taylor"])
-    with pytest.raises(UserError, match="prune.ranking must be one of 'l2', 'taylor', 'bn_scale', got 'taylr'"):
+    with pytest.raises(UserError, match="prune.ranking must be one of 'l2', 'taylor', 'bn_scale', 'activation', got 'taylr'"):
         load_config(ROOT / "configs" / "quickstart_channels.yaml", ["prune.ranking=taylr"])
 
 

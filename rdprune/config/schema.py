@@ -234,8 +234,9 @@ class PruneConfig(_Section):
     ranking: Literal[registered_rankings()] = "l2"
     """Channel granularity: which channels of a group go first, for RD's curves and choice and the unif
     and glob baselines alike: l2 (weight norm), taylor (first-order Taylor, |activation x gradient| of
-    the loss on the calibration images and labels; not with zero-data pruning) or bn_scale (BatchNorm
-    |gamma|). Weight and 2:4 granularity rank by magnitude (l2)."""
+    the loss on the calibration images and labels; not with zero-data pruning), bn_scale (BatchNorm
+    |gamma|) or activation (each channel's variance where its consumers read it times their squared
+    weights on it, on the calibration inputs). Weight and 2:4 granularity rank by magnitude (l2)."""
     granularity: Literal[registry.GRANULARITIES.names()] = "weight"
     """weight = unstructured masks (each layer one unit); channel = whole channels removed, each
     group of coupled channels (found by Torch-Pruning's dependency graph; pip extra

@@ -94,7 +94,7 @@ class GranularityStage(ABC):
                progress: bool, labels: torch.Tensor | None = None) -> Choice:
         """Prune ``model`` to ``target`` (the same choice on every rank) and apply it.
 
-        ``inputs`` are the calibration inputs (method rd, or a stage that :attr:`needs_labels`; else None),
+        ``inputs`` are the calibration inputs (method rd, or a stage that :attr:`needs_inputs`; else None),
         ``labels`` their labels where the stage :attr:`needs_labels`."""
 
     @property
@@ -102,6 +102,11 @@ class GranularityStage(ABC):
         """Whether :meth:`choose` needs the calibration images and their labels whatever the method (a data-aware
         ranking)."""
         return False
+
+    @property
+    def needs_inputs(self) -> bool:
+        """Whether :meth:`choose` needs the calibration inputs whatever the method (a data-aware ranking)."""
+        return self.needs_labels
 
     def measurement(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """The context in which the network's outputs are measured as the curves measured them (e.g. BatchNorm

@@ -560,7 +560,7 @@ def _iteration(ctx: Context, t: int, target: float) -> dict:
     seed = cfg.run.seed * 1000 + t
     torch.manual_seed(seed)
     stage = ctx.stage
-    needs_data = cfg.prune.method == "rd" or stage.needs_labels
+    needs_data = cfg.prune.method == "rd" or stage.needs_inputs
     inputs = feeding.calibration(cfg, ctx.data).to(dist.device) if needs_data else None
     labels = feeding.calibration_labels(cfg, ctx.data).to(dist.device) if stage.needs_labels else None
     reference = _outputs(ctx, inputs) if cfg.prune.method == "rd" else None

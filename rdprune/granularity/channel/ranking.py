@@ -13,6 +13,13 @@ channels always stay first, whatever their score.
   It needs labelled data: zero-data pruning (``calibration.source synthetic``) refuses it.
 - ``bn_scale``: ``|gamma|`` of the group's BatchNorm layers (Network Slimming's criterion); a group
   without BatchNorm falls back to ``l2``.
+- ``activation``: what removing the channel changes where the network reads it: the variance of the
+  channel at the input of each layer that consumes it (over the calibration images and positions)
+  times the squared norm of that layer's weights on it, summed over the consumers. Its expected
+  squared change of each consumer's output, to first order; the variance, not the mean square,
+  because the BatchNorm recalibrated after pruning re-centres what a removed channel's constant
+  part shifted. Needs calibration inputs but no labels (zero-data pruning can use it); a group no
+  layer consumes (none here reads it as an input) falls back to ``l2``.
 """
 from __future__ import annotations
 
@@ -95,9 +102,58 @@ def taylor_scores(space: ChannelSpace, inputs: torch.Tensor, labels: torch.Tenso
     return scores
 
 
-RANKINGS: dict[str, Callable[..., Scores | None]] = {"l2": l2_scores, "taylor": taylor_scores, "bn_scale": bn_scale_scores}
-"""The rankings by name; ``taylor`` takes (space, inputs, labels, batch_size), the others the space alone."""
+def activation_scores(space: ChannelSpace, inputs: torch.Tensor, batch_size: int) -> Scores:
+    """Per group channel: sum over its consumers of Var[input channel] x ||consumer weights on it||^2.
+
+    The variance is over every sample and position of the calibration inputs (accumulated batch by
+    batch in float64); a consumer is a layer whose input channels are the group's (weight dimension 1).
+    """
+    model = space.model
+    device = next(model.parameters()).device
+    consumers = {s.layer for g in space.groups.values() for s in g.slices if s.dim == 1}
+    moments: dict[str, list[torch.Tensor]] = {}  # count, sum, sum of squares per input channel
+
+    def keep(name: str, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().double()
+        dim = -1 if isinstance(module, nn.Linear) else 1  # where the layer reads its input channels
+        x = x.movedim(dim, 0).reshape(x.shape[dim], -1)
+        seen = moments.setdefault(name, [torch.zeros((), dtype=torch.float64, device=x.device),
+                                         torch.zeros(len(x), dtype=torch.float64, device=x.device),
+                                         torch.zeros(len(x), dtype=torch.float64, device=x.device)])
+        seen[0] += x.shape[1]
+        seen[1] += x.sum(dim=1)
+        seen[2] += x.pow(2).sum(dim=1)
+
+    handles = [space.layers[n].register_forward_pre_hook(functools.partial(keep, n)) for n in consumers]
+    try:
+        with evaluation(model), torch.no_grad():
+            for x in inputs.split(batch_size):
+                model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    variance = {n: (sq / count - (total / count) ** 2).clamp_(min=0).cpu() for n, (count, total, sq) in moments.items()}
+    scores = {}
+    for name, group in space.groups.items():
+        reads = [s for s in group.slices if s.dim == 1 and s.layer in variance]
+        if not reads:
+            scores[name] = space.weight_norms(name)
+            continue
+        total = torch.zeros(group.size, dtype=torch.float64)
+        for s in reads:
+            weight = space.layers[s.layer].weight.detach().double()
+            columns = weight.transpose(0, 1).reshape(weight.shape[1], -1).pow(2).sum(dim=1).cpu()
+            total += (variance[s.layer] * columns)[s.index].sum(dim=1)
+        scores[name] = total
+    return scores
+
+
+RANKINGS: dict[str, Callable[..., Scores | None]] = {"l2": l2_scores, "taylor": taylor_scores, "bn_scale": bn_scale_scores,
+                                                      "activation": activation_scores}
+"""The rankings by name; ``taylor`` takes (space, inputs, labels, batch_size), ``activation`` (space, inputs,
+batch_size), the others the space alone."""
 NEEDS_LABELS = ("taylor",)
+NEEDS_INPUTS = ("taylor", "activation")
 
 
 def rank_channels(space: ChannelSpace, ranking: str, inputs: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -109,6 +165,10 @@ def rank_channels(space: ChannelSpace, ranking: str, inputs: torch.Tensor | None
         if inputs is None or labels is None:
             raise ValueError(f"ranking {ranking!r} needs calibration images and their labels")
         scores = taylor_scores(space, inputs, labels, batch_size)
+    elif ranking in NEEDS_INPUTS:
+        if inputs is None:
+            raise ValueError(f"ranking {ranking!r} needs calibration inputs")
+        scores = activation_scores(space, inputs, batch_size)
     else:
         scores = RANKINGS[ranking](space)
     space.rank(ranking, scores)

@@ -46,7 +46,7 @@ from rdprune.granularity.channel.export import remove_channels, require_onnx, sa
 from rdprune.granularity.channel.latency import LatencyTable, level_widths
 from rdprune.granularity.channel.peers import NEEDS_LABELS as PEER_LABELS
 from rdprune.granularity.channel.peers import PEERS, Channels, peer_channels
-from rdprune.granularity.channel.ranking import NEEDS_LABELS, rank_channels
+from rdprune.granularity.channel.ranking import NEEDS_INPUTS, NEEDS_LABELS, rank_channels
 from rdprune.granularity.channel.space import ChannelSpace
 
 if TYPE_CHECKING:  # the run layout is the pipeline's: only its paths are used here
@@ -212,6 +212,10 @@ class ChannelStage(GranularityStage):
         return self.cfg.prune.ranking in NEEDS_LABELS or self.cfg.prune.method in PEER_LABELS
 
     @property
+    def needs_inputs(self) -> bool:
+        return self.needs_labels or self.cfg.prune.ranking in NEEDS_INPUTS
+
+    @property
     def _renormalised(self) -> bool:
         return self.cfg.prune.bn_aware_curves
 
@@ -221,7 +225,7 @@ class ChannelStage(GranularityStage):
     def _rank(self, inputs: torch.Tensor | None, labels: torch.Tensor | None) -> None:
         """Rank the channels for this iteration (rank 0 scores a data-aware ranking, every rank gets the scores)."""
         ranking = self.cfg.prune.ranking
-        if ranking not in NEEDS_LABELS:
+        if ranking not in NEEDS_INPUTS:
             rank_channels(self.space, ranking)
             return
         scores = None
