@@ -160,18 +160,23 @@ def test_taylor_ranking_is_refused_without_labelled_data():
 
 def test_run_directories_of_earlier_versions_resume_with_the_ranking_they_started_with(tmp_path):
     """A resume key written before prune.ranking existed ran with l2: it resumes under l2 (the old behaviour, whatever
-    the default becomes) and refuses another ranking in one line that names the setting to resume with."""
+    the default becomes) and refuses another ranking, the new default included, in one line that names the setting
+    to resume with."""
     from rdprune.distributed import DistInfo
     from rdprune.pipeline.loop import _prepare_out_dir, resume_key, run_differences
     from rdprune.pipeline.run_dir import RunLayout, append_result
 
     config = ROOT / "configs" / "quickstart_channels.yaml"
-    cfg = load_config(config, [f"run.out_dir={tmp_path}"])
+    cfg = load_config(config, [f"run.out_dir={tmp_path}", "prune.ranking=l2"])
     old = resume_key(cfg)
     del old["prune"]["ranking"]
     assert run_differences(old, cfg) == []
     taylor = load_config(config, [f"run.out_dir={tmp_path}", "prune.ranking=taylor"])
     assert run_differences(old, taylor) == ["prune.ranking=l2"]
+    default = load_config(config, [f"run.out_dir={tmp_path}"])
+    assert default.prune.ranking == "activation" and run_differences(old, default) == ["prune.ranking=l2"]
+    stored = resume_key(cfg)  # a run directory of the previous version, which resolved the default to l2
+    assert run_differences(stored, default) == ["prune.ranking=l2"]
     (tmp_path / "resume_key.json").write_text(json.dumps(old))
     append_result(tmp_path, {"iteration": 0})
     with pytest.raises(UserError, match=r"holds a run of a different config \(it ran with prune.ranking=l2\); rerun with"):
@@ -194,3 +199,13 @@ def test_api_friction_a_new_user_met():
     plans = {g: group_plan(space, g, 3, "relative") for g in space.groups}
     with pytest.raises(ValueError, match="the level plan of channel group 'a' has 3 levels but its curve has 4"):
         allocate_channels(curves, plans, cost, 0.7 * cost.dense)
+
+
+def test_each_granularity_resolves_its_default_ranking_and_records_it():
+    """A config that leaves prune.ranking out gets its granularity's default at load (so the resume key holds what
+    ran); activation needs no labels, so zero-data pruning keeps the default."""
+    assert load_config(ROOT / "configs" / "quickstart_channels.yaml").prune.ranking == "activation"
+    assert load_config(ROOT / "configs" / "quickstart_channels.yaml", ["calibration.source=synthetic"]).prune.ranking == "activation"
+    assert load_config(ROOT / "configs" / "quickstart.yaml").prune.ranking == "l2"
+    with pytest.raises(UserError, match="prune.ranking 'activation' is not offered at prune.granularity 'weight'"):
+        load_config(ROOT / "configs" / "quickstart.yaml", ["prune.ranking=activation"])

@@ -231,12 +231,14 @@ class PruneConfig(_Section):
     with the stale statistics; null = the granularity's default (see docs/config.md). Fast when
     calibration.batch_size >= calibration.size (one batch); at weight granularity a larger set is
     measured by the plain definition (slow, warned), at channel granularity it is refused."""
-    ranking: Literal[registered_rankings()] = "l2"
+    ranking: Optional[Literal[registered_rankings()]] = None
     """Channel granularity: which channels of a group go first, for RD's curves and choice and the unif
-    and glob baselines alike: l2 (weight norm), taylor (first-order Taylor, |activation x gradient| of
-    the loss on the calibration images and labels; not with zero-data pruning), bn_scale (BatchNorm
-    |gamma|) or activation (each channel's variance where its consumers read it times their squared
-    weights on it, on the calibration inputs). Weight and 2:4 granularity rank by magnitude (l2)."""
+    and glob baselines alike: activation (each channel's variance where its consumers read it times
+    their squared weights on it, on the calibration inputs), l2 (weight norm), taylor (first-order
+    Taylor, |activation x gradient| of the loss on the calibration images and labels; not with
+    zero-data pruning) or bn_scale (BatchNorm |gamma|); null = the granularity's default (channel:
+    activation, chosen by configs/compare_channel_peers.yaml). Weight and 2:4 granularity rank by
+    magnitude (l2)."""
     granularity: Literal[registry.GRANULARITIES.names()] = "weight"
     """weight = unstructured masks (each layer one unit); channel = whole channels removed, each
     group of coupled channels (found by Torch-Pruning's dependency graph; pip extra
@@ -463,6 +465,8 @@ class Config:
         spec = spec_of(self.prune.granularity)
         if self.prune.bn_aware_curves is None:  # resolved here, so that run directories record what ran
             self.prune.bn_aware_curves = spec.bn_aware_default
+        if self.prune.ranking is None:
+            self.prune.ranking = spec.default_ranking
         spec.check(self)  # each granularity owns its methods, budgets and limits
         if self.distributed.zero_stage != 0 and self.distributed.engine != "deepspeed":
             raise ConfigError("distributed.zero_stage", f"distributed.zero_stage {self.distributed.zero_stage} "

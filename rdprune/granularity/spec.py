@@ -50,6 +50,8 @@ class GranularitySpec:
     """Whether its BatchNorm-aware curves need the calibration inputs in one batch."""
     rankings: tuple[str, ...] = ("l2",)
     """prune.ranking values it implements (which weights or channels go first)."""
+    default_ranking: str = "l2"
+    """prune.ranking when the config leaves it null."""
     labelled_rankings: tuple[str, ...] = ()
     """Those of its rankings that need labelled calibration data."""
     round_to: bool = False

@@ -15,6 +15,7 @@ SPEC = GRANULARITIES.register("channel", GranularitySpec(
     bn_aware_default=True,  # chosen by configs/compare_channel_peers.yaml: docs/compare_channel_peers.md
     bn_aware_one_batch=True,
     rankings=("l2", "taylor", "bn_scale", "activation"),  # .ranking
+    default_ranking="activation",  # chosen by configs/compare_channel_peers.yaml: docs/compare_channel_peers.md
     labelled_rankings=("taylor",),
     round_to=True,
     curve_rounds=True,
