@@ -32,7 +32,7 @@ LEVELS = 5
 def _config(*extra: str):
     return load_config(ROOT / "configs" / "quickstart_channels.yaml",
                        ["prune.budget=flops", f"prune.levels={LEVELS}", "prune.bn_aware_curves=true", "calibration.size=40",
-                        "calibration.batch_size=40", "prune.min_density=0.1", *extra])
+                        "calibration.batch_size=40", "prune.min_density=0.1", "prune.ranking=l2", *extra])
 
 
 def _space(model):
