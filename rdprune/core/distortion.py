@@ -7,9 +7,9 @@ Two measures, each averaged over the samples or taken at the worst sample:
   changes no prediction);
 - ``kl``: the Kullback-Leibler divergence ``KL(softmax(Y) || softmax(Ŷ))`` over the class
   dimension (dimension 1; any further dimensions are positions, averaged). To second order it is
-  the squared error of the logits weighted by the softmax's Fisher information, so it stays
-  additive over layers in the same sense as ``mse``, while counting only the changes that move
-  the predicted distribution.
+  the squared error of the logits weighted by the softmax's Fisher information: it counts only
+  the changes that move the predicted distribution. Measured, it adds up over channel groups far
+  less than ``mse`` does (docs/compare_channel_peers.md), which is why it is not the default.
 
 A curve's value is built batch by batch: :meth:`Distortion.batch` gives a batch's sum (or worst
 sample), :meth:`Distortion.combine` adds batches up and :meth:`Distortion.finish` divides by

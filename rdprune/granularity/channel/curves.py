@@ -2,8 +2,9 @@
 
 For group g and level n, the n least important channels of g are masked in every layer of the
 group (:class:`rdprune.granularity.channel.space.ChannelSpace`), the network runs in eval mode on the
-calibration inputs and its output is compared with the unpruned output (``mse``, ``kl``, either
-at its worst sample: :mod:`rdprune.core.distortion`, as for weights). A curve's amounts are fractions of the group's channels.
+calibration inputs and its output is compared with the unpruned output (``mse`` or ``kl``, or
+either at its worst sample: :mod:`rdprune.core.distortion`, as for weights). A curve's amounts
+are fractions of the group's channels.
 
 :func:`estimate_channel_curves` re-runs only what depends on the group's layers (the suffix from
 its first layer, :mod:`rdprune.core.suffix`) and skips levels that remove nothing new, through

@@ -15,11 +15,11 @@ channels always stay first, whatever their score.
   without BatchNorm falls back to ``l2``.
 - ``activation``: what removing the channel changes where the network reads it: the variance of the
   channel at the input of each layer that consumes it (over the calibration images and positions)
-  times the squared norm of that layer's weights on it, summed over the consumers. Its expected
-  squared change of each consumer's output, to first order; the variance, not the mean square,
+  times the squared norm of that layer's weights on it, summed over the consumers: the expected
+  squared change of the consumers' outputs, to first order. The variance, not the mean square,
   because the BatchNorm recalibrated after pruning re-centres what a removed channel's constant
-  part shifted. Needs calibration inputs but no labels (zero-data pruning can use it); a group no
-  layer consumes (none here reads it as an input) falls back to ``l2``.
+  part shifted. Needs calibration inputs but no labels (zero-data pruning can use it); a group
+  that no layer reads as its input falls back to ``l2``.
 """
 from __future__ import annotations
 
