@@ -164,11 +164,11 @@ def rank_channels(space: ChannelSpace, ranking: str, inputs: torch.Tensor | None
     if ranking in NEEDS_LABELS:
         if inputs is None or labels is None:
             raise ValueError(f"ranking {ranking!r} needs calibration images and their labels")
-        scores = taylor_scores(space, inputs, labels, batch_size)
+        scores = RANKINGS[ranking](space, inputs, labels, batch_size)
     elif ranking in NEEDS_INPUTS:
         if inputs is None:
             raise ValueError(f"ranking {ranking!r} needs calibration inputs")
-        scores = activation_scores(space, inputs, batch_size)
+        scores = RANKINGS[ranking](space, inputs, batch_size)
     else:
         scores = RANKINGS[ranking](space)
     space.rank(ranking, scores)
